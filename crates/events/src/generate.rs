@@ -1,0 +1,155 @@
+//! Realistic random events: a fixed population of shoppers, each with a favourite category,
+//! browsing in sessions. Used by the "empty body" ingestion mode and by tests.
+
+use chrono::{DateTime, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use catalog::{Catalog, Product};
+
+use crate::messages::{ActivityEvent, EventType, OrderEvent, OrderItem};
+
+/// Size of the generated shopper population (`user-0001` ..).
+pub const USER_COUNT: u32 = 500;
+/// Generated sessions last this long.
+pub const SESSION_SECONDS: i64 = 30 * 60;
+
+/// The id of generated shopper `n`.
+pub fn user_id(n: u32) -> String {
+    format!("user-{n:04}")
+}
+
+/// The favourite category of a user id: stable for the same id in every process.
+pub fn favourite_category(user_id: &str) -> &'static str {
+    // FNV-1a: stable across runs and platforms, unlike the standard library's hasher.
+    let hash = user_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let categories: Vec<_> = Catalog::global().categories().collect();
+    categories[(hash % categories.len() as u64) as usize]
+}
+
+/// A generator of realistic random events.
+pub struct Generator {
+    rng: StdRng,
+}
+
+impl Generator {
+    pub fn seeded(seed: u64) -> Self {
+        Self { rng: StdRng::seed_from_u64(seed) }
+    }
+
+    pub fn from_entropy() -> Self {
+        Self { rng: StdRng::from_os_rng() }
+    }
+
+    fn user(&mut self) -> String {
+        user_id(self.rng.random_range(1..=USER_COUNT))
+    }
+
+    fn session(user: &str, now: DateTime<Utc>) -> String {
+        format!("sess-{user}-{}", now.timestamp() / SESSION_SECONDS)
+    }
+
+    /// A product the user would plausibly look at: mostly a best seller of their favourite
+    /// category, sometimes anything.
+    pub fn product_for(&mut self, user: &str) -> &'static Product {
+        let catalog = Catalog::global();
+        if self.rng.random_bool(0.75) {
+            let in_cat: Vec<_> = catalog.in_category(favourite_category(user)).collect();
+            // Skewed towards the top of the category.
+            let u: f64 = self.rng.random();
+            let idx = ((u * u) * in_cat.len().min(60) as f64) as usize;
+            in_cat[idx.min(in_cat.len() - 1)]
+        } else {
+            let all = catalog.products();
+            &all[self.rng.random_range(0..all.len())]
+        }
+    }
+
+    /// A random activity event of a random shopper.
+    pub fn activity(&mut self, now: DateTime<Utc>) -> ActivityEvent {
+        let user = self.user();
+        let roll: f64 = self.rng.random();
+        let event_type = match roll {
+            r if r < 0.45 => EventType::ProductView,
+            r if r < 0.60 => EventType::PageView,
+            r if r < 0.75 => EventType::Click,
+            r if r < 0.87 => EventType::AddToCart,
+            r if r < 0.95 => EventType::Search,
+            _ => EventType::RemoveFromCart,
+        };
+        let product = self.product_for(&user);
+        let (product_id, query) = match event_type {
+            EventType::PageView => (None, None),
+            EventType::Search => (None, Some(product.category.to_owned())),
+            _ => (Some(product.id.clone()), None),
+        };
+        ActivityEvent {
+            schema_version: crate::SCHEMA_VERSION,
+            event_id: uuid::Uuid::new_v4().to_string(),
+            session_id: Some(Self::session(&user, now)),
+            user_id: user,
+            event_type,
+            product_id,
+            campaign_id: self.rng.random_bool(0.2).then(|| format!("campaign-{}", self.rng.random_range(1..=3))),
+            query,
+            recommendation_id: None,
+            timestamp: now,
+        }
+    }
+
+    /// A random order of a random shopper: one to three lines at catalog prices.
+    pub fn order(&mut self, now: DateTime<Utc>) -> OrderEvent {
+        let user = self.user();
+        let lines = self.rng.random_range(1..=3);
+        let items: Vec<OrderItem> = (0..lines)
+            .map(|_| {
+                let p = self.product_for(&user);
+                OrderItem { product_id: p.id.clone(), quantity: self.rng.random_range(1..=2), unit_price: p.price }
+            })
+            .collect();
+        let amount = items.iter().map(|i| f64::from(i.quantity) * i.unit_price).sum::<f64>();
+        OrderEvent {
+            schema_version: crate::SCHEMA_VERSION,
+            event_id: uuid::Uuid::new_v4().to_string(),
+            order_id: format!("ord-{}", uuid::Uuid::new_v4()),
+            session_id: Some(Self::session(&user, now)),
+            user_id: user,
+            items,
+            amount: (amount * 100.0).round() / 100.0,
+            currency: "EUR".to_owned(),
+            campaign_id: None,
+            offer_decision_id: None,
+            timestamp: now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::{self, Strictness};
+
+    #[test]
+    fn generated_events_pass_validation_in_stream_mode() {
+        let now = Utc::now();
+        let mut g = Generator::seeded(42);
+        for _ in 0..500 {
+            let a = g.activity(now);
+            let v = serde_json::to_value(&a).expect("json");
+            assert_eq!(validate::activity(&v, now, Strictness::Stream).expect("valid activity"), a);
+            let o = g.order(now);
+            let v = serde_json::to_value(&o).expect("json");
+            assert_eq!(validate::order(&v, now, Strictness::Stream).expect("valid order"), o);
+        }
+    }
+
+    #[test]
+    fn shoppers_mostly_browse_their_favourite_category() {
+        let mut g = Generator::seeded(3);
+        let user = user_id(17);
+        let fav = favourite_category(&user);
+        assert_eq!(fav, favourite_category(&user));
+        let hits = (0..1000).filter(|_| g.product_for(&user).category == fav).count();
+        assert!(hits > 650, "{hits} of 1000 in the favourite category");
+    }
+}

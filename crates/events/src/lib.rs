@@ -1,0 +1,25 @@
+//! Typed messages of RetargetIQ and the topic table.
+//!
+//! This crate is the contract between the services: every Kafka message is one of the types in
+//! [`messages`], every topic name is written once, in [`topic`], and the [`Message`] trait ties
+//! each type to its topic and its key (always the user id, so a user's events stay in order on
+//! one partition). Values are plain camelCase JSON that any Kafka client can read.
+//!
+//! [`validate`] holds the one set of rules for raw events, used both by the ingestion APIs and,
+//! strictly, by the event processor for messages written by foreign producers. [`generate`]
+//! makes realistic random events for the "empty body" ingestion mode and for tests.
+
+pub mod generate;
+pub mod messages;
+pub mod topic;
+pub mod validate;
+
+pub use messages::*;
+pub use topic::{Message, Topic};
+
+/// Schema version written into every message (`schemaVersion`). Readers accept messages with
+/// a version up to this one; fields added later are optional, so older readers keep working.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Kafka header that carries the correlation id from topic to topic.
+pub const CORRELATION_HEADER: &str = "correlation-id";

@@ -1,0 +1,641 @@
+//! The message types, one per topic (plus their parts).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::topic::{Message, Topic};
+
+fn schema_version() -> u32 {
+    crate::SCHEMA_VERSION
+}
+
+/// What a user did. `purchase` is never sent as activity: purchases arrive as orders and are
+/// turned into `purchase` events by the event processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    PageView,
+    ProductView,
+    Click,
+    AddToCart,
+    RemoveFromCart,
+    Search,
+    Purchase,
+}
+
+impl EventType {
+    /// The types a client may send to the activity API.
+    pub const ACTIVITY: [EventType; 6] = [
+        EventType::PageView,
+        EventType::ProductView,
+        EventType::Click,
+        EventType::AddToCart,
+        EventType::RemoveFromCart,
+        EventType::Search,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::PageView => "page_view",
+            EventType::ProductView => "product_view",
+            EventType::Click => "click",
+            EventType::AddToCart => "add_to_cart",
+            EventType::RemoveFromCart => "remove_from_cart",
+            EventType::Search => "search",
+            EventType::Purchase => "purchase",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventType> {
+        EventType::ACTIVITY
+            .into_iter()
+            .chain([EventType::Purchase])
+            .find(|t| t.as_str() == s)
+    }
+
+    /// Whether an activity of this type must name a product.
+    pub fn needs_product(self) -> bool {
+        matches!(
+            self,
+            EventType::ProductView | EventType::Click | EventType::AddToCart | EventType::RemoveFromCart
+        )
+    }
+}
+
+/// A raw activity event on `user-activity-topic`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivityEvent {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub event_id: String,
+    pub user_id: String,
+    /// Absent when the client did not send one; the event processor then assigns a session.
+    pub session_id: Option<String>,
+    pub event_type: EventType,
+    pub product_id: Option<String>,
+    pub campaign_id: Option<String>,
+    /// The search text, for `search` events.
+    pub query: Option<String>,
+    /// The `requestId` of the recommendation response this event came from, for attribution.
+    pub recommendation_id: Option<String>,
+    pub timestamp: DateTime<Utc>,
+}
+
+impl Message for ActivityEvent {
+    const TOPIC: Topic = Topic::UserActivity;
+    fn key(&self) -> &str {
+        &self.user_id
+    }
+}
+
+/// One line of an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderItem {
+    pub product_id: String,
+    pub quantity: u32,
+    pub unit_price: f64,
+}
+
+/// A raw order event on `order-topic`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderEvent {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub event_id: String,
+    pub order_id: String,
+    pub user_id: String,
+    pub session_id: Option<String>,
+    pub items: Vec<OrderItem>,
+    pub amount: f64,
+    pub currency: String,
+    pub campaign_id: Option<String>,
+    /// The offer decision the order answers, when the client knows it.
+    pub offer_decision_id: Option<String>,
+    pub timestamp: DateTime<Utc>,
+}
+
+impl Message for OrderEvent {
+    const TOPIC: Topic = Topic::Order;
+    fn key(&self) -> &str {
+        &self.user_id
+    }
+}
+
+/// Catalog data attached to an event by the event processor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProductInfo {
+    pub product_id: String,
+    pub name: String,
+    pub category: String,
+    pub price: f64,
+}
+
+/// An order line, enriched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessedItem {
+    #[serde(flatten)]
+    pub product: ProductInfo,
+    pub quantity: u32,
+    pub unit_price: f64,
+}
+
+/// The order part of a `purchase` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessedOrder {
+    pub order_id: String,
+    pub amount: f64,
+    pub currency: String,
+    pub items: Vec<ProcessedItem>,
+    pub offer_decision_id: Option<String>,
+}
+
+/// Where a message was read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceRef {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A validated, enriched, de-duplicated event on `processed-events-topic`: activity and orders
+/// in one stream, keyed by user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessedEvent {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub event_id: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub event_type: EventType,
+    pub occurred_at: DateTime<Utc>,
+    pub processed_at: DateTime<Utc>,
+    pub correlation_id: String,
+    pub product: Option<ProductInfo>,
+    pub campaign_id: Option<String>,
+    pub query: Option<String>,
+    pub recommendation_id: Option<String>,
+    pub order: Option<ProcessedOrder>,
+    pub source: SourceRef,
+}
+
+impl Message for ProcessedEvent {
+    const TOPIC: Topic = Topic::ProcessedEvents;
+    fn key(&self) -> &str {
+        &self.user_id
+    }
+}
+
+/// Why a message went to the dead-letter topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterKind {
+    /// The payload is not JSON, or not a message of the topic's type.
+    Malformed,
+    /// The message parsed but broke a rule (unknown product, bad amount, ...).
+    Invalid,
+    /// The handler failed on it every time it was tried.
+    HandlerFailed,
+}
+
+/// A rejected or poison message on `dead-letter-topic`, with the original bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub dead_letter_id: String,
+    /// The message key, or `""` when the original had none.
+    pub key: String,
+    pub source: SourceRef,
+    pub kind: DeadLetterKind,
+    pub reason: String,
+    /// The field the reason is about, when there is one.
+    pub field: Option<String>,
+    pub attempts: u32,
+    pub service: String,
+    pub correlation_id: Option<String>,
+    /// The original payload as text, when it was valid UTF-8.
+    pub payload: Option<String>,
+    /// The original payload, byte for byte.
+    pub payload_base64: String,
+    pub failed_at: DateTime<Utc>,
+}
+
+impl Message for DeadLetter {
+    const TOPIC: Topic = Topic::DeadLetter;
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl DeadLetter {
+    /// The original payload, decoded from `payloadBase64`.
+    pub fn original_bytes(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.decode(&self.payload_base64).ok()
+    }
+
+    pub fn encode_payload(bytes: &[u8]) -> (Option<String>, String) {
+        use base64::Engine as _;
+        (
+            std::str::from_utf8(bytes).ok().map(str::to_owned),
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+        )
+    }
+}
+
+/// Event counts by type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventCounts {
+    pub page_views: u64,
+    pub product_views: u64,
+    pub clicks: u64,
+    pub add_to_cart: u64,
+    pub remove_from_cart: u64,
+    pub searches: u64,
+    pub purchases: u64,
+}
+
+impl EventCounts {
+    pub fn add(&mut self, t: EventType) {
+        *self.slot(t) += 1;
+    }
+
+    pub fn get(&self, t: EventType) -> u64 {
+        let mut copy = self.clone();
+        *copy.slot(t)
+    }
+
+    pub fn total(&self) -> u64 {
+        EventType::ACTIVITY.into_iter().chain([EventType::Purchase]).map(|t| self.get(t)).sum()
+    }
+
+    fn slot(&mut self, t: EventType) -> &mut u64 {
+        match t {
+            EventType::PageView => &mut self.page_views,
+            EventType::ProductView => &mut self.product_views,
+            EventType::Click => &mut self.clicks,
+            EventType::AddToCart => &mut self.add_to_cart,
+            EventType::RemoveFromCart => &mut self.remove_from_cart,
+            EventType::Search => &mut self.searches,
+            EventType::Purchase => &mut self.purchases,
+        }
+    }
+}
+
+/// A per-user feature snapshot on `user-features-topic`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserFeatures {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub user_id: String,
+    pub updated_at: DateTime<Utc>,
+    pub first_seen: DateTime<Utc>,
+    /// Time of the user's latest event.
+    pub last_seen: DateTime<Utc>,
+    pub counts: EventCounts,
+    pub sessions: u64,
+    pub current_session_id: String,
+    /// Category -> affinity, decayed over time (half-life documented in the feature store).
+    pub category_affinity: BTreeMap<String, f64>,
+    pub preferred_category: Option<String>,
+    /// Most recent first.
+    pub recently_viewed: Vec<String>,
+    /// Products in the cart now, most recently added first.
+    pub cart: Vec<String>,
+    pub cart_value: f64,
+    /// Most recent first.
+    pub purchased: Vec<String>,
+    pub order_count: u64,
+    pub total_spend: f64,
+    /// Derived scores in [0, 1] used by ranking and offers.
+    pub purchase_intent: f64,
+    pub activity_score: f64,
+    pub recency_score: f64,
+    /// The event that produced this snapshot.
+    pub last_event_id: String,
+    pub last_event_type: Option<EventType>,
+}
+
+impl Message for UserFeatures {
+    const TOPIC: Topic = Topic::UserFeatures;
+    fn key(&self) -> &str {
+        &self.user_id
+    }
+}
+
+/// Where a candidate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateSource {
+    /// Viewed or carted by the user and not bought.
+    Retargeting,
+    /// Viewed in the same sessions as what the user viewed.
+    CoVisitation,
+    /// Popular now in the user's favourite categories.
+    PopularInCategory,
+    /// Popular overall: for users we know little about.
+    ColdStart,
+}
+
+impl CandidateSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CandidateSource::Retargeting => "retargeting",
+            CandidateSource::CoVisitation => "co_visitation",
+            CandidateSource::PopularInCategory => "popular_in_category",
+            CandidateSource::ColdStart => "cold_start",
+        }
+    }
+}
+
+/// One candidate item with the source that proposed it and that source's score in [0, 1].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Candidate {
+    pub product_id: String,
+    pub source: CandidateSource,
+    pub source_score: f64,
+}
+
+/// Candidate items for one user on `candidates-topic`, with the features they were made from
+/// (so ranking scores against the same snapshot).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Candidates {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub user_id: String,
+    pub generated_at: DateTime<Utc>,
+    pub features: UserFeatures,
+    pub candidates: Vec<Candidate>,
+}
+
+impl Message for Candidates {
+    const TOPIC: Topic = Topic::Candidates;
+    fn key(&self) -> &str {
+        &self.user_id
+    }
+}
+
+/// One ranked item, with the contribution of each feature to its score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RankedItem {
+    pub item_id: String,
+    pub name: String,
+    pub category: String,
+    pub price: f64,
+    pub score: f64,
+    pub sources: Vec<CandidateSource>,
+    pub contributions: BTreeMap<String, f64>,
+}
+
+/// The ranked list for one user on `ranked-recommendations-topic`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RankedRecommendations {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub user_id: String,
+    pub ranked_at: DateTime<Utc>,
+    pub model_version: String,
+    pub items: Vec<RankedItem>,
+}
+
+impl Message for RankedRecommendations {
+    const TOPIC: Topic = Topic::RankedRecommendations;
+    fn key(&self) -> &str {
+        &self.user_id
+    }
+}
+
+/// The offers the platform can make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OfferAction {
+    NoAction,
+    Reminder,
+    #[serde(rename = "DISCOUNT_10")]
+    Discount10,
+    FreeShipping,
+}
+
+impl OfferAction {
+    pub const ALL: [OfferAction; 4] = [
+        OfferAction::NoAction,
+        OfferAction::Reminder,
+        OfferAction::Discount10,
+        OfferAction::FreeShipping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OfferAction::NoAction => "NO_ACTION",
+            OfferAction::Reminder => "REMINDER",
+            OfferAction::Discount10 => "DISCOUNT_10",
+            OfferAction::FreeShipping => "FREE_SHIPPING",
+        }
+    }
+}
+
+/// An offer decision on `offers-topic`, logged with its propensity for learning and
+/// off-policy evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OfferDecision {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub decision_id: String,
+    pub user_id: String,
+    pub decided_at: DateTime<Utc>,
+    pub action: OfferAction,
+    /// Probability with which the policy chose this action.
+    pub propensity: f64,
+    pub policy: String,
+    /// What prompted the decision (`cart_abandoned`, `api`, ...).
+    pub trigger: String,
+    pub context: BTreeMap<String, f64>,
+    /// Why this action, in words.
+    pub explanation: String,
+}
+
+impl Message for OfferDecision {
+    const TOPIC: Topic = Topic::Offers;
+    fn key(&self) -> &str {
+        &self.user_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::Generator;
+
+    fn round_trip<M: Message + PartialEq + std::fmt::Debug>(m: &M) {
+        let json = serde_json::to_string(m).expect("serializes");
+        let back: M = serde_json::from_str(&json).expect("deserializes");
+        assert_eq!(&back, m, "{json}");
+    }
+
+    #[test]
+    fn every_message_round_trips_as_camel_case_json() {
+        let now = Utc::now();
+        let mut g = Generator::seeded(7);
+        let activity = g.activity(now);
+        round_trip(&activity);
+        let order = g.order(now);
+        round_trip(&order);
+        let json = serde_json::to_value(&order).expect("json");
+        assert!(json.get("orderId").is_some() && json.get("unitPrice").is_none());
+        assert!(json["items"][0].get("unitPrice").is_some());
+
+        let product = ProductInfo {
+            product_id: "P00001".into(),
+            name: "Thing".into(),
+            category: "books".into(),
+            price: 9.5,
+        };
+        let processed = ProcessedEvent {
+            schema_version: 1,
+            event_id: "e1".into(),
+            user_id: "u1".into(),
+            session_id: "s1".into(),
+            event_type: EventType::Purchase,
+            occurred_at: now,
+            processed_at: now,
+            correlation_id: "c1".into(),
+            product: None,
+            campaign_id: Some("spring".into()),
+            query: None,
+            recommendation_id: None,
+            order: Some(ProcessedOrder {
+                order_id: "o1".into(),
+                amount: 19.0,
+                currency: "EUR".into(),
+                items: vec![ProcessedItem { product: product.clone(), quantity: 2, unit_price: 9.5 }],
+                offer_decision_id: None,
+            }),
+            source: SourceRef { topic: "order-topic".into(), partition: 1, offset: 42 },
+        };
+        round_trip(&processed);
+        let v = serde_json::to_value(&processed).expect("json");
+        assert_eq!(v["eventType"], "purchase");
+        assert_eq!(v["order"]["items"][0]["category"], "books");
+
+        let (payload, payload_base64) = DeadLetter::encode_payload(b"\xffnot json");
+        let dl = DeadLetter {
+            schema_version: 1,
+            dead_letter_id: "d1".into(),
+            key: "u1".into(),
+            source: SourceRef { topic: "user-activity-topic".into(), partition: 0, offset: 3 },
+            kind: DeadLetterKind::Malformed,
+            reason: "expected value".into(),
+            field: None,
+            attempts: 1,
+            service: "event-processor".into(),
+            correlation_id: None,
+            payload,
+            payload_base64,
+            failed_at: now,
+        };
+        assert_eq!(dl.payload, None);
+        assert_eq!(dl.original_bytes().as_deref(), Some(&b"\xffnot json"[..]));
+        round_trip(&dl);
+
+        let mut features = UserFeatures { user_id: "u1".into(), ..Default::default() };
+        features.counts.add(EventType::ProductView);
+        features.category_affinity.insert("books".into(), 0.5);
+        round_trip(&features);
+        let candidates = Candidates {
+            schema_version: 1,
+            user_id: "u1".into(),
+            generated_at: now,
+            features: features.clone(),
+            candidates: vec![Candidate {
+                product_id: "P00001".into(),
+                source: CandidateSource::CoVisitation,
+                source_score: 0.3,
+            }],
+        };
+        round_trip(&candidates);
+        assert_eq!(serde_json::to_value(&candidates).expect("json")["candidates"][0]["source"], "co_visitation");
+        let ranked = RankedRecommendations {
+            schema_version: 1,
+            user_id: "u1".into(),
+            ranked_at: now,
+            model_version: "linear-v1".into(),
+            items: vec![RankedItem {
+                item_id: "P00001".into(),
+                name: "Thing".into(),
+                category: "books".into(),
+                price: 9.5,
+                score: 0.7,
+                sources: vec![CandidateSource::Retargeting],
+                contributions: BTreeMap::from([("retargeting".to_owned(), 0.7)]),
+            }],
+        };
+        round_trip(&ranked);
+        let offer = OfferDecision {
+            schema_version: 1,
+            decision_id: "d".into(),
+            user_id: "u1".into(),
+            decided_at: now,
+            action: OfferAction::Discount10,
+            propensity: 0.8,
+            policy: "rules-v1".into(),
+            trigger: "api".into(),
+            context: BTreeMap::new(),
+            explanation: "x".into(),
+        };
+        round_trip(&offer);
+        assert_eq!(serde_json::to_value(&offer).expect("json")["action"], "DISCOUNT_10");
+        for a in OfferAction::ALL {
+            assert_eq!(serde_json::to_value(a).expect("json"), a.as_str());
+        }
+    }
+
+    #[test]
+    fn messages_are_keyed_by_user() {
+        let mut g = Generator::seeded(1);
+        let a = g.activity(Utc::now());
+        assert_eq!(a.key(), a.user_id);
+        assert_eq!(ActivityEvent::TOPIC.name(), "user-activity-topic");
+        assert_eq!(OrderEvent::TOPIC, Topic::Order);
+    }
+
+    #[test]
+    fn older_messages_without_schema_version_still_parse() {
+        let json = r#"{"eventId":"e","userId":"u","sessionId":null,"eventType":"search",
+            "productId":null,"campaignId":null,"query":"shoes","recommendationId":null,
+            "timestamp":"2026-01-01T00:00:00Z"}"#;
+        let a: ActivityEvent = serde_json::from_str(json).expect("parses");
+        assert_eq!(a.schema_version, crate::SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn event_counts_by_type() {
+        let mut c = EventCounts::default();
+        c.add(EventType::Click);
+        c.add(EventType::Click);
+        c.add(EventType::Purchase);
+        assert_eq!(c.get(EventType::Click), 2);
+        assert_eq!(c.total(), 3);
+        for t in EventType::ACTIVITY {
+            assert_eq!(EventType::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(EventType::parse("teleport"), None);
+    }
+}

@@ -1,0 +1,101 @@
+//! The topic table: the only place a topic name is written.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The logical topics of the platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Topic {
+    UserActivity,
+    Order,
+    ProcessedEvents,
+    DeadLetter,
+    UserFeatures,
+    Candidates,
+    RankedRecommendations,
+    Offers,
+}
+
+/// (topic, name on the broker, default partition count).
+///
+/// Every topic is keyed by user id, and all topics have the same partition count so that the
+/// topics a service joins (for example features and candidates) are co-partitioned.
+const TABLE: [(Topic, &str, i32); 8] = [
+    (Topic::UserActivity, "user-activity-topic", 4),
+    (Topic::Order, "order-topic", 4),
+    (Topic::ProcessedEvents, "processed-events-topic", 4),
+    (Topic::DeadLetter, "dead-letter-topic", 4),
+    (Topic::UserFeatures, "user-features-topic", 4),
+    (Topic::Candidates, "candidates-topic", 4),
+    (Topic::RankedRecommendations, "ranked-recommendations-topic", 4),
+    (Topic::Offers, "offers-topic", 4),
+];
+
+impl Topic {
+    /// Every topic, in pipeline order.
+    pub const ALL: [Topic; 8] = [
+        Topic::UserActivity,
+        Topic::Order,
+        Topic::ProcessedEvents,
+        Topic::DeadLetter,
+        Topic::UserFeatures,
+        Topic::Candidates,
+        Topic::RankedRecommendations,
+        Topic::Offers,
+    ];
+
+    fn row(self) -> &'static (Topic, &'static str, i32) {
+        TABLE
+            .iter()
+            .find(|row| row.0 == self)
+            .unwrap_or_else(|| unreachable!("every topic has a row in TABLE"))
+    }
+
+    /// The name of the topic on the broker.
+    pub fn name(self) -> &'static str {
+        self.row().1
+    }
+
+    /// The partition count the platform creates the topic with.
+    pub fn default_partitions(self) -> i32 {
+        self.row().2
+    }
+
+    /// The topic with this broker name, if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Topic> {
+        TABLE.iter().find(|row| row.1 == name).map(|row| row.0)
+    }
+}
+
+impl std::fmt::Display for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A message type that lives on exactly one topic, keyed by [`Message::key`].
+pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
+    const TOPIC: Topic;
+
+    /// The Kafka message key: the user id for every topic of the platform.
+    fn key(&self) -> &str;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_complete_and_names_are_unique() {
+        for t in Topic::ALL {
+            assert_eq!(Topic::from_name(t.name()), Some(t));
+            assert!(t.default_partitions() >= 1);
+        }
+        let mut names: Vec<_> = Topic::ALL.iter().map(|t| t.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Topic::ALL.len());
+        assert_eq!(Topic::from_name("no-such-topic"), None);
+        assert_eq!(Topic::UserActivity.to_string(), "user-activity-topic");
+    }
+}
