@@ -1,0 +1,29 @@
+//! The runtime kit every RetargetIQ service stands on, so that a service's `main.rs` is one
+//! line and its `lib.rs` holds only its own logic.
+//!
+//! - [`config`]: typed settings from environment variables; a bad value names the variable.
+//! - [`telemetry`]: structured logs with the service name on every line (text or JSON).
+//! - [`kafka`]: the idempotent producer, topic creation, and the at-least-once consumer loop
+//!   with retries and dead letters.
+//! - [`http`]: `/health`, `/ready`, `/metrics`, request tracing, timeouts and the JSON error type.
+//! - [`service`]: the [`service::Service`] trait and [`service::main`], which wires it all
+//!   together and drains in-flight work on SIGINT/SIGTERM within a time limit.
+
+pub mod config;
+pub mod http;
+pub mod kafka;
+pub mod service;
+pub mod telemetry;
+
+pub use service::{Context, Service};
+
+/// Spawns a task that stays inside the current tracing span (so its log lines keep the
+/// service name).
+pub fn spawn<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument as _;
+    tokio::spawn(future.in_current_span())
+}

@@ -1,0 +1,61 @@
+//! Test support: a real Kafka-protocol broker (embedded Tansu, in memory) on a free port with
+//! the platform's topics created, and helpers to wait for eventual outcomes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// A broker for one test, stopped when dropped.
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl TestBroker {
+    /// Starts an in-memory broker on a free port and creates every topic of the platform.
+    pub async fn start() -> anyhow::Result<Self> {
+        kit::telemetry::init(kit::telemetry::LogFormat::Text);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let shutdown = CancellationToken::new();
+        broker::spawn(addr, broker::Storage::Memory, shutdown.clone()).await?;
+        kit::kafka::admin::ensure_topics(&addr.to_string(), 1, Duration::from_secs(30)).await?;
+        Ok(Self { addr, shutdown })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn settings(&self) -> kit::kafka::KafkaSettings {
+        kit::kafka::KafkaSettings::for_broker(self.bootstrap())
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `probe` every 100 ms until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

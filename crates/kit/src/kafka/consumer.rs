@@ -1,0 +1,550 @@
+//! The at-least-once consumer loop.
+//!
+//! - Offsets are stored (`enable.auto.offset.store=false`) only after the handler succeeded
+//!   and every message it produced was acknowledged by the broker; librdkafka commits stored
+//!   offsets every second, and the loop commits synchronously on shutdown.
+//! - Produces are pipelined: the loop keeps reading while earlier outputs are in flight (up
+//!   to [`MAX_IN_FLIGHT`] messages), and stores offsets in the order messages were read.
+//! - A handler that [`HandlerError::Reject`]s a message sends it straight to
+//!   `dead-letter-topic`; one that fails with [`HandlerError::Retry`] is retried with backoff
+//!   up to `KAFKA_HANDLER_MAX_ATTEMPTS` times, then dead-lettered. Either way the partition
+//!   keeps flowing. A dead letter keeps the original bytes, the source topic, partition and
+//!   offset, the reason and the time.
+//! - Handlers are plain synchronous functions of (state, record) -> outputs, unit-testable
+//!   with no broker. Because delivery is at-least-once, a handler must be idempotent: after a
+//!   crash it may see a message again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::Utc;
+use events::validate::FieldError;
+use events::{CORRELATION_HEADER, DeadLetter, DeadLetterKind, Message, SourceRef, Topic};
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use super::KafkaSettings;
+use super::producer::{Outgoing, ProduceError, Producer};
+use crate::http::ReadyFlag;
+
+/// Most messages whose outputs may be awaiting acknowledgement at once.
+pub const MAX_IN_FLIGHT: usize = 1_000;
+
+/// How a consumer reads its topics.
+#[derive(Debug, Clone)]
+pub enum Subscription {
+    /// Join a consumer group: the instances of a service share the partitions, and committed
+    /// offsets say where to resume.
+    Group { group_id: String },
+    /// Read every partition from the beginning, outside any group: a full replica of the
+    /// topics, for views and models that every instance needs whole. Ready once it has
+    /// caught up with the end of the topics as they were at start.
+    Replica,
+}
+
+/// What to consume.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// A short name for logs and metrics (`processed-events`, ...).
+    pub name: &'static str,
+    pub topics: Vec<Topic>,
+    pub subscription: Subscription,
+}
+
+/// One consumed message, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    pub topic: Topic,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a str>,
+    pub payload: &'a [u8],
+    pub correlation_id: Option<&'a str>,
+    /// Broker or producer timestamp, in milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Record<'_> {
+    /// Decodes the payload as a typed message; a payload that does not decode is rejected as
+    /// malformed.
+    pub fn json<M: DeserializeOwned>(&self) -> Result<M, HandlerError> {
+        serde_json::from_slice(self.payload).map_err(|e| HandlerError::malformed(format!("payload is not a valid message: {e}")))
+    }
+
+    /// The payload as a JSON value (rejected as malformed when it is not JSON).
+    pub fn value(&self) -> Result<serde_json::Value, HandlerError> {
+        serde_json::from_slice(self.payload).map_err(|e| HandlerError::malformed(format!("payload is not JSON: {e}")))
+    }
+
+    /// Where this record was read from.
+    pub fn source(&self) -> SourceRef {
+        SourceRef { topic: self.topic.name().to_owned(), partition: self.partition, offset: self.offset }
+    }
+}
+
+/// Why a handler did not process a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The message can never be processed: it goes to the dead-letter topic at once.
+    #[error("{reason}")]
+    Reject { kind: DeadLetterKind, reason: String, field: Option<String> },
+    /// Processing failed in a way that may pass on another try.
+    #[error("{0:#}")]
+    Retry(anyhow::Error),
+}
+
+impl HandlerError {
+    pub fn malformed(reason: impl Into<String>) -> Self {
+        HandlerError::Reject { kind: DeadLetterKind::Malformed, reason: reason.into(), field: None }
+    }
+
+    pub fn invalid(e: FieldError) -> Self {
+        HandlerError::Reject { kind: DeadLetterKind::Invalid, reason: e.to_string(), field: Some(e.field) }
+    }
+}
+
+/// The messages a handler produces for one input, sent after it returns.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    messages: Vec<Outgoing>,
+    correlation_id: Option<String>,
+}
+
+impl Outbox {
+    /// An outbox whose messages carry `correlation_id` (taken from the input's header).
+    pub fn new(correlation_id: Option<&str>) -> Self {
+        Self { messages: Vec::new(), correlation_id: correlation_id.map(str::to_owned) }
+    }
+
+    /// Queues a typed message for its topic, keyed by its key.
+    pub fn send<M: Message>(&mut self, msg: &M) {
+        match Outgoing::encode(msg, self.correlation_id.as_deref()) {
+            Ok(out) => self.messages.push(out),
+            // Our message types always serialize; if one ever did not, losing it silently
+            // would be wrong, so make it loud.
+            Err(e) => tracing::error!(error = %e, topic = %M::TOPIC, "could not encode an output message"),
+        }
+    }
+
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
+    /// Sets the correlation id for the messages queued from now on.
+    pub fn set_correlation_id(&mut self, id: impl Into<String>) {
+        self.correlation_id = Some(id.into());
+    }
+
+    /// The queued messages (for tests).
+    pub fn messages(&self) -> &[Outgoing] {
+        &self.messages
+    }
+
+    /// The queued messages of type `M`, decoded (for tests).
+    pub fn decoded<M: Message>(&self) -> Vec<M> {
+        self.messages
+            .iter()
+            .filter(|m| m.topic == M::TOPIC)
+            .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+            .collect()
+    }
+
+    pub fn into_messages(self) -> Vec<Outgoing> {
+        self.messages
+    }
+}
+
+/// A service's logic for one kind of input.
+pub trait Handler: Send + 'static {
+    /// Processes one record, queueing outputs in `out`. Must be idempotent (see module docs).
+    fn handle(&mut self, record: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError>;
+}
+
+/// What a running consumer needs from its service.
+#[derive(Clone)]
+pub struct ConsumerEnv {
+    pub settings: KafkaSettings,
+    pub service: &'static str,
+    pub producer: Producer,
+    pub shutdown: CancellationToken,
+    pub ready: ReadyFlag,
+}
+
+/// Runs a consumer until shutdown, restarting it (from the committed offsets) if it fails.
+pub async fn run_consumer<H: Handler>(env: ConsumerEnv, spec: ConsumerSpec, mut handler: H) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match run_once(&env, &spec, &mut handler).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                env.ready.set(false);
+                tracing::error!(consumer = spec.name, error = format!("{e:#}"), "consumer failed; restarting from the committed offsets");
+                metrics::counter!("consumer_restarts_total", "consumer" => spec.name).increment(1);
+                tokio::select! {
+                    () = env.shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Flips the ready flag when the group assigns partitions.
+struct GroupContext {
+    ready: ReadyFlag,
+    name: &'static str,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions assigned");
+                self.ready.set(true);
+            }
+            Rebalance::Revoke(tpl) => tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(consumer = self.name, error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// A copy of what is needed to dead-letter a record after its outputs failed.
+struct InFlight {
+    topic: Topic,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    payload: Vec<u8>,
+    correlation_id: Option<String>,
+}
+
+type Pending = BoxFuture<'static, (InFlight, Result<(), ProduceError>)>;
+
+async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &mut H) -> anyhow::Result<()> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &env.settings.bootstrap_servers)
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
+        .set("socket.keepalive.enable", "true");
+    let is_group = match &spec.subscription {
+        Subscription::Group { group_id } => {
+            config.set("group.id", group_id).set("enable.auto.commit", "true").set("auto.commit.interval.ms", "1000");
+            true
+        }
+        Subscription::Replica => {
+            config
+                .set("group.id", format!("{}-replica-{}", env.service, uuid::Uuid::new_v4()))
+                .set("enable.auto.commit", "false");
+            false
+        }
+    };
+    let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
+        config
+            .create_with_context(GroupContext { ready: env.ready.clone(), name: spec.name })
+            .context("creating the Kafka consumer")?,
+    );
+    let names: Vec<&str> = spec.topics.iter().map(|t| t.name()).collect();
+
+    // For a replica: the end offsets to catch up with before the view counts as restored.
+    let mut catch_up: HashMap<(Topic, i32), i64> = HashMap::new();
+    if is_group {
+        consumer.subscribe(&names).context("subscribing")?;
+    } else {
+        let (tpl, ends) = replica_assignment(Arc::clone(&consumer), &spec.topics, env.shutdown.clone()).await?;
+        consumer.assign(&tpl).context("assigning partitions")?;
+        catch_up = ends;
+        if catch_up.is_empty() {
+            env.ready.set(true);
+        }
+        tracing::info!(consumer = spec.name, partitions = tpl.count(), behind = catch_up.len(), "replica assigned");
+    }
+
+    let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = env.shutdown.cancelled() => break,
+            Some((done, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                complete(env, spec, &consumer, is_group, done, result).await?;
+            }
+            received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let msg = match received {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        tracing::warn!(consumer = spec.name, error = %e, "consumer error");
+                        continue;
+                    }
+                };
+                let (topic, partition, pending) = process(env, spec, handler, &msg).await?;
+                if !catch_up.is_empty() {
+                    let tp = (topic, partition);
+                    if catch_up.get(&tp).is_some_and(|end| msg.offset() + 1 >= *end) {
+                        catch_up.remove(&tp);
+                        if catch_up.is_empty() {
+                            tracing::info!(consumer = spec.name, "replica caught up");
+                            env.ready.set(true);
+                        }
+                    }
+                }
+                in_flight.push_back(pending);
+            }
+        }
+    }
+
+    // Drain: wait (bounded) for outputs in flight, store their offsets, commit.
+    let drain = async {
+        while let Some((done, result)) = in_flight.next().await {
+            complete(env, spec, &consumer, is_group, done, result).await?;
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), drain).await {
+        Ok(r) => r?,
+        Err(_) => tracing::warn!(consumer = spec.name, "shutdown: outputs still in flight after 5 s; they will be re-processed"),
+    }
+    if is_group {
+        let c = Arc::clone(&consumer);
+        match tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await? {
+            Ok(()) => tracing::info!(consumer = spec.name, "offsets committed on shutdown"),
+            // Nothing stored since the last commit is reported as an error by librdkafka.
+            Err(e) => tracing::debug!(consumer = spec.name, error = %e, "final commit"),
+        }
+    }
+    Ok(())
+}
+
+/// All partitions of `topics` from the beginning, and the end offset of each non-empty one.
+async fn replica_assignment(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    topics: &[Topic],
+    shutdown: CancellationToken,
+) -> anyhow::Result<(TopicPartitionList, HashMap<(Topic, i32), i64>)> {
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for &topic in topics {
+        let partitions: Vec<i32> = loop {
+            let c = Arc::clone(&consumer);
+            let fetched = tokio::task::spawn_blocking(move || {
+                c.fetch_metadata(Some(topic.name()), Duration::from_secs(5))
+                    .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>())
+            })
+            .await?;
+            match fetched {
+                Ok(ids) if !ids.is_empty() => break ids,
+                Ok(_) => tracing::warn!(%topic, "topic has no partitions yet; waiting"),
+                Err(e) => tracing::warn!(%topic, error = %e, "waiting for the broker"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => anyhow::bail!("shut down before the broker answered"),
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        };
+        for id in partitions {
+            tpl.add_partition_offset(topic.name(), id, Offset::Beginning)?;
+            let c = Arc::clone(&consumer);
+            let (low, high) = tokio::task::spawn_blocking(move || c.fetch_watermarks(topic.name(), id, Duration::from_secs(5)))
+                .await?
+                .context("reading watermarks")?;
+            if high > low {
+                ends.insert((topic, id), high);
+            }
+        }
+    }
+    Ok((tpl, ends))
+}
+
+/// Runs the handler (with retries) on one message and enqueues its outputs.
+async fn process<H: Handler>(
+    env: &ConsumerEnv,
+    spec: &ConsumerSpec,
+    handler: &mut H,
+    msg: &BorrowedMessage<'_>,
+) -> anyhow::Result<(Topic, i32, Pending)> {
+    let topic = Topic::from_name(msg.topic()).with_context(|| format!("message from unknown topic {}", msg.topic()))?;
+    let correlation_id = msg
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == CORRELATION_HEADER).and_then(|h| h.value))
+        .and_then(|v| std::str::from_utf8(v).ok());
+    let record = Record {
+        topic,
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
+        payload: msg.payload().unwrap_or_default(),
+        correlation_id,
+        timestamp_ms: msg.timestamp().to_millis(),
+    };
+    let started = Instant::now();
+    let mut attempt = 0;
+    let outputs = loop {
+        attempt += 1;
+        let mut out = Outbox::new(record.correlation_id);
+        match handler.handle(&record, &mut out) {
+            Ok(()) => {
+                metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "ok").increment(1);
+                break out.into_messages();
+            }
+            Err(HandlerError::Retry(e)) if attempt < env.settings.handler_max_attempts => {
+                metrics::counter!("consumer_retries_total", "consumer" => spec.name).increment(1);
+                let delay = Duration::from_millis(100 * 4u64.pow(attempt - 1)).min(Duration::from_secs(2));
+                tracing::warn!(consumer = spec.name, attempt, error = format!("{e:#}"), ?delay, "handler failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                let (kind, field) = match &e {
+                    HandlerError::Reject { kind, field, .. } => (*kind, field.clone()),
+                    HandlerError::Retry(_) => (DeadLetterKind::HandlerFailed, None),
+                };
+                metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter").increment(1);
+                tracing::warn!(
+                    consumer = spec.name, topic = %topic, partition = record.partition, offset = record.offset,
+                    correlation_id = record.correlation_id.unwrap_or(""), reason = %e, "message sent to the dead-letter topic"
+                );
+                let letter = dead_letter(env.service, &record, kind, e.to_string(), field, attempt);
+                let mut out = Outbox::new(record.correlation_id);
+                out.send(&letter);
+                break out.into_messages();
+            }
+        }
+    };
+    metrics::histogram!("consumer_handle_seconds", "consumer" => spec.name).record(started.elapsed().as_secs_f64());
+
+    let mut deliveries = Vec::with_capacity(outputs.len());
+    for out in &outputs {
+        deliveries.push(env.producer.enqueue(out).await?);
+    }
+    let info = InFlight {
+        topic,
+        partition: record.partition,
+        offset: record.offset,
+        key: record.key.map(str::to_owned),
+        payload: record.payload.to_vec(),
+        correlation_id: record.correlation_id.map(str::to_owned),
+    };
+    let pending: Pending = Box::pin(async move {
+        let mut result = Ok(());
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => result = Err(ProduceError::from_kafka(&e)),
+                Err(_) => result = Err(ProduceError::Unavailable("the producer was dropped".to_owned())),
+            }
+        }
+        (info, result)
+    });
+    Ok((topic, record.partition, pending))
+}
+
+/// Called when all outputs of a message are settled: store its offset, or dead-letter it if
+/// the broker refused an output for good, or fail (to restart from the committed offset).
+async fn complete(
+    env: &ConsumerEnv,
+    spec: &ConsumerSpec,
+    consumer: &StreamConsumer<GroupContext>,
+    is_group: bool,
+    done: InFlight,
+    result: Result<(), ProduceError>,
+) -> anyhow::Result<()> {
+    match result {
+        Ok(()) => {}
+        Err(e @ (ProduceError::Rejected(_) | ProduceError::Encode(_))) => {
+            let record = Record {
+                topic: done.topic,
+                partition: done.partition,
+                offset: done.offset,
+                key: done.key.as_deref(),
+                payload: &done.payload,
+                correlation_id: done.correlation_id.as_deref(),
+                timestamp_ms: None,
+            };
+            let letter = dead_letter(env.service, &record, DeadLetterKind::HandlerFailed, format!("an output was refused: {e}"), None, 1);
+            env.producer.send(&letter, record.correlation_id).await.context("dead-lettering a message whose output was refused")?;
+            metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter").increment(1);
+        }
+        Err(e) => return Err(e).context("an output was not acknowledged"),
+    }
+    if is_group {
+        consumer.store_offset(done.topic.name(), done.partition, done.offset).context("storing the offset")?;
+    }
+    Ok(())
+}
+
+fn dead_letter(
+    service: &str,
+    record: &Record<'_>,
+    kind: DeadLetterKind,
+    reason: String,
+    field: Option<String>,
+    attempts: u32,
+) -> DeadLetter {
+    let (payload, payload_base64) = DeadLetter::encode_payload(record.payload);
+    DeadLetter {
+        schema_version: events::SCHEMA_VERSION,
+        dead_letter_id: uuid::Uuid::new_v4().to_string(),
+        key: record.key.unwrap_or_default().to_owned(),
+        source: record.source(),
+        kind,
+        reason,
+        field,
+        attempts,
+        service: service.to_owned(),
+        correlation_id: record.correlation_id.map(str::to_owned),
+        payload,
+        payload_base64,
+        failed_at: Utc::now(),
+    }
+}
+
+/// Shared state for handlers and HTTP routes.
+pub type Shared<T> = Arc<std::sync::RwLock<T>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_decode_or_reject_as_malformed() {
+        let rec = Record {
+            topic: Topic::UserActivity,
+            partition: 1,
+            offset: 9,
+            key: Some("u"),
+            payload: b"not json",
+            correlation_id: None,
+            timestamp_ms: None,
+        };
+        let err = rec.value().expect_err("not json");
+        assert!(matches!(err, HandlerError::Reject { kind: DeadLetterKind::Malformed, .. }));
+        let letter = dead_letter("svc", &rec, DeadLetterKind::Malformed, err.to_string(), None, 1);
+        assert_eq!(letter.source, SourceRef { topic: "user-activity-topic".into(), partition: 1, offset: 9 });
+        assert_eq!(letter.original_bytes().as_deref(), Some(&b"not json"[..]));
+        assert_eq!(letter.key, "u");
+        assert_eq!(letter.payload.as_deref(), Some("not json"));
+    }
+
+    #[test]
+    fn outbox_carries_the_correlation_id() {
+        let mut out = Outbox::new(Some("corr-1"));
+        let f = events::UserFeatures { user_id: "u".into(), ..Default::default() };
+        out.send(&f);
+        assert_eq!(out.messages()[0].correlation_id.as_deref(), Some("corr-1"));
+        assert_eq!(out.messages()[0].key, "u");
+        assert_eq!(out.decoded::<events::UserFeatures>(), vec![f]);
+    }
+}

@@ -1,0 +1,165 @@
+//! The idempotent producer: `enable.idempotence=true`, `acks=all`, bounded client buffers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use events::{CORRELATION_HEADER, Message, Topic};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::future_producer::{Delivery, DeliveryFuture};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use super::KafkaSettings;
+
+/// Why a produce failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The broker is unreachable or did not acknowledge in time; trying later may succeed.
+    #[error("the broker did not acknowledge the message in time: {0}")]
+    Unavailable(String),
+    /// The message can never be stored as it is (too large, unknown topic, ...).
+    #[error("the broker rejected the message: {0}")]
+    Rejected(String),
+    #[error("could not encode the message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl ProduceError {
+    /// Sorts a client error into retryable and terminal.
+    pub fn from_kafka(e: &KafkaError) -> Self {
+        use RDKafkaErrorCode as C;
+        match e.rdkafka_error_code() {
+            Some(
+                C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::TopicAuthorizationFailed
+                | C::InvalidRecord,
+            ) => ProduceError::Rejected(e.to_string()),
+            _ => ProduceError::Unavailable(e.to_string()),
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ProduceError::Unavailable(_))
+    }
+}
+
+/// A serialized message ready to produce.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: Topic,
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub correlation_id: Option<String>,
+}
+
+impl Outgoing {
+    pub fn encode<M: Message>(msg: &M, correlation_id: Option<&str>) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            topic: M::TOPIC,
+            key: msg.key().to_owned(),
+            payload: serde_json::to_vec(msg)?,
+            correlation_id: correlation_id.map(str::to_owned),
+        })
+    }
+}
+
+/// The idempotent producer, cheap to clone.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+    connected: Arc<AtomicBool>,
+}
+
+impl Producer {
+    /// A producer whose deliveries fail after `delivery_timeout` (request paths: answer fast).
+    pub fn for_requests(settings: &KafkaSettings) -> anyhow::Result<Self> {
+        Self::create(settings, settings.delivery_timeout)
+    }
+
+    /// A producer that retries without limit (pipelines: never drop, wait for the broker).
+    pub fn for_pipeline(settings: &KafkaSettings) -> anyhow::Result<Self> {
+        Self::create(settings, Duration::ZERO)
+    }
+
+    fn create(settings: &KafkaSettings, delivery_timeout: Duration) -> anyhow::Result<Self> {
+        let inner: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", settings.linger.as_millis().to_string())
+            .set("queue.buffering.max.kbytes", settings.producer_buffer_kb.to_string())
+            .set("queue.buffering.max.messages", "100000")
+            // 0 means: retry until delivered.
+            .set("message.timeout.ms", delivery_timeout.as_millis().to_string())
+            .set("socket.keepalive.enable", "true")
+            .set("reconnect.backoff.max.ms", "1000")
+            .create()?;
+        Ok(Self { inner, connected: Arc::new(AtomicBool::new(false)) })
+    }
+
+    /// Whether the last broker probe succeeded (see [`Producer::probe`]).
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Asks the broker for metadata; records and returns whether it answered.
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        let producer = self.inner.clone();
+        let ok = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok())
+            .await
+            .unwrap_or(false);
+        self.connected.store(ok, Ordering::Relaxed);
+        ok
+    }
+
+    /// Produces a typed message and waits for the broker's acknowledgement.
+    pub async fn send<M: Message>(&self, msg: &M, correlation_id: Option<&str>) -> Result<Delivery, ProduceError> {
+        let out = Outgoing::encode(msg, correlation_id)?;
+        self.send_outgoing(&out).await
+    }
+
+    /// Produces an encoded message and waits for the acknowledgement.
+    pub async fn send_outgoing(&self, out: &Outgoing) -> Result<Delivery, ProduceError> {
+        let record = record(out);
+        self.inner
+            .send(record, Timeout::After(Duration::ZERO))
+            .await
+            .map_err(|(e, _)| ProduceError::from_kafka(&e))
+    }
+
+    /// Enqueues a message without waiting; the future resolves on acknowledgement. Waits
+    /// (briefly, repeatedly) while the client buffer is full: that is the backpressure.
+    pub async fn enqueue(&self, out: &Outgoing) -> Result<DeliveryFuture, ProduceError> {
+        loop {
+            match self.inner.send_result(record(out)) {
+                Ok(fut) => return Ok(fut),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(ProduceError::from_kafka(&e)),
+            }
+        }
+    }
+
+    /// Waits until everything enqueued is delivered, or `timeout`.
+    pub async fn flush(&self, timeout: Duration) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || inner.flush(Timeout::After(timeout))).await;
+    }
+}
+
+fn record(out: &Outgoing) -> FutureRecord<'_, str, [u8]> {
+    let mut record = FutureRecord::to(out.topic.name()).key(out.key.as_str()).payload(out.payload.as_slice());
+    if let Some(id) = &out.correlation_id {
+        record = record.headers(OwnedHeaders::new().insert(Header { key: CORRELATION_HEADER, value: Some(id.as_str()) }));
+    }
+    record
+}

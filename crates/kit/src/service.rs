@@ -1,0 +1,264 @@
+//! The shape every service shares: [`Service`] says what is particular to a service,
+//! [`main`] does the rest — telemetry, configuration (a bad value exits with code 2, naming
+//! the variable), binding the port, running until SIGINT/SIGTERM, and draining in-flight
+//! work within `SHUTDOWN_TIMEOUT_MS`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::config::{ConfigError, Env};
+use crate::http::{self, Health, ReadyFlag};
+use crate::kafka::consumer::ConsumerEnv;
+use crate::kafka::{ConsumerSpec, Handler, KafkaSettings, Producer, run_consumer};
+use crate::telemetry::{self, LogFormat};
+
+/// What is particular to one service.
+pub trait Service {
+    /// The binary name, as in the contract (`user-activity`, ...).
+    const NAME: &'static str;
+    /// The contract port.
+    const DEFAULT_PORT: u16;
+    /// The service's own settings.
+    type Config: Send + 'static;
+
+    fn config(env: &Env) -> Result<Self::Config, ConfigError>;
+
+    /// Runs the service until `ctx.shutdown` is cancelled.
+    fn run(config: Self::Config, ctx: Context) -> impl Future<Output = anyhow::Result<()>> + Send + 'static;
+}
+
+/// Settings every service has.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    pub kafka: KafkaSettings,
+    /// `HTTP_HOST` (default `0.0.0.0`) and `HTTP_PORT` (default: the contract port).
+    pub http_addr: SocketAddr,
+    /// `LOG_FORMAT`: `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// `SHUTDOWN_TIMEOUT_MS`: how long draining may take after SIGTERM (default 10000).
+    pub shutdown_timeout: Duration,
+}
+
+impl CommonConfig {
+    pub fn from_env(env: &Env, default_port: u16) -> Result<Self, ConfigError> {
+        let host: std::net::IpAddr = env.get("HTTP_HOST", std::net::IpAddr::from([0, 0, 0, 0]))?;
+        let port: u16 = env.get("HTTP_PORT", default_port)?;
+        Ok(Self {
+            kafka: KafkaSettings::from_env(env)?,
+            http_addr: SocketAddr::new(host, port),
+            log_format: env.get("LOG_FORMAT", LogFormat::Text)?,
+            shutdown_timeout: env.millis("SHUTDOWN_TIMEOUT_MS", Duration::from_secs(10))?,
+        })
+    }
+}
+
+/// What a running service is given, and the helpers it builds itself with.
+pub struct Context {
+    pub service: &'static str,
+    pub kafka: KafkaSettings,
+    pub shutdown: CancellationToken,
+    pub health: Health,
+    listener: TcpListener,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    producers: Vec<Producer>,
+}
+
+impl Context {
+    pub fn new(service: &'static str, kafka: KafkaSettings, listener: TcpListener, shutdown: CancellationToken) -> Self {
+        Self { service, kafka, shutdown, health: Health::default(), listener, tasks: Vec::new(), producers: Vec::new() }
+    }
+
+    /// The address the service listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A producer for request paths (deliveries fail after `KAFKA_DELIVERY_TIMEOUT_MS`), with
+    /// a `kafka` readiness condition kept up to date by probing the broker.
+    pub fn request_producer(&mut self) -> anyhow::Result<Producer> {
+        let p = Producer::for_requests(&self.kafka)?;
+        self.watch_broker(&p);
+        Ok(p)
+    }
+
+    /// A producer for pipelines (retries until delivered), with a `kafka` readiness condition.
+    pub fn pipeline_producer(&mut self) -> anyhow::Result<Producer> {
+        let p = Producer::for_pipeline(&self.kafka)?;
+        self.watch_broker(&p);
+        Ok(p)
+    }
+
+    fn watch_broker(&mut self, producer: &Producer) {
+        let flag = self.health.condition("kafka");
+        let producer = producer.clone();
+        let shutdown = self.shutdown.clone();
+        self.producers.push(producer.clone());
+        crate::spawn(async move {
+            loop {
+                let ok = producer.probe(Duration::from_secs(2)).await;
+                if ok != flag.get() {
+                    if ok {
+                        tracing::info!("broker reachable");
+                    } else {
+                        tracing::warn!("broker unreachable");
+                    }
+                }
+                flag.set(ok);
+                let pause = if ok { Duration::from_secs(3) } else { Duration::from_millis(500) };
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        });
+    }
+
+    /// A readiness condition of the service's own (for example "view restored").
+    pub fn condition(&self, name: &str) -> ReadyFlag {
+        self.health.condition(name)
+    }
+
+    /// Starts an at-least-once consumer; [`Context::serve`] waits for it on shutdown.
+    pub fn spawn_consumer<H: Handler>(&mut self, producer: &Producer, spec: ConsumerSpec, handler: H) {
+        let env = ConsumerEnv {
+            settings: self.kafka.clone(),
+            service: self.service,
+            producer: producer.clone(),
+            shutdown: self.shutdown.clone(),
+            ready: self.health.condition(format!("consumer:{}", spec.name)),
+        };
+        self.tasks.push(crate::spawn(run_consumer(env, spec, handler)));
+    }
+
+    /// Starts a background task of the service's own that ends on shutdown.
+    pub fn spawn_task<F>(&mut self, task: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.tasks.push(crate::spawn(task));
+    }
+
+    /// Serves `routes` (plus the ops routes) until shutdown, then waits for the consumers
+    /// and tasks to drain and flushes the producers.
+    pub async fn serve(self, routes: Router) -> anyhow::Result<()> {
+        let app = http::app(self.service, self.health.clone(), routes);
+        let served = http::serve(self.listener, app, self.shutdown.clone()).await;
+        // The server only returns on shutdown or a fatal error: stop everything either way.
+        self.shutdown.cancel();
+        for task in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "task failed"),
+                Err(e) => tracing::error!(error = %e, "task panicked"),
+            }
+        }
+        for p in self.producers {
+            p.flush(Duration::from_secs(5)).await;
+        }
+        served
+    }
+}
+
+/// Starts a service on `listener` inside its `service` span; the handle ends when it has
+/// drained after `shutdown`.
+pub fn start<S: Service>(
+    config: S::Config,
+    kafka: KafkaSettings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    let ctx = Context::new(S::NAME, kafka, listener, shutdown);
+    let span = tracing::info_span!("service", name = S::NAME);
+    tokio::spawn(S::run(config, ctx).instrument(span))
+}
+
+/// A cancellation token cancelled by SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+            () = term => tracing::info!("SIGTERM: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+/// The whole `main` of a service binary.
+pub fn main<S: Service>() -> ExitCode {
+    let env = Env::process();
+    let (common, config) = match CommonConfig::from_env(&env, S::DEFAULT_PORT).and_then(|c| Ok((c, S::config(&env)?))) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{}: configuration error: {e}", S::NAME);
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(common.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: cannot start the async runtime: {e}", S::NAME);
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run_until_signal::<S>(common, config))
+}
+
+async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -> ExitCode {
+    let shutdown = shutdown_on_signal();
+    let listener = match TcpListener::bind(common.http_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(service = S::NAME, addr = %common.http_addr, error = %e, "cannot listen (set HTTP_PORT to use another port)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut task = start::<S>(config, common.kafka, listener, shutdown.clone());
+    let result = tokio::select! {
+        r = &mut task => r,
+        () = shutdown.cancelled() => match tokio::time::timeout(common.shutdown_timeout, &mut task).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!(service = S::NAME, timeout = ?common.shutdown_timeout, "did not drain in time; exiting");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match result {
+        Ok(Ok(())) => {
+            tracing::info!(service = S::NAME, "stopped");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            tracing::error!(service = S::NAME, error = format!("{e:#}"), "service failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!(service = S::NAME, error = %e, "service panicked");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Structured logs: one init function; the service name is on every line (through the
+//! `service` span that [`crate::service`] runs each service in), JSON when asked.
+
+use std::str::FromStr;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+/// Log line format (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected `text` or `json`".to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+/// Installs the global subscriber. `RUST_LOG` filters (default `info`, with the chatty
+/// dependencies at `warn`). Calling it twice is harmless (tests run several services).
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,tansu_broker=warn,tansu_storage=warn,tansu_sans_io=warn,libsql=warn,h2=warn,hyper=warn")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE);
+    let result = match format {
+        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().with_current_span(false).with_span_list(true).try_init(),
+    };
+    // Already installed: keep the first one.
+    drop(result);
+}
