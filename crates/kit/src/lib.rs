@@ -10,7 +10,9 @@
 //!   together and drains in-flight work on SIGINT/SIGTERM within a time limit.
 
 pub mod config;
+pub mod dedup;
 pub mod http;
+pub mod ingest;
 pub mod kafka;
 pub mod service;
 pub mod telemetry;

@@ -1,0 +1,423 @@
+//! `event-processor` (8083): validates, enriches, de-duplicates and routes raw events.
+//!
+//! Reads `user-activity-topic` and `order-topic` (consumer group `event-processor`) and writes
+//! one stream, `processed-events-topic`, keyed by user so a user's events stay in order.
+//!
+//! - Validation: the same rules as the ingestion APIs, in strict mode (a message from a foreign
+//!   producer must carry `eventId` and `timestamp`). Failures go to `dead-letter-topic` with the
+//!   original bytes, source topic/partition/offset, the field and the reason (see `kit::kafka`).
+//! - Enrichment: product name, category and price from the catalog; a session id when the
+//!   client sent none (a gap of `SESSION_GAP_SECONDS` without events starts a new session);
+//!   the user's latest campaign carried onto later events for `CAMPAIGN_WINDOW_HOURS`; a
+//!   correlation id (Kafka header `correlation-id`, created here if the producer sent none).
+//! - De-duplication by `eventId` over the last `DEDUP_CAPACITY` ids (memory bound: about
+//!   100 bytes per id).
+//!
+//! Ops endpoints: `GET /api/processor/stats` and `GET /api/dead-letters?limit=N` (the latest
+//! dead letters, from a replica of the dead-letter topic).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::routing::get;
+use chrono::{DateTime, Duration, Utc};
+use events::validate::{self, Strictness};
+use events::{
+    ActivityEvent, DeadLetter, EventType, OrderEvent, ProcessedEvent, ProcessedItem, ProcessedOrder, ProductInfo, Topic,
+};
+use kit::config::{ConfigError, Env};
+use kit::dedup::SeenSet;
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::{Context, Service};
+use serde::{Deserialize, Serialize};
+
+/// The `event-processor` service.
+pub struct EventProcessor;
+
+/// Settings of the event processor.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `DEDUP_CAPACITY`: how many recent event ids are remembered (default 1,000,000).
+    pub dedup_capacity: usize,
+    /// `SESSION_GAP_SECONDS`: inactivity that starts a new session (default 1800).
+    pub session_gap: Duration,
+    /// `CAMPAIGN_WINDOW_HOURS`: how long a campaign is attributed to later events (default 168).
+    pub campaign_window: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { dedup_capacity: 1_000_000, session_gap: Duration::minutes(30), campaign_window: Duration::hours(168) }
+    }
+}
+
+impl Service for EventProcessor {
+    const NAME: &'static str = "event-processor";
+    const DEFAULT_PORT: u16 = 8083;
+    type Config = Config;
+
+    fn config(env: &Env) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        Ok(Config {
+            dedup_capacity: env.checked("DEDUP_CAPACITY", d.dedup_capacity, |v| if *v == 0 { Err("must be > 0".into()) } else { Ok(()) })?,
+            session_gap: Duration::seconds(env.checked("SESSION_GAP_SECONDS", 1800, |v: &i64| {
+                if *v <= 0 { Err("must be > 0".into()) } else { Ok(()) }
+            })?),
+            campaign_window: Duration::hours(env.checked("CAMPAIGN_WINDOW_HOURS", 168, |v: &i64| {
+                if *v < 0 { Err("must be >= 0".into()) } else { Ok(()) }
+            })?),
+        })
+    }
+
+    async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
+        let producer = ctx.pipeline_producer()?;
+        let stats = Arc::new(Mutex::new(Stats::default()));
+        let letters = Arc::new(RwLock::new(VecDeque::new()));
+        ctx.spawn_consumer(
+            &producer,
+            ConsumerSpec {
+                name: "raw-events",
+                topics: vec![Topic::UserActivity, Topic::Order],
+                subscription: Subscription::Group { group_id: "event-processor".into() },
+            },
+            Processor::new(config, Arc::clone(&stats)),
+        );
+        ctx.spawn_consumer(
+            &producer,
+            ConsumerSpec { name: "dead-letters", topics: vec![Topic::DeadLetter], subscription: Subscription::Replica },
+            LetterView(Arc::clone(&letters)),
+        );
+        let routes = axum::Router::new()
+            .route("/api/processor/stats", get(get_stats))
+            .route("/api/dead-letters", get(get_letters))
+            .with_state(AppState { stats, letters });
+        ctx.serve(routes).await
+    }
+}
+
+/// Counts for the stats endpoint (the same figures are Prometheus metrics).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub processed: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub rejected_by_field: HashMap<String, u64>,
+}
+
+/// The processing state: pure logic, no I/O.
+pub struct Processor {
+    config: Config,
+    seen: SeenSet,
+    /// user -> (current session id, time of the user's latest event)
+    sessions: HashMap<String, (String, DateTime<Utc>)>,
+    /// user -> (latest campaign, when it was seen)
+    campaigns: HashMap<String, (String, DateTime<Utc>)>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl Processor {
+    pub fn new(config: Config, stats: Arc<Mutex<Stats>>) -> Self {
+        Self { seen: SeenSet::new(config.dedup_capacity), config, sessions: HashMap::new(), campaigns: HashMap::new(), stats }
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn reject(&self, e: validate::FieldError) -> HandlerError {
+        metrics::counter!("processor_rejected_total", "field" => e.field.clone()).increment(1);
+        let mut s = self.stats();
+        s.rejected += 1;
+        *s.rejected_by_field.entry(e.field.clone()).or_default() += 1;
+        HandlerError::invalid(e)
+    }
+
+    fn session(&mut self, user: &str, given: Option<&str>, at: DateTime<Utc>) -> String {
+        let gap = self.config.session_gap;
+        let entry = self.sessions.get(user);
+        let session = match (given, entry) {
+            (Some(s), _) => s.to_owned(),
+            (None, Some((s, last))) if at - *last < gap => s.clone(),
+            (None, _) => format!("s-{}", uuid::Uuid::new_v4()),
+        };
+        let last = entry.map_or(at, |(_, last)| (*last).max(at));
+        self.sessions.insert(user.to_owned(), (session.clone(), last));
+        session
+    }
+
+    fn campaign(&mut self, user: &str, given: Option<&str>, at: DateTime<Utc>) -> Option<String> {
+        if let Some(c) = given {
+            self.campaigns.insert(user.to_owned(), (c.to_owned(), at));
+            return Some(c.to_owned());
+        }
+        self.campaigns
+            .get(user)
+            .filter(|(_, since)| at - *since <= self.config.campaign_window)
+            .map(|(c, _)| c.clone())
+    }
+
+    fn activity(&mut self, e: ActivityEvent, rec: &Record<'_>, out: &mut Outbox, now: DateTime<Utc>) -> ProcessedEvent {
+        let product = e.product_id.as_deref().and_then(product_info);
+        ProcessedEvent {
+            schema_version: events::SCHEMA_VERSION,
+            session_id: self.session(&e.user_id, e.session_id.as_deref(), e.timestamp),
+            campaign_id: self.campaign(&e.user_id, e.campaign_id.as_deref(), e.timestamp),
+            correlation_id: correlation(out),
+            event_id: e.event_id,
+            user_id: e.user_id,
+            event_type: e.event_type,
+            occurred_at: e.timestamp,
+            processed_at: now,
+            product,
+            query: e.query,
+            recommendation_id: e.recommendation_id,
+            order: None,
+            source: rec.source(),
+        }
+    }
+
+    fn order(&mut self, o: OrderEvent, rec: &Record<'_>, out: &mut Outbox, now: DateTime<Utc>) -> ProcessedEvent {
+        let items = o
+            .items
+            .iter()
+            .filter_map(|i| {
+                product_info(&i.product_id).map(|product| ProcessedItem { product, quantity: i.quantity, unit_price: i.unit_price })
+            })
+            .collect();
+        ProcessedEvent {
+            schema_version: events::SCHEMA_VERSION,
+            session_id: self.session(&o.user_id, o.session_id.as_deref(), o.timestamp),
+            campaign_id: self.campaign(&o.user_id, o.campaign_id.as_deref(), o.timestamp),
+            correlation_id: correlation(out),
+            event_id: o.event_id,
+            user_id: o.user_id,
+            event_type: EventType::Purchase,
+            occurred_at: o.timestamp,
+            processed_at: now,
+            product: None,
+            query: None,
+            recommendation_id: None,
+            order: Some(ProcessedOrder {
+                order_id: o.order_id,
+                amount: o.amount,
+                currency: o.currency,
+                items,
+                offer_decision_id: o.offer_decision_id,
+            }),
+            source: rec.source(),
+        }
+    }
+}
+
+/// The correlation id of the event: from the Kafka header, or a new one.
+fn correlation(out: &mut Outbox) -> String {
+    if out.correlation_id().is_none() {
+        out.set_correlation_id(uuid::Uuid::new_v4().to_string());
+    }
+    out.correlation_id().unwrap_or_default().to_owned()
+}
+
+fn product_info(id: &str) -> Option<ProductInfo> {
+    catalog::Catalog::global().get(id).map(|p| ProductInfo {
+        product_id: p.id.clone(),
+        name: p.name.clone(),
+        category: p.category.to_owned(),
+        price: p.price,
+    })
+}
+
+impl Handler for Processor {
+    fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
+        let now = Utc::now();
+        let value = rec.value()?;
+        let processed = match rec.topic {
+            Topic::UserActivity => {
+                let e = validate::activity(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
+                if !self.seen.insert(&e.event_id) {
+                    return Ok(self.duplicate(&e.event_id));
+                }
+                self.activity(e, rec, out, now)
+            }
+            Topic::Order => {
+                let o = validate::order(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
+                if !self.seen.insert(&o.event_id) {
+                    return Ok(self.duplicate(&o.event_id));
+                }
+                self.order(o, rec, out, now)
+            }
+            other => return Err(HandlerError::malformed(format!("the processor does not read {other}"))),
+        };
+        tracing::debug!(event_id = %processed.event_id, user_id = %processed.user_id, correlation_id = %processed.correlation_id, "processed");
+        metrics::counter!("processor_events_total", "type" => processed.event_type.as_str()).increment(1);
+        metrics::histogram!("processor_event_age_seconds")
+            .record((now - processed.occurred_at).num_milliseconds().max(0) as f64 / 1000.0);
+        self.stats().processed += 1;
+        out.send(&processed);
+        Ok(())
+    }
+}
+
+impl Processor {
+    fn duplicate(&self, event_id: &str) {
+        tracing::debug!(event_id, "duplicate dropped");
+        metrics::counter!("processor_duplicates_total").increment(1);
+        self.stats().duplicates += 1;
+    }
+}
+
+/// How many dead letters the ops endpoint keeps.
+const LETTERS_KEPT: usize = 200;
+
+/// The latest dead letters, newest first.
+struct LetterView(Arc<RwLock<VecDeque<DeadLetter>>>);
+
+impl Handler for LetterView {
+    fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        // A dead letter we cannot read is logged, not dead-lettered again.
+        match rec.json::<DeadLetter>() {
+            Ok(letter) => {
+                let mut v = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                v.push_front(letter);
+                v.truncate(LETTERS_KEPT);
+            }
+            Err(e) => tracing::warn!(error = %e, offset = rec.offset, "unreadable dead letter"),
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    stats: Arc<Mutex<Stats>>,
+    letters: Arc<RwLock<VecDeque<DeadLetter>>>,
+}
+
+async fn get_stats(State(s): State<AppState>) -> Json<Stats> {
+    Json(s.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+}
+
+#[derive(Deserialize)]
+struct LetterQuery {
+    limit: Option<usize>,
+}
+
+async fn get_letters(State(s): State<AppState>, Query(q): Query<LetterQuery>) -> Json<Vec<DeadLetter>> {
+    let limit = q.limit.unwrap_or(50).min(LETTERS_KEPT);
+    Json(s.letters.read().unwrap_or_else(std::sync::PoisonError::into_inner).iter().take(limit).cloned().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use events::generate::Generator;
+    use events::{DeadLetterKind, Message};
+
+    use super::*;
+
+    fn record<'a>(topic: Topic, payload: &'a [u8], offset: i64) -> Record<'a> {
+        Record { topic, partition: 0, offset, key: None, payload, correlation_id: None, timestamp_ms: None }
+    }
+
+    fn processor() -> Processor {
+        Processor::new(Config::default(), Arc::default())
+    }
+
+    fn run(p: &mut Processor, topic: Topic, payload: &[u8]) -> Result<Vec<ProcessedEvent>, HandlerError> {
+        let mut out = Outbox::default();
+        p.handle(&record(topic, payload, 5), &mut out)?;
+        Ok(out.decoded())
+    }
+
+    #[test]
+    fn enriches_activity_and_assigns_sessions() {
+        let mut p = processor();
+        let t0 = Utc::now() - Duration::hours(3);
+        let mut e = Generator::seeded(1).activity(t0);
+        e.event_type = EventType::ProductView;
+        e.product_id = Some("P00001".into());
+        e.session_id = None;
+        e.campaign_id = Some("spring".into());
+        let out = run(&mut p, Topic::UserActivity, &serde_json::to_vec(&e).expect("json")).expect("processed");
+        assert_eq!(out.len(), 1);
+        let first = &out[0];
+        let product = first.product.as_ref().expect("enriched");
+        let catalog_product = catalog::Catalog::global().get("P00001").expect("in catalog");
+        assert_eq!((product.category.as_str(), product.price), (catalog_product.category, catalog_product.price));
+        assert!(first.session_id.starts_with("s-"));
+        assert!(!first.correlation_id.is_empty());
+        assert_eq!(first.source.offset, 5);
+
+        // Ten minutes later: same session, campaign carried over.
+        let mut later = e.clone();
+        later.event_id = "later".into();
+        later.campaign_id = None;
+        later.timestamp = t0 + Duration::minutes(10);
+        let second = run(&mut p, Topic::UserActivity, &serde_json::to_vec(&later).expect("json")).expect("processed");
+        assert_eq!(second[0].session_id, first.session_id);
+        assert_eq!(second[0].campaign_id.as_deref(), Some("spring"));
+
+        // Two hours later: a new session.
+        let mut much_later = later.clone();
+        much_later.event_id = "much-later".into();
+        much_later.timestamp = t0 + Duration::hours(2);
+        let third = run(&mut p, Topic::UserActivity, &serde_json::to_vec(&much_later).expect("json")).expect("processed");
+        assert_ne!(third[0].session_id, first.session_id);
+    }
+
+    #[test]
+    fn a_new_session_after_the_gap() {
+        let mut p = Processor::new(Config { session_gap: Duration::seconds(60), ..Config::default() }, Arc::default());
+        let t0 = Utc::now() - Duration::hours(1);
+        let a = p.session("u", None, t0);
+        assert_eq!(p.session("u", None, t0 + Duration::seconds(30)), a);
+        assert_ne!(p.session("u", None, t0 + Duration::seconds(200)), a);
+        assert_eq!(p.session("u", Some("given"), t0), "given");
+    }
+
+    #[test]
+    fn duplicates_are_dropped() {
+        let mut p = processor();
+        let e = serde_json::to_vec(&Generator::seeded(2).activity(Utc::now())).expect("json");
+        assert_eq!(run(&mut p, Topic::UserActivity, &e).expect("ok").len(), 1);
+        assert_eq!(run(&mut p, Topic::UserActivity, &e).expect("ok").len(), 0);
+        assert_eq!(p.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn orders_become_enriched_purchases() {
+        let mut p = processor();
+        let o = Generator::seeded(3).order(Utc::now());
+        let out = run(&mut p, Topic::Order, &serde_json::to_vec(&o).expect("json")).expect("processed");
+        assert_eq!(out[0].event_type, EventType::Purchase);
+        let order = out[0].order.as_ref().expect("order");
+        assert_eq!(order.items.len(), o.items.len());
+        assert!(order.items.iter().all(|i| !i.product.category.is_empty()));
+        assert_eq!(out[0].key(), o.user_id);
+    }
+
+    #[test]
+    fn invalid_and_malformed_messages_are_rejected_with_a_reason() {
+        let mut p = processor();
+        match run(&mut p, Topic::UserActivity, b"{oops") {
+            Err(HandlerError::Reject { kind: DeadLetterKind::Malformed, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        // A foreign producer's event without eventId/timestamp is checked strictly.
+        let foreign = br#"{"userId":"u","eventType":"page_view"}"#;
+        match run(&mut p, Topic::UserActivity, foreign) {
+            Err(HandlerError::Reject { kind: DeadLetterKind::Invalid, field, .. }) => assert_eq!(field.as_deref(), Some("eventId")),
+            other => panic!("{other:?}"),
+        }
+        let bad_product = br#"{"eventId":"e","userId":"u","eventType":"click","productId":"NOPE","timestamp":"2026-01-01T00:00:00Z"}"#;
+        match run(&mut p, Topic::UserActivity, bad_product) {
+            Err(HandlerError::Reject { field, reason, .. }) => {
+                assert_eq!(field.as_deref(), Some("productId"));
+                assert!(reason.contains("NOPE"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.stats().rejected, 2);
+    }
+}
