@@ -1,0 +1,381 @@
+//! `retrieval` (8086): candidate generation.
+//!
+//! Two inputs:
+//! - a *replica* of `processed-events-topic` (every instance reads every partition from the
+//!   beginning, so each holds the whole model; `/ready` waits until it has caught up). From it
+//!   the [`Model`] learns co-visitation (products viewed in the same session, over the last
+//!   [`SESSION_WINDOW`] views) and time-decayed popularity (half-life 24 h; views 1, clicks 1.5,
+//!   carts 3, purchases 5).
+//! - `user-features-topic` (consumer group `retrieval`, partitioned by user): on each new
+//!   snapshot the user's candidates are generated and published to `candidates-topic`
+//!   together with the snapshot, so ranking scores against the same features.
+//!
+//! Sources, each candidate tagged with its source and a source score in [0, 1]:
+//! `retargeting` (in the cart, or viewed and not bought), `co_visitation`,
+//! `popular_in_category` (the user's top categories by affinity) and `cold_start` (popular
+//! overall, for users with little history). Purchased products are excluded: nothing in the
+//! catalog is a consumable that people rebuy within the feature window.
+//!
+//! `GET /retrieve/{userId}` shows the latest candidates (404 before the first).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, RwLock};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use catalog::Catalog;
+use chrono::{DateTime, Utc};
+use events::{Candidate, CandidateSource, Candidates, EventType, ProcessedEvent, Topic, UserFeatures};
+use kit::config::{ConfigError, Env};
+use kit::dedup::SeenSet;
+use kit::http::ApiError;
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::{Context, Service};
+
+/// Views per session that count as "viewed together".
+pub const SESSION_WINDOW: usize = 5;
+/// Sessions tracked at once for co-visitation (oldest forgotten first).
+pub const SESSIONS_TRACKED: usize = 100_000;
+/// Popularity half-life, in hours.
+pub const POPULARITY_HALF_LIFE_HOURS: f64 = 24.0;
+/// Candidates per source.
+pub const PER_SOURCE: usize = 20;
+
+/// The `retrieval` service.
+pub struct Retrieval;
+
+impl Service for Retrieval {
+    const NAME: &'static str = "retrieval";
+    const DEFAULT_PORT: u16 = 8086;
+    type Config = ();
+
+    fn config(_env: &Env) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
+        let producer = ctx.pipeline_producer()?;
+        let state = Arc::new(RwLock::new(RetrievalState::default()));
+        ctx.spawn_consumer(
+            &producer,
+            ConsumerSpec { name: "model", topics: vec![Topic::ProcessedEvents], subscription: Subscription::Replica },
+            Learner(Arc::clone(&state)),
+        );
+        ctx.spawn_consumer(
+            &producer,
+            ConsumerSpec {
+                name: "user-features",
+                topics: vec![Topic::UserFeatures],
+                subscription: Subscription::Group { group_id: "retrieval".into() },
+            },
+            Retriever(Arc::clone(&state)),
+        );
+        let routes = axum::Router::new().route("/retrieve/{user_id}", get(get_candidates)).with_state(state);
+        ctx.serve(routes).await
+    }
+}
+
+/// What the service holds: the model and each user's latest candidates.
+#[derive(Default)]
+pub struct RetrievalState {
+    pub model: Model,
+    pub latest: HashMap<String, Candidates>,
+}
+
+/// A time-decayed counter.
+#[derive(Debug, Clone, Copy)]
+struct Decayed {
+    value: f64,
+    at: DateTime<Utc>,
+}
+
+impl Decayed {
+    fn at(&self, t: DateTime<Utc>) -> f64 {
+        let hours = (t - self.at).num_milliseconds().max(0) as f64 / 3_600_000.0;
+        self.value * 0.5_f64.powf(hours / POPULARITY_HALF_LIFE_HOURS)
+    }
+}
+
+/// Co-visitation and popularity, learned from the processed stream.
+pub struct Model {
+    covis: HashMap<String, HashMap<String, f64>>,
+    sessions: HashMap<String, VecDeque<String>>,
+    session_order: VecDeque<String>,
+    popularity: HashMap<String, Decayed>,
+    seen: SeenSet,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self {
+            covis: HashMap::new(),
+            sessions: HashMap::new(),
+            session_order: VecDeque::new(),
+            popularity: HashMap::new(),
+            seen: SeenSet::new(1_000_000),
+        }
+    }
+}
+
+impl Model {
+    /// Learns from one event (redeliveries are ignored).
+    pub fn learn(&mut self, e: &ProcessedEvent) {
+        if !self.seen.insert(&e.event_id) {
+            return;
+        }
+        let weight = match e.event_type {
+            EventType::ProductView => 1.0,
+            EventType::Click => 1.5,
+            EventType::AddToCart => 3.0,
+            _ => 0.0,
+        };
+        if let Some(p) = &e.product
+            && weight > 0.0
+        {
+            self.bump(&p.product_id, weight, e.occurred_at);
+            if matches!(e.event_type, EventType::ProductView | EventType::Click) {
+                self.co_visit(&e.session_id, &p.product_id);
+            }
+        }
+        if let Some(order) = &e.order {
+            for item in &order.items {
+                self.bump(&item.product.product_id, 5.0, e.occurred_at);
+            }
+        }
+    }
+
+    fn bump(&mut self, product: &str, weight: f64, at: DateTime<Utc>) {
+        let entry = self.popularity.entry(product.to_owned()).or_insert(Decayed { value: 0.0, at });
+        let t = entry.at.max(at);
+        *entry = Decayed { value: entry.at(t) + weight, at: t };
+    }
+
+    fn co_visit(&mut self, session: &str, product: &str) {
+        if !self.sessions.contains_key(session) {
+            if self.session_order.len() >= SESSIONS_TRACKED
+                && let Some(old) = self.session_order.pop_front()
+            {
+                self.sessions.remove(&old);
+            }
+            self.session_order.push_back(session.to_owned());
+        }
+        let recent = self.sessions.entry(session.to_owned()).or_default();
+        for other in recent.iter().filter(|o| *o != product) {
+            *self.covis.entry(product.to_owned()).or_default().entry(other.clone()).or_default() += 1.0;
+            *self.covis.entry(other.clone()).or_default().entry(product.to_owned()).or_default() += 1.0;
+        }
+        recent.retain(|p| p != product);
+        recent.push_back(product.to_owned());
+        if recent.len() > SESSION_WINDOW {
+            recent.pop_front();
+        }
+    }
+
+    /// How often `a` and `b` were viewed together.
+    pub fn co_visits(&self, a: &str, b: &str) -> f64 {
+        self.covis.get(a).and_then(|m| m.get(b)).copied().unwrap_or(0.0)
+    }
+
+    /// Popularity in [0, 1]: half the catalog prior, half the live (decayed, normalised) signal.
+    fn popularity_of(&self, product: &catalog::Product, max_live: f64, now: DateTime<Utc>) -> f64 {
+        let live = self.popularity.get(&product.id).map_or(0.0, |d| d.at(now));
+        let live = if max_live > 0.0 { live / max_live } else { 0.0 };
+        0.5 * product.popularity + 0.5 * live
+    }
+
+    fn max_live(&self, now: DateTime<Utc>) -> f64 {
+        self.popularity.values().map(|d| d.at(now)).fold(0.0, f64::max)
+    }
+
+    /// The most popular products of a category (or of the whole catalog), with scores.
+    fn popular(&self, category: Option<&str>, n: usize, now: DateTime<Utc>) -> Vec<(String, f64)> {
+        let catalog = Catalog::global();
+        let max_live = self.max_live(now);
+        let mut scored: Vec<(String, f64)> = match category {
+            Some(c) => catalog.in_category(c).map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
+            None => catalog.products().iter().map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
+        };
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        scored.truncate(n);
+        scored
+    }
+}
+
+/// The candidates for a user's features.
+pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Candidate> {
+    let bought: HashSet<&str> = f.purchased.iter().map(String::as_str).collect();
+    let mut out: Vec<Candidate> = Vec::new();
+    let push = |out: &mut Vec<Candidate>, id: &str, source, score: f64| {
+        if !bought.contains(id) && !out.iter().any(|c| c.product_id == id && c.source == source) {
+            out.push(Candidate { product_id: id.to_owned(), source, source_score: score.clamp(0.0, 1.0) });
+        }
+    };
+
+    // Retargeting: the cart first, then what was viewed, most recent first.
+    for id in &f.cart {
+        push(&mut out, id, CandidateSource::Retargeting, 1.0);
+    }
+    for (i, id) in f.recently_viewed.iter().take(PER_SOURCE).enumerate() {
+        push(&mut out, id, CandidateSource::Retargeting, 0.9 * 0.85_f64.powi(i as i32));
+    }
+
+    // Co-visitation of the five most recent views, nearer views weighing more.
+    let mut covis: HashMap<&str, f64> = HashMap::new();
+    for (i, seed) in f.recently_viewed.iter().take(5).enumerate() {
+        if let Some(neighbours) = model.covis.get(seed) {
+            for (q, c) in neighbours {
+                if !f.recently_viewed.contains(q) {
+                    *covis.entry(q.as_str()).or_default() += c / (1.0 + i as f64);
+                }
+            }
+        }
+    }
+    let max = covis.values().copied().fold(0.0, f64::max);
+    let mut covis: Vec<(&str, f64)> = covis.into_iter().collect();
+    covis.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    for (id, c) in covis.into_iter().take(PER_SOURCE) {
+        push(&mut out, id, CandidateSource::CoVisitation, c / max);
+    }
+
+    // Popular in the user's top three categories, weighted by the category's share.
+    let mut cats: Vec<(&String, &f64)> = f.category_affinity.iter().collect();
+    cats.sort_by(|a, b| b.1.total_cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    let total: f64 = cats.iter().take(3).map(|c| *c.1).sum();
+    for (cat, aff) in cats.into_iter().take(3) {
+        let share = if total > 0.0 { aff / total } else { 0.0 };
+        let n = ((PER_SOURCE as f64 * share).ceil() as usize).max(3);
+        for (id, score) in model.popular(Some(cat), n, now) {
+            push(&mut out, &id, CandidateSource::PopularInCategory, score * share.sqrt());
+        }
+    }
+
+    // Cold start: too little history to fill a page.
+    let distinct: HashSet<&str> = out.iter().map(|c| c.product_id.as_str()).collect();
+    if distinct.len() < PER_SOURCE {
+        for (id, score) in model.popular(None, PER_SOURCE, now) {
+            push(&mut out, &id, CandidateSource::ColdStart, score);
+        }
+    }
+    out
+}
+
+struct Learner(Arc<RwLock<RetrievalState>>);
+
+impl Handler for Learner {
+    fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        let event: ProcessedEvent = rec.json()?;
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).model.learn(&event);
+        Ok(())
+    }
+}
+
+struct Retriever(Arc<RwLock<RetrievalState>>);
+
+impl Handler for Retriever {
+    fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
+        let features: UserFeatures = rec.json()?;
+        let now = Utc::now();
+        let mut state = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let candidates = generate(&state.model, &features, now);
+        metrics::histogram!("retrieval_candidates").record(candidates.len() as f64);
+        let msg = Candidates {
+            schema_version: events::SCHEMA_VERSION,
+            user_id: features.user_id.clone(),
+            generated_at: now,
+            features,
+            candidates,
+        };
+        out.send(&msg);
+        state.latest.insert(msg.user_id.clone(), msg);
+        Ok(())
+    }
+}
+
+async fn get_candidates(State(state): State<Arc<RwLock<RetrievalState>>>, Path(user_id): Path<String>) -> Result<Json<Candidates>, ApiError> {
+    let state = state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    state
+        .latest
+        .get(&user_id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no candidates for user {user_id:?} yet")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use events::{ProductInfo, SourceRef};
+
+    use super::*;
+
+    fn view(id: &str, session: &str, product: &str) -> ProcessedEvent {
+        let p = Catalog::global().get(product).expect("in catalog");
+        ProcessedEvent {
+            schema_version: 1,
+            event_id: id.into(),
+            user_id: "someone".into(),
+            session_id: session.into(),
+            event_type: EventType::ProductView,
+            occurred_at: Utc::now(),
+            processed_at: Utc::now(),
+            correlation_id: "c".into(),
+            product: Some(ProductInfo { product_id: p.id.clone(), name: p.name.clone(), category: p.category.to_owned(), price: p.price }),
+            campaign_id: None,
+            query: None,
+            recommendation_id: None,
+            order: None,
+            source: SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+        }
+    }
+
+    fn sources_of(c: &[Candidate], id: &str) -> Vec<CandidateSource> {
+        c.iter().filter(|c| c.product_id == id).map(|c| c.source).collect()
+    }
+
+    #[test]
+    fn co_visitation_is_learned_from_sessions() {
+        let mut m = Model::default();
+        m.learn(&view("1", "s1", "P00010"));
+        m.learn(&view("2", "s1", "P00500"));
+        m.learn(&view("3", "s2", "P00010"));
+        m.learn(&view("4", "s2", "P00500"));
+        m.learn(&view("4", "s2", "P00500")); // redelivery
+        assert_eq!(m.co_visits("P00010", "P00500"), 2.0);
+        assert_eq!(m.co_visits("P00500", "P00010"), 2.0);
+
+        let f = UserFeatures { user_id: "u".into(), recently_viewed: vec!["P00010".into()], ..Default::default() };
+        let c = generate(&m, &f, Utc::now());
+        assert!(sources_of(&c, "P00500").contains(&CandidateSource::CoVisitation), "{c:?}");
+        assert!(sources_of(&c, "P00010").contains(&CandidateSource::Retargeting));
+    }
+
+    #[test]
+    fn purchases_are_excluded_and_categories_drive_popularity() {
+        let m = Model::default();
+        let toy = Catalog::global().in_category("toys").next().expect("toy").id.clone();
+        let f = UserFeatures {
+            user_id: "u".into(),
+            cart: vec!["P00020".into()],
+            recently_viewed: vec!["P00020".into(), toy.clone()],
+            purchased: vec![toy.clone()],
+            category_affinity: BTreeMap::from([("toys".to_owned(), 5.0)]),
+            ..Default::default()
+        };
+        let c = generate(&m, &f, Utc::now());
+        assert!(sources_of(&c, &toy).is_empty(), "bought items are not proposed");
+        assert_eq!(c[0].product_id, "P00020");
+        assert_eq!(c[0].source_score, 1.0);
+        let popular: Vec<_> = c.iter().filter(|c| c.source == CandidateSource::PopularInCategory).collect();
+        assert!(!popular.is_empty());
+        assert!(popular.iter().all(|c| Catalog::global().get(&c.product_id).expect("known").category == "toys"));
+    }
+
+    #[test]
+    fn new_users_get_cold_start_candidates() {
+        let c = generate(&Model::default(), &UserFeatures::default(), Utc::now());
+        assert_eq!(c.len(), PER_SOURCE);
+        assert!(c.iter().all(|c| c.source == CandidateSource::ColdStart));
+    }
+}
