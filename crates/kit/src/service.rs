@@ -97,7 +97,8 @@ impl Context {
     }
 
     fn watch_broker(&mut self, producer: &Producer) {
-        let flag = self.health.condition("kafka");
+        let name = if self.producers.is_empty() { "kafka".to_owned() } else { format!("kafka-{}", self.producers.len() + 1) };
+        let flag = self.health.condition(name);
         let producer = producer.clone();
         let shutdown = self.shutdown.clone();
         self.producers.push(producer.clone());

@@ -1,0 +1,300 @@
+//! `recommendation-api` (8089): serves recommendations from materialized views.
+//!
+//! Every instance keeps a replica of `ranked-recommendations-topic` and `offers-topic` (the
+//! latest list and the latest offer per user, read from the beginning of every partition),
+//! so a request never waits on another service: it keeps answering when upstream services
+//! are down, and it scales by adding instances behind a load balancer. `/ready` waits until
+//! both views have caught up.
+//!
+//! `GET /recommend/{userId}?k=10&category=books&exclude=P00001,P00002`:
+//! `{"userId", "requestId", "recommendations": [{"itemId", "score", "rank", "name",
+//! "category", "price", "sources"}], "offer", "coldStart", "modelVersion", "generatedAt"}`.
+//! Unknown users get the catalog's best sellers (`"coldStart": true`). `requestId` is for
+//! attributing later clicks (`recommendationId` on activity events).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use catalog::Catalog;
+use chrono::{DateTime, Utc};
+use events::{CandidateSource, OfferDecision, RankedRecommendations, Topic};
+use kit::config::{ConfigError, Env};
+use kit::http::ApiError;
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::{Context, Service};
+use serde::{Deserialize, Serialize};
+
+/// Default and largest `k`.
+pub const DEFAULT_K: usize = 10;
+pub const MAX_K: usize = 50;
+
+/// The `recommendation-api` service.
+pub struct RecommendationApi;
+
+impl Service for RecommendationApi {
+    const NAME: &'static str = "recommendation-api";
+    const DEFAULT_PORT: u16 = 8089;
+    type Config = ();
+
+    fn config(_env: &Env) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
+        let producer = ctx.pipeline_producer()?;
+        let views: Views = Arc::default();
+        ctx.spawn_consumer(
+            &producer,
+            ConsumerSpec { name: "ranked-view", topics: vec![Topic::RankedRecommendations], subscription: Subscription::Replica },
+            ViewUpdater(Arc::clone(&views)),
+        );
+        ctx.spawn_consumer(
+            &producer,
+            ConsumerSpec { name: "offers-view", topics: vec![Topic::Offers], subscription: Subscription::Replica },
+            ViewUpdater(Arc::clone(&views)),
+        );
+        let routes = axum::Router::new().route("/recommend/{user_id}", get(recommend)).with_state(views);
+        ctx.serve(routes).await
+    }
+}
+
+/// The materialized views.
+#[derive(Default)]
+pub struct ViewState {
+    pub ranked: HashMap<String, RankedRecommendations>,
+    pub offers: HashMap<String, OfferDecision>,
+}
+
+type Views = Arc<RwLock<ViewState>>;
+
+struct ViewUpdater(Views);
+
+impl Handler for ViewUpdater {
+    fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        let mut v = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match rec.topic {
+            Topic::RankedRecommendations => {
+                let r: RankedRecommendations = rec.json()?;
+                // Keep the newest list even if an older one is redelivered later.
+                if v.ranked.get(&r.user_id).is_none_or(|old| old.ranked_at <= r.ranked_at) {
+                    v.ranked.insert(r.user_id.clone(), r);
+                }
+            }
+            Topic::Offers => {
+                let o: OfferDecision = rec.json()?;
+                if v.offers.get(&o.user_id).is_none_or(|old| old.decided_at <= o.decided_at) {
+                    v.offers.insert(o.user_id.clone(), o);
+                }
+            }
+            other => return Err(HandlerError::malformed(format!("unexpected topic {other}"))),
+        }
+        Ok(())
+    }
+}
+
+/// Query parameters of `GET /recommend/{userId}`.
+#[derive(Debug, Default, Deserialize)]
+pub struct Params {
+    pub k: Option<String>,
+    pub category: Option<String>,
+    pub exclude: Option<String>,
+}
+
+/// One recommended item.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Item {
+    pub item_id: String,
+    pub score: f64,
+    pub rank: usize,
+    pub name: String,
+    pub category: String,
+    pub price: f64,
+    pub sources: Vec<CandidateSource>,
+}
+
+/// The response body.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    pub user_id: String,
+    pub request_id: String,
+    pub recommendations: Vec<Item>,
+    pub offer: Option<OfferDecision>,
+    pub cold_start: bool,
+    pub model_version: String,
+    pub generated_at: DateTime<Utc>,
+}
+
+/// Builds the answer from the views (pure; no I/O).
+pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Response, ApiError> {
+    let invalid = |field: &str, reason: String| ApiError::Invalid { field: field.into(), reason };
+    let k = match params.k.as_deref() {
+        None => DEFAULT_K,
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|k| (1..=MAX_K).contains(k))
+            .ok_or_else(|| invalid("k", format!("must be a whole number from 1 to {MAX_K}, got {raw:?}")))?,
+    };
+    let catalog = Catalog::global();
+    let category = params.category.as_deref().map(str::trim).filter(|c| !c.is_empty());
+    if let Some(c) = category
+        && !catalog.is_category(c)
+    {
+        let known: Vec<_> = catalog.categories().collect();
+        return Err(invalid("category", format!("unknown category {c:?}; expected one of {}", known.join(", "))));
+    }
+    let exclude: HashSet<&str> = params.exclude.as_deref().unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let keep = |id: &str, cat: &str| !exclude.contains(id) && category.is_none_or(|c| c == cat);
+
+    let (items, cold_start, model_version, generated_at): (Vec<Item>, bool, String, DateTime<Utc>) = match views.ranked.get(user_id) {
+        Some(r) => (
+            r.items
+                .iter()
+                .filter(|i| keep(&i.item_id, &i.category))
+                .map(|i| Item {
+                    item_id: i.item_id.clone(),
+                    score: i.score,
+                    rank: 0,
+                    name: i.name.clone(),
+                    category: i.category.clone(),
+                    price: i.price,
+                    sources: i.sources.clone(),
+                })
+                .collect(),
+            false,
+            r.model_version.clone(),
+            r.ranked_at,
+        ),
+        None => (Vec::new(), true, "cold-start-popularity".to_owned(), Utc::now()),
+    };
+    let mut items = items;
+    // Fill up (or, for unknown users, fill entirely) with best sellers.
+    if items.len() < k {
+        let have: HashSet<String> = items.iter().map(|i| i.item_id.clone()).collect();
+        let fill = catalog
+            .top_popular(catalog.products().len())
+            .into_iter()
+            .filter(|p| keep(&p.id, p.category) && !have.contains(&p.id))
+            .take(k - items.len())
+            .map(|p| Item {
+                item_id: p.id.clone(),
+                score: (p.popularity * 0.5 * 10_000.0).round() / 10_000.0,
+                rank: 0,
+                name: p.name.clone(),
+                category: p.category.to_owned(),
+                price: p.price,
+                sources: vec![CandidateSource::ColdStart],
+            })
+            .collect::<Vec<_>>();
+        items.extend(fill);
+    }
+    items.truncate(k);
+    for (i, item) in items.iter_mut().enumerate() {
+        item.rank = i + 1;
+    }
+    Ok(Response {
+        user_id: user_id.to_owned(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+        recommendations: items,
+        offer: views.offers.get(user_id).cloned(),
+        cold_start,
+        model_version,
+        generated_at,
+    })
+}
+
+async fn recommend(
+    State(views): State<Views>,
+    Path(user_id): Path<String>,
+    params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Response>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let response = {
+        let views = views.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        answer(&views, &user_id, &params)?
+    };
+    metrics::counter!("recommendations_served_total", "cold_start" => response.cold_start.to_string()).increment(1);
+    tracing::debug!(user_id, request_id = %response.request_id, items = response.recommendations.len(), "served");
+    Ok(Json(response))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use events::RankedItem;
+
+    use super::*;
+
+    fn views() -> ViewState {
+        let catalog = Catalog::global();
+        let items = ["P00001", "P00700", "P00002"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let p = catalog.get(id).expect("known");
+                RankedItem {
+                    item_id: p.id.clone(),
+                    name: p.name.clone(),
+                    category: p.category.to_owned(),
+                    price: p.price,
+                    score: 0.9 - i as f64 / 10.0,
+                    sources: vec![CandidateSource::Retargeting],
+                    contributions: BTreeMap::new(),
+                }
+            })
+            .collect();
+        let mut v = ViewState::default();
+        v.ranked.insert(
+            "u".into(),
+            RankedRecommendations { schema_version: 1, user_id: "u".into(), ranked_at: Utc::now(), model_version: "linear-v1".into(), items },
+        );
+        v
+    }
+
+    fn params(k: Option<&str>, category: Option<&str>, exclude: Option<&str>) -> Params {
+        Params { k: k.map(Into::into), category: category.map(Into::into), exclude: exclude.map(Into::into) }
+    }
+
+    #[test]
+    fn known_users_get_their_ranked_list_first() {
+        let r = answer(&views(), "u", &params(Some("5"), None, None)).expect("answer");
+        assert!(!r.cold_start);
+        assert_eq!(r.recommendations.len(), 5);
+        assert_eq!(r.recommendations[0].item_id, "P00001");
+        assert_eq!(r.recommendations[0].rank, 1);
+        assert_eq!(r.recommendations[3].sources, vec![CandidateSource::ColdStart], "filled with best sellers");
+    }
+
+    #[test]
+    fn filters_and_cold_start() {
+        let v = views();
+        let cat = Catalog::global().get("P00700").expect("known").category;
+        let r = answer(&v, "u", &params(Some("3"), Some(cat), Some("P00700"))).expect("answer");
+        assert!(r.recommendations.iter().all(|i| i.category == cat && i.item_id != "P00700"));
+        let r = answer(&v, "stranger", &params(None, None, None)).expect("answer");
+        assert!(r.cold_start);
+        assert_eq!(r.recommendations.len(), DEFAULT_K);
+        assert!(r.offer.is_none());
+    }
+
+    #[test]
+    fn bad_parameters_are_4xx_naming_the_parameter() {
+        for (p, field) in [
+            (params(Some("0"), None, None), "k"),
+            (params(Some("ten"), None, None), "k"),
+            (params(Some("51"), None, None), "k"),
+            (params(None, Some("cars"), None), "category"),
+        ] {
+            match answer(&views(), "u", &p) {
+                Err(ApiError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
