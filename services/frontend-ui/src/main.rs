@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    kit::service::main::<frontend_ui::FrontendUi>()
+}
