@@ -1,0 +1,179 @@
+//! End to end, on a real broker: what a user of the platform would check after sending
+//! activity and an order over HTTP.
+
+use std::time::Duration;
+
+use e2e::Fleet;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use testkit::eventually;
+
+const USER: &str = "e2e-shopper";
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn get_json(fleet: &Fleet, service: &str, path: &str) -> Option<Value> {
+    let resp = fleet.http().get(fleet.url(service, path)).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+async fn post(fleet: &Fleet, service: &str, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+    let resp = fleet.http().post(fleet.url(service, path)).json(body).send().await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let catalog = catalog_books();
+
+    // A shopper browses three books and puts the last one in the cart; the first event is
+    // sent twice (a client retry with the same eventId).
+    let events: Vec<Value> = catalog
+        .iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, id)| json!({"eventId": format!("e2e-view-{i}"), "userId": USER, "eventType": "product_view", "productId": id}))
+        .chain([json!({"eventId": "e2e-cart", "userId": USER, "eventType": "add_to_cart", "productId": catalog[2]})])
+        .collect();
+    let (status, body) = post(&fleet, "user-activity", "/api/users/activity", &Value::Array(events.clone())).await?;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["eventIds"].as_array().map(Vec::len), Some(4));
+    let (status, _) = post(&fleet, "user-activity", "/api/users/activity", &events[0]).await?;
+    assert_eq!(status, 202, "a retry is accepted");
+
+    // Another shopper buys the first book (so the first shopper's book has a buyer).
+    let price = catalog_price(&catalog[3]);
+    let order = json!({"eventId": "e2e-order", "orderId": "o-1", "userId": "e2e-buyer",
+        "items": [{"productId": catalog[3], "quantity": 2, "unitPrice": price}], "amount": 2.0 * price});
+    let (status, body) = post(&fleet, "order", "/api/orders/place", &order).await?;
+    assert_eq!(status, 202, "{body}");
+
+    // An empty body publishes a random, realistic event.
+    let (status, body) = post(&fleet, "user-activity", "/api/users/activity", &json!({})).await?;
+    assert_eq!(status, 202, "{body}");
+
+    // Invalid input is a 4xx naming the field, and nothing reaches the topic.
+    let (status, body) =
+        post(&fleet, "user-activity", "/api/users/activity", &json!({"userId": USER, "eventType": "teleport"})).await?;
+    assert_eq!((status, body["field"].as_str()), (400, Some("eventType")), "{body}");
+    let (status, body) = post(
+        &fleet,
+        "order",
+        "/api/orders/place",
+        &json!({"userId": "x", "items": [{"productId": catalog[0], "quantity": 1, "unitPrice": 1.0}], "amount": 5.0}),
+    )
+    .await?;
+    assert_eq!((status, body["field"].as_str()), (400, Some("amount")), "{body}");
+
+    // A foreign producer writes garbage straight into the topic: it becomes a dead letter.
+    let raw: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", fleet.broker.bootstrap()).create()?;
+    raw.send(FutureRecord::to("user-activity-topic").key(USER).payload("{not json"), Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| e)?;
+
+    // Recommendations: known (not cold start), mostly books, led by what the shopper looked at.
+    let recs = eventually("personal recommendations", PATIENCE, || async {
+        get_json(&fleet, "recommendation-api", &format!("/recommend/{USER}?k=10"))
+            .await
+            .filter(|r| r["coldStart"] == false && r["recommendations"].as_array().is_some_and(|a| a.len() == 10))
+    })
+    .await?;
+    let items = recs["recommendations"].as_array().cloned().unwrap_or_default();
+    let books = items.iter().filter(|i| i["category"] == "books").count();
+    assert!(books >= 6, "most recommendations should be books: {recs}");
+    let viewed_in_top: Vec<_> = items
+        .iter()
+        .take(5)
+        .filter(|i| catalog[..3].contains(&i["itemId"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    assert!(!viewed_in_top.is_empty(), "retargeting puts a viewed book in the top 5: {recs}");
+    assert!(recs["requestId"].as_str().is_some_and(|s| !s.is_empty()));
+
+    // Unknown users get a cold-start list, not an error.
+    let cold = get_json(&fleet, "recommendation-api", "/recommend/nobody-at-all?k=3").await.expect("cold start answer");
+    assert_eq!((cold["coldStart"].as_bool(), cold["recommendations"].as_array().map(Vec::len)), (Some(true), Some(3)));
+
+    // Analytics counts the events exactly once despite the retry.
+    let user_stats = eventually("analytics for the shopper", PATIENCE, || async {
+        get_json(&fleet, "analytics", &format!("/api/analytics/user/{USER}"))
+            .await
+            .filter(|u| u["counts"]["addToCart"] == 1)
+    })
+    .await?;
+    assert_eq!(user_stats["counts"]["productViews"], 3, "the retried event counts once: {user_stats}");
+    let summary = eventually("the order in the summary", PATIENCE, || async {
+        get_json(&fleet, "analytics", "/api/analytics/summary").await.filter(|s| s["orders"] == 1)
+    })
+    .await?;
+    assert!(summary["totals"]["productViews"].as_u64() >= Some(3), "{summary}");
+    assert!((summary["revenue"].as_f64().unwrap_or(0.0) - 2.0 * price).abs() < 0.01, "{summary}");
+
+    // Features.
+    let features = get_json(&fleet, "feature-store", &format!("/features/{USER}")).await.expect("features");
+    assert_eq!(features["cart"], json!([catalog[2]]));
+    assert_eq!(features["recentlyViewed"], json!([catalog[2], catalog[1], catalog[0]]));
+    assert_eq!(features["preferredCategory"], "books");
+    assert!(features["updatedAt"].as_str().is_some());
+    let resp = fleet.http().get(fleet.url("feature-store", "/features/nobody-at-all")).send().await?;
+    assert_eq!(resp.status().as_u16(), 404);
+
+    // Candidates carry their sources; the ranked list explains its scores.
+    let candidates = get_json(&fleet, "retrieval", &format!("/retrieve/{USER}")).await.expect("candidates");
+    assert!(candidates["candidates"].as_array().is_some_and(|c| c.iter().any(|c| c["source"] == "retargeting")));
+    let ranked = get_json(&fleet, "ranking", &format!("/rank/{USER}")).await.expect("ranked");
+    assert!(ranked["items"][0]["contributions"].as_object().is_some_and(|c| !c.is_empty()), "{ranked}");
+
+    // Offers: decide now through the API; the recommendation API shows the current offer.
+    let (status, decision) = post(
+        &fleet,
+        "rl-offer",
+        "/offer/select",
+        &json!({"userId": USER, "context": {"purchaseIntent": 0.9, "recency": 1.0}}),
+    )
+    .await?;
+    assert_eq!((status, decision["action"].as_str()), (200, Some("DISCOUNT_10")), "{decision}");
+    let decision_id = decision["decisionId"].clone();
+    eventually("the offer in the recommendation response", PATIENCE, || async {
+        get_json(&fleet, "recommendation-api", &format!("/recommend/{USER}"))
+            .await
+            .filter(|r| r["offer"]["decisionId"] == decision_id)
+    })
+    .await?;
+
+    // The dead letter, with the original payload and the reason.
+    let letters = eventually("the dead letter", PATIENCE, || async {
+        get_json(&fleet, "event-processor", "/api/dead-letters")
+            .await
+            .filter(|l| l.as_array().is_some_and(|a| !a.is_empty()))
+    })
+    .await?;
+    assert_eq!(letters[0]["payload"], "{not json");
+    assert_eq!(letters[0]["source"]["topic"], "user-activity-topic");
+    assert!(letters[0]["reason"].as_str().is_some_and(|r| r.contains("JSON")), "{letters}");
+
+    // The UI answers with the live figures and the shopper's page.
+    let html = fleet.http().get(fleet.url("frontend-ui", "/")).send().await?.text().await?;
+    assert!(html.contains("id=\"kpi-events\"") && html.contains("id=\"kpi-orders\">1<"), "{html}");
+    let html = fleet.http().get(fleet.url("frontend-ui", &format!("/users/{USER}"))).send().await?.text().await?;
+    assert!(html.contains("class=\"rec\"") && html.contains(&catalog[2]), "{html}");
+
+    // Every service exposes Prometheus metrics.
+    let metrics = fleet.http().get(fleet.url("event-processor", "/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("consumer_messages_total"), "{metrics}");
+
+    fleet.stop().await
+}
+
+/// Book ids from the catalog: the first three the shopper views, the fourth bought by someone else.
+fn catalog_books() -> Vec<String> {
+    catalog::Catalog::global().in_category("books").skip(5).take(4).map(|p| p.id.clone()).collect()
+}
+
+fn catalog_price(id: &str) -> f64 {
+    catalog::Catalog::global().get(id).map_or(0.0, |p| p.price)
+}

@@ -64,7 +64,11 @@ pub async fn run(addr: SocketAddr, storage: Storage, shutdown: CancellationToken
 }
 
 /// Starts a broker in this process on `addr` and waits until it accepts connections.
-pub async fn spawn(addr: SocketAddr, storage: Storage, shutdown: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+pub async fn spawn(
+    addr: SocketAddr,
+    storage: Storage,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let handle = tokio::spawn(run(addr, storage, shutdown));
     wait_for_port(addr, Duration::from_secs(30)).await?;
     Ok(handle)

@@ -178,11 +178,7 @@ impl Catalog {
 
     /// The products of a category, best sellers (by prior popularity) first.
     pub fn in_category(&self, category: &str) -> impl Iterator<Item = &Product> {
-        self.by_category
-            .get(category)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.products[i])
+        self.by_category.get(category).into_iter().flatten().map(|&i| &self.products[i])
     }
 
     /// The `n` most popular products by prior, across categories (cold-start fallback).

@@ -49,18 +49,12 @@ impl EventType {
     }
 
     pub fn parse(s: &str) -> Option<EventType> {
-        EventType::ACTIVITY
-            .into_iter()
-            .chain([EventType::Purchase])
-            .find(|t| t.as_str() == s)
+        EventType::ACTIVITY.into_iter().chain([EventType::Purchase]).find(|t| t.as_str() == s)
     }
 
     /// Whether an activity of this type must name a product.
     pub fn needs_product(self) -> bool {
-        matches!(
-            self,
-            EventType::ProductView | EventType::Click | EventType::AddToCart | EventType::RemoveFromCart
-        )
+        matches!(self, EventType::ProductView | EventType::Click | EventType::AddToCart | EventType::RemoveFromCart)
     }
 }
 
@@ -247,10 +241,7 @@ impl DeadLetter {
 
     pub fn encode_payload(bytes: &[u8]) -> (Option<String>, String) {
         use base64::Engine as _;
-        (
-            std::str::from_utf8(bytes).ok().map(str::to_owned),
-            base64::engine::general_purpose::STANDARD.encode(bytes),
-        )
+        (std::str::from_utf8(bytes).ok().map(str::to_owned), base64::engine::general_purpose::STANDARD.encode(bytes))
     }
 }
 
@@ -434,12 +425,8 @@ pub enum OfferAction {
 }
 
 impl OfferAction {
-    pub const ALL: [OfferAction; 4] = [
-        OfferAction::NoAction,
-        OfferAction::Reminder,
-        OfferAction::Discount10,
-        OfferAction::FreeShipping,
-    ];
+    pub const ALL: [OfferAction; 4] =
+        [OfferAction::NoAction, OfferAction::Reminder, OfferAction::Discount10, OfferAction::FreeShipping];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -502,12 +489,8 @@ mod tests {
         assert!(json.get("orderId").is_some() && json.get("unitPrice").is_none());
         assert!(json["items"][0].get("unitPrice").is_some());
 
-        let product = ProductInfo {
-            product_id: "P00001".into(),
-            name: "Thing".into(),
-            category: "books".into(),
-            price: 9.5,
-        };
+        let product =
+            ProductInfo { product_id: "P00001".into(), name: "Thing".into(), category: "books".into(), price: 9.5 };
         let processed = ProcessedEvent {
             schema_version: 1,
             event_id: "e1".into(),

@@ -45,10 +45,7 @@ impl Topic {
     ];
 
     fn row(self) -> &'static (Topic, &'static str, i32) {
-        TABLE
-            .iter()
-            .find(|row| row.0 == self)
-            .unwrap_or_else(|| unreachable!("every topic has a row in TABLE"))
+        TABLE.iter().find(|row| row.0 == self).unwrap_or_else(|| unreachable!("every topic has a row in TABLE"))
     }
 
     /// The name of the topic on the broker.

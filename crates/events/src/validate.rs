@@ -65,16 +65,14 @@ pub fn activity(value: &Value, now: DateTime<Utc>, strictness: Strictness) -> Re
     let obj = object(value)?;
     schema_version(obj)?;
     let event_type_raw = string(obj, "eventType", 32)?.ok_or_else(|| missing("eventType"))?;
-    let event_type = EventType::parse(&event_type_raw)
-        .filter(|t| *t != EventType::Purchase)
-        .ok_or_else(|| {
-            let known: Vec<_> = EventType::ACTIVITY.iter().map(|t| t.as_str()).collect();
-            let hint = if event_type_raw == "purchase" { " (purchases are sent as orders)" } else { "" };
-            FieldError::new(
-                "eventType",
-                format!("unknown event type {event_type_raw:?}{hint}; expected one of {}", known.join(", ")),
-            )
-        })?;
+    let event_type = EventType::parse(&event_type_raw).filter(|t| *t != EventType::Purchase).ok_or_else(|| {
+        let known: Vec<_> = EventType::ACTIVITY.iter().map(|t| t.as_str()).collect();
+        let hint = if event_type_raw == "purchase" { " (purchases are sent as orders)" } else { "" };
+        FieldError::new(
+            "eventType",
+            format!("unknown event type {event_type_raw:?}{hint}; expected one of {}", known.join(", ")),
+        )
+    })?;
     let product_id = product(obj, "productId")?;
     if event_type.needs_product() && product_id.is_none() {
         return Err(FieldError::new("productId", format!("is required for {} events", event_type.as_str())));
@@ -116,7 +114,10 @@ pub fn order(value: &Value, now: DateTime<Utc>, strictness: Strictness) -> Resul
         return Err(FieldError::new("items", "must hold at least one order line"));
     }
     if items_raw.len() > MAX_ORDER_ITEMS {
-        return Err(FieldError::new("items", format!("holds {} lines; at most {MAX_ORDER_ITEMS} are accepted", items_raw.len())));
+        return Err(FieldError::new(
+            "items",
+            format!("holds {} lines; at most {MAX_ORDER_ITEMS} are accepted", items_raw.len()),
+        ));
     }
     let mut items = Vec::with_capacity(items_raw.len());
     for (i, raw) in items_raw.iter().enumerate() {
@@ -162,11 +163,11 @@ fn order_item(value: &Value) -> Result<OrderItem, FieldError> {
     let product_id = product(obj, "productId")?.ok_or_else(|| missing("productId"))?;
     let quantity = match obj.get("quantity") {
         None | Some(Value::Null) => return Err(missing("quantity")),
-        Some(v) => v
-            .as_u64()
-            .filter(|q| (1..=MAX_QUANTITY).contains(q))
-            .and_then(|q| u32::try_from(q).ok())
-            .ok_or_else(|| FieldError::new("quantity", format!("must be a whole number from 1 to {MAX_QUANTITY}, got {v}")))?,
+        Some(v) => {
+            v.as_u64().filter(|q| (1..=MAX_QUANTITY).contains(q)).and_then(|q| u32::try_from(q).ok()).ok_or_else(
+                || FieldError::new("quantity", format!("must be a whole number from 1 to {MAX_QUANTITY}, got {v}")),
+            )?
+        }
     };
     let unit_price = match obj.get("unitPrice") {
         None | Some(Value::Null) => return Err(missing("unitPrice")),
@@ -246,7 +247,11 @@ fn event_id(obj: &Map<String, Value>, strictness: Strictness) -> Result<String, 
     }
 }
 
-fn timestamp(obj: &Map<String, Value>, now: DateTime<Utc>, strictness: Strictness) -> Result<DateTime<Utc>, FieldError> {
+fn timestamp(
+    obj: &Map<String, Value>,
+    now: DateTime<Utc>,
+    strictness: Strictness,
+) -> Result<DateTime<Utc>, FieldError> {
     let raw = match (string(obj, "timestamp", 64)?, strictness) {
         (Some(raw), _) => raw,
         (None, Strictness::Api) => return Ok(now),
@@ -305,7 +310,8 @@ mod tests {
         assert_eq!(e.user_id, "u1");
         assert_eq!(e.timestamp, now());
         assert!(uuid::Uuid::parse_str(&e.event_id).is_ok());
-        let e = act(json!({"eventId": "client-1", "userId": "u1", "eventType": "search", "query": "shoes"})).expect("valid");
+        let e = act(json!({"eventId": "client-1", "userId": "u1", "eventType": "search", "query": "shoes"}))
+            .expect("valid");
         assert_eq!(e.event_id, "client-1");
     }
 
@@ -327,8 +333,14 @@ mod tests {
             field_of(act(json!({"userId": "u", "eventType": "page_view", "timestamp": "2026-06-01T12:10:00Z"}))),
             "timestamp"
         );
-        assert_eq!(field_of(act(json!({"userId": "u", "eventType": "page_view", "timestamp": "yesterday"}))), "timestamp");
-        assert_eq!(field_of(act(json!({"userId": "u", "eventType": "page_view", "schemaVersion": 99}))), "schemaVersion");
+        assert_eq!(
+            field_of(act(json!({"userId": "u", "eventType": "page_view", "timestamp": "yesterday"}))),
+            "timestamp"
+        );
+        assert_eq!(
+            field_of(act(json!({"userId": "u", "eventType": "page_view", "schemaVersion": 99}))),
+            "schemaVersion"
+        );
         // A little clock skew is fine.
         act(json!({"userId": "u", "eventType": "page_view", "timestamp": "2026-06-01T12:04:00Z"})).expect("valid");
     }
@@ -360,11 +372,20 @@ mod tests {
         assert_eq!(field_of(ord(json!({"userId": "u", "items": [item], "amount": -10.0}))), "amount");
         assert_eq!(field_of(ord(json!({"userId": "u", "items": [item], "amount": "10"}))), "amount");
         assert_eq!(field_of(ord(json!({"userId": "u", "items": [item], "amount": 12.0}))), "amount");
-        assert_eq!(field_of(ord(json!({"userId": "u", "items": [item], "amount": 10.0, "currency": "euro"}))), "currency");
+        assert_eq!(
+            field_of(ord(json!({"userId": "u", "items": [item], "amount": 10.0, "currency": "euro"}))),
+            "currency"
+        );
         let bad = |line: Value| ord(json!({"userId": "u", "items": [item.clone(), line], "amount": 10.0}));
         assert_eq!(field_of(bad(json!({"productId": "P00001", "quantity": 0, "unitPrice": 1.0}))), "items[1].quantity");
-        assert_eq!(field_of(bad(json!({"productId": "P00001", "quantity": 1.5, "unitPrice": 1.0}))), "items[1].quantity");
-        assert_eq!(field_of(bad(json!({"productId": "P00001", "quantity": 1, "unitPrice": -1.0}))), "items[1].unitPrice");
+        assert_eq!(
+            field_of(bad(json!({"productId": "P00001", "quantity": 1.5, "unitPrice": 1.0}))),
+            "items[1].quantity"
+        );
+        assert_eq!(
+            field_of(bad(json!({"productId": "P00001", "quantity": 1, "unitPrice": -1.0}))),
+            "items[1].unitPrice"
+        );
         assert_eq!(field_of(bad(json!({"productId": "ZZZ", "quantity": 1, "unitPrice": 1.0}))), "items[1].productId");
         assert_eq!(field_of(bad(json!({"quantity": 1, "unitPrice": 1.0}))), "items[1].productId");
         assert_eq!(field_of(bad(json!(7))), "items[1]");

@@ -103,7 +103,10 @@ struct OpsState {
 /// The routes every service has: `/health`, `/ready`, `/metrics`.
 fn ops_routes(service: &'static str, health: Health) -> Router {
     Router::new()
-        .route("/health", get(|State(s): State<OpsState>| async move { Json(json!({"status": "ok", "service": s.service})) }))
+        .route(
+            "/health",
+            get(|State(s): State<OpsState>| async move { Json(json!({"status": "ok", "service": s.service})) }),
+        )
         .route(
             "/ready",
             get(|State(s): State<OpsState>| async move {
@@ -118,16 +121,15 @@ fn ops_routes(service: &'static str, health: Health) -> Router {
 }
 
 async fn record_metrics(req: Request, next: Next) -> Response {
-    let path = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let path = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().to_string();
     let started = Instant::now();
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "method" => method.clone(), "path" => path.clone(), "status" => status).increment(1);
-    metrics::histogram!("http_request_duration_seconds", "method" => method, "path" => path).record(started.elapsed().as_secs_f64());
+    metrics::counter!("http_requests_total", "method" => method.clone(), "path" => path.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "path" => path)
+        .record(started.elapsed().as_secs_f64());
     response
 }
 
@@ -237,7 +239,8 @@ mod tests {
         let _ = get_json(app.clone(), "/health").await;
         let resp = app.oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
         assert_eq!(resp.status(), StatusCode::OK);
-        let text = String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf8");
+        let text =
+            String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf8");
         assert!(text.contains("http_requests_total"), "{text}");
     }
 
@@ -245,7 +248,10 @@ mod tests {
     fn client_and_internal_errors_differ() {
         let e: ApiError = events::validate::FieldError::new("userId", "is required").into();
         assert_eq!(e.into_response().status(), StatusCode::BAD_REQUEST);
-        assert_eq!(ApiError::Internal(anyhow::anyhow!("secret detail")).into_response().status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            ApiError::Internal(anyhow::anyhow!("secret detail")).into_response().status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
         assert_eq!(ApiError::Unavailable("broker".into()).into_response().status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -76,19 +76,21 @@ impl IngestState {
 
 /// A router with the ingestion endpoint for `T` at `path`.
 pub fn router<T: Ingest>(path: &str, state: std::sync::Arc<IngestState>) -> axum::Router {
-    axum::Router::new()
-        .route(path, post(ingest::<T>))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+    axum::Router::new().route(path, post(ingest::<T>)).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)).with_state(state)
 }
 
 /// Parses a request body into events (without publishing them).
-pub fn parse_body<T: Ingest>(body: &[u8], now: DateTime<Utc>, generator: &Mutex<Generator>) -> Result<Vec<T>, ApiError> {
+pub fn parse_body<T: Ingest>(
+    body: &[u8],
+    now: DateTime<Utc>,
+    generator: &Mutex<Generator>,
+) -> Result<Vec<T>, ApiError> {
     let is_blank = body.iter().all(u8::is_ascii_whitespace);
     let value: Value = if is_blank {
         Value::Object(serde_json::Map::new())
     } else {
-        serde_json::from_slice(body).map_err(|e| ApiError::Invalid { field: "$".into(), reason: format!("malformed JSON: {e}") })?
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::Invalid { field: "$".into(), reason: format!("malformed JSON: {e}") })?
     };
     match value {
         Value::Object(ref obj) if obj.is_empty() => {
@@ -101,7 +103,10 @@ pub fn parse_body<T: Ingest>(body: &[u8], now: DateTime<Utc>, generator: &Mutex<
                 return Err(ApiError::Invalid { field: "$".into(), reason: "the batch is empty".into() });
             }
             if items.len() > MAX_BATCH {
-                return Err(ApiError::PayloadTooLarge(format!("a batch holds at most {MAX_BATCH} events, got {}", items.len())));
+                return Err(ApiError::PayloadTooLarge(format!(
+                    "a batch holds at most {MAX_BATCH} events, got {}",
+                    items.len()
+                )));
             }
             items
                 .iter()
@@ -133,7 +138,9 @@ async fn ingest<T: Ingest>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!("the body is larger than {MAX_BODY_BYTES} bytes")),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge(format!("the body is larger than {MAX_BODY_BYTES} bytes"))
+        }
         _ => ApiError::BadRequest(format!("could not read the body: {e}")),
     })?;
     let events: Vec<T> = parse_body(&body, Utc::now(), &state.generator)?;
@@ -156,9 +163,11 @@ async fn ingest<T: Ingest>(
             }
         }
     }
-    metrics::counter!("ingest_events_total", "topic" => T::TOPIC.name(), "outcome" => "stored").increment(stored.len() as u64);
+    metrics::counter!("ingest_events_total", "topic" => T::TOPIC.name(), "outcome" => "stored")
+        .increment(stored.len() as u64);
     if let Some(e) = first_error {
-        metrics::counter!("ingest_events_total", "topic" => T::TOPIC.name(), "outcome" => "failed").increment(failed.len() as u64);
+        metrics::counter!("ingest_events_total", "topic" => T::TOPIC.name(), "outcome" => "failed")
+            .increment(failed.len() as u64);
         tracing::warn!(error = %e, stored = stored.len(), failed = failed.len(), "publishing failed");
         let status = match e {
             ProduceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -173,7 +182,10 @@ async fn ingest<T: Ingest>(
             })),
         ));
     }
-    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": stored.len(), "eventIds": stored, "correlationId": correlation_id}))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"accepted": stored.len(), "eventIds": stored, "correlationId": correlation_id})),
+    ))
 }
 
 #[cfg(test)]
@@ -206,10 +218,15 @@ mod tests {
     fn objects_arrays_and_errors() {
         let one = parse::<ActivityEvent>(r#"{"userId":"u","eventType":"search","query":"lamp"}"#).expect("valid");
         assert_eq!(one[0].user_id, "u");
-        let batch = parse::<ActivityEvent>(r#"[{"userId":"a","eventType":"page_view"},{"userId":"b","eventType":"page_view"}]"#)
-            .expect("valid batch");
+        let batch = parse::<ActivityEvent>(
+            r#"[{"userId":"a","eventType":"page_view"},{"userId":"b","eventType":"page_view"}]"#,
+        )
+        .expect("valid batch");
         assert_eq!(batch.len(), 2);
-        assert_eq!(invalid_field::<ActivityEvent>(r#"[{"userId":"a","eventType":"page_view"},{"eventType":"page_view"}]"#), "[1].userId");
+        assert_eq!(
+            invalid_field::<ActivityEvent>(r#"[{"userId":"a","eventType":"page_view"},{"eventType":"page_view"}]"#),
+            "[1].userId"
+        );
         assert_eq!(invalid_field::<ActivityEvent>("{not json"), "$");
         assert_eq!(invalid_field::<ActivityEvent>("42"), "$");
         assert_eq!(invalid_field::<ActivityEvent>("[]"), "$");

@@ -72,7 +72,12 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(service: &'static str, kafka: KafkaSettings, listener: TcpListener, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        service: &'static str,
+        kafka: KafkaSettings,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self { service, kafka, shutdown, health: Health::default(), listener, tasks: Vec::new(), producers: Vec::new() }
     }
 
@@ -97,7 +102,8 @@ impl Context {
     }
 
     fn watch_broker(&mut self, producer: &Producer) {
-        let name = if self.producers.is_empty() { "kafka".to_owned() } else { format!("kafka-{}", self.producers.len() + 1) };
+        let name =
+            if self.producers.is_empty() { "kafka".to_owned() } else { format!("kafka-{}", self.producers.len() + 1) };
         let flag = self.health.condition(name);
         let producer = producer.clone();
         let shutdown = self.shutdown.clone();

@@ -70,10 +70,8 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
         async move { (got.len() >= 2).then_some(got) }
     })
     .await?;
-    let users: Vec<String> = users
-        .iter()
-        .map(|p| serde_json::from_slice::<UserFeatures>(p).expect("features").user_id)
-        .collect();
+    let users: Vec<String> =
+        users.iter().map(|p| serde_json::from_slice::<UserFeatures>(p).expect("features").user_id).collect();
     assert_eq!(users.len(), 2);
     assert!(users.contains(&"a".to_owned()) && users.contains(&"b".to_owned()), "{users:?}");
 

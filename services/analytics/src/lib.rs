@@ -42,7 +42,9 @@ impl Service for Analytics {
 
     fn config(env: &Env) -> Result<Config, ConfigError> {
         Ok(Config {
-            dedup_capacity: env.checked("ANALYTICS_DEDUP_CAPACITY", 1_000_000, |v| if *v == 0 { Err("must be > 0".into()) } else { Ok(()) })?,
+            dedup_capacity: env.checked("ANALYTICS_DEDUP_CAPACITY", 1_000_000, |v| {
+                if *v == 0 { Err("must be > 0".into()) } else { Ok(()) }
+            })?,
         })
     }
 
@@ -146,7 +148,10 @@ impl Kpis {
         }
         self.totals.add(e.event_type);
         let new_session = self.sessions.insert(e.session_id.clone());
-        let u = self.users.entry(e.user_id.clone()).or_insert_with(|| UserStats { user_id: e.user_id.clone(), ..Default::default() });
+        let u = self
+            .users
+            .entry(e.user_id.clone())
+            .or_insert_with(|| UserStats { user_id: e.user_id.clone(), ..Default::default() });
         u.counts.add(e.event_type);
         if new_session {
             u.sessions += 1;
@@ -172,7 +177,10 @@ impl Kpis {
             return false;
         }
         *self.offers.entry(o.action.as_str().to_owned()).or_default() += 1;
-        let u = self.users.entry(o.user_id.clone()).or_insert_with(|| UserStats { user_id: o.user_id.clone(), ..Default::default() });
+        let u = self
+            .users
+            .entry(o.user_id.clone())
+            .or_insert_with(|| UserStats { user_id: o.user_id.clone(), ..Default::default() });
         *u.offers.entry(o.action.as_str().to_owned()).or_default() += 1;
         true
     }
@@ -234,7 +242,10 @@ async fn summary(State(k): State<Arc<RwLock<Kpis>>>) -> Json<Summary> {
 
 async fn user(State(k): State<Arc<RwLock<Kpis>>>, Path(user_id): Path<String>) -> Result<Json<UserStats>, ApiError> {
     let k = k.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    k.user(&user_id).cloned().map(Json).ok_or_else(|| ApiError::NotFound(format!("no analytics for user {user_id:?}: no events seen")))
+    k.user(&user_id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no analytics for user {user_id:?}: no events seen")))
 }
 
 #[cfg(test)]

@@ -61,7 +61,9 @@ impl Service for EventProcessor {
     fn config(env: &Env) -> Result<Config, ConfigError> {
         let d = Config::default();
         Ok(Config {
-            dedup_capacity: env.checked("DEDUP_CAPACITY", d.dedup_capacity, |v| if *v == 0 { Err("must be > 0".into()) } else { Ok(()) })?,
+            dedup_capacity: env.checked("DEDUP_CAPACITY", d.dedup_capacity, |v| {
+                if *v == 0 { Err("must be > 0".into()) } else { Ok(()) }
+            })?,
             session_gap: Duration::seconds(env.checked("SESSION_GAP_SECONDS", 1800, |v: &i64| {
                 if *v <= 0 { Err("must be > 0".into()) } else { Ok(()) }
             })?),
@@ -120,7 +122,13 @@ pub struct Processor {
 
 impl Processor {
     pub fn new(config: Config, stats: Arc<Mutex<Stats>>) -> Self {
-        Self { seen: SeenSet::new(config.dedup_capacity), config, sessions: HashMap::new(), campaigns: HashMap::new(), stats }
+        Self {
+            seen: SeenSet::new(config.dedup_capacity),
+            config,
+            sessions: HashMap::new(),
+            campaigns: HashMap::new(),
+            stats,
+        }
     }
 
     fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
@@ -153,10 +161,7 @@ impl Processor {
             self.campaigns.insert(user.to_owned(), (c.to_owned(), at));
             return Some(c.to_owned());
         }
-        self.campaigns
-            .get(user)
-            .filter(|(_, since)| at - *since <= self.config.campaign_window)
-            .map(|(c, _)| c.clone())
+        self.campaigns.get(user).filter(|(_, since)| at - *since <= self.config.campaign_window).map(|(c, _)| c.clone())
     }
 
     fn activity(&mut self, e: ActivityEvent, rec: &Record<'_>, out: &mut Outbox, now: DateTime<Utc>) -> ProcessedEvent {
@@ -184,7 +189,11 @@ impl Processor {
             .items
             .iter()
             .filter_map(|i| {
-                product_info(&i.product_id).map(|product| ProcessedItem { product, quantity: i.quantity, unit_price: i.unit_price })
+                product_info(&i.product_id).map(|product| ProcessedItem {
+                    product,
+                    quantity: i.quantity,
+                    unit_price: i.unit_price,
+                })
             })
             .collect();
         ProcessedEvent {
@@ -362,7 +371,8 @@ mod tests {
         let mut much_later = later.clone();
         much_later.event_id = "much-later".into();
         much_later.timestamp = t0 + Duration::hours(2);
-        let third = run(&mut p, Topic::UserActivity, &serde_json::to_vec(&much_later).expect("json")).expect("processed");
+        let third =
+            run(&mut p, Topic::UserActivity, &serde_json::to_vec(&much_later).expect("json")).expect("processed");
         assert_ne!(third[0].session_id, first.session_id);
     }
 
@@ -407,7 +417,9 @@ mod tests {
         // A foreign producer's event without eventId/timestamp is checked strictly.
         let foreign = br#"{"userId":"u","eventType":"page_view"}"#;
         match run(&mut p, Topic::UserActivity, foreign) {
-            Err(HandlerError::Reject { kind: DeadLetterKind::Invalid, field, .. }) => assert_eq!(field.as_deref(), Some("eventId")),
+            Err(HandlerError::Reject { kind: DeadLetterKind::Invalid, field, .. }) => {
+                assert_eq!(field.as_deref(), Some("eventId"))
+            }
             other => panic!("{other:?}"),
         }
         let bad_product = br#"{"eventId":"e","userId":"u","eventType":"click","productId":"NOPE","timestamp":"2026-01-01T00:00:00Z"}"#;

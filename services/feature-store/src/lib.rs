@@ -172,11 +172,8 @@ impl Store {
         }
         let catalog = catalog::Catalog::global();
         f.cart_value = f.cart.iter().filter_map(|id| catalog.get(id)).map(|p| p.price).sum();
-        f.preferred_category = f
-            .category_affinity
-            .iter()
-            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0)))
-            .map(|(c, _)| c.clone());
+        f.preferred_category =
+            f.category_affinity.iter().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0))).map(|(c, _)| c.clone());
         f.first_seen = f.first_seen.min(e.occurred_at);
         f.last_seen = f.last_seen.max(e.occurred_at);
         f.updated_at = now;
@@ -222,7 +219,10 @@ impl Handler for Updater {
     }
 }
 
-async fn get_features(State(store): State<Arc<RwLock<Store>>>, Path(user_id): Path<String>) -> Result<Json<UserFeatures>, ApiError> {
+async fn get_features(
+    State(store): State<Arc<RwLock<Store>>>,
+    Path(user_id): Path<String>,
+) -> Result<Json<UserFeatures>, ApiError> {
     let store = store.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     store
         .get(&user_id)

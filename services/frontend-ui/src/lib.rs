@@ -58,7 +58,8 @@ pub struct Config {
 impl Config {
     /// Every backend at `127.0.0.1` on its contract port.
     pub fn local() -> Self {
-        let at = |port: u16| Url::parse(&format!("http://127.0.0.1:{port}")).unwrap_or_else(|_| unreachable!("a valid URL"));
+        let at =
+            |port: u16| Url::parse(&format!("http://127.0.0.1:{port}")).unwrap_or_else(|_| unreachable!("a valid URL"));
         Self {
             user_activity: at(8081),
             order: at(8082),
@@ -106,7 +107,8 @@ struct Ui {
 
 /// The UI's routes.
 pub fn router(config: Config) -> anyhow::Result<Router> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).connect_timeout(Duration::from_secs(1)).build()?;
+    let client =
+        reqwest::Client::builder().timeout(Duration::from_secs(3)).connect_timeout(Duration::from_secs(1)).build()?;
     Ok(Router::new()
         .route("/", get(dashboard))
         .route("/users", get(find_user))
@@ -114,7 +116,10 @@ pub fn router(config: Config) -> anyhow::Result<Router> {
         .route("/dead-letters", get(dead_letters))
         .route("/simulate/session", post(simulate_session))
         .route("/simulate/order", post(simulate_order))
-        .route("/static/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], include_str!("../static/style.css")) }))
+        .route(
+            "/static/style.css",
+            get(|| async { ([(header::CONTENT_TYPE, "text/css")], include_str!("../static/style.css")) }),
+        )
         .with_state(Arc::new(Ui { config, client })))
 }
 
@@ -131,10 +136,15 @@ impl Ui {
     /// GETs JSON; any failure becomes a sentence for the panel.
     async fn get(&self, url: Url) -> Result<Value, String> {
         let resp = self.client.get(url.clone()).send().await.map_err(|e| {
-            if e.is_timeout() { format!("{url} did not answer in time") } else { format!("{} is unreachable", url.origin().ascii_serialization()) }
+            if e.is_timeout() {
+                format!("{url} did not answer in time")
+            } else {
+                format!("{} is unreachable", url.origin().ascii_serialization())
+            }
         })?;
         let status = resp.status();
-        let body: Value = resp.json().await.map_err(|_| format!("{url} answered {status} with a body that is not JSON"))?;
+        let body: Value =
+            resp.json().await.map_err(|_| format!("{url} answered {status} with a body that is not JSON"))?;
         if status.is_success() {
             Ok(body)
         } else {
@@ -143,10 +153,20 @@ impl Ui {
     }
 
     async fn post(&self, url: Url, body: &Value) -> Result<Value, String> {
-        let resp = self.client.post(url.clone()).json(body).send().await.map_err(|_| format!("{} is unreachable", url.origin().ascii_serialization()))?;
+        let resp = self
+            .client
+            .post(url.clone())
+            .json(body)
+            .send()
+            .await
+            .map_err(|_| format!("{} is unreachable", url.origin().ascii_serialization()))?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if status.is_success() { Ok(body) } else { Err(body["error"].as_str().map_or_else(|| format!("{url} answered {status}"), str::to_owned)) }
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(body["error"].as_str().map_or_else(|| format!("{url} answered {status}"), str::to_owned))
+        }
     }
 }
 
@@ -158,7 +178,9 @@ struct PageQuery {
 /// A message for a finished action: chosen here, never echoed from the query string.
 fn flash(q: &PageQuery) -> Option<String> {
     match q.done.as_deref() {
-        Some("session") => Some("Shopper session sent through the activity API; the pipeline updates this page within seconds.".into()),
+        Some("session") => {
+            Some("Shopper session sent through the activity API; the pipeline updates this page within seconds.".into())
+        }
         Some("order") => Some("Order sent through the order API.".into()),
         Some("failed") => Some("The simulated traffic could not be sent: the ingestion API is unavailable.".into()),
         _ => None,
@@ -196,7 +218,8 @@ fn summary_view(s: &Value) -> SummaryView {
     let views = n(&t["productViews"]);
     let steps = [("Product views", views), ("Added to cart", n(&t["addToCart"])), ("Purchases", n(&t["purchases"]))];
     let top = steps.iter().map(|s| s.1).max().unwrap_or(0).max(1);
-    let minutes: Vec<u64> = s["eventsPerMinute"].as_array().map(|a| a.iter().map(|m| n(&m["events"])).collect()).unwrap_or_default();
+    let minutes: Vec<u64> =
+        s["eventsPerMinute"].as_array().map(|a| a.iter().map(|m| n(&m["events"])).collect()).unwrap_or_default();
     let peak = minutes.iter().copied().max().unwrap_or(0).max(1);
     SummaryView {
         events: n(&s["events"]),
@@ -205,7 +228,10 @@ fn summary_view(s: &Value) -> SummaryView {
         orders: n(&s["orders"]),
         revenue: s["revenue"].as_f64().unwrap_or(0.0),
         conversion_pct: s["conversionRate"].as_f64().unwrap_or(0.0) * 100.0,
-        funnel: steps.iter().map(|(label, count)| Step { label, count: *count, width_pct: count * 100 / top }).collect(),
+        funnel: steps
+            .iter()
+            .map(|(label, count)| Step { label, count: *count, width_pct: count * 100 / top })
+            .collect(),
         minute_heights: minutes.iter().map(|m| m * 100 / peak).collect(),
         offers: s["offers"].as_object().map(|o| o.iter().map(|(k, v)| (k.clone(), n(v))).collect()).unwrap_or_default(),
     }
@@ -219,7 +245,8 @@ fn render(t: &impl Template) -> Response {
 }
 
 async fn dashboard(State(ui): State<Arc<Ui>>, Query(q): Query<PageQuery>) -> Response {
-    let summary = ui.get(endpoint(&ui.config.analytics, &["api", "analytics", "summary"])).await.map(|s| summary_view(&s));
+    let summary =
+        ui.get(endpoint(&ui.config.analytics, &["api", "analytics", "summary"])).await.map(|s| summary_view(&s));
     render(&DashboardPage { flash: flash(&q), summary })
 }
 
@@ -230,7 +257,10 @@ struct FindUser {
 
 async fn find_user(Query(q): Query<FindUser>) -> Response {
     match q.id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        Some(id) => Redirect::to(endpoint(&Url::parse("http://ui/users").unwrap_or_else(|_| unreachable!()), &[id]).path()).into_response(),
+        Some(id) => {
+            Redirect::to(endpoint(&Url::parse("http://ui/users").unwrap_or_else(|_| unreachable!()), &[id]).path())
+                .into_response()
+        }
         None => Redirect::to("/").into_response(),
     }
 }
@@ -273,7 +303,9 @@ struct UserPage {
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
-        Value::Number(n) => n.as_f64().filter(|f| f.fract() != 0.0).map_or_else(|| n.to_string(), |f| format!("{f:.3}")),
+        Value::Number(n) => {
+            n.as_f64().filter(|f| f.fract() != 0.0).map_or_else(|| n.to_string(), |f| format!("{f:.3}"))
+        }
         Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(", "),
         Value::Object(o) => o.iter().map(|(k, v)| format!("{k}: {}", text(v))).collect::<Vec<_>>().join(", "),
         Value::Null => "—".into(),
@@ -319,7 +351,11 @@ async fn user_page(State(ui): State<Arc<Ui>>, Path(user_id): Path<String>, Query
             .into_iter()
             .flatten()
             .take(5)
-            .map(|i| Explained { item: text(&i["name"]), score: i["score"].as_f64().unwrap_or(0.0), contributions: text(&i["contributions"]) })
+            .map(|i| Explained {
+                item: text(&i["name"]),
+                score: i["score"].as_f64().unwrap_or(0.0),
+                contributions: text(&i["contributions"]),
+            })
             .collect()
     });
     let candidates = candidates.map(|c| {
@@ -369,10 +405,17 @@ async fn dead_letters(State(ui): State<Arc<Ui>>) -> Response {
             .flatten()
             .map(|l| LetterRow {
                 failed_at: text(&l["failedAt"]),
-                source: format!("{} [{}] @{}", text(&l["source"]["topic"]), text(&l["source"]["partition"]), text(&l["source"]["offset"])),
+                source: format!(
+                    "{} [{}] @{}",
+                    text(&l["source"]["topic"]),
+                    text(&l["source"]["partition"]),
+                    text(&l["source"]["offset"])
+                ),
                 kind: text(&l["kind"]),
                 reason: text(&l["reason"]),
-                payload: l["payload"].as_str().map_or_else(|| format!("(binary) {}", text(&l["payloadBase64"])), str::to_owned),
+                payload: l["payload"]
+                    .as_str()
+                    .map_or_else(|| format!("(binary) {}", text(&l["payloadBase64"])), str::to_owned),
             })
             .collect()
     });
@@ -486,7 +529,10 @@ mod tests {
         let (_, html) = get(app.clone(), "/users/%3Cscript%3Ealert(1)%3C%2Fscript%3E").await;
         assert!(!html.contains("<script>alert(1)</script>"), "user input must be escaped");
         assert!(html.contains("&lt;script&gt;") || html.contains("&#60;script&#62;"), "the id is shown, escaped");
-        let resp = app.oneshot(Request::get("/users?id=a%2Fb%20c").body(Body::empty()).expect("request")).await.expect("response");
+        let resp = app
+            .oneshot(Request::get("/users?id=a%2Fb%20c").body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
         assert_eq!(resp.headers()["location"], "/users/a%2Fb%20c");
     }
 

@@ -108,8 +108,10 @@ pub fn rank(model: &LinearModel, c: &Candidates) -> RankedRecommendations {
     let catalog = Catalog::global();
     let f = &c.features;
     let max_affinity = f.category_affinity.values().copied().fold(0.0, f64::max);
-    let viewed_prices: Vec<f64> = f.recently_viewed.iter().filter_map(|id| catalog.get(id)).map(|p| p.price.ln()).collect();
-    let mean_log_price = (!viewed_prices.is_empty()).then(|| viewed_prices.iter().sum::<f64>() / viewed_prices.len() as f64);
+    let viewed_prices: Vec<f64> =
+        f.recently_viewed.iter().filter_map(|id| catalog.get(id)).map(|p| p.price.ln()).collect();
+    let mean_log_price =
+        (!viewed_prices.is_empty()).then(|| viewed_prices.iter().sum::<f64>() / viewed_prices.len() as f64);
 
     // product -> (sources, best score per source)
     let mut merged: BTreeMap<&str, BTreeMap<CandidateSource, f64>> = BTreeMap::new();
@@ -172,7 +174,10 @@ impl Handler for Ranker {
     }
 }
 
-async fn get_ranked(State(latest): State<Latest>, Path(user_id): Path<String>) -> Result<Json<RankedRecommendations>, ApiError> {
+async fn get_ranked(
+    State(latest): State<Latest>,
+    Path(user_id): Path<String>,
+) -> Result<Json<RankedRecommendations>, ApiError> {
     let latest = latest.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     latest
         .get(&user_id)

@@ -48,7 +48,11 @@ impl Service for RecommendationApi {
         let views: Views = Arc::default();
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec { name: "ranked-view", topics: vec![Topic::RankedRecommendations], subscription: Subscription::Replica },
+            ConsumerSpec {
+                name: "ranked-view",
+                topics: vec![Topic::RankedRecommendations],
+                subscription: Subscription::Replica,
+            },
             ViewUpdater(Arc::clone(&views)),
         );
         ctx.spawn_consumer(
@@ -148,30 +152,32 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
         let known: Vec<_> = catalog.categories().collect();
         return Err(invalid("category", format!("unknown category {c:?}; expected one of {}", known.join(", "))));
     }
-    let exclude: HashSet<&str> = params.exclude.as_deref().unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let exclude: HashSet<&str> =
+        params.exclude.as_deref().unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let keep = |id: &str, cat: &str| !exclude.contains(id) && category.is_none_or(|c| c == cat);
 
-    let (items, cold_start, model_version, generated_at): (Vec<Item>, bool, String, DateTime<Utc>) = match views.ranked.get(user_id) {
-        Some(r) => (
-            r.items
-                .iter()
-                .filter(|i| keep(&i.item_id, &i.category))
-                .map(|i| Item {
-                    item_id: i.item_id.clone(),
-                    score: i.score,
-                    rank: 0,
-                    name: i.name.clone(),
-                    category: i.category.clone(),
-                    price: i.price,
-                    sources: i.sources.clone(),
-                })
-                .collect(),
-            false,
-            r.model_version.clone(),
-            r.ranked_at,
-        ),
-        None => (Vec::new(), true, "cold-start-popularity".to_owned(), Utc::now()),
-    };
+    let (items, cold_start, model_version, generated_at): (Vec<Item>, bool, String, DateTime<Utc>) =
+        match views.ranked.get(user_id) {
+            Some(r) => (
+                r.items
+                    .iter()
+                    .filter(|i| keep(&i.item_id, &i.category))
+                    .map(|i| Item {
+                        item_id: i.item_id.clone(),
+                        score: i.score,
+                        rank: 0,
+                        name: i.name.clone(),
+                        category: i.category.clone(),
+                        price: i.price,
+                        sources: i.sources.clone(),
+                    })
+                    .collect(),
+                false,
+                r.model_version.clone(),
+                r.ranked_at,
+            ),
+            None => (Vec::new(), true, "cold-start-popularity".to_owned(), Utc::now()),
+        };
     let mut items = items;
     // Fill up (or, for unknown users, fill entirely) with best sellers.
     if items.len() < k {
@@ -252,7 +258,13 @@ mod tests {
         let mut v = ViewState::default();
         v.ranked.insert(
             "u".into(),
-            RankedRecommendations { schema_version: 1, user_id: "u".into(), ranked_at: Utc::now(), model_version: "linear-v1".into(), items },
+            RankedRecommendations {
+                schema_version: 1,
+                user_id: "u".into(),
+                ranked_at: Utc::now(),
+                model_version: "linear-v1".into(),
+                items,
+            },
         );
         v
     }

@@ -292,7 +292,10 @@ impl Handler for Retriever {
     }
 }
 
-async fn get_candidates(State(state): State<Arc<RwLock<RetrievalState>>>, Path(user_id): Path<String>) -> Result<Json<Candidates>, ApiError> {
+async fn get_candidates(
+    State(state): State<Arc<RwLock<RetrievalState>>>,
+    Path(user_id): Path<String>,
+) -> Result<Json<Candidates>, ApiError> {
     let state = state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     state
         .latest
@@ -321,7 +324,12 @@ mod tests {
             occurred_at: Utc::now(),
             processed_at: Utc::now(),
             correlation_id: "c".into(),
-            product: Some(ProductInfo { product_id: p.id.clone(), name: p.name.clone(), category: p.category.to_owned(), price: p.price }),
+            product: Some(ProductInfo {
+                product_id: p.id.clone(),
+                name: p.name.clone(),
+                category: p.category.to_owned(),
+                price: p.price,
+            }),
             campaign_id: None,
             query: None,
             recommendation_id: None,

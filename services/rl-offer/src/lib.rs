@@ -47,7 +47,8 @@ impl Service for RlOffer {
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {
-        let secs = env.checked("OFFER_REFRESH_SECONDS", 900, |v: &i64| if *v > 0 { Ok(()) } else { Err("must be > 0".into()) })?;
+        let secs = env
+            .checked("OFFER_REFRESH_SECONDS", 900, |v: &i64| if *v > 0 { Ok(()) } else { Err("must be > 0".into()) })?;
         Ok(Config { refresh: Duration::seconds(secs) })
     }
 
@@ -84,7 +85,12 @@ pub struct OfferContext {
 impl OfferContext {
     pub fn from_features(f: &UserFeatures, now: DateTime<Utc>) -> Self {
         let hours = (now - f.last_seen).num_milliseconds().max(0) as f64 / 3_600_000.0;
-        Self { purchase_intent: f.purchase_intent, recency: (-hours / 24.0).exp(), activity: f.activity_score, cart_value: f.cart_value }
+        Self {
+            purchase_intent: f.purchase_intent,
+            recency: (-hours / 24.0).exp(),
+            activity: f.activity_score,
+            cart_value: f.cart_value,
+        }
     }
 
     fn as_map(self) -> BTreeMap<String, f64> {
@@ -100,9 +106,15 @@ impl OfferContext {
 /// The rule policy: (action, explanation).
 pub fn rules_v1(c: OfferContext) -> (OfferAction, String) {
     if c.purchase_intent > 0.7 && c.recency > 0.5 {
-        (OfferAction::Discount10, format!("purchase intent {:.2} > 0.7 and recency {:.2} > 0.5", c.purchase_intent, c.recency))
+        (
+            OfferAction::Discount10,
+            format!("purchase intent {:.2} > 0.7 and recency {:.2} > 0.5", c.purchase_intent, c.recency),
+        )
     } else if c.purchase_intent > 0.4 && c.activity > 0.4 {
-        (OfferAction::Reminder, format!("purchase intent {:.2} > 0.4 and activity {:.2} > 0.4", c.purchase_intent, c.activity))
+        (
+            OfferAction::Reminder,
+            format!("purchase intent {:.2} > 0.4 and activity {:.2} > 0.4", c.purchase_intent, c.activity),
+        )
     } else {
         (OfferAction::NoAction, "no rule matched: intent or engagement too low".to_owned())
     }
@@ -176,12 +188,20 @@ async fn get_offer(State(s): State<AppState>, Path(user_id): Path<String>) -> Re
 }
 
 /// Parses a `POST /offer/select` body against the user's latest features.
-pub fn parse_select(body: &Value, known: Option<&UserFeatures>, now: DateTime<Utc>) -> Result<(String, OfferContext), ApiError> {
+pub fn parse_select(
+    body: &Value,
+    known: Option<&UserFeatures>,
+    now: DateTime<Utc>,
+) -> Result<(String, OfferContext), ApiError> {
     let invalid = |field: &str, reason: &str| ApiError::Invalid { field: field.into(), reason: reason.into() };
     let obj = body.as_object().ok_or_else(|| invalid("$", "must be a JSON object with userId"))?;
     let user_id = match obj.get("userId") {
-        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= events::validate::MAX_ID_LEN => s.trim().to_owned(),
-        Some(Value::String(_)) => return Err(invalid("userId", "must be a non-empty string of at most 128 characters")),
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= events::validate::MAX_ID_LEN => {
+            s.trim().to_owned()
+        }
+        Some(Value::String(_)) => {
+            return Err(invalid("userId", "must be a non-empty string of at most 128 characters"));
+        }
         Some(_) => return Err(invalid("userId", "must be a string")),
         None => return Err(invalid("userId", "is required")),
     };
@@ -197,14 +217,18 @@ pub fn parse_select(body: &Value, known: Option<&UserFeatures>, now: DateTime<Ut
         for (name, slot, max) in fields {
             if let Some(v) = c.get(name) {
                 let x = v.as_f64().filter(|x| x.is_finite() && (0.0..=max).contains(x));
-                *slot = x.ok_or_else(|| invalid(&format!("context.{name}"), &format!("must be a number from 0 to {max}")))?;
+                *slot =
+                    x.ok_or_else(|| invalid(&format!("context.{name}"), &format!("must be a number from 0 to {max}")))?;
             }
         }
     }
     Ok((user_id, ctx))
 }
 
-async fn select(State(s): State<AppState>, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> Result<(StatusCode, Json<OfferDecision>), ApiError> {
+async fn select(
+    State(s): State<AppState>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<OfferDecision>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::Invalid { field: "$".into(), reason: e.body_text() })?;
     let now = Utc::now();
     let (user_id, context) = {
@@ -213,7 +237,10 @@ async fn select(State(s): State<AppState>, body: Result<Json<Value>, axum::extra
         parse_select(&body, known, now)?
     };
     let decision = decide(&user_id, context, "api", now);
-    s.producer.send(&decision, None).await.map_err(|e| ApiError::Unavailable(format!("the decision could not be logged: {e}")))?;
+    s.producer
+        .send(&decision, None)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the decision could not be logged: {e}")))?;
     metrics::counter!("offers_decisions_total", "action" => decision.action.as_str()).increment(1);
     s.state.write().unwrap_or_else(std::sync::PoisonError::into_inner).current.insert(user_id, decision.clone());
     Ok((StatusCode::OK, Json(decision)))
@@ -241,10 +268,19 @@ mod tests {
     fn features_updates_decide_when_the_action_changes() {
         let state = Arc::new(RwLock::new(Offers::default()));
         let mut d = Decider { state: Arc::clone(&state), config: Config { refresh: Duration::hours(1) } };
-        let mut f = UserFeatures { user_id: "u".into(), last_seen: Utc::now(), purchase_intent: 0.9, ..Default::default() };
+        let mut f =
+            UserFeatures { user_id: "u".into(), last_seen: Utc::now(), purchase_intent: 0.9, ..Default::default() };
         let mut run = |f: &UserFeatures| {
             let payload = serde_json::to_vec(f).expect("json");
-            let rec = Record { topic: Topic::UserFeatures, partition: 0, offset: 0, key: None, payload: &payload, correlation_id: None, timestamp_ms: None };
+            let rec = Record {
+                topic: Topic::UserFeatures,
+                partition: 0,
+                offset: 0,
+                key: None,
+                payload: &payload,
+                correlation_id: None,
+                timestamp_ms: None,
+            };
             let mut out = Outbox::default();
             d.handle(&rec, &mut out).expect("handled");
             out.decoded::<OfferDecision>()
@@ -259,7 +295,8 @@ mod tests {
     #[test]
     fn select_bodies_are_validated() {
         let now = Utc::now();
-        let (user, ctx) = parse_select(&json!({"userId": "u", "context": {"purchaseIntent": 0.9}}), None, now).expect("valid");
+        let (user, ctx) =
+            parse_select(&json!({"userId": "u", "context": {"purchaseIntent": 0.9}}), None, now).expect("valid");
         assert_eq!((user.as_str(), ctx.purchase_intent, ctx.recency), ("u", 0.9, 0.0));
         let field = |v: Value| match parse_select(&v, None, now) {
             Err(ApiError::Invalid { field, .. }) => field,

@@ -77,7 +77,8 @@ impl Record<'_> {
     /// Decodes the payload as a typed message; a payload that does not decode is rejected as
     /// malformed.
     pub fn json<M: DeserializeOwned>(&self) -> Result<M, HandlerError> {
-        serde_json::from_slice(self.payload).map_err(|e| HandlerError::malformed(format!("payload is not a valid message: {e}")))
+        serde_json::from_slice(self.payload)
+            .map_err(|e| HandlerError::malformed(format!("payload is not a valid message: {e}")))
     }
 
     /// The payload as a JSON value (rejected as malformed when it is not JSON).
@@ -187,7 +188,11 @@ pub async fn run_consumer<H: Handler>(env: ConsumerEnv, spec: ConsumerSpec, mut 
             Ok(()) => return Ok(()),
             Err(e) => {
                 env.ready.set(false);
-                tracing::error!(consumer = spec.name, error = format!("{e:#}"), "consumer failed; restarting from the committed offsets");
+                tracing::error!(
+                    consumer = spec.name,
+                    error = format!("{e:#}"),
+                    "consumer failed; restarting from the committed offsets"
+                );
                 metrics::counter!("consumer_restarts_total", "consumer" => spec.name).increment(1);
                 tokio::select! {
                     () = env.shutdown.cancelled() => return Ok(()),
@@ -214,7 +219,9 @@ impl ConsumerContext for GroupContext {
                 tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions assigned");
                 self.ready.set(true);
             }
-            Rebalance::Revoke(tpl) => tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions revoked")
+            }
             Rebalance::Error(e) => tracing::warn!(consumer = self.name, error = %e, "rebalance error"),
         }
     }
@@ -316,7 +323,10 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     };
     match tokio::time::timeout(Duration::from_secs(5), drain).await {
         Ok(r) => r?,
-        Err(_) => tracing::warn!(consumer = spec.name, "shutdown: outputs still in flight after 5 s; they will be re-processed"),
+        Err(_) => tracing::warn!(
+            consumer = spec.name,
+            "shutdown: outputs still in flight after 5 s; they will be re-processed"
+        ),
     }
     if is_group {
         let c = Arc::clone(&consumer);
@@ -341,8 +351,9 @@ async fn replica_assignment(
         let partitions: Vec<i32> = loop {
             let c = Arc::clone(&consumer);
             let fetched = tokio::task::spawn_blocking(move || {
-                c.fetch_metadata(Some(topic.name()), Duration::from_secs(5))
-                    .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>())
+                c.fetch_metadata(Some(topic.name()), Duration::from_secs(5)).map(|m| {
+                    m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>()
+                })
             })
             .await?;
             match fetched {
@@ -358,9 +369,10 @@ async fn replica_assignment(
         for id in partitions {
             tpl.add_partition_offset(topic.name(), id, Offset::Beginning)?;
             let c = Arc::clone(&consumer);
-            let (low, high) = tokio::task::spawn_blocking(move || c.fetch_watermarks(topic.name(), id, Duration::from_secs(5)))
-                .await?
-                .context("reading watermarks")?;
+            let (low, high) =
+                tokio::task::spawn_blocking(move || c.fetch_watermarks(topic.name(), id, Duration::from_secs(5)))
+                    .await?
+                    .context("reading watermarks")?;
             if high > low {
                 ends.insert((topic, id), high);
             }
@@ -403,7 +415,13 @@ async fn process<H: Handler>(
             Err(HandlerError::Retry(e)) if attempt < env.settings.handler_max_attempts => {
                 metrics::counter!("consumer_retries_total", "consumer" => spec.name).increment(1);
                 let delay = Duration::from_millis(100 * 4u64.pow(attempt - 1)).min(Duration::from_secs(2));
-                tracing::warn!(consumer = spec.name, attempt, error = format!("{e:#}"), ?delay, "handler failed; retrying");
+                tracing::warn!(
+                    consumer = spec.name,
+                    attempt,
+                    error = format!("{e:#}"),
+                    ?delay,
+                    "handler failed; retrying"
+                );
                 tokio::time::sleep(delay).await;
             }
             Err(e) => {
@@ -411,7 +429,8 @@ async fn process<H: Handler>(
                     HandlerError::Reject { kind, field, .. } => (*kind, field.clone()),
                     HandlerError::Retry(_) => (DeadLetterKind::HandlerFailed, None),
                 };
-                metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter").increment(1);
+                metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter")
+                    .increment(1);
                 tracing::warn!(
                     consumer = spec.name, topic = %topic, partition = record.partition, offset = record.offset,
                     correlation_id = record.correlation_id.unwrap_or(""), reason = %e, "message sent to the dead-letter topic"
@@ -473,9 +492,20 @@ async fn complete(
                 correlation_id: done.correlation_id.as_deref(),
                 timestamp_ms: None,
             };
-            let letter = dead_letter(env.service, &record, DeadLetterKind::HandlerFailed, format!("an output was refused: {e}"), None, 1);
-            env.producer.send(&letter, record.correlation_id).await.context("dead-lettering a message whose output was refused")?;
-            metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter").increment(1);
+            let letter = dead_letter(
+                env.service,
+                &record,
+                DeadLetterKind::HandlerFailed,
+                format!("an output was refused: {e}"),
+                None,
+                1,
+            );
+            env.producer
+                .send(&letter, record.correlation_id)
+                .await
+                .context("dead-lettering a message whose output was refused")?;
+            metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter")
+                .increment(1);
         }
         Err(e) => return Err(e).context("an output was not acknowledged"),
     }

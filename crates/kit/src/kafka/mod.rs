@@ -46,7 +46,8 @@ impl KafkaSettings {
 
     /// Settings for a broker at `bootstrap_servers`, everything else at its default.
     pub fn for_broker(bootstrap_servers: impl Into<String>) -> Self {
-        let mut s = Self::from_env(&Env::from_pairs::<&str, &str>([])).unwrap_or_else(|_| unreachable!("defaults are valid"));
+        let mut s =
+            Self::from_env(&Env::from_pairs::<&str, &str>([])).unwrap_or_else(|_| unreachable!("defaults are valid"));
         s.bootstrap_servers = bootstrap_servers.into();
         s
     }

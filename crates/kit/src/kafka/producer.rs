@@ -129,10 +129,7 @@ impl Producer {
     /// Produces an encoded message and waits for the acknowledgement.
     pub async fn send_outgoing(&self, out: &Outgoing) -> Result<Delivery, ProduceError> {
         let record = record(out);
-        self.inner
-            .send(record, Timeout::After(Duration::ZERO))
-            .await
-            .map_err(|(e, _)| ProduceError::from_kafka(&e))
+        self.inner.send(record, Timeout::After(Duration::ZERO)).await.map_err(|(e, _)| ProduceError::from_kafka(&e))
     }
 
     /// Enqueues a message without waiting; the future resolves on acknowledgement. Waits
@@ -159,7 +156,8 @@ impl Producer {
 fn record(out: &Outgoing) -> FutureRecord<'_, str, [u8]> {
     let mut record = FutureRecord::to(out.topic.name()).key(out.key.as_str()).payload(out.payload.as_slice());
     if let Some(id) = &out.correlation_id {
-        record = record.headers(OwnedHeaders::new().insert(Header { key: CORRELATION_HEADER, value: Some(id.as_str()) }));
+        record =
+            record.headers(OwnedHeaders::new().insert(Header { key: CORRELATION_HEADER, value: Some(id.as_str()) }));
     }
     record
 }
