@@ -292,10 +292,12 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z").expect("valid").with_timezone(&Utc)
     }
 
+    #[allow(clippy::needless_pass_by_value)] // tests read best with json! literals
     fn act(v: Value) -> Result<ActivityEvent, FieldError> {
         activity(&v, now(), Strictness::Api)
     }
 
+    #[allow(clippy::needless_pass_by_value)]
     fn ord(v: Value) -> Result<OrderEvent, FieldError> {
         order(&v, now(), Strictness::Api)
     }

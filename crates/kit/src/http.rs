@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 /// One readiness condition of a service (broker reachable, partitions assigned, view restored).
 #[derive(Debug, Clone, Default)]
@@ -141,7 +141,9 @@ pub fn app(service: &'static str, health: Health, routes: Router) -> Router {
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)))
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()))
-        .layer(TraceLayer::new_for_http())
+        // 5xx answers are logged where they arise (ApiError::Internal); a 503 from /ready while
+        // a service starts is not an error worth a log line.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets in-flight requests finish.

@@ -1,6 +1,7 @@
 //! Structured logs: one init function; the service name is on every line (through the
 //! `service` span that [`crate::service`] runs each service in), JSON when asked.
 
+use std::io::IsTerminal as _;
 use std::str::FromStr;
 
 use tracing_subscriber::EnvFilter;
@@ -39,7 +40,9 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,tansu_broker=warn,tansu_storage=warn,tansu_sans_io=warn,libsql=warn,h2=warn,hyper=warn")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE);
+    // Colours only on a terminal (or when the parent, `retargetiq up`, asks for them).
+    let ansi = std::io::stdout().is_terminal() || std::env::var("CLICOLOR_FORCE").is_ok_and(|v| v == "1");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE).with_ansi(ansi);
     let result = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().with_current_span(false).with_span_list(true).try_init(),

@@ -1,1 +1,145 @@
+//! The `retargetiq` command-line tool: runs the whole platform on one machine, no Docker.
+//!
+//! - `retargetiq up`: starts a Kafka-compatible broker (embedded Tansu, SQLite storage under
+//!   the data directory, so data survives restarts) unless `KAFKA_BOOTSTRAP_SERVERS` names
+//!   another broker, creates the topics, then starts the ten services as child processes,
+//!   each output line prefixed with the service name (like `docker compose up`). A service
+//!   that dies is restarted with backoff. Ctrl-C (or SIGTERM) stops the services (they drain
+//!   and commit), then the broker.
+//! - `retargetiq broker`: only the broker, in the foreground.
+//! - `retargetiq service <name>`: one service in the foreground (what `up` runs).
+//! - `retargetiq topics create`: creates the platform's topics on a broker.
 
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// The ten services, in start order (producers of a topic before its consumers).
+pub const SERVICES: [&str; 10] = [
+    "event-processor",
+    "feature-store",
+    "retrieval",
+    "ranking",
+    "rl-offer",
+    "analytics",
+    "recommendation-api",
+    "user-activity",
+    "order",
+    "frontend-ui",
+];
+
+#[derive(Debug, Parser)]
+#[command(name = "retargetiq", version, about = "Run the RetargetIQ platform locally")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and all ten services.
+    Up(up::UpArgs),
+    /// Run only the embedded broker.
+    Broker(BrokerArgs),
+    /// Run one service in the foreground.
+    Service {
+        /// One of: user-activity, order, event-processor, analytics, feature-store, retrieval,
+        /// ranking, rl-offer, recommendation-api, frontend-ui.
+        name: String,
+    },
+    /// Manage the platform's topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct BrokerArgs {
+    /// Address to listen on (also advertised to clients).
+    #[arg(long, env = "BROKER_LISTEN", default_value = "127.0.0.1:9092")]
+    listen: SocketAddr,
+    /// Directory of the SQLite storage (created if missing).
+    #[arg(long, env = "RETARGETIQ_DATA_DIR", default_value = "data/broker")]
+    data_dir: PathBuf,
+    /// Keep everything in memory instead (lost on exit).
+    #[arg(long)]
+    memory: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsCommand {
+    /// Create every topic of the platform that does not exist yet.
+    Create {
+        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+        bootstrap_servers: String,
+        /// Replication factor (3 on a production cluster).
+        #[arg(long, default_value_t = 1)]
+        replication_factor: i32,
+    },
+}
+
+/// The whole `main` of the `retargetiq` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Service { name } => run_service(&name),
+        Command::Up(args) => block_on(up::run(args)),
+        Command::Broker(args) => block_on(run_broker(args)),
+        Command::Topics { command: TopicsCommand::Create { bootstrap_servers, replication_factor } } => block_on(async move {
+            kit::kafka::admin::ensure_topics(&bootstrap_servers, replication_factor, Duration::from_secs(30)).await
+        }),
+    }
+}
+
+fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    kit::telemetry::init(kit::telemetry::LogFormat::Text);
+    let result = tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(f));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("retargetiq: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the named service as this process.
+pub fn run_service(name: &str) -> ExitCode {
+    use kit::service::main;
+    match name {
+        "user-activity" => main::<user_activity::UserActivity>(),
+        "order" => main::<order::Order>(),
+        "event-processor" => main::<event_processor::EventProcessor>(),
+        "analytics" => main::<analytics::Analytics>(),
+        "feature-store" => main::<feature_store::FeatureStore>(),
+        "retrieval" => main::<retrieval::Retrieval>(),
+        "ranking" => main::<ranking::Ranking>(),
+        "rl-offer" => main::<rl_offer::RlOffer>(),
+        "recommendation-api" => main::<recommendation_api::RecommendationApi>(),
+        "frontend-ui" => main::<frontend_ui::FrontendUi>(),
+        other => {
+            eprintln!("retargetiq: unknown service {other:?}; expected one of {}", SERVICES.join(", "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
+    let storage = if args.memory {
+        broker::Storage::Memory
+    } else {
+        // Tansu resolves SQLite locations against the working directory: work from the data dir.
+        std::fs::create_dir_all(&args.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", args.data_dir.display()))?;
+        std::env::set_current_dir(&args.data_dir)?;
+        broker::Storage::Sqlite("tansu.db".into())
+    };
+    let shutdown = kit::service::shutdown_on_signal();
+    broker::run(args.listen, storage, shutdown).await
+}

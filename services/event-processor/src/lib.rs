@@ -246,14 +246,16 @@ impl Handler for Processor {
             Topic::UserActivity => {
                 let e = validate::activity(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
                 if !self.seen.insert(&e.event_id) {
-                    return Ok(self.duplicate(&e.event_id));
+                    self.duplicate(&e.event_id);
+                    return Ok(());
                 }
                 self.activity(e, rec, out, now)
             }
             Topic::Order => {
                 let o = validate::order(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
                 if !self.seen.insert(&o.event_id) {
-                    return Ok(self.duplicate(&o.event_id));
+                    self.duplicate(&o.event_id);
+                    return Ok(());
                 }
                 self.order(o, rec, out, now)
             }
@@ -418,7 +420,7 @@ mod tests {
         let foreign = br#"{"userId":"u","eventType":"page_view"}"#;
         match run(&mut p, Topic::UserActivity, foreign) {
             Err(HandlerError::Reject { kind: DeadLetterKind::Invalid, field, .. }) => {
-                assert_eq!(field.as_deref(), Some("eventId"))
+                assert_eq!(field.as_deref(), Some("eventId"));
             }
             other => panic!("{other:?}"),
         }

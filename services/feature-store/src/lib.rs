@@ -171,7 +171,7 @@ impl Store {
             user.clicks_since_purchase = 0;
         }
         let catalog = catalog::Catalog::global();
-        f.cart_value = f.cart.iter().filter_map(|id| catalog.get(id)).map(|p| p.price).sum();
+        f.cart_value = f.cart.iter().filter_map(|id| catalog.get(id)).map(|p| p.price).fold(0.0, |a, b| a + b);
         f.preferred_category =
             f.category_affinity.iter().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0))).map(|(c, _)| c.clone());
         f.first_seen = f.first_seen.min(e.occurred_at);

@@ -220,7 +220,7 @@ impl ConsumerContext for GroupContext {
                 self.ready.set(true);
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions revoked")
+                tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions revoked");
             }
             Rebalance::Error(e) => tracing::warn!(consumer = self.name, error = %e, "rebalance error"),
         }

@@ -1,0 +1,251 @@
+//! `retargetiq up`: the broker and the ten services as supervised child processes.
+//!
+//! Each child runs in its own process group, so a Ctrl-C in the terminal reaches only `up`,
+//! which then stops things in order: the services first (SIGTERM; each drains its in-flight
+//! work and commits its offsets), the broker last. A child that exits while `up` is running is
+//! restarted with exponential backoff, like `restart: unless-stopped` in Compose.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::SERVICES;
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where the broker keeps its data (SQLite), created if missing.
+    #[arg(long, env = "RETARGETIQ_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Keep the broker's data in memory (lost on exit) instead.
+    #[arg(long)]
+    memory: bool,
+    /// Where the embedded broker listens (ignored with KAFKA_BOOTSTRAP_SERVERS).
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    broker_listen: SocketAddr,
+    /// How long a service may take to drain on shutdown before it is killed.
+    #[arg(long, default_value_t = 15)]
+    grace_seconds: u64,
+}
+
+/// Contract ports, to report readiness.
+const PORTS: [(&str, u16); 10] = [
+    ("user-activity", 8081),
+    ("order", 8082),
+    ("event-processor", 8083),
+    ("analytics", 8084),
+    ("feature-store", 8085),
+    ("retrieval", 8086),
+    ("ranking", 8087),
+    ("rl-offer", 8088),
+    ("recommendation-api", 8089),
+    ("frontend-ui", 3000),
+];
+
+/// Writes one line prefixed with the name of its source.
+fn say(name: &str, line: &str) {
+    const COLORS: [u8; 6] = [36, 32, 33, 35, 34, 31];
+    if std::io::stdout().is_terminal() {
+        let color = COLORS[name.bytes().map(usize::from).sum::<usize>() % COLORS.len()];
+        println!("\x1b[{color}m{name:>18} |\x1b[0m {line}");
+    } else {
+        println!("{name:>18} | {line}");
+    }
+}
+
+fn pipe(name: &'static str, out: Option<impl AsyncRead + Unpin + Send + 'static>) {
+    if let Some(out) = out {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                say(name, &line);
+            }
+        });
+    }
+}
+
+/// A child process kept running until `stop`.
+struct Supervised {
+    name: &'static str,
+    task: JoinHandle<()>,
+}
+
+fn supervise(
+    name: &'static str,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    stop: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<Supervised> {
+    let exe = std::env::current_exe().context("locating the retargetiq executable")?;
+    let task = tokio::spawn(async move {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let spawned = Command::new(&exe)
+                .args(&args)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn();
+            let mut child = match spawned {
+                Ok(c) => c,
+                Err(e) => {
+                    say(name, &format!("cannot start: {e}"));
+                    return;
+                }
+            };
+            pipe(name, child.stdout.take());
+            pipe(name, child.stderr.take());
+            let started = Instant::now();
+            tokio::select! {
+                status = child.wait() => {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_secs(1);
+                    }
+                    say(name, &format!("exited ({status}); restarting in {}s", backoff.as_secs()));
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                () = stop.cancelled() => {
+                    if let Some(id) = child.id().and_then(|id| i32::try_from(id).ok()) {
+                        let _ = kill(Pid::from_raw(id), Signal::SIGTERM);
+                    }
+                    match tokio::time::timeout(grace, child.wait()).await {
+                        Ok(Ok(status)) if status.success() => {}
+                        Ok(Ok(status)) => say(name, &format!("stopped ({status})")),
+                        Ok(Err(e)) => say(name, &format!("stopped: {e}")),
+                        Err(_) => {
+                            say(name, &format!("did not stop within {}s; killing it", grace.as_secs()));
+                            let _ = child.kill().await;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Supervised { name, task })
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let shutdown = kit::service::shutdown_on_signal();
+    let grace = Duration::from_secs(args.grace_seconds);
+    let external = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok().filter(|s| !s.trim().is_empty());
+
+    let broker_stop = CancellationToken::new();
+    let (bootstrap, broker) = match external {
+        Some(b) => {
+            say("up", &format!("using the broker at {b} (KAFKA_BOOTSTRAP_SERVERS)"));
+            (b, None)
+        }
+        None => {
+            let addr = args.broker_listen;
+            anyhow::ensure!(
+                std::net::TcpListener::bind(addr).is_ok(),
+                "{addr} is in use: stop what listens there, or set KAFKA_BOOTSTRAP_SERVERS to use that broker"
+            );
+            let mut broker_args = vec!["broker".to_owned(), "--listen".to_owned(), addr.to_string()];
+            if args.memory {
+                broker_args.push("--memory".to_owned());
+                say("up", &format!("starting the embedded broker on {addr} (in memory)"));
+            } else {
+                std::fs::create_dir_all(&args.data_dir)
+                    .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+                let dir = std::fs::canonicalize(&args.data_dir)?.join("broker");
+                say("up", &format!("starting the embedded broker on {addr} (data in {})", dir.display()));
+                broker_args.extend(["--data-dir".to_owned(), dir.display().to_string()]);
+            }
+            let child = supervise("broker", broker_args, Vec::new(), broker_stop.clone(), grace)?;
+            tokio::select! {
+                r = broker::wait_for_port(addr, Duration::from_secs(60)) => r?,
+                () = shutdown.cancelled() => anyhow::bail!("interrupted while the broker was starting"),
+            }
+            (addr.to_string(), Some(child))
+        }
+    };
+
+    let result = async {
+        kit::kafka::admin::ensure_topics(&bootstrap, 1, Duration::from_secs(60)).await?;
+        say("up", "topics ready");
+        let services_stop = CancellationToken::new();
+        let mut children = Vec::new();
+        for name in SERVICES {
+            let mut env = vec![("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.clone())];
+            if std::io::stdout().is_terminal() {
+                env.push(("CLICOLOR_FORCE".to_owned(), "1".to_owned()));
+            }
+            children.push(supervise(name, vec!["service".into(), name.into()], env, services_stop.clone(), grace)?);
+        }
+        let announce = tokio::spawn(announce_ready(shutdown.clone()));
+        shutdown.cancelled().await;
+        announce.abort();
+        say("up", "stopping the services");
+        services_stop.cancel();
+        for child in children {
+            let _ = child.task.await;
+            tracing::debug!(service = child.name, "stopped");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+
+    if let Some(broker) = broker {
+        say("up", "stopping the broker");
+        broker_stop.cancel();
+        let _ = broker.task.await;
+    }
+    say("up", "stopped");
+    result
+}
+
+/// Says once when every service answers `/ready`.
+async fn announce_ready(shutdown: CancellationToken) {
+    let Ok(http) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return };
+    let started = Instant::now();
+    loop {
+        let mut waiting = Vec::new();
+        for (name, port) in PORTS {
+            let ok = http.get(format!("http://127.0.0.1:{port}/ready")).send().await.is_ok_and(|r| r.status().is_success());
+            if !ok {
+                waiting.push(name);
+            }
+        }
+        if waiting.is_empty() {
+            say(
+                "up",
+                &format!(
+                    "all ten services ready after {:.1}s: UI at http://localhost:3000, recommendations at http://localhost:8089/recommend/user-0001",
+                    started.elapsed().as_secs_f64()
+                ),
+            );
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            say("up", &format!("still not ready after 120s: {}", waiting.join(", ")));
+            return;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
