@@ -91,9 +91,11 @@ pub fn main() -> ExitCode {
         Command::Service { name } => run_service(&name),
         Command::Up(args) => block_on(up::run(args)),
         Command::Broker(args) => block_on(run_broker(args)),
-        Command::Topics { command: TopicsCommand::Create { bootstrap_servers, replication_factor } } => block_on(async move {
-            kit::kafka::admin::ensure_topics(&bootstrap_servers, replication_factor, Duration::from_secs(30)).await
-        }),
+        Command::Topics { command: TopicsCommand::Create { bootstrap_servers, replication_factor } } => {
+            block_on(async move {
+                kit::kafka::admin::ensure_topics(&bootstrap_servers, replication_factor, Duration::from_secs(30)).await
+            })
+        }
     }
 }
 

@@ -32,6 +32,9 @@ pub struct UpArgs {
     /// Where the embedded broker listens (ignored with KAFKA_BOOTSTRAP_SERVERS).
     #[arg(long, default_value = "127.0.0.1:9092")]
     broker_listen: SocketAddr,
+    /// Added to every service's contract port (to run a second stack beside a first one).
+    #[arg(long, default_value_t = 0)]
+    port_offset: u16,
     /// How long a service may take to drain on shutdown before it is killed.
     #[arg(long, default_value_t = 15)]
     grace_seconds: u64,
@@ -188,14 +191,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         say("up", "topics ready");
         let services_stop = CancellationToken::new();
         let mut children = Vec::new();
+        let offset = args.port_offset;
         for name in SERVICES {
             let mut env = vec![("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.clone())];
+            if offset != 0 {
+                env.push(("HTTP_PORT".to_owned(), (port_of(name) + offset).to_string()));
+                if name == "frontend-ui" {
+                    for (service, port) in PORTS.iter().filter(|(s, _)| *s != "frontend-ui") {
+                        let var = format!("{}_URL", service.to_uppercase().replace('-', "_"));
+                        env.push((var, format!("http://127.0.0.1:{}", port + offset)));
+                    }
+                }
+            }
             if std::io::stdout().is_terminal() {
                 env.push(("CLICOLOR_FORCE".to_owned(), "1".to_owned()));
             }
             children.push(supervise(name, vec!["service".into(), name.into()], env, services_stop.clone(), grace)?);
         }
-        let announce = tokio::spawn(announce_ready(shutdown.clone()));
+        let announce = tokio::spawn(announce_ready(shutdown.clone(), offset));
         shutdown.cancelled().await;
         announce.abort();
         say("up", "stopping the services");
@@ -218,13 +231,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// Says once when every service answers `/ready`.
-async fn announce_ready(shutdown: CancellationToken) {
+fn port_of(service: &str) -> u16 {
+    PORTS.iter().find(|(name, _)| *name == service).map_or(0, |(_, port)| *port)
+}
+
+async fn announce_ready(shutdown: CancellationToken, offset: u16) {
     let Ok(http) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return };
     let started = Instant::now();
     loop {
         let mut waiting = Vec::new();
         for (name, port) in PORTS {
-            let ok = http.get(format!("http://127.0.0.1:{port}/ready")).send().await.is_ok_and(|r| r.status().is_success());
+            let port = port + offset;
+            let ok =
+                http.get(format!("http://127.0.0.1:{port}/ready")).send().await.is_ok_and(|r| r.status().is_success());
             if !ok {
                 waiting.push(name);
             }
@@ -233,8 +252,10 @@ async fn announce_ready(shutdown: CancellationToken) {
             say(
                 "up",
                 &format!(
-                    "all ten services ready after {:.1}s: UI at http://localhost:3000, recommendations at http://localhost:8089/recommend/user-0001",
-                    started.elapsed().as_secs_f64()
+                    "all ten services ready after {:.1}s: UI at http://localhost:{}, recommendations at http://localhost:{}/recommend/user-0001",
+                    started.elapsed().as_secs_f64(),
+                    3000 + offset,
+                    8089 + offset
                 ),
             );
             return;

@@ -1,0 +1,89 @@
+//! `retargetiq up` as a user runs it: the real binary starts a durable broker and the ten
+//! services as child processes, prefixes their output, serves traffic, and stops cleanly on
+//! SIGTERM, leaving the broker's data on disk.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use testkit::{eventually, free_port};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::Command;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let broker_port = free_port()?;
+    // Ports are the contract ports plus an offset, so a stack already running is not disturbed.
+    let offset = 20_000 + (broker_port % 10_000);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
+        .args(["up", "--broker-listen", &format!("127.0.0.1:{broker_port}"), "--port-offset", &offset.to_string()])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let sink = Arc::clone(&lines);
+    let reader = tokio::spawn(async move {
+        let mut out = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = out.next_line().await {
+            sink.lock().expect("lock").push(line);
+        }
+    });
+    let has = |needle: &'static str| {
+        let lines = Arc::clone(&lines);
+        move || {
+            let found = lines.lock().expect("lock").iter().any(|l| l.contains(needle));
+            async move { found.then_some(()) }
+        }
+    };
+
+    eventually("all services ready", Duration::from_secs(90), has("all ten services ready")).await?;
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("http://127.0.0.1:{}/api/users/activity", 8081 + offset))
+        .body(r#"{"userId":"up-test","eventType":"product_view","productId":"P00042"}"#)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 202);
+    let recommended = eventually("recommendations for the viewer", Duration::from_secs(30), || {
+        let http = http.clone();
+        async move {
+            let r: serde_json::Value = http
+                .get(format!("http://127.0.0.1:{}/recommend/up-test", 8089 + offset))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (r["coldStart"] == false).then_some(r)
+        }
+    })
+    .await?;
+    assert_eq!(recommended["recommendations"][0]["itemId"], "P00042", "{recommended}");
+    let ui = http.get(format!("http://127.0.0.1:{}/", 3000 + offset)).send().await?;
+    assert_eq!(ui.status().as_u16(), 200);
+
+    let pid = i32::try_from(child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?)?;
+    kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
+    reader.await?;
+    let lines = lines.lock().expect("lock").clone();
+    assert!(status.success(), "up exited with {status}: {lines:#?}");
+    for service in ["user-activity |", "event-processor |", "frontend-ui |", "broker |"] {
+        assert!(lines.iter().any(|l| l.trim_start().starts_with(service)), "no line prefixed {service:?}");
+    }
+    let stopping_broker = lines.iter().position(|l| l.contains("stopping the broker")).expect("the broker is stopped");
+    let last_service_stop =
+        lines.iter().rposition(|l| l.contains("stopped") && l.contains("service=")).expect("services stop");
+    assert!(last_service_stop < stopping_broker, "services stop before the broker");
+    assert!(data.path().join("broker").join("tansu.db").exists(), "the broker's data stays on disk");
+    Ok(())
+}
