@@ -184,7 +184,8 @@ fn missing(field: &str) -> FieldError {
     FieldError::new(field, "is required")
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How a JSON value's type is named in error messages ("a string", "an array", ...).
+pub fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -77,6 +77,11 @@ impl Env {
     }
 }
 
+/// A check for [`Env::checked`]: the number must be greater than zero.
+pub fn positive<T: PartialOrd + Default>(v: &T) -> Result<(), String> {
+    if *v > T::default() { Ok(()) } else { Err("must be greater than 0".to_owned()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,6 +175,11 @@ pub enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
+/// `Json(value)`, or a 404 with `missing()` as the message.
+pub fn found<T>(value: Option<T>, missing: impl FnOnce() -> String) -> Result<axum::Json<T>, ApiError> {
+    value.map(axum::Json).ok_or_else(|| ApiError::NotFound(missing()))
+}
+
 impl From<events::validate::FieldError> for ApiError {
     fn from(e: events::validate::FieldError) -> Self {
         ApiError::Invalid { field: e.field, reason: e.reason }

@@ -116,19 +116,11 @@ pub fn parse_body<T: Ingest>(
         }
         other => Err(ApiError::Invalid {
             field: "$".into(),
-            reason: format!("expected a JSON object, an array of objects, or an empty body; got {}", short(&other)),
+            reason: format!(
+                "expected a JSON object, an array of objects, or an empty body; got {}",
+                validate::type_name(&other)
+            ),
         }),
-    }
-}
-
-fn short(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod ingest;
 pub mod kafka;
 pub mod service;
+pub mod state;
 pub mod telemetry;
 
 pub use service::{Context, Service};

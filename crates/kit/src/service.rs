@@ -182,16 +182,25 @@ pub fn start<S: Service>(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
-    let ctx = Context::new(S::NAME, kafka, listener, shutdown);
     let span = tracing::info_span!("service", name = S::NAME);
-    tokio::spawn(S::run(config, ctx).instrument(span))
+    let _entered = span.enter();
+    spawn_in_current_span::<S>(config, kafka, listener, shutdown)
+}
+
+fn spawn_in_current_span<S: Service>(
+    config: S::Config,
+    kafka: KafkaSettings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    crate::spawn(S::run(config, Context::new(S::NAME, kafka, listener, shutdown)))
 }
 
 /// A cancellation token cancelled by SIGINT or SIGTERM.
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
-    tokio::spawn(async move {
+    crate::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         let term = async {
@@ -231,7 +240,8 @@ pub fn main<S: Service>() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run_until_signal::<S>(common, config))
+    let span = tracing::info_span!("service", name = S::NAME);
+    runtime.block_on(run_until_signal::<S>(common, config).instrument(span))
 }
 
 async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -> ExitCode {
@@ -243,7 +253,7 @@ async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -
             return ExitCode::FAILURE;
         }
     };
-    let mut task = start::<S>(config, common.kafka, listener, shutdown.clone());
+    let mut task = spawn_in_current_span::<S>(config, common.kafka, listener, shutdown.clone());
     let result = tokio::select! {
         r = &mut task => r,
         () = shutdown.cancelled() => match tokio::time::timeout(common.shutdown_timeout, &mut task).await {

@@ -11,17 +11,17 @@
 //! The headline figures are also Prometheus gauges on `/metrics`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use events::{EventCounts, EventType, OfferDecision, ProcessedEvent, Topic};
-use kit::config::{ConfigError, Env};
+use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::http::ApiError;
+use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::state::Shared;
 use kit::{Context, Service};
 use serde::Serialize;
 
@@ -41,16 +41,12 @@ impl Service for Analytics {
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {
-        Ok(Config {
-            dedup_capacity: env.checked("ANALYTICS_DEDUP_CAPACITY", 1_000_000, |v| {
-                if *v == 0 { Err("must be > 0".into()) } else { Ok(()) }
-            })?,
-        })
+        Ok(Config { dedup_capacity: env.checked("ANALYTICS_DEDUP_CAPACITY", 1_000_000, positive)? })
     }
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let state = Arc::new(RwLock::new(Kpis::new(config.dedup_capacity)));
+        let state = Shared::new(Kpis::new(config.dedup_capacity));
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec {
@@ -58,7 +54,7 @@ impl Service for Analytics {
                 topics: vec![Topic::ProcessedEvents, Topic::Offers],
                 subscription: Subscription::Group { group_id: "analytics".into() },
             },
-            Counter(Arc::clone(&state)),
+            Counter(Shared::clone(&state)),
         );
         let routes = axum::Router::new()
             .route("/api/analytics/summary", get(summary))
@@ -215,11 +211,11 @@ impl Kpis {
     }
 }
 
-struct Counter(Arc<RwLock<Kpis>>);
+struct Counter(Shared<Kpis>);
 
 impl Handler for Counter {
     fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
-        let mut k = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut k = self.0.write();
         match rec.topic {
             Topic::ProcessedEvents => {
                 k.record_event(&rec.json()?, Utc::now());
@@ -236,16 +232,12 @@ impl Handler for Counter {
     }
 }
 
-async fn summary(State(k): State<Arc<RwLock<Kpis>>>) -> Json<Summary> {
-    Json(k.read().unwrap_or_else(std::sync::PoisonError::into_inner).summary(Utc::now()))
+async fn summary(State(k): State<Shared<Kpis>>) -> Json<Summary> {
+    Json(k.read().summary(Utc::now()))
 }
 
-async fn user(State(k): State<Arc<RwLock<Kpis>>>, Path(user_id): Path<String>) -> Result<Json<UserStats>, ApiError> {
-    let k = k.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    k.user(&user_id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no analytics for user {user_id:?}: no events seen")))
+async fn user(State(k): State<Shared<Kpis>>, Path(user_id): Path<String>) -> Result<Json<UserStats>, ApiError> {
+    found(k.read().user(&user_id).cloned(), || format!("no analytics for user {user_id:?}: no events seen"))
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@
 //! dead letters, from a replica of the dead-letter topic).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -27,9 +26,10 @@ use events::validate::{self, Strictness};
 use events::{
     ActivityEvent, DeadLetter, EventType, OrderEvent, ProcessedEvent, ProcessedItem, ProcessedOrder, ProductInfo, Topic,
 };
-use kit::config::{ConfigError, Env};
+use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::state::Shared;
 use kit::{Context, Service};
 use serde::{Deserialize, Serialize};
 
@@ -61,12 +61,8 @@ impl Service for EventProcessor {
     fn config(env: &Env) -> Result<Config, ConfigError> {
         let d = Config::default();
         Ok(Config {
-            dedup_capacity: env.checked("DEDUP_CAPACITY", d.dedup_capacity, |v| {
-                if *v == 0 { Err("must be > 0".into()) } else { Ok(()) }
-            })?,
-            session_gap: Duration::seconds(env.checked("SESSION_GAP_SECONDS", 1800, |v: &i64| {
-                if *v <= 0 { Err("must be > 0".into()) } else { Ok(()) }
-            })?),
+            dedup_capacity: env.checked("DEDUP_CAPACITY", d.dedup_capacity, positive)?,
+            session_gap: Duration::seconds(env.checked("SESSION_GAP_SECONDS", 1800, positive)?),
             campaign_window: Duration::hours(env.checked("CAMPAIGN_WINDOW_HOURS", 168, |v: &i64| {
                 if *v < 0 { Err("must be >= 0".into()) } else { Ok(()) }
             })?),
@@ -75,8 +71,8 @@ impl Service for EventProcessor {
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let stats = Arc::new(Mutex::new(Stats::default()));
-        let letters = Arc::new(RwLock::new(VecDeque::new()));
+        let stats = Shared::new(Stats::default());
+        let letters = Shared::new(VecDeque::new());
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec {
@@ -84,12 +80,12 @@ impl Service for EventProcessor {
                 topics: vec![Topic::UserActivity, Topic::Order],
                 subscription: Subscription::Group { group_id: "event-processor".into() },
             },
-            Processor::new(config, Arc::clone(&stats)),
+            Processor::new(config, Shared::clone(&stats)),
         );
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec { name: "dead-letters", topics: vec![Topic::DeadLetter], subscription: Subscription::Replica },
-            LetterView(Arc::clone(&letters)),
+            LetterView(Shared::clone(&letters)),
         );
         let routes = axum::Router::new()
             .route("/api/processor/stats", get(get_stats))
@@ -117,11 +113,11 @@ pub struct Processor {
     sessions: HashMap<String, (String, DateTime<Utc>)>,
     /// user -> (latest campaign, when it was seen)
     campaigns: HashMap<String, (String, DateTime<Utc>)>,
-    stats: Arc<Mutex<Stats>>,
+    stats: Shared<Stats>,
 }
 
 impl Processor {
-    pub fn new(config: Config, stats: Arc<Mutex<Stats>>) -> Self {
+    pub fn new(config: Config, stats: Shared<Stats>) -> Self {
         Self {
             seen: SeenSet::new(config.dedup_capacity),
             config,
@@ -131,8 +127,8 @@ impl Processor {
         }
     }
 
-    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
-        self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn stats(&self) -> std::sync::RwLockWriteGuard<'_, Stats> {
+        self.stats.write()
     }
 
     fn reject(&self, e: validate::FieldError) -> HandlerError {
@@ -283,14 +279,14 @@ impl Processor {
 const LETTERS_KEPT: usize = 200;
 
 /// The latest dead letters, newest first.
-struct LetterView(Arc<RwLock<VecDeque<DeadLetter>>>);
+struct LetterView(Shared<VecDeque<DeadLetter>>);
 
 impl Handler for LetterView {
     fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
         // A dead letter we cannot read is logged, not dead-lettered again.
         match rec.json::<DeadLetter>() {
             Ok(letter) => {
-                let mut v = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut v = self.0.write();
                 v.push_front(letter);
                 v.truncate(LETTERS_KEPT);
             }
@@ -302,12 +298,12 @@ impl Handler for LetterView {
 
 #[derive(Clone)]
 struct AppState {
-    stats: Arc<Mutex<Stats>>,
-    letters: Arc<RwLock<VecDeque<DeadLetter>>>,
+    stats: Shared<Stats>,
+    letters: Shared<VecDeque<DeadLetter>>,
 }
 
 async fn get_stats(State(s): State<AppState>) -> Json<Stats> {
-    Json(s.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+    Json(s.stats.read().clone())
 }
 
 #[derive(Deserialize)]
@@ -317,7 +313,7 @@ struct LetterQuery {
 
 async fn get_letters(State(s): State<AppState>, Query(q): Query<LetterQuery>) -> Json<Vec<DeadLetter>> {
     let limit = q.limit.unwrap_or(50).min(LETTERS_KEPT);
-    Json(s.letters.read().unwrap_or_else(std::sync::PoisonError::into_inner).iter().take(limit).cloned().collect())
+    Json(s.letters.read().iter().take(limit).cloned().collect())
 }
 
 #[cfg(test)]
@@ -332,7 +328,7 @@ mod tests {
     }
 
     fn processor() -> Processor {
-        Processor::new(Config::default(), Arc::default())
+        Processor::new(Config::default(), Shared::default())
     }
 
     fn run(p: &mut Processor, topic: Topic, payload: &[u8]) -> Result<Vec<ProcessedEvent>, HandlerError> {
@@ -380,7 +376,8 @@ mod tests {
 
     #[test]
     fn a_new_session_after_the_gap() {
-        let mut p = Processor::new(Config { session_gap: Duration::seconds(60), ..Config::default() }, Arc::default());
+        let mut p =
+            Processor::new(Config { session_gap: Duration::seconds(60), ..Config::default() }, Shared::default());
         let t0 = Utc::now() - Duration::hours(1);
         let a = p.session("u", None, t0);
         assert_eq!(p.session("u", None, t0 + Duration::seconds(30)), a);

@@ -14,7 +14,6 @@
 //! counted twice.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -23,8 +22,9 @@ use chrono::{DateTime, Utc};
 use events::{EventType, ProcessedEvent, Topic, UserFeatures};
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
-use kit::http::ApiError;
+use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::state::Shared;
 use kit::{Context, Service};
 
 /// Recently viewed products kept per user.
@@ -59,7 +59,7 @@ impl Service for FeatureStore {
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let store = Arc::new(RwLock::new(Store::new(config)));
+        let store = Shared::new(Store::new(config));
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec {
@@ -67,7 +67,7 @@ impl Service for FeatureStore {
                 topics: vec![Topic::ProcessedEvents],
                 subscription: Subscription::Group { group_id: "feature-store".into() },
             },
-            Updater(Arc::clone(&store)),
+            Updater(Shared::clone(&store)),
         );
         let routes = axum::Router::new().route("/features/{user_id}", get(get_features)).with_state(store);
         ctx.serve(routes).await
@@ -202,12 +202,12 @@ pub fn derive_scores(f: &mut UserFeatures, views: u64, clicks: u64, now: DateTim
     f.recency_score = (-hours / 24.0).exp();
 }
 
-struct Updater(Arc<RwLock<Store>>);
+struct Updater(Shared<Store>);
 
 impl Handler for Updater {
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let event: ProcessedEvent = rec.json()?;
-        let snapshot = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).apply(&event, Utc::now());
+        let snapshot = self.0.write().apply(&event, Utc::now());
         match snapshot {
             Some(f) => {
                 metrics::counter!("features_updates_total").increment(1);
@@ -220,15 +220,11 @@ impl Handler for Updater {
 }
 
 async fn get_features(
-    State(store): State<Arc<RwLock<Store>>>,
+    State(store): State<Shared<Store>>,
     Path(user_id): Path<String>,
 ) -> Result<Json<UserFeatures>, ApiError> {
-    let store = store.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    store
-        .get(&user_id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no features for user {user_id:?}: no events seen for this user")))
+    let store = store.read();
+    found(store.get(&user_id).cloned(), || format!("no features for user {user_id:?}: no events seen for this user"))
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@
 //! learning them online from feedback is the next step (see the README's roadmap).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -25,8 +24,9 @@ use catalog::Catalog;
 use chrono::Utc;
 use events::{CandidateSource, Candidates, RankedItem, RankedRecommendations, Topic};
 use kit::config::{ConfigError, Env};
-use kit::http::ApiError;
+use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::state::Shared;
 use kit::{Context, Service};
 
 /// Items kept in a ranked list.
@@ -46,7 +46,7 @@ impl Service for Ranking {
 
     async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let latest: Latest = Arc::default();
+        let latest: Latest = Shared::default();
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec {
@@ -54,14 +54,14 @@ impl Service for Ranking {
                 topics: vec![Topic::Candidates],
                 subscription: Subscription::Group { group_id: "ranking".into() },
             },
-            Ranker { model: LinearModel::v1(), latest: Arc::clone(&latest) },
+            Ranker { model: LinearModel::v1(), latest: Shared::clone(&latest) },
         );
         let routes = axum::Router::new().route("/rank/{user_id}", get(get_ranked)).with_state(latest);
         ctx.serve(routes).await
     }
 }
 
-type Latest = Arc<RwLock<HashMap<String, RankedRecommendations>>>;
+type Latest = Shared<HashMap<String, RankedRecommendations>>;
 
 /// A logistic model: score = sigmoid(Σ weight × feature).
 #[derive(Debug, Clone)]
@@ -169,7 +169,7 @@ impl Handler for Ranker {
         let ranked = rank(&self.model, &candidates);
         metrics::counter!("ranking_lists_total").increment(1);
         out.send(&ranked);
-        self.latest.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(ranked.user_id.clone(), ranked);
+        self.latest.write().insert(ranked.user_id.clone(), ranked);
         Ok(())
     }
 }
@@ -178,12 +178,8 @@ async fn get_ranked(
     State(latest): State<Latest>,
     Path(user_id): Path<String>,
 ) -> Result<Json<RankedRecommendations>, ApiError> {
-    let latest = latest.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    latest
-        .get(&user_id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no ranked list for user {user_id:?} yet")))
+    let latest = latest.read();
+    found(latest.get(&user_id).cloned(), || format!("no ranked list for user {user_id:?} yet"))
 }
 
 #[cfg(test)]

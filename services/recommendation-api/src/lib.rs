@@ -13,7 +13,6 @@
 //! attributing later clicks (`recommendationId` on activity events).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -24,6 +23,7 @@ use events::{CandidateSource, OfferDecision, RankedRecommendations, Topic};
 use kit::config::{ConfigError, Env};
 use kit::http::ApiError;
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::state::Shared;
 use kit::{Context, Service};
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +45,7 @@ impl Service for RecommendationApi {
 
     async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let views: Views = Arc::default();
+        let views: Views = Shared::default();
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec {
@@ -53,12 +53,12 @@ impl Service for RecommendationApi {
                 topics: vec![Topic::RankedRecommendations],
                 subscription: Subscription::Replica,
             },
-            ViewUpdater(Arc::clone(&views)),
+            ViewUpdater(Shared::clone(&views)),
         );
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec { name: "offers-view", topics: vec![Topic::Offers], subscription: Subscription::Replica },
-            ViewUpdater(Arc::clone(&views)),
+            ViewUpdater(Shared::clone(&views)),
         );
         let routes = axum::Router::new().route("/recommend/{user_id}", get(recommend)).with_state(views);
         ctx.serve(routes).await
@@ -72,13 +72,13 @@ pub struct ViewState {
     pub offers: HashMap<String, OfferDecision>,
 }
 
-type Views = Arc<RwLock<ViewState>>;
+type Views = Shared<ViewState>;
 
 struct ViewUpdater(Views);
 
 impl Handler for ViewUpdater {
     fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
-        let mut v = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v = self.0.write();
         match rec.topic {
             Topic::RankedRecommendations => {
                 let r: RankedRecommendations = rec.json()?;
@@ -221,7 +221,7 @@ async fn recommend(
 ) -> Result<Json<Response>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let response = {
-        let views = views.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let views = views.read();
         answer(&views, &user_id, &params)?
     };
     metrics::counter!("recommendations_served_total", "cold_start" => response.cold_start.to_string()).increment(1);

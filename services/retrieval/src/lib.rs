@@ -19,7 +19,6 @@
 //! `GET /retrieve/{userId}` shows the latest candidates (404 before the first).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, RwLock};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -29,8 +28,9 @@ use chrono::{DateTime, Utc};
 use events::{Candidate, CandidateSource, Candidates, EventType, ProcessedEvent, Topic, UserFeatures};
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
-use kit::http::ApiError;
+use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::state::Shared;
 use kit::{Context, Service};
 
 /// Views per session that count as "viewed together".
@@ -56,11 +56,11 @@ impl Service for Retrieval {
 
     async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let state = Arc::new(RwLock::new(RetrievalState::default()));
+        let state = Shared::new(RetrievalState::default());
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec { name: "model", topics: vec![Topic::ProcessedEvents], subscription: Subscription::Replica },
-            Learner(Arc::clone(&state)),
+            Learner(Shared::clone(&state)),
         );
         ctx.spawn_consumer(
             &producer,
@@ -69,7 +69,7 @@ impl Service for Retrieval {
                 topics: vec![Topic::UserFeatures],
                 subscription: Subscription::Group { group_id: "retrieval".into() },
             },
-            Retriever(Arc::clone(&state)),
+            Retriever(Shared::clone(&state)),
         );
         let routes = axum::Router::new().route("/retrieve/{user_id}", get(get_candidates)).with_state(state);
         ctx.serve(routes).await
@@ -260,23 +260,23 @@ pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Cand
     out
 }
 
-struct Learner(Arc<RwLock<RetrievalState>>);
+struct Learner(Shared<RetrievalState>);
 
 impl Handler for Learner {
     fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
         let event: ProcessedEvent = rec.json()?;
-        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).model.learn(&event);
+        self.0.write().model.learn(&event);
         Ok(())
     }
 }
 
-struct Retriever(Arc<RwLock<RetrievalState>>);
+struct Retriever(Shared<RetrievalState>);
 
 impl Handler for Retriever {
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let features: UserFeatures = rec.json()?;
         let now = Utc::now();
-        let mut state = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.0.write();
         let candidates = generate(&state.model, &features, now);
         metrics::histogram!("retrieval_candidates").record(candidates.len() as f64);
         let msg = Candidates {
@@ -293,16 +293,10 @@ impl Handler for Retriever {
 }
 
 async fn get_candidates(
-    State(state): State<Arc<RwLock<RetrievalState>>>,
+    State(state): State<Shared<RetrievalState>>,
     Path(user_id): Path<String>,
 ) -> Result<Json<Candidates>, ApiError> {
-    let state = state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    state
-        .latest
-        .get(&user_id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no candidates for user {user_id:?} yet")))
+    found(state.read().latest.get(&user_id).cloned(), || format!("no candidates for user {user_id:?} yet"))
 }
 
 #[cfg(test)]

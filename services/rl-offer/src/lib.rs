@@ -16,7 +16,6 @@
 //! (decide now; context values default to the user's latest features).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -24,9 +23,10 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Duration, Utc};
 use events::{OfferAction, OfferDecision, Topic, UserFeatures};
-use kit::config::{ConfigError, Env};
-use kit::http::ApiError;
+use kit::config::{ConfigError, Env, positive};
+use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record, Subscription};
+use kit::state::Shared;
 use kit::{Context, Service};
 use serde_json::Value;
 
@@ -47,15 +47,14 @@ impl Service for RlOffer {
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {
-        let secs = env
-            .checked("OFFER_REFRESH_SECONDS", 900, |v: &i64| if *v > 0 { Ok(()) } else { Err("must be > 0".into()) })?;
+        let secs = env.checked("OFFER_REFRESH_SECONDS", 900, positive)?;
         Ok(Config { refresh: Duration::seconds(secs) })
     }
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let pipeline = ctx.pipeline_producer()?;
         let requests = ctx.request_producer()?;
-        let state = Arc::new(RwLock::new(Offers::default()));
+        let state = Shared::new(Offers::default());
         ctx.spawn_consumer(
             &pipeline,
             ConsumerSpec {
@@ -63,7 +62,7 @@ impl Service for RlOffer {
                 topics: vec![Topic::UserFeatures],
                 subscription: Subscription::Group { group_id: "rl-offer".into() },
             },
-            Decider { state: Arc::clone(&state), config },
+            Decider { state: Shared::clone(&state), config },
         );
         let routes = axum::Router::new()
             .route("/offer/{user_id}", get(get_offer))
@@ -145,7 +144,7 @@ pub struct Offers {
 }
 
 struct Decider {
-    state: Arc<RwLock<Offers>>,
+    state: Shared<Offers>,
     config: Config,
 }
 
@@ -153,7 +152,7 @@ impl Handler for Decider {
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let f: UserFeatures = rec.json()?;
         let now = Utc::now();
-        let mut state = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.write();
         let context = OfferContext::from_features(&f, now);
         let trigger = f.last_event_type.map_or("features", |t| t.as_str());
         let decision = decide(&f.user_id, context, trigger, now);
@@ -173,18 +172,12 @@ impl Handler for Decider {
 
 #[derive(Clone)]
 struct AppState {
-    state: Arc<RwLock<Offers>>,
+    state: Shared<Offers>,
     producer: Producer,
 }
 
 async fn get_offer(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<Json<OfferDecision>, ApiError> {
-    let state = s.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    state
-        .current
-        .get(&user_id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no offer decided for user {user_id:?} yet")))
+    found(s.state.read().current.get(&user_id).cloned(), || format!("no offer decided for user {user_id:?} yet"))
 }
 
 /// Parses a `POST /offer/select` body against the user's latest features.
@@ -232,7 +225,7 @@ async fn select(
     let Json(body) = body.map_err(|e| ApiError::Invalid { field: "$".into(), reason: e.body_text() })?;
     let now = Utc::now();
     let (user_id, context) = {
-        let state = s.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = s.state.read();
         let known = body.get("userId").and_then(Value::as_str).and_then(|u| state.features.get(u.trim()));
         parse_select(&body, known, now)?
     };
@@ -242,7 +235,7 @@ async fn select(
         .await
         .map_err(|e| ApiError::Unavailable(format!("the decision could not be logged: {e}")))?;
     metrics::counter!("offers_decisions_total", "action" => decision.action.as_str()).increment(1);
-    s.state.write().unwrap_or_else(std::sync::PoisonError::into_inner).current.insert(user_id, decision.clone());
+    s.state.write().current.insert(user_id, decision.clone());
     Ok((StatusCode::OK, Json(decision)))
 }
 
@@ -266,8 +259,8 @@ mod tests {
 
     #[test]
     fn features_updates_decide_when_the_action_changes() {
-        let state = Arc::new(RwLock::new(Offers::default()));
-        let mut d = Decider { state: Arc::clone(&state), config: Config { refresh: Duration::hours(1) } };
+        let state = Shared::new(Offers::default());
+        let mut d = Decider { state: Shared::clone(&state), config: Config { refresh: Duration::hours(1) } };
         let mut f =
             UserFeatures { user_id: "u".into(), last_seen: Utc::now(), purchase_intent: 0.9, ..Default::default() };
         let mut run = |f: &UserFeatures| {
@@ -289,7 +282,7 @@ mod tests {
         assert!(run(&f).is_empty(), "same action, no new decision");
         f.purchase_intent = 0.1;
         assert_eq!(run(&f)[0].action, OfferAction::NoAction);
-        assert_eq!(state.read().expect("lock").current["u"].action, OfferAction::NoAction);
+        assert_eq!(state.read().current["u"].action, OfferAction::NoAction);
     }
 
     #[test]

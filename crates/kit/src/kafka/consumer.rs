@@ -541,9 +541,6 @@ fn dead_letter(
     }
 }
 
-/// Shared state for handlers and HTTP routes.
-pub type Shared<T> = Arc<std::sync::RwLock<T>>;
-
 #[cfg(test)]
 mod tests {
     use super::*;

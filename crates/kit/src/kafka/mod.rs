@@ -10,7 +10,7 @@ use std::time::Duration;
 pub use consumer::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription, run_consumer};
 pub use producer::{ProduceError, Producer};
 
-use crate::config::{ConfigError, Env};
+use crate::config::{ConfigError, Env, positive};
 
 /// Broker settings shared by every client of a service.
 #[derive(Debug, Clone)]
@@ -36,11 +36,11 @@ impl KafkaSettings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         Ok(Self {
             bootstrap_servers: env.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092".to_owned())?,
-            producer_buffer_kb: env.checked("KAFKA_PRODUCER_BUFFER_KB", 16_384, |v| positive(*v))?,
+            producer_buffer_kb: env.checked("KAFKA_PRODUCER_BUFFER_KB", 16_384, positive)?,
             linger: env.millis("KAFKA_LINGER_MS", Duration::from_millis(2))?,
             delivery_timeout: env.millis("KAFKA_DELIVERY_TIMEOUT_MS", Duration::from_secs(5))?,
-            consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 8_192, |v| positive(*v))?,
-            handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, |v| positive(*v))?,
+            consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 8_192, positive)?,
+            handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
         })
     }
 
@@ -51,8 +51,4 @@ impl KafkaSettings {
         s.bootstrap_servers = bootstrap_servers.into();
         s
     }
-}
-
-fn positive(v: u32) -> Result<(), String> {
-    if v == 0 { Err("must be greater than 0".to_owned()) } else { Ok(()) }
 }
