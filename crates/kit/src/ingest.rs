@@ -5,7 +5,9 @@
 //!   for validation: one invalid element rejects the batch, naming `[index].field`).
 //! - `202 Accepted` with each `eventId`, only after the broker acknowledged every event.
 //! - Invalid input: `400`/`413` JSON naming the field and the reason. Broker down: `503` at
-//!   once (the producer's connection probe) or after `KAFKA_DELIVERY_TIMEOUT_MS`.
+//!   once (the producer's connection probe) or after `KAFKA_DELIVERY_TIMEOUT_MS`. A `503` lists
+//!   the events that were not acknowledged: they may still be stored later, so a client
+//!   retries them with the same `eventId`, and the platform counts each once.
 //!
 //! The body is read as JSON whatever its `Content-Type`, so `curl -d '{...}'` works as is.
 
@@ -168,7 +170,7 @@ async fn ingest<T: Ingest>(
         return Ok((
             status,
             Json(json!({
-                "error": format!("{e}; events listed in failedEventIds were not stored, retry them with the same eventId"),
+                "error": format!("{e}; events listed in failedEventIds were not acknowledged (they may still be stored): retry them with the same eventId"),
                 "storedEventIds": stored,
                 "failedEventIds": failed,
             })),

@@ -132,7 +132,21 @@ pub fn run_service(name: &str) -> ExitCode {
     }
 }
 
+/// Exit code of a broker process that stopped because a task inside it panicked.
+pub const BROKER_PANIC_EXIT: i32 = 70;
+
 async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
+    // A panic inside the broker can leave it half alive: with Tansu 0.6 a producer retry after
+    // a stall panics the storage task, and every later request fails while the process still
+    // accepts connections. The broker has this process to itself, so the safe answer to any
+    // panic is to exit and let the supervisor (`retargetiq up`, Compose, systemd) restart it
+    // from its durable storage.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("retargetiq broker: a task panicked; exiting so the broker restarts from its storage");
+        std::process::exit(BROKER_PANIC_EXIT);
+    }));
     let storage = if args.memory {
         broker::Storage::Memory
     } else {

@@ -12,6 +12,18 @@ use testkit::{eventually, free_port};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::Command;
 
+/// The pid of the child of `parent` whose command line mentions `name`.
+fn child_running(parent: i32, name: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        // The parent pid is the second field after the parenthesised command name.
+        let ppid: i32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        (ppid == parent && String::from_utf8_lossy(&cmdline).contains(name)).then_some(pid)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
@@ -71,7 +83,35 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     let ui = http.get(format!("http://127.0.0.1:{}/", 3000 + offset)).send().await?;
     assert_eq!(ui.status().as_u16(), 200);
 
+    // kill -9 the event processor: `up` restarts it, it resumes from its committed offsets,
+    // and every accepted event is counted exactly once.
     let pid = i32::try_from(child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?)?;
+    let processor = child_running(pid, "event-processor").ok_or_else(|| anyhow::anyhow!("no event-processor child"))?;
+    kill(Pid::from_raw(processor), Signal::SIGKILL)?;
+    let resp = http
+        .post(format!("http://127.0.0.1:{}/api/users/activity", 8081 + offset))
+        .body(r#"{"userId":"up-test","eventType":"add_to_cart","productId":"P00042"}"#)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 202);
+    eventually("both events counted after the restart", Duration::from_secs(60), || {
+        let http = http.clone();
+        async move {
+            let u: serde_json::Value = http
+                .get(format!("http://127.0.0.1:{}/api/analytics/user/up-test", 8084 + offset))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (u["counts"]["addToCart"] == 1).then_some(u)
+        }
+    })
+    .await
+    .map(|u| assert_eq!(u["counts"]["productViews"], 1, "counted once: {u}"))?;
+    assert_ne!(child_running(pid, "event-processor"), Some(processor), "a new event processor runs");
+
     kill(Pid::from_raw(pid), Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
     reader.await?;

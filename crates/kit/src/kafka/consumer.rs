@@ -32,8 +32,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use super::KafkaSettings;
 use super::producer::{Outgoing, ProduceError, Producer};
+use super::{Assignment, KafkaSettings};
 use crate::http::ReadyFlag;
 
 /// Most messages whose outputs may be awaiting acknowledgement at once.
@@ -42,8 +42,8 @@ pub const MAX_IN_FLIGHT: usize = 1_000;
 /// How a consumer reads its topics.
 #[derive(Debug, Clone)]
 pub enum Subscription {
-    /// Join a consumer group: the instances of a service share the partitions, and committed
-    /// offsets say where to resume.
+    /// The instances of a service share the partitions (see [`super::Assignment`]), and the
+    /// offsets committed under `group_id` say where to resume.
     Group { group_id: String },
     /// Read every partition from the beginning, outside any group: a full replica of the
     /// topics, for views and models that every instance needs whole. Ready once it has
@@ -245,13 +245,18 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         .set("bootstrap.servers", &env.settings.bootstrap_servers)
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
         .set("fetch.wait.max.ms", "100")
         .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
         .set("socket.keepalive.enable", "true");
+    if let Some(debug) = &env.settings.debug {
+        config.set("debug", debug);
+    }
     let is_group = match &spec.subscription {
         Subscription::Group { group_id } => {
             config.set("group.id", group_id).set("enable.auto.commit", "true").set("auto.commit.interval.ms", "1000");
+            if env.settings.assignment == Assignment::Group {
+                config.set("session.timeout.ms", "10000");
+            }
             true
         }
         Subscription::Replica => {
@@ -270,10 +275,25 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
 
     // For a replica: the end offsets to catch up with before the view counts as restored.
     let mut catch_up: HashMap<(Topic, i32), i64> = HashMap::new();
-    if is_group {
+    if is_group && env.settings.assignment == Assignment::Group {
         consumer.subscribe(&names).context("subscribing")?;
+    } else if is_group {
+        let (count, index) = (env.settings.instance_count, env.settings.instance_index);
+        let mine = |p: i32| u32::try_from(p).is_ok_and(|p| p % count == index);
+        let (tpl, _) =
+            assignment(Arc::clone(&consumer), &spec.topics, mine, Offset::Stored, env.shutdown.clone()).await?;
+        consumer.assign(&tpl).context("assigning partitions")?;
+        tracing::info!(
+            consumer = spec.name,
+            partitions = tpl.count(),
+            instance = index,
+            of = count,
+            "partitions assigned"
+        );
+        env.ready.set(true);
     } else {
-        let (tpl, ends) = replica_assignment(Arc::clone(&consumer), &spec.topics, env.shutdown.clone()).await?;
+        let (tpl, ends) =
+            assignment(Arc::clone(&consumer), &spec.topics, |_| true, Offset::Beginning, env.shutdown.clone()).await?;
         consumer.assign(&tpl).context("assigning partitions")?;
         catch_up = ends;
         if catch_up.is_empty() {
@@ -339,10 +359,13 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     Ok(())
 }
 
-/// All partitions of `topics` from the beginning, and the end offset of each non-empty one.
-async fn replica_assignment(
+/// The partitions of `topics` that `mine` selects, each starting at `start`, and the end
+/// offset of each non-empty one.
+async fn assignment(
     consumer: Arc<StreamConsumer<GroupContext>>,
     topics: &[Topic],
+    mine: impl Fn(i32) -> bool,
+    start: Offset,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(TopicPartitionList, HashMap<(Topic, i32), i64>)> {
     let mut tpl = TopicPartitionList::new();
@@ -366,8 +389,8 @@ async fn replica_assignment(
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         };
-        for id in partitions {
-            tpl.add_partition_offset(topic.name(), id, Offset::Beginning)?;
+        for id in partitions.into_iter().filter(|p| mine(*p)) {
+            tpl.add_partition_offset(topic.name(), id, start)?;
             let c = Arc::clone(&consumer);
             let (low, high) =
                 tokio::task::spawn_blocking(move || c.fetch_watermarks(topic.name(), id, Duration::from_secs(5)))

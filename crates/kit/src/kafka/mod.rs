@@ -22,18 +22,68 @@ pub struct KafkaSettings {
     pub producer_buffer_kb: u32,
     /// `KAFKA_LINGER_MS`: how long the producer waits to fill a batch (default 2 ms).
     pub linger: Duration,
-    /// `KAFKA_DELIVERY_TIMEOUT_MS`: how long a produce may take before it fails, for request
-    /// paths that must answer (default 5000). Pipeline consumers retry without limit instead.
+    /// `KAFKA_DELIVERY_TIMEOUT_MS`: how long a request path waits for the broker's
+    /// acknowledgement before answering 503 (default 5000). Pipelines wait without limit.
     pub delivery_timeout: Duration,
     /// `KAFKA_CONSUMER_FETCH_MAX_KB`: most memory a consumer's fetch queue may hold (default 8 MiB).
     pub consumer_queue_kb: u32,
     /// `KAFKA_HANDLER_MAX_ATTEMPTS`: tries before a failing message goes to the dead-letter
     /// topic (default 4).
     pub handler_max_attempts: u32,
+    /// `KAFKA_DEBUG`: librdkafka debug contexts (`cgrp`, `broker`, `all`, ...), off by default.
+    pub debug: Option<String>,
+    /// `KAFKA_ASSIGNMENT`: how the instances of a service share partitions (default `static`).
+    pub assignment: Assignment,
+    /// `INSTANCE_INDEX` (default 0) and `INSTANCE_COUNT` (default 1): this instance's place
+    /// among the instances of its service, for static assignment.
+    pub instance_index: u32,
+    pub instance_count: u32,
+}
+
+/// How the instances of a service share the partitions of the topics they consume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assignment {
+    /// Instance `i` of `n` reads the partitions `p` with `p % n == i`, resuming from the
+    /// offsets committed under the service's group id. It needs nothing from the broker's group
+    /// coordinator, so a crashed instance that restarts simply resumes. The default: the
+    /// embedded broker (Tansu 0.6) does not rebalance a group whose member died without
+    /// leaving, which would stop the pipeline after a crash.
+    Static,
+    /// Kafka's consumer-group protocol: partitions move between instances automatically. For
+    /// Apache Kafka clusters whose instances come and go.
+    Group,
+}
+
+impl std::str::FromStr for Assignment {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "static" => Ok(Assignment::Static),
+            "group" => Ok(Assignment::Group),
+            _ => Err("expected `static` or `group`".to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Assignment::Static => "static",
+            Assignment::Group => "group",
+        })
+    }
 }
 
 impl KafkaSettings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let instance_count: u32 = env.checked("INSTANCE_COUNT", 1, positive)?;
+        let instance_index: u32 = env.checked("INSTANCE_INDEX", 0, |i| {
+            if *i < instance_count {
+                Ok(())
+            } else {
+                Err(format!("must be less than INSTANCE_COUNT ({instance_count})"))
+            }
+        })?;
         Ok(Self {
             bootstrap_servers: env.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092".to_owned())?,
             producer_buffer_kb: env.checked("KAFKA_PRODUCER_BUFFER_KB", 16_384, positive)?,
@@ -41,6 +91,10 @@ impl KafkaSettings {
             delivery_timeout: env.millis("KAFKA_DELIVERY_TIMEOUT_MS", Duration::from_secs(5))?,
             consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 8_192, positive)?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
+            debug: env.raw("KAFKA_DEBUG"),
+            assignment: env.get("KAFKA_ASSIGNMENT", Assignment::Static)?,
+            instance_index,
+            instance_count,
         })
     }
 

@@ -1,4 +1,12 @@
 //! The idempotent producer: `enable.idempotence=true`, `acks=all`, bounded client buffers.
+//!
+//! librdkafka never times a message out here (`message.timeout.ms=0`): it retries until the
+//! broker acknowledges. When an idempotent producer's messages time out, librdkafka bumps the
+//! producer epoch, and Tansu 0.6's SQLite engine panics on a bumped epoch (its storage task
+//! dies and the broker is left answering every request with an error). Request paths that
+//! must answer in time put their own deadline on the wait instead ([`Producer::for_requests`]):
+//! after it the caller gets [`ProduceError::Unavailable`] while the message stays queued and
+//! may still be stored — at-least-once, made exact downstream by event-id de-duplication.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,20 +83,23 @@ impl Outgoing {
 pub struct Producer {
     inner: FutureProducer,
     connected: Arc<AtomicBool>,
+    /// How long [`Producer::send`] waits for the acknowledgement; `None`: as long as it takes.
+    deadline: Option<Duration>,
 }
 
 impl Producer {
-    /// A producer whose deliveries fail after `delivery_timeout` (request paths: answer fast).
+    /// A producer whose [`Producer::send`] gives up waiting after `KAFKA_DELIVERY_TIMEOUT_MS`
+    /// (request paths: answer in time).
     pub fn for_requests(settings: &KafkaSettings) -> anyhow::Result<Self> {
-        Self::create(settings, settings.delivery_timeout)
+        Self::create(settings, Some(settings.delivery_timeout))
     }
 
-    /// A producer that retries without limit (pipelines: never drop, wait for the broker).
+    /// A producer that waits as long as it takes (pipelines: never drop, wait for the broker).
     pub fn for_pipeline(settings: &KafkaSettings) -> anyhow::Result<Self> {
-        Self::create(settings, Duration::ZERO)
+        Self::create(settings, None)
     }
 
-    fn create(settings: &KafkaSettings, delivery_timeout: Duration) -> anyhow::Result<Self> {
+    fn create(settings: &KafkaSettings, deadline: Option<Duration>) -> anyhow::Result<Self> {
         let inner: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &settings.bootstrap_servers)
             .set("enable.idempotence", "true")
@@ -97,12 +108,12 @@ impl Producer {
             .set("linger.ms", settings.linger.as_millis().to_string())
             .set("queue.buffering.max.kbytes", settings.producer_buffer_kb.to_string())
             .set("queue.buffering.max.messages", "100000")
-            // 0 means: retry until delivered.
-            .set("message.timeout.ms", delivery_timeout.as_millis().to_string())
+            // 0: retry until delivered (see the module docs).
+            .set("message.timeout.ms", "0")
             .set("socket.keepalive.enable", "true")
             .set("reconnect.backoff.max.ms", "1000")
             .create()?;
-        Ok(Self { inner, connected: Arc::new(AtomicBool::new(false)) })
+        Ok(Self { inner, connected: Arc::new(AtomicBool::new(false)), deadline })
     }
 
     /// Whether the last broker probe succeeded (see [`Producer::probe`]).
@@ -126,10 +137,19 @@ impl Producer {
         self.send_outgoing(&out).await
     }
 
-    /// Produces an encoded message and waits for the acknowledgement.
+    /// Produces an encoded message and waits for the acknowledgement (up to the deadline).
     pub async fn send_outgoing(&self, out: &Outgoing) -> Result<Delivery, ProduceError> {
-        let record = record(out);
-        self.inner.send(record, Timeout::After(Duration::ZERO)).await.map_err(|(e, _)| ProduceError::from_kafka(&e))
+        let send = self.inner.send(record(out), Timeout::After(Duration::ZERO));
+        let result = match self.deadline {
+            None => send.await,
+            Some(deadline) => tokio::time::timeout(deadline, send).await.map_err(|_| {
+                ProduceError::Unavailable(format!(
+                    "no acknowledgement within {} ms; the message may still be stored later",
+                    deadline.as_millis()
+                ))
+            })?,
+        };
+        result.map_err(|(e, _)| ProduceError::from_kafka(&e))
     }
 
     /// Enqueues a message without waiting; the future resolves on acknowledgement. Waits
