@@ -156,6 +156,22 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     assert_eq!(letters[0]["source"]["topic"], "user-activity-topic");
     assert!(letters[0]["reason"].as_str().is_some_and(|r| r.contains("JSON")), "{letters}");
 
+    // The dead-letter tool lists it, and replays the original bytes to the source topic: they
+    // are rejected again, from a new offset.
+    let bootstrap = fleet.broker.bootstrap();
+    let listed = retargetiq::dead_letters::list(&bootstrap).await?;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(retargetiq::dead_letters::replay(&bootstrap, &["no-such-id".to_owned()], false).await.is_err());
+    assert_eq!(retargetiq::dead_letters::replay(&bootstrap, &[listed[0].dead_letter_id.clone()], false).await?, 1);
+    let again = eventually("the replayed message's dead letter", PATIENCE, || async {
+        get_json(&fleet, "event-processor", "/api/dead-letters")
+            .await
+            .filter(|l| l.as_array().is_some_and(|a| a.len() == 2))
+    })
+    .await?;
+    assert_eq!(again[0]["payload"], "{not json");
+    assert_ne!(again[0]["source"]["offset"], again[1]["source"]["offset"], "{again}");
+
     // The UI answers with the live figures and the shopper's page.
     let html = fleet.http().get(fleet.url("frontend-ui", "/")).send().await?.text().await?;
     assert!(html.contains("id=\"kpi-events\"") && html.contains("id=\"kpi-orders\">1<"), "{html}");

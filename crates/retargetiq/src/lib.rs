@@ -10,6 +10,7 @@
 //! - `retargetiq service <name>`: one service in the foreground (what `up` runs).
 //! - `retargetiq topics create`: creates the platform's topics on a broker.
 
+pub mod dead_letters;
 mod up;
 
 use std::net::SocketAddr;
@@ -57,6 +58,25 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// List rejected messages, or send them back to their source topic after a fix.
+    DeadLetters {
+        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092", global = true)]
+        bootstrap_servers: String,
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLettersCommand {
+    /// One line per dead letter: id, time, source topic[partition]@offset, kind, reason.
+    List,
+    /// Send the named dead letters (or --all) back to their source topic, byte for byte.
+    Replay {
+        ids: Vec<String>,
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,6 +111,22 @@ pub fn main() -> ExitCode {
         Command::Service { name } => run_service(&name),
         Command::Up(args) => block_on(up::run(args)),
         Command::Broker(args) => block_on(run_broker(args)),
+        Command::DeadLetters { bootstrap_servers, command } => block_on(async move {
+            match command {
+                DeadLettersCommand::List => {
+                    let letters = dead_letters::list(&bootstrap_servers).await?;
+                    for l in &letters {
+                        println!("{}", dead_letters::format_line(l));
+                    }
+                    println!("{} dead letter(s)", letters.len());
+                }
+                DeadLettersCommand::Replay { ids, all } => {
+                    let n = dead_letters::replay(&bootstrap_servers, &ids, all).await?;
+                    println!("replayed {n} dead letter(s)");
+                }
+            }
+            Ok(())
+        }),
         Command::Topics { command: TopicsCommand::Create { bootstrap_servers, replication_factor } } => {
             block_on(async move {
                 kit::kafka::admin::ensure_topics(&bootstrap_servers, replication_factor, Duration::from_secs(30)).await

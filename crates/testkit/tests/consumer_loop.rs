@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use events::{DeadLetter, DeadLetterKind, Topic, UserFeatures};
 use kit::kafka::consumer::ConsumerEnv;
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record, Subscription, run_consumer};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record, run_consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use testkit::{TestBroker, eventually};
 use tokio_util::sync::CancellationToken;
@@ -54,16 +54,12 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
         shutdown: shutdown.clone(),
         ready: kit::http::Health::default().condition(name),
     };
-    let spec = |name, topic, subscription| ConsumerSpec { name, topics: vec![topic], subscription };
-    let main = tokio::spawn(run_consumer(
-        env("main"),
-        spec("main", Topic::UserActivity, Subscription::Group { group_id: "test-main".into() }),
-        Echo,
-    ));
+    let main =
+        tokio::spawn(run_consumer(env("main"), ConsumerSpec::group("main", [Topic::UserActivity], "test-main"), Echo));
     let features = Collect::default();
     let letters = Collect::default();
-    tokio::spawn(run_consumer(env("f"), spec("f", Topic::UserFeatures, Subscription::Replica), features.clone()));
-    tokio::spawn(run_consumer(env("d"), spec("d", Topic::DeadLetter, Subscription::Replica), letters.clone()));
+    tokio::spawn(run_consumer(env("f"), ConsumerSpec::replica("f", [Topic::UserFeatures]), features.clone()));
+    tokio::spawn(run_consumer(env("d"), ConsumerSpec::replica("d", [Topic::DeadLetter]), letters.clone()));
 
     let users = eventually("two feature snapshots", Duration::from_secs(60), || {
         let got = features.0.lock().expect("lock").clone();

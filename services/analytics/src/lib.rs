@@ -20,7 +20,7 @@ use events::{EventCounts, EventType, OfferDecision, ProcessedEvent, Topic};
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
 use serde::Serialize;
@@ -49,11 +49,7 @@ impl Service for Analytics {
         let state = Shared::new(Kpis::new(config.dedup_capacity));
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec {
-                name: "events-and-offers",
-                topics: vec![Topic::ProcessedEvents, Topic::Offers],
-                subscription: Subscription::Group { group_id: "analytics".into() },
-            },
+            ConsumerSpec::group("events-and-offers", [Topic::ProcessedEvents, Topic::Offers], "analytics").restoring(),
             Counter(Shared::clone(&state)),
         );
         let routes = axum::Router::new()
@@ -161,9 +157,13 @@ impl Kpis {
             u.revenue += order.amount;
             self.converted_sessions.insert(e.session_id.clone());
         }
-        let minute = now.timestamp() / 60;
-        *self.per_minute.entry(minute).or_default() += 1;
-        self.per_minute.retain(|m, _| *m > minute - 60);
+        // Bucketed by processing time (not arrival here), so a replay after a restart puts
+        // events back in their own minutes.
+        let (minute, current) = (e.processed_at.timestamp() / 60, now.timestamp() / 60);
+        if minute > current - 60 {
+            *self.per_minute.entry(minute).or_default() += 1;
+        }
+        self.per_minute.retain(|m, _| *m > current - 60);
         true
     }
 

@@ -28,7 +28,7 @@ use events::{
 };
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
 use serde::{Deserialize, Serialize};
@@ -75,16 +75,12 @@ impl Service for EventProcessor {
         let letters = Shared::new(VecDeque::new());
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec {
-                name: "raw-events",
-                topics: vec![Topic::UserActivity, Topic::Order],
-                subscription: Subscription::Group { group_id: "event-processor".into() },
-            },
+            ConsumerSpec::group("raw-events", [Topic::UserActivity, Topic::Order], "event-processor").restoring(),
             Processor::new(config, Shared::clone(&stats)),
         );
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec { name: "dead-letters", topics: vec![Topic::DeadLetter], subscription: Subscription::Replica },
+            ConsumerSpec::replica("dead-letters", [Topic::DeadLetter]),
             LetterView(Shared::clone(&letters)),
         );
         let routes = axum::Router::new()
@@ -139,13 +135,16 @@ impl Processor {
         HandlerError::invalid(e)
     }
 
-    fn session(&mut self, user: &str, given: Option<&str>, at: DateTime<Utc>) -> String {
+    /// The session of an event: the client's, or the user's current one, or (after
+    /// `session_gap` of inactivity) a new one named after the event that starts it — so a
+    /// replay of the same events after a restart rebuilds the same sessions.
+    fn session(&mut self, user: &str, event_id: &str, given: Option<&str>, at: DateTime<Utc>) -> String {
         let gap = self.config.session_gap;
         let entry = self.sessions.get(user);
         let session = match (given, entry) {
             (Some(s), _) => s.to_owned(),
             (None, Some((s, last))) if at - *last < gap => s.clone(),
-            (None, _) => format!("s-{}", uuid::Uuid::new_v4()),
+            (None, _) => format!("s-{event_id}"),
         };
         let last = entry.map_or(at, |(_, last)| (*last).max(at));
         self.sessions.insert(user.to_owned(), (session.clone(), last));
@@ -164,7 +163,7 @@ impl Processor {
         let product = e.product_id.as_deref().and_then(product_info);
         ProcessedEvent {
             schema_version: events::SCHEMA_VERSION,
-            session_id: self.session(&e.user_id, e.session_id.as_deref(), e.timestamp),
+            session_id: self.session(&e.user_id, &e.event_id, e.session_id.as_deref(), e.timestamp),
             campaign_id: self.campaign(&e.user_id, e.campaign_id.as_deref(), e.timestamp),
             correlation_id: correlation(out),
             event_id: e.event_id,
@@ -194,7 +193,7 @@ impl Processor {
             .collect();
         ProcessedEvent {
             schema_version: events::SCHEMA_VERSION,
-            session_id: self.session(&o.user_id, o.session_id.as_deref(), o.timestamp),
+            session_id: self.session(&o.user_id, &o.event_id, o.session_id.as_deref(), o.timestamp),
             campaign_id: self.campaign(&o.user_id, o.campaign_id.as_deref(), o.timestamp),
             correlation_id: correlation(out),
             event_id: o.event_id,
@@ -379,10 +378,11 @@ mod tests {
         let mut p =
             Processor::new(Config { session_gap: Duration::seconds(60), ..Config::default() }, Shared::default());
         let t0 = Utc::now() - Duration::hours(1);
-        let a = p.session("u", None, t0);
-        assert_eq!(p.session("u", None, t0 + Duration::seconds(30)), a);
-        assert_ne!(p.session("u", None, t0 + Duration::seconds(200)), a);
-        assert_eq!(p.session("u", Some("given"), t0), "given");
+        let a = p.session("u", "e1", None, t0);
+        assert_eq!(a, "s-e1");
+        assert_eq!(p.session("u", "e2", None, t0 + Duration::seconds(30)), a);
+        assert_eq!(p.session("u", "e3", None, t0 + Duration::seconds(200)), "s-e3");
+        assert_eq!(p.session("u", "e4", Some("given"), t0), "given");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use events::{EventType, ProcessedEvent, Topic, UserFeatures};
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
 
@@ -62,11 +62,7 @@ impl Service for FeatureStore {
         let store = Shared::new(Store::new(config));
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec {
-                name: "processed-events",
-                topics: vec![Topic::ProcessedEvents],
-                subscription: Subscription::Group { group_id: "feature-store".into() },
-            },
+            ConsumerSpec::group("processed-events", [Topic::ProcessedEvents], "feature-store").restoring(),
             Updater(Shared::clone(&store)),
         );
         let routes = axum::Router::new().route("/features/{user_id}", get(get_features)).with_state(store);

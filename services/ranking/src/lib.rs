@@ -25,7 +25,7 @@ use chrono::Utc;
 use events::{CandidateSource, Candidates, RankedItem, RankedRecommendations, Topic};
 use kit::config::{ConfigError, Env};
 use kit::http::{ApiError, found};
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
 
@@ -49,11 +49,7 @@ impl Service for Ranking {
         let latest: Latest = Shared::default();
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec {
-                name: "candidates",
-                topics: vec![Topic::Candidates],
-                subscription: Subscription::Group { group_id: "ranking".into() },
-            },
+            ConsumerSpec::group("candidates", [Topic::Candidates], "ranking"),
             Ranker { model: LinearModel::v1(), latest: Shared::clone(&latest) },
         );
         let routes = axum::Router::new().route("/rank/{user_id}", get(get_ranked)).with_state(latest);

@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use events::{CandidateSource, OfferDecision, RankedRecommendations, Topic};
 use kit::config::{ConfigError, Env};
 use kit::http::ApiError;
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
 use serde::{Deserialize, Serialize};
@@ -48,16 +48,12 @@ impl Service for RecommendationApi {
         let views: Views = Shared::default();
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec {
-                name: "ranked-view",
-                topics: vec![Topic::RankedRecommendations],
-                subscription: Subscription::Replica,
-            },
+            ConsumerSpec::replica("ranked-view", [Topic::RankedRecommendations]),
             ViewUpdater(Shared::clone(&views)),
         );
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec { name: "offers-view", topics: vec![Topic::Offers], subscription: Subscription::Replica },
+            ConsumerSpec::replica("offers-view", [Topic::Offers]),
             ViewUpdater(Shared::clone(&views)),
         );
         let routes = axum::Router::new().route("/recommend/{user_id}", get(recommend)).with_state(views);

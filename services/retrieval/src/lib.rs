@@ -29,7 +29,7 @@ use events::{Candidate, CandidateSource, Candidates, EventType, ProcessedEvent, 
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
 
@@ -59,16 +59,12 @@ impl Service for Retrieval {
         let state = Shared::new(RetrievalState::default());
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec { name: "model", topics: vec![Topic::ProcessedEvents], subscription: Subscription::Replica },
+            ConsumerSpec::replica("model", [Topic::ProcessedEvents]),
             Learner(Shared::clone(&state)),
         );
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec {
-                name: "user-features",
-                topics: vec![Topic::UserFeatures],
-                subscription: Subscription::Group { group_id: "retrieval".into() },
-            },
+            ConsumerSpec::group("user-features", [Topic::UserFeatures], "retrieval"),
             Retriever(Shared::clone(&state)),
         );
         let routes = axum::Router::new().route("/retrieve/{user_id}", get(get_candidates)).with_state(state);

@@ -25,7 +25,7 @@ use chrono::{DateTime, Duration, Utc};
 use events::{OfferAction, OfferDecision, Topic, UserFeatures};
 use kit::config::{ConfigError, Env, positive};
 use kit::http::{ApiError, found};
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record, Subscription};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
 use serde_json::Value;
@@ -57,11 +57,7 @@ impl Service for RlOffer {
         let state = Shared::new(Offers::default());
         ctx.spawn_consumer(
             &pipeline,
-            ConsumerSpec {
-                name: "user-features",
-                topics: vec![Topic::UserFeatures],
-                subscription: Subscription::Group { group_id: "rl-offer".into() },
-            },
+            ConsumerSpec::group("user-features", [Topic::UserFeatures], "rl-offer"),
             Decider { state: Shared::clone(&state), config },
         );
         let routes = axum::Router::new()

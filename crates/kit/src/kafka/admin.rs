@@ -59,3 +59,54 @@ pub async fn ensure_named_topics(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Every message of `topic` as it is now (all partitions, from the beginning up to the end
+/// offsets read at the start), in partition order: for tools and tests.
+pub async fn read_to_end(bootstrap_servers: &str, topic: events::Topic) -> anyhow::Result<Vec<Vec<u8>>> {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::Message as _;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let consumer: std::sync::Arc<StreamConsumer> = std::sync::Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("group.id", format!("retargetiq-reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .context("creating a reader")?,
+    );
+    let c = std::sync::Arc::clone(&consumer);
+    let ends = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64)>> {
+        let metadata = c.fetch_metadata(Some(topic.name()), Duration::from_secs(10))?;
+        let mut ends = Vec::new();
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (low, high) = c.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(10))?;
+            if high > low {
+                ends.push((p.id(), high));
+            }
+        }
+        Ok(ends)
+    })
+    .await??;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _) in &ends {
+        tpl.add_partition_offset(topic.name(), *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut remaining: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
+    let mut out = Vec::new();
+    while !remaining.is_empty() {
+        let msg = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .context("the broker stopped sending before the end of the topic")??;
+        let Some(&end) = remaining.get(&msg.partition()) else { continue };
+        if msg.offset() < end {
+            out.push(msg.payload().unwrap_or_default().to_vec());
+        }
+        if msg.offset() + 1 >= end {
+            remaining.remove(&msg.partition());
+        }
+    }
+    Ok(out)
+}

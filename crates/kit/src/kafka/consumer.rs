@@ -58,6 +58,32 @@ pub struct ConsumerSpec {
     pub name: &'static str,
     pub topics: Vec<Topic>,
     pub subscription: Subscription,
+    /// Rebuild the handler's state on start: replay this instance's partitions from the
+    /// beginning up to the committed offsets, outputs discarded, before consuming for real.
+    /// For handlers whose state is a function of their input (static assignment only).
+    pub restore: bool,
+}
+
+impl ConsumerSpec {
+    /// A partitioned consumer whose offsets are committed under `group_id`.
+    pub fn group(name: &'static str, topics: impl Into<Vec<Topic>>, group_id: &str) -> Self {
+        Self {
+            name,
+            topics: topics.into(),
+            subscription: Subscription::Group { group_id: group_id.to_owned() },
+            restore: false,
+        }
+    }
+
+    /// A replica of `topics` (every partition, from the beginning).
+    pub fn replica(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
+        Self { name, topics: topics.into(), subscription: Subscription::Replica, restore: false }
+    }
+
+    /// The same consumer, restoring its state on start (see [`ConsumerSpec::restore`]).
+    pub fn restoring(self) -> Self {
+        Self { restore: true, ..self }
+    }
 }
 
 /// One consumed message, as a handler sees it.
@@ -210,7 +236,20 @@ struct GroupContext {
     name: &'static str,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// librdkafka's statistics (every 5 s): the lag of each partition this consumer reads.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    let (topic, partition) = (topic.clone(), partition.to_string());
+                    metrics::gauge!("kafka_consumer_lag", "consumer" => self.name, "topic" => topic, "partition" => partition)
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -247,6 +286,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "100")
         .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
+        .set("statistics.interval.ms", "5000")
         .set("socket.keepalive.enable", "true");
     if let Some(debug) = &env.settings.debug {
         config.set("debug", debug);
@@ -282,6 +322,9 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         let mine = |p: i32| u32::try_from(p).is_ok_and(|p| p % count == index);
         let (tpl, _) =
             assignment(Arc::clone(&consumer), &spec.topics, mine, Offset::Stored, env.shutdown.clone()).await?;
+        if spec.restore {
+            restore(env, spec, handler, Arc::clone(&consumer), &tpl).await?;
+        }
         consumer.assign(&tpl).context("assigning partitions")?;
         tracing::info!(
             consumer = spec.name,
@@ -359,6 +402,83 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     Ok(())
 }
 
+/// Replays `tpl`'s partitions from the beginning up to the offsets committed for the group,
+/// through the handler, discarding its outputs: the handler's state is then what it was when
+/// those offsets were committed. Stops early (with a warning) if the broker sends nothing
+/// for 10 s, so a gap in the log cannot hang a start.
+async fn restore<H: Handler>(
+    env: &ConsumerEnv,
+    spec: &ConsumerSpec,
+    handler: &mut H,
+    group: Arc<StreamConsumer<GroupContext>>,
+    tpl: &TopicPartitionList,
+) -> anyhow::Result<()> {
+    let query = tpl.clone();
+    let committed = tokio::task::spawn_blocking(move || group.committed_offsets(query, Duration::from_secs(10)))
+        .await?
+        .context("reading committed offsets")?;
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    let mut replay_tpl = TopicPartitionList::new();
+    for e in committed.elements() {
+        if let Offset::Offset(end) = e.offset()
+            && end > 0
+        {
+            ends.insert((e.topic().to_owned(), e.partition()), end);
+            replay_tpl.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    let replay: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.settings.bootstrap_servers)
+        .set("group.id", format!("{}-restore-{}", env.service, uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
+        .create()
+        .context("creating the restore consumer")?;
+    replay.assign(&replay_tpl).context("assigning partitions to restore")?;
+    let (started, mut count) = (Instant::now(), 0_u64);
+    while !ends.is_empty() {
+        let msg = tokio::select! {
+            () = env.shutdown.cancelled() => anyhow::bail!("shut down while restoring"),
+            m = tokio::time::timeout(Duration::from_secs(10), replay.recv()) => match m {
+                Ok(m) => m.context("reading while restoring")?,
+                Err(_) => {
+                    tracing::warn!(consumer = spec.name, remaining = ends.len(), "nothing more to restore from; continuing");
+                    break;
+                }
+            },
+        };
+        let key = (msg.topic().to_owned(), msg.partition());
+        let Some(&end) = ends.get(&key) else { continue };
+        if msg.offset() < end
+            && let Some(topic) = Topic::from_name(msg.topic())
+        {
+            let record = Record {
+                topic,
+                partition: msg.partition(),
+                offset: msg.offset(),
+                key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
+                payload: msg.payload().unwrap_or_default(),
+                correlation_id: None,
+                timestamp_ms: msg.timestamp().to_millis(),
+            };
+            // Messages the handler rejects were dead-lettered the first time round.
+            let _ = handler.handle(&record, &mut Outbox::default());
+            count += 1;
+        }
+        if msg.offset() + 1 >= end {
+            ends.remove(&key);
+        }
+    }
+    metrics::counter!("consumer_restored_messages_total", "consumer" => spec.name).increment(count);
+    tracing::info!(consumer = spec.name, messages = count, elapsed = ?started.elapsed(), "state restored");
+    Ok(())
+}
+
 /// The partitions of `topics` that `mine` selects, each starting at `start`, and the end
 /// offset of each non-empty one.
 async fn assignment(
@@ -427,10 +547,18 @@ async fn process<H: Handler>(
     };
     let started = Instant::now();
     let mut attempt = 0;
+    // Every log line about this message carries its correlation id.
+    let span = tracing::info_span!(
+        "message",
+        correlation_id = record.correlation_id.unwrap_or(""),
+        topic = %topic,
+        partition = record.partition,
+        offset = record.offset
+    );
     let outputs = loop {
         attempt += 1;
         let mut out = Outbox::new(record.correlation_id);
-        match handler.handle(&record, &mut out) {
+        match span.in_scope(|| handler.handle(&record, &mut out)) {
             Ok(()) => {
                 metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "ok").increment(1);
                 break out.into_messages();
