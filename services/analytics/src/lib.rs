@@ -2,7 +2,7 @@
 //!
 //! Consumes `processed-events-topic` and `offers-topic` (consumer group `analytics`). Counts
 //! are exact under redelivery: events are de-duplicated by id (the last
-//! `ANALYTICS_DEDUP_CAPACITY` ids, default 1,000,000).
+//! `ANALYTICS_DEDUP_CAPACITY` ids, default 200,000).
 //!
 //! `GET /api/analytics/summary`: event counts by type, users, sessions, orders, revenue,
 //! session conversion rate (sessions with a purchase ÷ sessions), view-to-cart and
@@ -31,7 +31,7 @@ pub struct Analytics;
 /// Settings of analytics.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `ANALYTICS_DEDUP_CAPACITY` (default 1,000,000).
+    /// `ANALYTICS_DEDUP_CAPACITY` (default 200,000).
     pub dedup_capacity: usize,
 }
 
@@ -41,7 +41,7 @@ impl Service for Analytics {
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {
-        Ok(Config { dedup_capacity: env.checked("ANALYTICS_DEDUP_CAPACITY", 1_000_000, positive)? })
+        Ok(Config { dedup_capacity: env.checked("ANALYTICS_DEDUP_CAPACITY", 200_000, positive)? })
     }
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {

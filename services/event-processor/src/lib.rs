@@ -10,8 +10,10 @@
 //!   client sent none (a gap of `SESSION_GAP_SECONDS` without events starts a new session);
 //!   the user's latest campaign carried onto later events for `CAMPAIGN_WINDOW_HOURS`; a
 //!   correlation id (Kafka header `correlation-id`, created here if the producer sent none).
-//! - De-duplication by `eventId` over the last `DEDUP_CAPACITY` ids (memory bound: about
-//!   100 bytes per id).
+//! - De-duplication by `eventId` over the last `DEDUP_CAPACITY` ids (each id is kept twice,
+//!   in a FIFO and a hash set: on the order of 150 bytes for a UUID, so about 30 MB at the
+//!   default of 200,000). The memory survives restarts: on start the processor replays its
+//!   partitions up to the committed offsets (`ConsumerSpec::restoring`).
 //!
 //! Ops endpoints: `GET /api/processor/stats` and `GET /api/dead-letters?limit=N` (the latest
 //! dead letters, from a replica of the dead-letter topic).
@@ -39,7 +41,7 @@ pub struct EventProcessor;
 /// Settings of the event processor.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `DEDUP_CAPACITY`: how many recent event ids are remembered (default 1,000,000).
+    /// `DEDUP_CAPACITY`: how many recent event ids are remembered (default 200,000).
     pub dedup_capacity: usize,
     /// `SESSION_GAP_SECONDS`: inactivity that starts a new session (default 1800).
     pub session_gap: Duration,
@@ -49,7 +51,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { dedup_capacity: 1_000_000, session_gap: Duration::minutes(30), campaign_window: Duration::hours(168) }
+        Self { dedup_capacity: 200_000, session_gap: Duration::minutes(30), campaign_window: Duration::hours(168) }
     }
 }
 

@@ -109,7 +109,7 @@ impl Default for Model {
             sessions: HashMap::new(),
             session_order: VecDeque::new(),
             popularity: HashMap::new(),
-            seen: SeenSet::new(1_000_000),
+            seen: SeenSet::new(200_000),
         }
     }
 }
