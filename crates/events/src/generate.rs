@@ -46,7 +46,7 @@ impl Generator {
         user_id(self.rng.random_range(1..=USER_COUNT))
     }
 
-    fn session(user: &str, now: DateTime<Utc>) -> String {
+    fn session_of(user: &str, now: DateTime<Utc>) -> String {
         format!("sess-{user}-{}", now.timestamp() / SESSION_SECONDS)
     }
 
@@ -87,7 +87,7 @@ impl Generator {
         ActivityEvent {
             schema_version: crate::SCHEMA_VERSION,
             event_id: uuid::Uuid::new_v4().to_string(),
-            session_id: Some(Self::session(&user, now)),
+            session_id: Some(Self::session_of(&user, now)),
             user_id: user,
             event_type,
             product_id,
@@ -113,7 +113,7 @@ impl Generator {
             schema_version: crate::SCHEMA_VERSION,
             event_id: uuid::Uuid::new_v4().to_string(),
             order_id: format!("ord-{}", uuid::Uuid::new_v4()),
-            session_id: Some(Self::session(&user, now)),
+            session_id: Some(Self::session_of(&user, now)),
             user_id: user,
             items,
             amount: (amount * 100.0).round() / 100.0,
@@ -152,5 +152,139 @@ mod tests {
         assert_eq!(fav, favourite_category(&user));
         let hits = (0..1000).filter(|_| g.product_for(&user).category == fav).count();
         assert!(hits > 650, "{hits} of 1000 in the favourite category");
+    }
+}
+
+/// A simulated shopper with a known preference, for traffic that recommendation quality can
+/// be measured against.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Shopper {
+    pub user_id: String,
+    /// The category this shopper mostly browses and buys from.
+    pub favourite_category: &'static str,
+    /// Probability that a session with something in the cart ends in an order.
+    pub purchase_propensity: f64,
+}
+
+impl Shopper {
+    /// Shopper `n` of a simulated population whose ids start with `prefix`.
+    pub fn new(prefix: &str, n: u32, rng: &mut impl Rng) -> Self {
+        let user_id = format!("{prefix}-{n:04}");
+        Self {
+            favourite_category: favourite_category(&user_id),
+            user_id,
+            purchase_propensity: rng.random_range(0.1..0.6),
+        }
+    }
+}
+
+/// One step of a simulated session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Activity(ActivityEvent),
+    Order(OrderEvent),
+}
+
+impl Generator {
+    /// A realistic session of `shopper` starting at `start`: a landing page view, three to
+    /// eight product views (mostly in the favourite category, sometimes a click or a search),
+    /// an add-to-cart for some of them, then an order (with probability `purchase_propensity`)
+    /// or an abandoned cart. Every event passes the platform's validation.
+    pub fn session(&mut self, shopper: &Shopper, start: DateTime<Utc>) -> Vec<Step> {
+        let session_id = format!("sim-{}", uuid::Uuid::new_v4());
+        let mut at = start;
+        let mut steps = Vec::new();
+        let activity = |g: &mut Self, at: DateTime<Utc>, t: EventType, product: Option<&str>, query: Option<String>| {
+            Step::Activity(ActivityEvent {
+                schema_version: crate::SCHEMA_VERSION,
+                event_id: uuid::Uuid::new_v4().to_string(),
+                user_id: shopper.user_id.clone(),
+                session_id: Some(session_id.clone()),
+                event_type: t,
+                product_id: product.map(str::to_owned),
+                campaign_id: None,
+                query,
+                recommendation_id: None,
+                timestamp: at + chrono::Duration::milliseconds(i64::from(g.rng.random_range(0..50))),
+            })
+        };
+        steps.push(activity(self, at, EventType::PageView, None, None));
+        if self.rng.random_bool(0.3) {
+            steps.push(activity(self, at, EventType::Search, None, Some(shopper.favourite_category.to_owned())));
+        }
+        let mut cart: Vec<&'static Product> = Vec::new();
+        for _ in 0..self.rng.random_range(3..=8) {
+            at += chrono::Duration::seconds(self.rng.random_range(5..60));
+            let p = self.product_for(&shopper.user_id);
+            steps.push(activity(self, at, EventType::ProductView, Some(&p.id), None));
+            if self.rng.random_bool(0.3) {
+                steps.push(activity(self, at, EventType::Click, Some(&p.id), None));
+            }
+            // Shoppers cart what they like: mostly their favourite category.
+            let likes = p.category == shopper.favourite_category;
+            if self.rng.random_bool(if likes { 0.3 } else { 0.05 }) && !cart.iter().any(|c| c.id == p.id) {
+                steps.push(activity(self, at, EventType::AddToCart, Some(&p.id), None));
+                cart.push(p);
+            }
+        }
+        if !cart.is_empty() && self.rng.random_bool(shopper.purchase_propensity) {
+            at += chrono::Duration::seconds(self.rng.random_range(10..120));
+            let items: Vec<OrderItem> =
+                cart.iter().map(|p| OrderItem { product_id: p.id.clone(), quantity: 1, unit_price: p.price }).collect();
+            let amount = items.iter().map(|i| i.unit_price).sum::<f64>();
+            steps.push(Step::Order(OrderEvent {
+                schema_version: crate::SCHEMA_VERSION,
+                event_id: uuid::Uuid::new_v4().to_string(),
+                order_id: format!("ord-{}", uuid::Uuid::new_v4()),
+                user_id: shopper.user_id.clone(),
+                session_id: Some(session_id.clone()),
+                items,
+                amount: (amount * 100.0).round() / 100.0,
+                currency: "EUR".to_owned(),
+                campaign_id: None,
+                offer_decision_id: None,
+                timestamp: at,
+            }));
+        }
+        steps
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+    use crate::validate::{self, Strictness};
+
+    #[test]
+    fn sessions_are_valid_and_follow_the_preference() {
+        let mut g = Generator::seeded(11);
+        let mut rng = StdRng::seed_from_u64(5);
+        let shoppers: Vec<Shopper> = (1..=50).map(|n| Shopper::new("sim", n, &mut rng)).collect();
+        let start = Utc::now() - chrono::Duration::hours(2);
+        let (mut views, mut in_favourite, mut orders) = (0, 0, 0);
+        for s in &shoppers {
+            for step in g.session(s, start) {
+                match step {
+                    Step::Activity(a) => {
+                        let v = serde_json::to_value(&a).expect("json");
+                        validate::activity(&v, Utc::now(), Strictness::Stream).expect("valid activity");
+                        if a.event_type == EventType::ProductView {
+                            views += 1;
+                            let p = Catalog::global().get(a.product_id.as_deref().unwrap_or_default()).expect("known");
+                            in_favourite += usize::from(p.category == s.favourite_category);
+                        }
+                    }
+                    Step::Order(o) => {
+                        let v = serde_json::to_value(&o).expect("json");
+                        validate::order(&v, Utc::now(), Strictness::Stream).expect("valid order");
+                        orders += 1;
+                    }
+                }
+            }
+        }
+        assert!(views >= 150, "{views}");
+        assert!(in_favourite * 100 / views > 65, "{in_favourite} of {views} views in the favourite category");
+        assert!(orders > 0 && orders < shoppers.len(), "{orders} orders");
     }
 }

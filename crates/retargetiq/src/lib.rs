@@ -11,6 +11,7 @@
 //! - `retargetiq topics create`: creates the platform's topics on a broker.
 
 pub mod dead_letters;
+pub mod simulate;
 mod up;
 
 use std::net::SocketAddr;
@@ -58,6 +59,8 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Play realistic shopper sessions against the ingestion APIs.
+    Simulate(Box<simulate::SimulateArgs>),
     /// List rejected messages, or send them back to their source topic after a fix.
     DeadLetters {
         #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092", global = true)]
@@ -111,6 +114,15 @@ pub fn main() -> ExitCode {
         Command::Service { name } => run_service(&name),
         Command::Up(args) => block_on(up::run(args)),
         Command::Broker(args) => block_on(run_broker(args)),
+        Command::Simulate(args) => block_on(async move {
+            let summary = simulate::run(*args).await?;
+            println!("{}", summary.report());
+            anyhow::ensure!(
+                summary.failed == 0 || summary.accepted > 0,
+                "no event was accepted: is the platform running?"
+            );
+            Ok(())
+        }),
         Command::DeadLetters { bootstrap_servers, command } => block_on(async move {
             match command {
                 DeadLettersCommand::List => {

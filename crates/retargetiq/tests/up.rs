@@ -139,6 +139,41 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     .await?;
     assert_eq!(features["counts"]["productViews"], 1, "the view from before the crash, once: {features}");
 
+    // Simulated shoppers: every accepted event is counted exactly once.
+    let before: serde_json::Value =
+        http.get(format!("http://127.0.0.1:{}/api/analytics/summary", 8084 + offset)).send().await?.json().await?;
+    let base = |port: u16| reqwest::Url::parse(&format!("http://127.0.0.1:{}", port + offset));
+    let summary = retargetiq::simulate::run(retargetiq::simulate::SimulateArgs {
+        rate: 50.0,
+        duration: Duration::from_secs(2),
+        shoppers: 20,
+        prefix: "sim".into(),
+        seed: Some(1),
+        concurrency: 8,
+        activity_url: base(8081)?,
+        order_url: base(8082)?,
+        truth: None,
+        quiet: true,
+    })
+    .await?;
+    assert!(summary.accepted >= 50 && summary.rejected == 0 && summary.failed == 0, "{}", summary.report());
+    let expected = before["events"].as_u64().unwrap_or(0) + summary.accepted;
+    eventually("every simulated event counted", Duration::from_secs(30), || {
+        let http = http.clone();
+        async move {
+            let s: serde_json::Value = http
+                .get(format!("http://127.0.0.1:{}/api/analytics/summary", 8084 + offset))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (s["events"].as_u64() == Some(expected)).then_some(())
+        }
+    })
+    .await?;
+
     kill(Pid::from_raw(pid), Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
     reader.await?;
