@@ -74,6 +74,25 @@ pub async fn spawn(
     Ok(handle)
 }
 
+/// Starts a broker on a thread and async runtime of its own (as if it were its own process)
+/// and waits until it accepts connections; cancelling `shutdown` stops it. For tests and
+/// benchmarks that keep the broker in-process: sharing one runtime with busy services
+/// starves it.
+pub async fn spawn_dedicated(addr: SocketAddr, storage: Storage, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::thread::Builder::new().name("broker".into()).spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+        match runtime {
+            Ok(rt) => {
+                if let Err(e) = rt.block_on(run(addr, storage, shutdown)) {
+                    tracing::error!(error = format!("{e:#}"), "broker failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "no runtime for the broker"),
+        }
+    })?;
+    wait_for_port(addr, Duration::from_secs(30)).await
+}
+
 /// Waits until something accepts TCP connections on `addr`.
 pub async fn wait_for_port(addr: SocketAddr, patience: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + patience;

@@ -34,15 +34,31 @@ impl std::fmt::Display for LogFormat {
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG` filters (default `info`, with the chatty
-/// dependencies at `warn`). Calling it twice is harmless (tests run several services).
+/// Installs the global subscriber, writing to stdout (services). `RUST_LOG` filters (default
+/// `info`, with the chatty dependencies at `warn`). Calling it twice is harmless (tests run
+/// several services).
 pub fn init(format: LogFormat) {
+    init_to(format, false);
+}
+
+/// The same, writing to stderr: for command-line tools whose stdout is their result.
+pub fn init_to_stderr(format: LogFormat) {
+    init_to(format, true);
+}
+
+fn init_to(format: LogFormat, stderr: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,tansu_broker=warn,tansu_storage=warn,tansu_sans_io=warn,libsql=warn,h2=warn,hyper=warn")
     });
     // Colours only on a terminal (or when the parent, `retargetiq up`, asks for them).
-    let ansi = std::io::stdout().is_terminal() || std::env::var("CLICOLOR_FORCE").is_ok_and(|v| v == "1");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE).with_ansi(ansi);
+    let terminal = if stderr { std::io::stderr().is_terminal() } else { std::io::stdout().is_terminal() };
+    let ansi = terminal || std::env::var("CLICOLOR_FORCE").is_ok_and(|v| v == "1");
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE).with_ansi(ansi).with_writer(
+            move || -> Box<dyn std::io::Write> {
+                if stderr { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) }
+            },
+        );
     let result = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().with_current_span(false).with_span_list(true).try_init(),

@@ -10,6 +10,7 @@
 //! - `retargetiq service <name>`: one service in the foreground (what `up` runs).
 //! - `retargetiq topics create`: creates the platform's topics on a broker.
 
+pub mod bench;
 pub mod dead_letters;
 pub mod simulate;
 mod up;
@@ -58,6 +59,11 @@ enum Command {
     Topics {
         #[command(subcommand)]
         command: TopicsCommand,
+    },
+    /// Benchmarks, each printing its baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
     /// Play realistic shopper sessions against the ingestion APIs.
     Simulate(Box<simulate::SimulateArgs>),
@@ -114,6 +120,7 @@ pub fn main() -> ExitCode {
         Command::Service { name } => run_service(&name),
         Command::Up(args) => block_on(up::run(args)),
         Command::Broker(args) => block_on(run_broker(args)),
+        Command::Bench { command } => block_on(bench::run(command)),
         Command::Simulate(args) => block_on(async move {
             let summary = simulate::run(*args).await?;
             println!("{}", summary.report());
@@ -148,7 +155,7 @@ pub fn main() -> ExitCode {
 }
 
 fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    kit::telemetry::init(kit::telemetry::LogFormat::Text);
+    kit::telemetry::init_to_stderr(kit::telemetry::LogFormat::Text);
     let result = tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(f));
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,19 +21,7 @@ impl TestBroker {
         let shutdown = CancellationToken::new();
         // The broker gets a runtime (and threads) of its own, as it has its own process in
         // production: the services under test can never starve it, nor it them.
-        let stop = shutdown.clone();
-        std::thread::Builder::new().name("test-broker".into()).spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
-            match runtime {
-                Ok(rt) => {
-                    if let Err(e) = rt.block_on(broker::run(addr, broker::Storage::Memory, stop)) {
-                        tracing::error!(error = format!("{e:#}"), "test broker failed");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "no runtime for the test broker"),
-            }
-        })?;
-        broker::wait_for_port(addr, Duration::from_secs(30)).await?;
+        broker::spawn_dedicated(addr, broker::Storage::Memory, shutdown.clone()).await?;
         kit::kafka::admin::ensure_topics(&addr.to_string(), 1, Duration::from_secs(30)).await?;
         Ok(Self { addr, shutdown })
     }
