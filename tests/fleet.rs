@@ -178,6 +178,13 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     let html = fleet.http().get(fleet.url("frontend-ui", &format!("/users/{USER}"))).send().await?.text().await?;
     assert!(html.contains("class=\"rec\"") && html.contains(&catalog[2]), "{html}");
 
+    // The ingestion services describe themselves.
+    for (service, path) in [("user-activity", "/api/users/activity"), ("order", "/api/orders/place")] {
+        let doc = get_json(&fleet, service, "/openapi.json").await.expect("an OpenAPI document");
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["paths"][path]["post"]["responses"]["202"].is_object(), "{doc}");
+    }
+
     // Every service exposes Prometheus metrics.
     let metrics = fleet.http().get(fleet.url("event-processor", "/metrics")).send().await?.text().await?;
     assert!(metrics.contains("consumer_messages_total"), "{metrics}");

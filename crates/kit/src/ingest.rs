@@ -38,7 +38,15 @@ pub trait Ingest: Message + Sized {
     fn random(generator: &mut Generator, now: DateTime<Utc>) -> Self;
     fn validate(value: &Value, now: DateTime<Utc>) -> Result<Self, FieldError>;
     fn event_id(&self) -> &str;
+    /// A one-line summary of the endpoint for the OpenAPI document.
+    fn summary() -> &'static str;
+    /// The JSON Schema of one event as a client sends it.
+    fn schema() -> Value;
+    /// A valid example event.
+    fn example() -> Value;
 }
+
+const ID: &str = "at most 128 characters, no control characters";
 
 impl Ingest for ActivityEvent {
     fn random(generator: &mut Generator, now: DateTime<Utc>) -> Self {
@@ -49,6 +57,30 @@ impl Ingest for ActivityEvent {
     }
     fn event_id(&self) -> &str {
         &self.event_id
+    }
+    fn summary() -> &'static str {
+        "Publish user activity (views, clicks, carts, searches) to user-activity-topic"
+    }
+    fn schema() -> Value {
+        let types: Vec<&str> = events::EventType::ACTIVITY.iter().map(|t| t.as_str()).collect();
+        json!({
+            "type": "object",
+            "required": ["userId", "eventType"],
+            "properties": {
+                "eventId": {"type": "string", "description": format!("makes retries idempotent; generated when absent; {ID}")},
+                "userId": {"type": "string", "description": ID},
+                "sessionId": {"type": "string", "description": format!("assigned by the event processor when absent; {ID}")},
+                "eventType": {"type": "string", "enum": types},
+                "productId": {"type": "string", "description": "a catalog product (P00001..P02400); required for product_view, click, add_to_cart, remove_from_cart"},
+                "query": {"type": "string", "maxLength": validate::MAX_QUERY_LEN, "description": "required for search"},
+                "campaignId": {"type": "string"},
+                "recommendationId": {"type": "string", "description": "the requestId of the recommendation response the event came from"},
+                "timestamp": {"type": "string", "format": "date-time", "description": "RFC 3339; now when absent; at most 5 minutes in the future"}
+            }
+        })
+    }
+    fn example() -> Value {
+        json!({"eventId": "evt-1001", "userId": "user-0042", "eventType": "product_view", "productId": "P00301"})
     }
 }
 
@@ -62,6 +94,77 @@ impl Ingest for OrderEvent {
     fn event_id(&self) -> &str {
         &self.event_id
     }
+    fn summary() -> &'static str {
+        "Publish orders to order-topic"
+    }
+    fn schema() -> Value {
+        json!({
+            "type": "object",
+            "required": ["userId", "items", "amount"],
+            "properties": {
+                "eventId": {"type": "string", "description": format!("makes retries idempotent; generated when absent; {ID}")},
+                "orderId": {"type": "string", "description": format!("generated when absent; {ID}")},
+                "userId": {"type": "string", "description": ID},
+                "sessionId": {"type": "string"},
+                "items": {
+                    "type": "array", "minItems": 1, "maxItems": validate::MAX_ORDER_ITEMS,
+                    "items": {
+                        "type": "object",
+                        "required": ["productId", "quantity", "unitPrice"],
+                        "properties": {
+                            "productId": {"type": "string", "description": "a catalog product"},
+                            "quantity": {"type": "integer", "minimum": 1, "maximum": validate::MAX_QUANTITY},
+                            "unitPrice": {"type": "number", "minimum": 0}
+                        }
+                    }
+                },
+                "amount": {"type": "number", "minimum": 0, "maximum": validate::MAX_AMOUNT,
+                    "description": format!("must equal the sum of quantity x unitPrice (within {})", validate::AMOUNT_TOLERANCE)},
+                "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "default": "EUR"},
+                "campaignId": {"type": "string"},
+                "offerDecisionId": {"type": "string", "description": "the offer decision the order answers"},
+                "timestamp": {"type": "string", "format": "date-time"}
+            }
+        })
+    }
+    fn example() -> Value {
+        json!({"eventId": "evt-2001", "orderId": "ord-77", "userId": "user-0042", "currency": "EUR",
+            "items": [{"productId": "P00301", "quantity": 2, "unitPrice": 10.5}], "amount": 21.0})
+    }
+}
+
+/// The OpenAPI 3.1 document of the ingestion endpoint for `T` at `path`.
+pub fn openapi<T: Ingest>(service: &str, path: &str) -> Value {
+    let error = json!({"type": "object", "properties": {
+        "error": {"type": "string"}, "field": {"type": "string", "description": "the field at fault, e.g. items[2].quantity or [3].userId"},
+        "reason": {"type": "string"}}});
+    let failure = json!({"type": "object", "properties": {
+        "error": {"type": "string"},
+        "storedEventIds": {"type": "array", "items": {"type": "string"}},
+        "failedEventIds": {"type": "array", "items": {"type": "string"},
+            "description": "not acknowledged (they may still be stored): retry them with the same eventId"}}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": format!("RetargetIQ {service}"), "version": env!("CARGO_PKG_VERSION")},
+        "paths": {
+            path: {"post": {
+                "summary": T::summary(),
+                "description": format!(
+                    "An empty body (or {{}}) publishes one random, realistic event. A JSON object publishes that event; an array publishes a batch of at most {MAX_BATCH} (validated as a whole). The body is read as JSON whatever its Content-Type; at most {MAX_BODY_BYTES} bytes."),
+                "requestBody": {"required": false, "content": {"application/json": {
+                    "schema": {"oneOf": [{"$ref": "#/components/schemas/Event"}, {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "maxItems": MAX_BATCH}]},
+                    "example": T::example()}}},
+                "responses": {
+                    "202": {"description": "Every event was acknowledged by the broker", "content": {"application/json": {"schema": {
+                        "type": "object", "properties": {"accepted": {"type": "integer"}, "eventIds": {"type": "array", "items": {"type": "string"}}, "correlationId": {"type": "string"}}}}}},
+                    "400": {"description": "Invalid input; nothing was published", "content": {"application/json": {"schema": error}}},
+                    "413": {"description": "Body or batch too large; nothing was published", "content": {"application/json": {"schema": error}}},
+                    "503": {"description": "The broker is unavailable", "content": {"application/json": {"schema": failure}}}
+                }
+            }}
+        },
+        "components": {"schemas": {"Event": T::schema()}}
+    })
 }
 
 /// State of an ingestion endpoint.
@@ -76,9 +179,15 @@ impl IngestState {
     }
 }
 
-/// A router with the ingestion endpoint for `T` at `path`.
-pub fn router<T: Ingest>(path: &str, state: std::sync::Arc<IngestState>) -> axum::Router {
-    axum::Router::new().route(path, post(ingest::<T>)).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)).with_state(state)
+/// A router with the ingestion endpoint for `T` at `path`, and its OpenAPI document at
+/// `GET /openapi.json`.
+pub fn router<T: Ingest>(service: &str, path: &str, state: std::sync::Arc<IngestState>) -> axum::Router {
+    let doc = std::sync::Arc::new(openapi::<T>(service, path));
+    axum::Router::new()
+        .route(path, post(ingest::<T>))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+        .route("/openapi.json", axum::routing::get(move || async move { Json((*doc).clone()) }))
 }
 
 /// Parses a request body into events (without publishing them).
@@ -206,6 +315,42 @@ mod tests {
             validate::activity(&v, Utc::now(), Strictness::Stream).expect("the random event is valid");
             assert_eq!(parse::<OrderEvent>(body).expect("random order").len(), 1);
         }
+    }
+
+    /// The document and the validation cannot drift apart: the examples are accepted, the
+    /// required fields are required, and the event types listed are exactly the accepted ones.
+    fn check_document<T: Ingest + std::fmt::Debug>(path: &str) {
+        let doc = openapi::<T>("svc", path);
+        assert_eq!(doc["openapi"], "3.1.0");
+        let op = &doc["paths"][path]["post"];
+        for status in ["202", "400", "413", "503"] {
+            assert!(op["responses"].get(status).is_some(), "{status} documented");
+        }
+        let example = &op["requestBody"]["content"]["application/json"]["example"];
+        T::validate(example, Utc::now()).expect("the documented example is valid");
+        let schema = T::schema();
+        for field in schema["required"].as_array().expect("required fields") {
+            let name = field.as_str().expect("name");
+            let mut without = example.clone();
+            without.as_object_mut().expect("object").remove(name);
+            let err = T::validate(&without, Utc::now()).expect_err("a required field is required");
+            assert_eq!(err.field, name);
+        }
+    }
+
+    #[test]
+    fn openapi_documents_match_the_validation() {
+        check_document::<ActivityEvent>("/api/users/activity");
+        check_document::<OrderEvent>("/api/orders/place");
+        let listed: Vec<String> =
+            serde_json::from_value(ActivityEvent::schema()["properties"]["eventType"]["enum"].clone())
+                .expect("event types");
+        assert_eq!(listed.len(), events::EventType::ACTIVITY.len());
+        for t in &listed {
+            let v = json!({"userId": "u", "eventType": t, "productId": "P00001", "query": "q"});
+            ActivityEvent::validate(&v, Utc::now()).unwrap_or_else(|e| panic!("{t} is documented but rejected: {e}"));
+        }
+        assert!(!listed.contains(&"purchase".to_owned()));
     }
 
     #[test]

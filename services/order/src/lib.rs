@@ -25,7 +25,8 @@ impl Service for Order {
 
     async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.request_producer()?;
-        let routes = ingest::router::<OrderEvent>("/api/orders/place", Arc::new(IngestState::new(producer)));
+        let routes =
+            ingest::router::<OrderEvent>(Self::NAME, "/api/orders/place", Arc::new(IngestState::new(producer)));
         ctx.serve(routes).await
     }
 }

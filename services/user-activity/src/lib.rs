@@ -25,7 +25,8 @@ impl Service for UserActivity {
 
     async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.request_producer()?;
-        let routes = ingest::router::<ActivityEvent>("/api/users/activity", Arc::new(IngestState::new(producer)));
+        let routes =
+            ingest::router::<ActivityEvent>(Self::NAME, "/api/users/activity", Arc::new(IngestState::new(producer)));
         ctx.serve(routes).await
     }
 }
