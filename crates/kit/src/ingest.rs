@@ -353,6 +353,36 @@ mod tests {
         assert!(!listed.contains(&"purchase".to_owned()));
     }
 
+    #[tokio::test]
+    async fn oversized_bodies_and_a_missing_broker_are_clear_json_errors() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+
+        // A producer pointed at a port where no broker listens.
+        let settings = crate::kafka::KafkaSettings::for_broker("127.0.0.1:1");
+        let producer = Producer::for_requests(&settings).expect("producer");
+        let app = router::<ActivityEvent>("user-activity", "/e", std::sync::Arc::new(IngestState::new(producer)));
+        let send = |body: Vec<u8>| {
+            let app = app.clone();
+            async move {
+                let resp =
+                    app.oneshot(Request::post("/e").body(Body::from(body)).expect("request")).await.expect("response");
+                let status = resp.status();
+                let body: Value =
+                    serde_json::from_slice(&resp.into_body().collect().await.expect("body").to_bytes()).expect("JSON");
+                (status, body)
+            }
+        };
+        let (status, body) = send(vec![b' '; MAX_BODY_BYTES + 1]).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("larger than")), "{body}");
+        let (status, body) = send(br#"{"userId":"u","eventType":"page_view"}"#.to_vec()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("broker")), "{body}");
+    }
+
     #[test]
     fn objects_arrays_and_errors() {
         let one = parse::<ActivityEvent>(r#"{"userId":"u","eventType":"search","query":"lamp"}"#).expect("valid");
