@@ -135,16 +135,8 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Vec<Row>> {
 
 /// The same events, keyed by user as the service keys them, straight to the topic.
 async fn plain_producer(settings: &KafkaSettings, events: &[(&str, &[u8])], duration: Duration) -> anyhow::Result<Row> {
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &settings.bootstrap_servers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", "lz4")
-        .set("linger.ms", settings.linger.as_millis().to_string())
-        .set("queue.buffering.max.kbytes", settings.producer_buffer_kb.to_string())
-        .set("message.timeout.ms", "0")
-        .create()
-        .context("creating the baseline producer")?;
+    let producer: FutureProducer =
+        kit::kafka::producer::client_config(settings).create().context("creating the baseline producer")?;
     let started = Instant::now();
     let (mut acked, mut i) = (0_u64, 0_usize);
     let mut in_flight = FuturesUnordered::new();

@@ -124,12 +124,7 @@ impl Store {
             *v *= decay;
         }
         f.category_affinity.retain(|_, v| *v > 1e-3);
-        let weight = match e.event_type {
-            EventType::ProductView => 1.0,
-            EventType::Click => 1.5,
-            EventType::AddToCart => 3.0,
-            _ => 0.0,
-        };
+        let weight = e.event_type.engagement_weight();
         if let Some(p) = &e.product
             && weight > 0.0
         {
@@ -159,7 +154,8 @@ impl Store {
             for item in &order.items {
                 f.cart.retain(|p| *p != item.product.product_id);
                 move_to_front(&mut f.purchased, item.product.product_id.clone(), PURCHASES_KEPT);
-                *f.category_affinity.entry(item.product.category.clone()).or_default() += 5.0;
+                *f.category_affinity.entry(item.product.category.clone()).or_default() +=
+                    EventType::Purchase.engagement_weight();
             }
             f.order_count += 1;
             f.total_spend += order.amount;

@@ -120,12 +120,7 @@ impl Model {
         if !self.seen.insert(&e.event_id) {
             return;
         }
-        let weight = match e.event_type {
-            EventType::ProductView => 1.0,
-            EventType::Click => 1.5,
-            EventType::AddToCart => 3.0,
-            _ => 0.0,
-        };
+        let weight = e.event_type.engagement_weight();
         if let Some(p) = &e.product
             && weight > 0.0
         {
@@ -136,7 +131,7 @@ impl Model {
         }
         if let Some(order) = &e.order {
             for item in &order.items {
-                self.bump(&item.product.product_id, 5.0, e.occurred_at);
+                self.bump(&item.product.product_id, EventType::Purchase.engagement_weight(), e.occurred_at);
             }
         }
     }

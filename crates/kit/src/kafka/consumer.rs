@@ -99,7 +99,23 @@ pub struct Record<'a> {
     pub timestamp_ms: Option<i64>,
 }
 
-impl Record<'_> {
+impl<'a> Record<'a> {
+    /// The record of a consumed message of `topic`.
+    fn of(msg: &'a BorrowedMessage<'_>, topic: Topic) -> Self {
+        Record {
+            topic,
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
+            payload: msg.payload().unwrap_or_default(),
+            correlation_id: msg
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == CORRELATION_HEADER).and_then(|h| h.value))
+                .and_then(|v| std::str::from_utf8(v).ok()),
+            timestamp_ms: msg.timestamp().to_millis(),
+        }
+    }
+
     /// Decodes the payload as a typed message; a payload that does not decode is rejected as
     /// malformed.
     pub fn json<M: DeserializeOwned>(&self) -> Result<M, HandlerError> {
@@ -457,15 +473,7 @@ async fn restore<H: Handler>(
         if msg.offset() < end
             && let Some(topic) = Topic::from_name(msg.topic())
         {
-            let record = Record {
-                topic,
-                partition: msg.partition(),
-                offset: msg.offset(),
-                key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
-                payload: msg.payload().unwrap_or_default(),
-                correlation_id: None,
-                timestamp_ms: msg.timestamp().to_millis(),
-            };
+            let record = Record::of(&msg, topic);
             // Messages the handler rejects were dead-lettered the first time round.
             let _ = handler.handle(&record, &mut Outbox::default());
             count += 1;
@@ -532,19 +540,7 @@ async fn process<H: Handler>(
     msg: &BorrowedMessage<'_>,
 ) -> anyhow::Result<(Topic, i32, Pending)> {
     let topic = Topic::from_name(msg.topic()).with_context(|| format!("message from unknown topic {}", msg.topic()))?;
-    let correlation_id = msg
-        .headers()
-        .and_then(|h| h.iter().find(|h| h.key == CORRELATION_HEADER).and_then(|h| h.value))
-        .and_then(|v| std::str::from_utf8(v).ok());
-    let record = Record {
-        topic,
-        partition: msg.partition(),
-        offset: msg.offset(),
-        key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
-        payload: msg.payload().unwrap_or_default(),
-        correlation_id,
-        timestamp_ms: msg.timestamp().to_millis(),
-    };
+    let record = Record::of(msg, topic);
     let started = Instant::now();
     let mut attempt = 0;
     // Every log line about this message carries its correlation id.

@@ -100,19 +100,7 @@ impl Producer {
     }
 
     fn create(settings: &KafkaSettings, deadline: Option<Duration>) -> anyhow::Result<Self> {
-        let inner: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &settings.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", "lz4")
-            .set("linger.ms", settings.linger.as_millis().to_string())
-            .set("queue.buffering.max.kbytes", settings.producer_buffer_kb.to_string())
-            .set("queue.buffering.max.messages", "100000")
-            // 0: retry until delivered (see the module docs).
-            .set("message.timeout.ms", "0")
-            .set("socket.keepalive.enable", "true")
-            .set("reconnect.backoff.max.ms", "1000")
-            .create()?;
+        let inner: FutureProducer = client_config(settings).create()?;
         Ok(Self { inner, connected: Arc::new(AtomicBool::new(false)), deadline })
     }
 
@@ -171,6 +159,23 @@ impl Producer {
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || inner.flush(Timeout::After(timeout))).await;
     }
+}
+
+/// The librdkafka settings of every producer of the platform (also used by the ingestion
+/// benchmark's baseline, so the two are the same client).
+pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", settings.linger.as_millis().to_string())
+        .set("queue.buffering.max.kbytes", settings.producer_buffer_kb.to_string())
+        .set("queue.buffering.max.messages", "100000")
+        // 0: retry until delivered (see the module docs).
+        .set("message.timeout.ms", "0");
+    config
 }
 
 fn record(out: &Outgoing) -> FutureRecord<'_, str, [u8]> {
