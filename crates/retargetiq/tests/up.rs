@@ -14,6 +14,11 @@ use tokio::process::Command;
 
 const VIEW: &str = r#"{"eventId":"up-view-1","userId":"up-test","eventType":"product_view","productId":"P00042"}"#;
 
+/// GETs `path` on `127.0.0.1:port` as JSON; `None` on any failure (for polling).
+async fn get_json(http: &reqwest::Client, port: u16, path: &str) -> Option<serde_json::Value> {
+    http.get(format!("http://127.0.0.1:{port}{path}")).send().await.ok()?.json().await.ok()
+}
+
 /// The pid of the child of `parent` whose command line mentions `name`.
 fn child_running(parent: i32, name: &str) -> Option<i32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
@@ -65,14 +70,7 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     let recommended = eventually("recommendations for the viewer", Duration::from_secs(30), || {
         let http = http.clone();
         async move {
-            let r: serde_json::Value = http
-                .get(format!("http://127.0.0.1:{}/recommend/up-test", 8089 + offset))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let r = get_json(&http, 8089 + offset, "/recommend/up-test").await?;
             (r["coldStart"] == false).then_some(r)
         }
     })
@@ -101,14 +99,7 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     eventually("both events counted after the restart", Duration::from_secs(60), || {
         let http = http.clone();
         async move {
-            let u: serde_json::Value = http
-                .get(format!("http://127.0.0.1:{}/api/analytics/user/up-test", 8084 + offset))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let u = get_json(&http, 8084 + offset, "/api/analytics/user/up-test").await?;
             (u["counts"]["addToCart"] == 1).then_some(u)
         }
     })
@@ -116,8 +107,9 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     .map(|u| assert_eq!(u["counts"]["productViews"], 1, "counted once: {u}"))?;
     // The restarted processor itself recognised the retried view (analytics would also drop
     // it, by event id: two layers of de-duplication).
-    let stats: serde_json::Value =
-        http.get(format!("http://127.0.0.1:{}/api/processor/stats", 8083 + offset)).send().await?.json().await?;
+    let stats = get_json(&http, 8083 + offset, "/api/processor/stats")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no answer from /api/processor/stats"))?;
     assert_eq!(stats["duplicates"], 1, "the processor's memory of event ids survived the crash: {stats}");
     for (service, victim) in killed {
         assert_ne!(child_running(pid, service), Some(victim), "a new {service} runs");
@@ -125,14 +117,7 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     let features = eventually("the restored features with the cart", Duration::from_secs(30), || {
         let http = http.clone();
         async move {
-            let f: serde_json::Value = http
-                .get(format!("http://127.0.0.1:{}/features/up-test", 8085 + offset))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let f = get_json(&http, 8085 + offset, "/features/up-test").await?;
             (f["cart"] == serde_json::json!(["P00042"])).then_some(f)
         }
     })
@@ -140,8 +125,9 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     assert_eq!(features["counts"]["productViews"], 1, "the view from before the crash, once: {features}");
 
     // Simulated shoppers: every accepted event is counted exactly once.
-    let before: serde_json::Value =
-        http.get(format!("http://127.0.0.1:{}/api/analytics/summary", 8084 + offset)).send().await?.json().await?;
+    let before = get_json(&http, 8084 + offset, "/api/analytics/summary")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no answer from /api/analytics/summary"))?;
     let base = |port: u16| reqwest::Url::parse(&format!("http://127.0.0.1:{}", port + offset));
     let summary = retargetiq::simulate::run(retargetiq::simulate::SimulateArgs {
         rate: 50.0,
@@ -161,14 +147,7 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     eventually("every simulated event counted", Duration::from_secs(30), || {
         let http = http.clone();
         async move {
-            let s: serde_json::Value = http
-                .get(format!("http://127.0.0.1:{}/api/analytics/summary", 8084 + offset))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let s = get_json(&http, 8084 + offset, "/api/analytics/summary").await?;
             (s["events"].as_u64() == Some(expected)).then_some(())
         }
     })
