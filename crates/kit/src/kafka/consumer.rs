@@ -336,8 +336,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     } else if is_group {
         let (count, index) = (env.settings.instance_count, env.settings.instance_index);
         let mine = |p: i32| u32::try_from(p).is_ok_and(|p| p % count == index);
-        let (tpl, _) =
-            assignment(Arc::clone(&consumer), &spec.topics, mine, Offset::Stored, env.shutdown.clone()).await?;
+        let tpl = assignment(Arc::clone(&consumer), &spec.topics, mine, Offset::Stored, env.shutdown.clone()).await?;
         if spec.restore {
             restore(env, spec, handler, Arc::clone(&consumer), &tpl).await?;
         }
@@ -351,8 +350,9 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         );
         env.ready.set(true);
     } else {
-        let (tpl, ends) =
+        let tpl =
             assignment(Arc::clone(&consumer), &spec.topics, |_| true, Offset::Beginning, env.shutdown.clone()).await?;
+        let ends = end_offsets(Arc::clone(&consumer), &tpl).await?;
         consumer.assign(&tpl).context("assigning partitions")?;
         catch_up = ends;
         if catch_up.is_empty() {
@@ -487,17 +487,15 @@ async fn restore<H: Handler>(
     Ok(())
 }
 
-/// The partitions of `topics` that `mine` selects, each starting at `start`, and the end
-/// offset of each non-empty one.
+/// The partitions of `topics` that `mine` selects, each starting at `start`.
 async fn assignment(
     consumer: Arc<StreamConsumer<GroupContext>>,
     topics: &[Topic],
     mine: impl Fn(i32) -> bool,
     start: Offset,
     shutdown: CancellationToken,
-) -> anyhow::Result<(TopicPartitionList, HashMap<(Topic, i32), i64>)> {
+) -> anyhow::Result<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
     for &topic in topics {
         let partitions: Vec<i32> = loop {
             let c = Arc::clone(&consumer);
@@ -519,17 +517,30 @@ async fn assignment(
         };
         for id in partitions.into_iter().filter(|p| mine(*p)) {
             tpl.add_partition_offset(topic.name(), id, start)?;
-            let c = Arc::clone(&consumer);
-            let (low, high) =
-                tokio::task::spawn_blocking(move || c.fetch_watermarks(topic.name(), id, Duration::from_secs(5)))
-                    .await?
-                    .context("reading watermarks")?;
-            if high > low {
-                ends.insert((topic, id), high);
-            }
         }
     }
-    Ok((tpl, ends))
+    Ok(tpl)
+}
+
+/// The end offset of each non-empty partition of `tpl`: what a replica must catch up with.
+async fn end_offsets(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    tpl: &TopicPartitionList,
+) -> anyhow::Result<HashMap<(Topic, i32), i64>> {
+    let partitions: Vec<(Topic, i32)> =
+        tpl.elements().iter().filter_map(|e| Topic::from_name(e.topic()).map(|t| (t, e.partition()))).collect();
+    let mut ends = HashMap::new();
+    for (topic, id) in partitions {
+        let c = Arc::clone(&consumer);
+        let (low, high) =
+            tokio::task::spawn_blocking(move || c.fetch_watermarks(topic.name(), id, Duration::from_secs(5)))
+                .await?
+                .context("reading watermarks")?;
+        if high > low {
+            ends.insert((topic, id), high);
+        }
+    }
+    Ok(ends)
 }
 
 /// Runs the handler (with retries) on one message and enqueues its outputs.
