@@ -90,6 +90,8 @@ pub struct Catalog {
     products: Vec<Product>,
     by_id: HashMap<String, usize>,
     by_category: HashMap<&'static str, Vec<usize>>,
+    /// Indexes of all products, most popular (by prior) first, ties by id.
+    by_popularity: Vec<usize>,
 }
 
 static GLOBAL: LazyLock<Catalog> = LazyLock::new(|| Catalog::generate(0x5EED_CA7A_1060));
@@ -156,7 +158,11 @@ impl Catalog {
         for (i, p) in products.iter().enumerate() {
             by_category.entry(p.category).or_default().push(i);
         }
-        Self { products, by_id, by_category }
+        let mut by_popularity: Vec<usize> = (0..products.len()).collect();
+        by_popularity.sort_by(|&a, &b| {
+            products[b].popularity.total_cmp(&products[a].popularity).then_with(|| products[a].id.cmp(&products[b].id))
+        });
+        Self { products, by_id, by_category, by_popularity }
     }
 
     pub fn get(&self, id: &str) -> Option<&Product> {
@@ -181,12 +187,10 @@ impl Catalog {
         self.by_category.get(category).into_iter().flatten().map(|&i| &self.products[i])
     }
 
-    /// The `n` most popular products by prior, across categories (cold-start fallback).
-    pub fn top_popular(&self, n: usize) -> Vec<&Product> {
-        let mut all: Vec<&Product> = self.products.iter().collect();
-        all.sort_by(|a, b| b.popularity.total_cmp(&a.popularity).then(a.id.cmp(&b.id)));
-        all.truncate(n);
-        all
+    /// All products, most popular by prior first, across categories (cold-start fallback).
+    /// The order is computed once, with the catalog.
+    pub fn by_popularity(&self) -> impl Iterator<Item = &Product> {
+        self.by_popularity.iter().map(|&i| &self.products[i])
     }
 }
 
@@ -217,7 +221,7 @@ mod tests {
         assert!(books[0].popularity > books[10].popularity);
         assert_eq!(c.in_category("nope").count(), 0);
         assert!(c.get("P99999").is_none());
-        let top = c.top_popular(8);
+        let top: Vec<_> = c.by_popularity().take(8).collect();
         assert_eq!(top.len(), 8);
         assert!(top.iter().all(|p| (p.popularity - 1.0).abs() < 1e-12));
     }

@@ -179,8 +179,7 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
     if items.len() < k {
         let have: HashSet<String> = items.iter().map(|i| i.item_id.clone()).collect();
         let fill = catalog
-            .top_popular(catalog.products().len())
-            .into_iter()
+            .by_popularity()
             .filter(|p| keep(&p.id, p.category) && !have.contains(&p.id))
             .take(k - items.len())
             .map(|p| Item {
