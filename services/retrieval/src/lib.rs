@@ -179,10 +179,10 @@ impl Model {
         self.popularity.values().map(|d| d.at(now)).fold(0.0, f64::max)
     }
 
-    /// The most popular products of a category (or of the whole catalog), with scores.
-    fn popular(&self, category: Option<&str>, n: usize, now: DateTime<Utc>) -> Vec<(String, f64)> {
+    /// The most popular products of a category (or of the whole catalog), with scores;
+    /// `max_live` is [`Model::max_live`] at `now`, computed once by the caller.
+    fn popular(&self, category: Option<&str>, n: usize, max_live: f64, now: DateTime<Utc>) -> Vec<(String, f64)> {
         let catalog = Catalog::global();
-        let max_live = self.max_live(now);
         let mut scored: Vec<(String, f64)> = match category {
             Some(c) => catalog.in_category(c).map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
             None => catalog.products().iter().map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
@@ -195,6 +195,7 @@ impl Model {
 
 /// The candidates for a user's features.
 pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Candidate> {
+    let max_live = model.max_live(now);
     let bought: HashSet<&str> = f.purchased.iter().map(String::as_str).collect();
     let mut out: Vec<Candidate> = Vec::new();
     let push = |out: &mut Vec<Candidate>, id: &str, source, score: f64| {
@@ -236,7 +237,7 @@ pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Cand
     for (cat, aff) in cats.into_iter().take(3) {
         let share = if total > 0.0 { aff / total } else { 0.0 };
         let n = ((PER_SOURCE as f64 * share).ceil() as usize).max(3);
-        for (id, score) in model.popular(Some(cat), n, now) {
+        for (id, score) in model.popular(Some(cat), n, max_live, now) {
             push(&mut out, &id, CandidateSource::PopularInCategory, score * share.sqrt());
         }
     }
@@ -244,7 +245,7 @@ pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Cand
     // Cold start: too little history to fill a page.
     let distinct: HashSet<&str> = out.iter().map(|c| c.product_id.as_str()).collect();
     if distinct.len() < PER_SOURCE {
-        for (id, score) in model.popular(None, PER_SOURCE, now) {
+        for (id, score) in model.popular(None, PER_SOURCE, max_live, now) {
             push(&mut out, &id, CandidateSource::ColdStart, score);
         }
     }
