@@ -276,6 +276,13 @@ impl EventCounts {
         *self.slot(t) += 1;
     }
 
+    /// Adds another set of counts to this one.
+    pub fn merge(&mut self, other: &EventCounts) {
+        for t in EventType::ACTIVITY.into_iter().chain([EventType::Purchase]) {
+            *self.slot(t) += other.get(t);
+        }
+    }
+
     pub fn get(&self, t: EventType) -> u64 {
         let mut copy = self.clone();
         *copy.slot(t)
@@ -298,6 +305,31 @@ impl EventCounts {
     }
 }
 
+/// Event counts over sliding windows that end at the snapshot's time. The hour is counted in
+/// five-minute buckets and the day and week in hourly ones, so a window may include up to one
+/// bucket more than its nominal length.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowedCounts {
+    pub last_1h: EventCounts,
+    pub last_24h: EventCounts,
+    pub last_7d: EventCounts,
+}
+
+/// The user's sessions: the current one and an average over all.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionStats {
+    /// Events in the current session.
+    pub current_events: u64,
+    pub current_started_at: Option<DateTime<Utc>>,
+    /// Seconds from the current session's first event to its latest.
+    pub current_duration_seconds: f64,
+    pub average_events_per_session: f64,
+    /// When the previous session's last event happened (for "time since the last visit").
+    pub previous_visit_at: Option<DateTime<Utc>>,
+}
+
 /// A per-user feature snapshot on `user-features-topic`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -310,8 +342,13 @@ pub struct UserFeatures {
     /// Time of the user's latest event.
     pub last_seen: DateTime<Utc>,
     pub counts: EventCounts,
+    /// Event counts over the last hour, day and week, as of `updatedAt`.
+    #[serde(default)]
+    pub windows: WindowedCounts,
     pub sessions: u64,
     pub current_session_id: String,
+    #[serde(default)]
+    pub session: SessionStats,
     /// Category -> affinity, decayed over time (half-life documented in the feature store).
     pub category_affinity: BTreeMap<String, f64>,
     pub preferred_category: Option<String>,
@@ -324,6 +361,9 @@ pub struct UserFeatures {
     pub purchased: Vec<String>,
     pub order_count: u64,
     pub total_spend: f64,
+    /// Time of the user's latest order.
+    #[serde(default)]
+    pub last_purchase_at: Option<DateTime<Utc>>,
     /// Derived scores in [0, 1] used by ranking and offers.
     pub purchase_intent: f64,
     pub activity_score: f64,
@@ -350,6 +390,9 @@ pub enum CandidateSource {
     CoVisitation,
     /// Popular now in the user's favourite categories.
     PopularInCategory,
+    /// Rising fast now (short-term popularity well above its long-term level) in the user's
+    /// favourite categories.
+    Trending,
     /// Popular overall: for users we know little about.
     ColdStart,
 }
@@ -360,6 +403,7 @@ impl CandidateSource {
             CandidateSource::Retargeting => "retargeting",
             CandidateSource::CoVisitation => "co_visitation",
             CandidateSource::PopularInCategory => "popular_in_category",
+            CandidateSource::Trending => "trending",
             CandidateSource::ColdStart => "cold_start",
         }
     }

@@ -5,7 +5,9 @@
 //! `user-features-topic`. `GET /features/{userId}` answers with the features and
 //! `updatedAt`, or 404 for a user it has never seen.
 //!
-//! Features: event counts by type, sessions, category affinity with exponential time decay
+//! Features: event counts by type (all time, and over the last hour, day and week — see
+//! [`Windows`]), sessions (count, the current one's events and duration, the average events
+//! per session, the previous visit), category affinity with exponential time decay
 //! (half-life `AFFINITY_HALF_LIFE_HOURS`, default 72; weights: view 1, click 1.5, add to cart 3,
 //! purchase 5), recently viewed products (20), the current cart and its value, purchases,
 //! total spend, and three derived scores in [0, 1] (see [`derive_scores`]).
@@ -13,13 +15,13 @@
 //! Redeliveries are recognised by event id (the last 256 per user), so a snapshot is never
 //! counted twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
-use events::{EventType, ProcessedEvent, Topic, UserFeatures};
+use events::{EventCounts, EventType, ProcessedEvent, Topic, UserFeatures, WindowedCounts};
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
@@ -70,9 +72,69 @@ impl Service for FeatureStore {
     }
 }
 
+/// Windowed event counters in time buckets: five-minute buckets for the last hour, hourly
+/// ones for the last day and week. Only buckets with events exist, so a quiet user costs
+/// nothing and a busy one at most 12 + 168 buckets.
+#[derive(Debug, Default)]
+pub struct Windows {
+    minutes: VecDeque<(i64, EventCounts)>,
+    hours: VecDeque<(i64, EventCounts)>,
+}
+
+const FIVE_MINUTES: i64 = 300;
+const HOUR: i64 = 3_600;
+const WEEK: i64 = 7 * 24 * HOUR;
+
+impl Windows {
+    /// Counts an event that happened at `at`.
+    pub fn add(&mut self, t: EventType, at: DateTime<Utc>) {
+        let secs = at.timestamp();
+        bucket(&mut self.minutes, secs - secs.rem_euclid(FIVE_MINUTES)).add(t);
+        bucket(&mut self.hours, secs - secs.rem_euclid(HOUR)).add(t);
+        // Forget what no window can see any more (relative to the newest bucket).
+        let newest = self.hours.back().map_or(secs, |b| b.0);
+        while self.hours.front().is_some_and(|b| b.0 <= newest - WEEK) {
+            self.hours.pop_front();
+        }
+        let newest = self.minutes.back().map_or(secs, |b| b.0);
+        while self.minutes.front().is_some_and(|b| b.0 <= newest - HOUR) {
+            self.minutes.pop_front();
+        }
+    }
+
+    /// The counts of the windows ending at `now`.
+    pub fn at(&self, now: DateTime<Utc>) -> WindowedCounts {
+        let secs = now.timestamp();
+        let sum = |buckets: &VecDeque<(i64, EventCounts)>, width: i64, span: i64| {
+            let from = secs - secs.rem_euclid(width) - span + width;
+            let mut total = EventCounts::default();
+            for (_, c) in buckets.iter().filter(|(start, _)| *start >= from && *start <= secs) {
+                total.merge(c);
+            }
+            total
+        };
+        WindowedCounts {
+            last_1h: sum(&self.minutes, FIVE_MINUTES, HOUR),
+            last_24h: sum(&self.hours, HOUR, 24 * HOUR),
+            last_7d: sum(&self.hours, HOUR, WEEK),
+        }
+    }
+}
+
+/// The bucket starting at `start`, created in time order (an out-of-order event lands in its
+/// own bucket wherever it belongs).
+fn bucket(buckets: &mut VecDeque<(i64, EventCounts)>, start: i64) -> &mut EventCounts {
+    let i = buckets.partition_point(|b| b.0 < start);
+    if buckets.get(i).is_none_or(|b| b.0 != start) {
+        buckets.insert(i, (start, EventCounts::default()));
+    }
+    &mut buckets[i].1
+}
+
 struct UserState {
     features: UserFeatures,
     seen: SeenSet,
+    windows: Windows,
     /// Engagement since the user's last purchase, for purchase intent.
     views_since_purchase: u64,
     clicks_since_purchase: u64,
@@ -109,6 +171,7 @@ impl Store {
                 ..Default::default()
             },
             seen: SeenSet::new(SEEN_PER_USER),
+            windows: Windows::default(),
             views_since_purchase: 0,
             clicks_since_purchase: 0,
         });
@@ -132,10 +195,21 @@ impl Store {
         }
 
         f.counts.add(e.event_type);
+        user.windows.add(e.event_type, e.occurred_at);
         if f.current_session_id != e.session_id {
+            if f.sessions > 0 {
+                f.session.previous_visit_at = Some(f.last_seen);
+            }
             f.sessions += 1;
             f.current_session_id.clone_from(&e.session_id);
+            f.session.current_events = 0;
+            f.session.current_started_at = Some(e.occurred_at);
         }
+        f.session.current_events += 1;
+        let started = *f.session.current_started_at.get_or_insert(e.occurred_at);
+        f.session.current_duration_seconds =
+            (e.occurred_at.max(f.last_seen) - started).num_milliseconds().max(0) as f64 / 1000.0;
+        f.session.average_events_per_session = f.counts.total() as f64 / f.sessions as f64;
         let product_id = e.product.as_ref().map(|p| p.product_id.clone());
         match (e.event_type, product_id) {
             (EventType::ProductView | EventType::Click, Some(id)) => {
@@ -159,6 +233,7 @@ impl Store {
             }
             f.order_count += 1;
             f.total_spend += order.amount;
+            f.last_purchase_at = f.last_purchase_at.max(Some(e.occurred_at));
             user.views_since_purchase = 0;
             user.clicks_since_purchase = 0;
         }
@@ -169,6 +244,7 @@ impl Store {
         f.first_seen = f.first_seen.min(e.occurred_at);
         f.last_seen = f.last_seen.max(e.occurred_at);
         f.updated_at = now;
+        f.windows = user.windows.at(now);
         f.last_event_id.clone_from(&e.event_id);
         f.last_event_type = Some(e.event_type);
         derive_scores(f, user.views_since_purchase, user.clicks_since_purchase, now);
@@ -310,5 +386,48 @@ mod tests {
         assert!((f.category_affinity["books"] - 0.25).abs() < 1e-6, "{:?}", f.category_affinity);
         assert!((f.category_affinity["toys"] - 1.0).abs() < 1e-9);
         assert_eq!(f.preferred_category.as_deref(), Some("toys"));
+    }
+
+    #[test]
+    fn windows_count_what_happened_in_them() {
+        let mut s = store();
+        let now = Utc::now();
+        let ago = |h: f64| now - Duration::milliseconds((h * 3_600_000.0) as i64);
+        // Out of order on purpose: redelivery and replays do not arrive sorted.
+        for (id, hours) in [("a", 0.5), ("b", 200.0), ("c", 30.0), ("d", 2.0), ("e", 0.1)] {
+            let mut e = event(id, EventType::ProductView, Some("P00001"), ago(hours));
+            e.session_id = format!("s-{id}");
+            s.apply(&e, now);
+        }
+        let f = s.apply(&event("f", EventType::Click, Some("P00001"), now), now).expect("new");
+        assert_eq!(f.windows.last_1h.product_views, 2, "{:?}", f.windows);
+        assert_eq!(f.windows.last_1h.clicks, 1);
+        assert_eq!(f.windows.last_24h.product_views, 3);
+        assert_eq!(f.windows.last_7d.product_views, 4);
+        assert_eq!(f.counts.product_views, 5);
+        // Six events, five sessions ("s1" is the click's).
+        assert_eq!(f.sessions, 6);
+        assert_eq!(f.session.current_events, 1);
+        assert!((f.session.average_events_per_session - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn session_stats_follow_the_current_session() {
+        let mut s = store();
+        let t0 = Utc::now() - Duration::hours(3);
+        s.apply(&event("1", EventType::PageView, None, t0), t0);
+        s.apply(&event("2", EventType::ProductView, Some("P00002"), t0 + Duration::seconds(90)), t0);
+        let mut later = event("3", EventType::PageView, None, t0 + Duration::hours(2));
+        later.session_id = "s2".into();
+        let f = s.apply(&later, t0).expect("new");
+        assert_eq!(f.sessions, 2);
+        assert_eq!(f.session.previous_visit_at, Some(t0 + Duration::seconds(90)));
+        assert_eq!(f.session.current_events, 1);
+        assert_eq!(f.session.current_started_at, Some(t0 + Duration::hours(2)));
+        let mut next = event("4", EventType::Click, Some("P00002"), t0 + Duration::hours(2) + Duration::seconds(30));
+        next.session_id = "s2".into();
+        let f = s.apply(&next, t0).expect("new");
+        assert_eq!((f.session.current_events, f.session.current_duration_seconds), (2, 30.0));
+        assert!((f.session.average_events_per_session - 2.0).abs() < 1e-9);
     }
 }

@@ -12,9 +12,11 @@
 //!
 //! Sources, each candidate tagged with its source and a source score in [0, 1]:
 //! `retargeting` (in the cart, or viewed and not bought), `co_visitation`,
-//! `popular_in_category` (the user's top categories by affinity) and `cold_start` (popular
-//! overall, for users with little history). Purchased products are excluded: nothing in the
-//! catalog is a consumable that people rebuy within the feature window.
+//! `popular_in_category` (the user's top categories by affinity), `trending` (in those
+//! categories, the products whose short-term popularity is furthest above their long-term
+//! level) and `cold_start` (popular overall, for users with little history). Purchased
+//! products are excluded except in [`REPURCHASABLE`] categories (people rebuy groceries; they
+//! do not rebuy the same book).
 //!
 //! `GET /retrieve/{userId}` shows the latest candidates (404 before the first).
 
@@ -39,8 +41,15 @@ pub const SESSION_WINDOW: usize = 5;
 pub const SESSIONS_TRACKED: usize = 100_000;
 /// Popularity half-life, in hours.
 pub const POPULARITY_HALF_LIFE_HOURS: f64 = 24.0;
+/// Half-life of the short-term popularity that trending compares with the long-term one.
+pub const TRENDING_HALF_LIFE_HOURS: f64 = 2.0;
 /// Candidates per source.
 pub const PER_SOURCE: usize = 20;
+/// Categories whose products people buy again: purchases there are not excluded.
+pub const REPURCHASABLE: &[&str] = &["grocery"];
+/// Trending needs at least this much short-term engagement (a few views), so one view of a
+/// product nobody looked at before is not a trend.
+const TRENDING_MIN_SHORT: f64 = 3.0;
 
 /// The `retrieval` service.
 pub struct Retrieval;
@@ -87,9 +96,32 @@ struct Decayed {
 }
 
 impl Decayed {
-    fn at(&self, t: DateTime<Utc>) -> f64 {
+    fn at(&self, t: DateTime<Utc>, half_life_hours: f64) -> f64 {
         let hours = (t - self.at).num_milliseconds().max(0) as f64 / 3_600_000.0;
-        self.value * 0.5_f64.powf(hours / POPULARITY_HALF_LIFE_HOURS)
+        self.value * 0.5_f64.powf(hours / half_life_hours)
+    }
+
+    fn bump(slot: &mut Option<Decayed>, weight: f64, at: DateTime<Utc>, half_life_hours: f64) {
+        let old = slot.unwrap_or(Decayed { value: 0.0, at });
+        let t = old.at.max(at);
+        *slot = Some(Decayed { value: old.at(t, half_life_hours) + weight, at: t });
+    }
+}
+
+/// A product's popularity at two speeds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Popularity {
+    long: Option<Decayed>,
+    short: Option<Decayed>,
+}
+
+impl Popularity {
+    fn long_at(&self, t: DateTime<Utc>) -> f64 {
+        self.long.map_or(0.0, |d| d.at(t, POPULARITY_HALF_LIFE_HOURS))
+    }
+
+    fn short_at(&self, t: DateTime<Utc>) -> f64 {
+        self.short.map_or(0.0, |d| d.at(t, TRENDING_HALF_LIFE_HOURS))
     }
 }
 
@@ -98,7 +130,7 @@ pub struct Model {
     covis: HashMap<String, HashMap<String, f64>>,
     sessions: HashMap<String, VecDeque<String>>,
     session_order: VecDeque<String>,
-    popularity: HashMap<String, Decayed>,
+    popularity: HashMap<String, Popularity>,
     seen: SeenSet,
 }
 
@@ -137,9 +169,9 @@ impl Model {
     }
 
     fn bump(&mut self, product: &str, weight: f64, at: DateTime<Utc>) {
-        let entry = self.popularity.entry(product.to_owned()).or_insert(Decayed { value: 0.0, at });
-        let t = entry.at.max(at);
-        *entry = Decayed { value: entry.at(t) + weight, at: t };
+        let entry = self.popularity.entry(product.to_owned()).or_default();
+        Decayed::bump(&mut entry.long, weight, at, POPULARITY_HALF_LIFE_HOURS);
+        Decayed::bump(&mut entry.short, weight, at, TRENDING_HALF_LIFE_HOURS);
     }
 
     fn co_visit(&mut self, session: &str, product: &str) {
@@ -170,13 +202,37 @@ impl Model {
 
     /// Popularity in [0, 1]: half the catalog prior, half the live (decayed, normalised) signal.
     fn popularity_of(&self, product: &catalog::Product, max_live: f64, now: DateTime<Utc>) -> f64 {
-        let live = self.popularity.get(&product.id).map_or(0.0, |d| d.at(now));
+        let live = self.popularity.get(&product.id).map_or(0.0, |d| d.long_at(now));
         let live = if max_live > 0.0 { live / max_live } else { 0.0 };
         0.5 * product.popularity + 0.5 * live
     }
 
     fn max_live(&self, now: DateTime<Utc>) -> f64 {
-        self.popularity.values().map(|d| d.at(now)).fold(0.0, f64::max)
+        self.popularity.values().map(|d| d.long_at(now)).fold(0.0, f64::max)
+    }
+
+    /// The products of a category rising fastest: short-term engagement over the long-term
+    /// level it would have at a steady rate, scored in [0, 1].
+    pub fn trending(&self, category: &str, n: usize, now: DateTime<Utc>) -> Vec<(String, f64)> {
+        // At a steady rate r per hour the two counters settle at r·h/ln 2 for half-life h, so
+        // their ratio is short/long = 2/24: a trend is a ratio well above that.
+        let steady = TRENDING_HALF_LIFE_HOURS / POPULARITY_HALF_LIFE_HOURS;
+        let catalog = Catalog::global();
+        let mut scored: Vec<(String, f64)> = catalog
+            .in_category(category)
+            .filter_map(|p| {
+                let pop = self.popularity.get(&p.id)?;
+                let short = pop.short_at(now);
+                if short < TRENDING_MIN_SHORT {
+                    return None;
+                }
+                let lift = short / (pop.long_at(now) * steady).max(1e-9);
+                (lift > 1.5).then(|| (p.id.clone(), 1.0 - 1.0 / lift))
+            })
+            .collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        scored.truncate(n);
+        scored
     }
 
     /// The most popular products of a category (or of the whole catalog), with scores;
@@ -196,7 +252,13 @@ impl Model {
 /// The candidates for a user's features.
 pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Candidate> {
     let max_live = model.max_live(now);
-    let bought: HashSet<&str> = f.purchased.iter().map(String::as_str).collect();
+    let catalog = Catalog::global();
+    let bought: HashSet<&str> = f
+        .purchased
+        .iter()
+        .filter(|id| catalog.get(id).is_none_or(|p| !REPURCHASABLE.contains(&p.category)))
+        .map(String::as_str)
+        .collect();
     let mut out: Vec<Candidate> = Vec::new();
     let push = |out: &mut Vec<Candidate>, id: &str, source, score: f64| {
         if !bought.contains(id) && !out.iter().any(|c| c.product_id == id && c.source == source) {
@@ -239,6 +301,9 @@ pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Cand
         let n = ((PER_SOURCE as f64 * share).ceil() as usize).max(3);
         for (id, score) in model.popular(Some(cat), n, max_live, now) {
             push(&mut out, &id, CandidateSource::PopularInCategory, score * share.sqrt());
+        }
+        for (id, score) in model.trending(cat, n.min(5), now) {
+            push(&mut out, &id, CandidateSource::Trending, score);
         }
     }
 
@@ -371,5 +436,52 @@ mod tests {
         let c = generate(&Model::default(), &UserFeatures::default(), Utc::now());
         assert_eq!(c.len(), PER_SOURCE);
         assert!(c.iter().all(|c| c.source == CandidateSource::ColdStart));
+    }
+
+    #[test]
+    fn trending_is_a_recent_rise_not_a_steady_best_seller() {
+        let mut m = Model::default();
+        let toys: Vec<String> = Catalog::global().in_category("toys").take(2).map(|p| p.id.clone()).collect();
+        let (steady, rising) = (&toys[0], &toys[1]);
+        let now = Utc::now();
+        // The steady seller: viewed every hour for two days.
+        for h in 0..48 {
+            let mut e = view(&format!("s{h}"), &format!("s{h}"), steady);
+            e.occurred_at = now - chrono::Duration::hours(48 - h);
+            m.learn(&e);
+        }
+        // The riser: nothing until the last half hour, then a burst.
+        for i in 0..6 {
+            let mut e = view(&format!("r{i}"), &format!("r{i}"), rising);
+            e.occurred_at = now - chrono::Duration::minutes(30 - i);
+            m.learn(&e);
+        }
+        let trending = m.trending("toys", 5, now);
+        assert_eq!(trending.first().map(|t| t.0.as_str()), Some(rising.as_str()), "{trending:?}");
+        assert!(trending.iter().all(|t| t.0 != *steady), "{trending:?}");
+        assert!(m.trending("books", 5, now).is_empty());
+
+        let f = UserFeatures {
+            user_id: "u".into(),
+            category_affinity: BTreeMap::from([("toys".to_owned(), 1.0)]),
+            ..Default::default()
+        };
+        assert!(sources_of(&generate(&m, &f, now), rising).contains(&CandidateSource::Trending));
+    }
+
+    #[test]
+    fn groceries_can_be_bought_again() {
+        let catalog = Catalog::global();
+        let milk = catalog.in_category("grocery").next().expect("grocery").id.clone();
+        let book = catalog.in_category("books").next().expect("book").id.clone();
+        let f = UserFeatures {
+            user_id: "u".into(),
+            recently_viewed: vec![milk.clone(), book.clone()],
+            purchased: vec![milk.clone(), book.clone()],
+            ..Default::default()
+        };
+        let c = generate(&Model::default(), &f, Utc::now());
+        assert!(sources_of(&c, &milk).contains(&CandidateSource::Retargeting), "{c:?}");
+        assert!(sources_of(&c, &book).is_empty());
     }
 }
