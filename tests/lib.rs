@@ -44,7 +44,7 @@ impl Fleet {
         fleet.spawn::<analytics::Analytics>(analytics::Analytics::config(&env)?).await?;
         fleet.spawn::<feature_store::FeatureStore>(feature_store::FeatureStore::config(&env)?).await?;
         fleet.spawn::<retrieval::Retrieval>(()).await?;
-        fleet.spawn::<ranking::Ranking>(()).await?;
+        fleet.spawn::<ranking::Ranking>(ranking::Config::default()).await?;
         fleet.spawn::<rl_offer::RlOffer>(rl_offer::RlOffer::config(&env)?).await?;
         fleet.spawn::<recommendation_api::RecommendationApi>(()).await?;
         let url = |name: &str| -> anyhow::Result<reqwest::Url> {

@@ -460,6 +460,12 @@ pub struct RankedRecommendations {
     pub user_id: String,
     pub ranked_at: DateTime<Utc>,
     pub model_version: String,
+    /// Online-learning steps behind the weights.
+    #[serde(default)]
+    pub model_updates: u64,
+    /// The weights the list was scored with (a restarted ranking resumes from them).
+    #[serde(default)]
+    pub model_weights: BTreeMap<String, f64>,
     pub items: Vec<RankedItem>,
 }
 
@@ -617,6 +623,8 @@ mod tests {
             user_id: "u1".into(),
             ranked_at: now,
             model_version: "linear-v1".into(),
+            model_updates: 0,
+            model_weights: BTreeMap::new(),
             items: vec![RankedItem {
                 item_id: "P00001".into(),
                 name: "Thing".into(),

@@ -1,19 +1,30 @@
-//! `ranking` (8087): scores candidates with the user's features and explains the score.
+//! `ranking` (8087): scores candidates with the user's features, explains the score, and
+//! learns its weights online from what users do with what they were shown.
 //!
-//! Consumes `candidates-topic` (consumer group `ranking`), merges each product's candidate
-//! sources into one feature vector, scores it with a logistic model and publishes the ranked
-//! list (top [`MAX_RANKED`]) to `ranked-recommendations-topic`. Each item carries the
-//! contribution of every feature to its logit (`weight × value`), so `GET /rank/{userId}`
-//! shows why an item ranks where it does.
+//! One consumer (group `ranking`, partitioned by user) reads two topics:
+//! - `candidates-topic`: each product's candidate sources are merged into one feature vector,
+//!   scored with a logistic model, and the ranked list (top [`MAX_RANKED`]) is published to
+//!   `ranked-recommendations-topic`. Each item carries the contribution of every feature to
+//!   its logit (`weight × value`), so `GET /rank/{userId}` shows why an item ranks where it
+//!   does. The top [`SERVED`] items are remembered as what the user is being shown.
+//! - `processed-events-topic`: feedback. A click (label weight 1), add-to-cart (2) or
+//!   purchase (3) of a product in the user's shown list is a positive example for that item;
+//!   the shown items ranked above it that the user passed over ("skip-above", as in
+//!   click-model learning to rank) and the one just below are negatives. Each example is one
+//!   step of stochastic gradient descent on the logistic loss with L2 shrinkage
+//!   ([`LinearModel::learn`]). Redelivered events are recognised by id and learn once.
 //!
-//! Features of a (user, product) pair, each in [0, 1]:
-//! `retargeting` (the retargeting source score), `in_cart`, `co_visitation`, `popularity`
-//! (popular-in-category or cold-start score), `category_affinity` (the user's affinity to the
-//! product's category relative to their strongest), `price_fit` (closeness to the prices the
-//! user looks at, on a log scale), and a constant `bias`.
+//! Features of a (user, product) pair, each in [0, 1]: `retargeting` (the retargeting source
+//! score), `in_cart`, `co_visitation`, `popularity` (popular-in-category or cold-start
+//! score), `trending`, `category_affinity` (the user's affinity to the product's category
+//! relative to their strongest), `price_fit` (closeness to the prices the user looks at, on a
+//! log scale), and a constant `bias`.
 //!
-//! The weights of this first version (`linear-v1`) are set by hand in [`LinearModel::v1`];
-//! learning them online from feedback is the next step (see the README's roadmap).
+//! The model starts from hand-set weights ([`LinearModel::initial`]). Every published list
+//! carries the weights and the number of updates behind them, so a restarted instance resumes
+//! from the most-trained model it finds at the tail of `ranked-recommendations-topic` (each
+//! instance learns from its own users; a new instance starts from the best-trained peer).
+//! `GET /api/ranking/model` shows the current weights.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -22,85 +33,191 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use catalog::Catalog;
 use chrono::Utc;
-use events::{CandidateSource, Candidates, RankedItem, RankedRecommendations, Topic};
+use events::{CandidateSource, Candidates, EventType, ProcessedEvent, RankedItem, RankedRecommendations, Topic};
 use kit::config::{ConfigError, Env};
+use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
+use serde::Serialize;
 
 /// Items kept in a ranked list.
 pub const MAX_RANKED: usize = 50;
+/// Items of a ranked list that count as shown to the user (the API's default page).
+pub const SERVED: usize = 10;
+/// The model's features, in a fixed order.
+pub const FEATURES: [&str; 8] = [
+    "bias",
+    "retargeting",
+    "in_cart",
+    "co_visitation",
+    "popularity",
+    "trending",
+    "category_affinity",
+    "price_fit",
+];
+/// Feedback events remembered for de-duplication.
+const FEEDBACK_SEEN: usize = 100_000;
+/// Ranked lists read back per partition at start to find the newest weights.
+const RESTORE_TAIL: i64 = 20;
 
 /// The `ranking` service.
 pub struct Ranking;
 
+/// Settings of ranking.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `RANKING_LEARNING_RATE` (default 0.05; 0 turns learning off).
+    pub learning_rate: f64,
+    /// `RANKING_L2` (default 0.0001): shrinkage of every weight towards 0 per update.
+    pub l2: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { learning_rate: 0.05, l2: 1e-4 }
+    }
+}
+
 impl Service for Ranking {
     const NAME: &'static str = "ranking";
     const DEFAULT_PORT: u16 = 8087;
-    type Config = ();
+    type Config = Config;
 
-    fn config(_env: &Env) -> Result<(), ConfigError> {
-        Ok(())
+    fn config(env: &Env) -> Result<Config, ConfigError> {
+        let rate = |v: &f64| {
+            if v.is_finite() && (0.0..=1.0).contains(v) { Ok(()) } else { Err("must be a number from 0 to 1".into()) }
+        };
+        let d = Config::default();
+        Ok(Config {
+            learning_rate: env.checked("RANKING_LEARNING_RATE", d.learning_rate, rate)?,
+            l2: env.checked("RANKING_L2", d.l2, rate)?,
+        })
     }
 
-    async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
+    async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let latest: Latest = Shared::default();
+        let model = restore_model(&ctx.kafka.bootstrap_servers).await;
+        tracing::info!(updates = model.updates, "ranking model ready");
+        let ranker = Ranker::new(model, config);
+        let state = RankState { latest: Shared::clone(&ranker.latest), model: Shared::clone(&ranker.model) };
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec::group("candidates", [Topic::Candidates], "ranking"),
-            Ranker { model: LinearModel::v1(), latest: Shared::clone(&latest) },
+            ConsumerSpec::group("candidates", [Topic::Candidates, Topic::ProcessedEvents], "ranking"),
+            ranker,
         );
-        let routes = axum::Router::new().route("/rank/{user_id}", get(get_ranked)).with_state(latest);
+        let routes = axum::Router::new()
+            .route("/rank/{user_id}", get(get_ranked))
+            .route("/api/ranking/model", get(get_model))
+            .with_state(state);
         ctx.serve(routes).await
     }
 }
 
-type Latest = Shared<HashMap<String, RankedRecommendations>>;
+/// The most-trained model published at the tail of the ranked topic, or the initial one.
+async fn restore_model(bootstrap_servers: &str) -> LinearModel {
+    match kit::kafka::admin::read_tail(bootstrap_servers, Topic::RankedRecommendations, RESTORE_TAIL).await {
+        Ok(tail) => tail
+            .iter()
+            .filter_map(|raw| serde_json::from_slice::<RankedRecommendations>(raw).ok())
+            .max_by_key(|r| r.model_updates)
+            .and_then(|r| LinearModel::from_published(&r))
+            .unwrap_or_else(LinearModel::initial),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the published models; starting from the initial weights");
+            LinearModel::initial()
+        }
+    }
+}
+
+/// The values of a (user, product) pair's features, by name.
+pub type Features = BTreeMap<&'static str, f64>;
 
 /// A logistic model: score = sigmoid(Σ weight × feature).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LinearModel {
     pub version: String,
     pub weights: BTreeMap<&'static str, f64>,
+    /// SGD steps taken since the initial weights.
+    pub updates: u64,
 }
 
 impl LinearModel {
-    /// The hand-set first version.
-    pub fn v1() -> Self {
+    /// The hand-set starting point.
+    pub fn initial() -> Self {
         Self {
-            version: "linear-v1".into(),
+            version: "linear-online".into(),
             weights: BTreeMap::from([
                 ("bias", -2.0),
                 ("retargeting", 2.0),
                 ("in_cart", 1.0),
                 ("co_visitation", 1.5),
                 ("popularity", 1.0),
+                ("trending", 0.5),
                 ("category_affinity", 1.5),
                 ("price_fit", 0.5),
             ]),
+            updates: 0,
         }
     }
 
+    /// The model a ranked list was scored with, if it names known features.
+    pub fn from_published(r: &RankedRecommendations) -> Option<Self> {
+        let mut model = Self::initial();
+        for (name, w) in &r.model_weights {
+            let known = FEATURES.iter().find(|f| *f == name)?;
+            if !w.is_finite() {
+                return None;
+            }
+            model.weights.insert(known, *w);
+        }
+        model.updates = r.model_updates;
+        Some(model)
+    }
+
+    fn logit(&self, features: &Features) -> f64 {
+        features.iter().filter_map(|(name, x)| self.weights.get(name).map(|w| w * x)).sum()
+    }
+
     /// The score and each feature's contribution to the logit.
-    pub fn score(&self, features: &BTreeMap<&'static str, f64>) -> (f64, BTreeMap<String, f64>) {
+    pub fn score(&self, features: &Features) -> (f64, BTreeMap<String, f64>) {
         let contributions: BTreeMap<String, f64> = features
             .iter()
             .filter_map(|(name, x)| self.weights.get(name).map(|w| ((*name).to_owned(), round4(w * x))))
             .filter(|(_, c)| *c != 0.0)
             .collect();
-        let logit: f64 = features.iter().filter_map(|(name, x)| self.weights.get(name).map(|w| w * x)).sum();
-        (round4(1.0 / (1.0 + (-logit).exp())), contributions)
+        (round4(sigmoid(self.logit(features))), contributions)
     }
+
+    /// One step of stochastic gradient descent on the logistic loss of `(features, label)`,
+    /// scaled by `weight`, with L2 shrinkage. Weights stay within ±10.
+    pub fn learn(&mut self, features: &Features, label: f64, weight: f64, config: &Config) {
+        if config.learning_rate == 0.0 {
+            return;
+        }
+        let error = label - sigmoid(self.logit(features));
+        for (name, x) in features {
+            if let Some(w) = self.weights.get_mut(name) {
+                let shrink = if *name == "bias" { 0.0 } else { config.l2 * *w };
+                *w = (*w + config.learning_rate * (weight * error * x - shrink)).clamp(-10.0, 10.0);
+            }
+        }
+        self.updates += 1;
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
 }
 
-/// Ranks one user's candidates.
-pub fn rank(model: &LinearModel, c: &Candidates) -> RankedRecommendations {
+/// Ranks one user's candidates; returns the list and the features of each ranked item.
+pub fn rank_with_features(model: &LinearModel, c: &Candidates) -> (RankedRecommendations, Vec<Features>) {
     let catalog = Catalog::global();
     let f = &c.features;
     let max_affinity = f.category_affinity.values().copied().fold(0.0, f64::max);
@@ -116,23 +233,24 @@ pub fn rank(model: &LinearModel, c: &Candidates) -> RankedRecommendations {
         *slot = slot.max(cand.source_score);
     }
 
-    let mut items: Vec<RankedItem> = merged
+    let mut items: Vec<(RankedItem, Features)> = merged
         .into_iter()
         .filter_map(|(id, sources)| {
             let product = catalog.get(id)?;
             let source = |s| sources.get(&s).copied().unwrap_or(0.0);
             let affinity = f.category_affinity.get(product.category).copied().unwrap_or(0.0);
-            let features = BTreeMap::from([
+            let features = Features::from([
                 ("bias", 1.0),
                 ("retargeting", source(CandidateSource::Retargeting)),
                 ("in_cart", if f.cart.iter().any(|p| p == id) { 1.0 } else { 0.0 }),
                 ("co_visitation", source(CandidateSource::CoVisitation)),
                 ("popularity", source(CandidateSource::PopularInCategory).max(source(CandidateSource::ColdStart))),
+                ("trending", source(CandidateSource::Trending)),
                 ("category_affinity", if max_affinity > 0.0 { affinity / max_affinity } else { 0.0 }),
                 ("price_fit", mean_log_price.map_or(0.0, |m| (1.0 - (product.price.ln() - m).abs() / 2.0).max(0.0))),
             ]);
             let (score, contributions) = model.score(&features);
-            Some(RankedItem {
+            let item = RankedItem {
                 item_id: product.id.clone(),
                 name: product.name.clone(),
                 category: product.category.to_owned(),
@@ -140,47 +258,139 @@ pub fn rank(model: &LinearModel, c: &Candidates) -> RankedRecommendations {
                 score,
                 sources: sources.keys().copied().collect(),
                 contributions,
-            })
+            };
+            Some((item, features))
         })
         .collect();
-    items.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.item_id.cmp(&b.item_id)));
+    items.sort_by(|a, b| b.0.score.total_cmp(&a.0.score).then_with(|| a.0.item_id.cmp(&b.0.item_id)));
     items.truncate(MAX_RANKED);
-    RankedRecommendations {
+    let (items, features): (Vec<RankedItem>, Vec<Features>) = items.into_iter().unzip();
+    let ranked = RankedRecommendations {
         schema_version: events::SCHEMA_VERSION,
         user_id: c.user_id.clone(),
         ranked_at: Utc::now(),
         model_version: model.version.clone(),
+        model_updates: model.updates,
+        model_weights: model.weights.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         items,
-    }
+    };
+    (ranked, features)
 }
 
-struct Ranker {
-    model: LinearModel,
+/// Ranks one user's candidates.
+pub fn rank(model: &LinearModel, c: &Candidates) -> RankedRecommendations {
+    rank_with_features(model, c).0
+}
+
+type Latest = Shared<HashMap<String, RankedRecommendations>>;
+
+/// What the HTTP handlers read.
+#[derive(Clone)]
+struct RankState {
     latest: Latest,
+    model: Shared<LinearModel>,
+}
+
+/// The consumer: ranks candidates and learns from feedback on what was shown.
+pub struct Ranker {
+    config: Config,
+    pub model: Shared<LinearModel>,
+    pub latest: Latest,
+    /// user -> the shown items (id, features), best first.
+    served: HashMap<String, Vec<(String, Features)>>,
+    seen: SeenSet,
+}
+
+impl Ranker {
+    pub fn new(model: LinearModel, config: Config) -> Self {
+        Self {
+            config,
+            model: Shared::new(model),
+            latest: Shared::default(),
+            served: HashMap::new(),
+            seen: SeenSet::new(FEEDBACK_SEEN),
+        }
+    }
+
+    /// Ranks and remembers what is shown.
+    pub fn rank(&mut self, c: &Candidates) -> RankedRecommendations {
+        let (ranked, features) = rank_with_features(&self.model.read(), c);
+        let shown = ranked.items.iter().zip(features).take(SERVED).map(|(i, f)| (i.item_id.clone(), f)).collect();
+        self.served.insert(ranked.user_id.clone(), shown);
+        self.latest.write().insert(ranked.user_id.clone(), ranked.clone());
+        ranked
+    }
+
+    /// Learns from one processed event; returns the number of examples it gave.
+    pub fn feedback(&mut self, e: &ProcessedEvent) -> usize {
+        let weight = match e.event_type {
+            EventType::Click => 1.0,
+            EventType::AddToCart => 2.0,
+            EventType::Purchase => 3.0,
+            _ => return 0,
+        };
+        let Some(shown) = self.served.get(&e.user_id) else { return 0 };
+        if !self.seen.insert(&e.event_id) {
+            return 0;
+        }
+        let products: Vec<&str> = match &e.order {
+            Some(o) => o.items.iter().map(|i| i.product.product_id.as_str()).collect(),
+            None => e.product.iter().map(|p| p.product_id.as_str()).collect(),
+        };
+        let mut model = self.model.write();
+        let mut examples = 0;
+        for product in products {
+            let Some(pos) = shown.iter().position(|(id, _)| id == product) else { continue };
+            model.learn(&shown[pos].1, 1.0, weight, &self.config);
+            let passed_over = shown[..pos].iter().chain(shown.get(pos + 1));
+            let mut negatives = 0;
+            for (_, features) in passed_over {
+                model.learn(features, 0.0, weight / (pos as f64 + 1.0), &self.config);
+                negatives += 1;
+            }
+            examples += 1 + negatives;
+        }
+        metrics::counter!("ranking_feedback_examples_total").increment(examples as u64);
+        examples
+    }
 }
 
 impl Handler for Ranker {
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
-        let candidates: Candidates = rec.json()?;
-        let ranked = rank(&self.model, &candidates);
-        metrics::counter!("ranking_lists_total").increment(1);
-        out.send(&ranked);
-        self.latest.write().insert(ranked.user_id.clone(), ranked);
+        match rec.topic {
+            Topic::Candidates => {
+                let candidates: Candidates = rec.json()?;
+                let ranked = self.rank(&candidates);
+                metrics::counter!("ranking_lists_total").increment(1);
+                metrics::gauge!("ranking_model_updates").set(ranked.model_updates as f64);
+                out.send(&ranked);
+            }
+            Topic::ProcessedEvents => {
+                let event: ProcessedEvent = rec.json()?;
+                self.feedback(&event);
+            }
+            other => return Err(HandlerError::malformed(format!("ranking does not read {other}"))),
+        }
         Ok(())
     }
 }
 
 async fn get_ranked(
-    State(latest): State<Latest>,
+    State(state): State<RankState>,
     Path(user_id): Path<String>,
 ) -> Result<Json<RankedRecommendations>, ApiError> {
-    let latest = latest.read();
+    let latest = state.latest.read();
     found(latest.get(&user_id).cloned(), || format!("no ranked list for user {user_id:?} yet"))
+}
+
+async fn get_model(State(state): State<RankState>) -> Json<LinearModel> {
+    Json(state.model.read().clone())
 }
 
 #[cfg(test)]
 mod tests {
     use events::{Candidate, UserFeatures};
+
 
     use super::*;
 
@@ -212,7 +422,7 @@ mod tests {
                 cand(&viewed, CandidateSource::Retargeting, 0.9),
             ],
         };
-        let model = LinearModel::v1();
+        let model = LinearModel::initial();
         let ranked = rank(&model, &c);
         assert_eq!(ranked.items.len(), 3, "one item per product");
         let ids: Vec<_> = ranked.items.iter().map(|i| i.item_id.as_str()).collect();
@@ -225,5 +435,75 @@ mod tests {
         assert!((1.0 / (1.0 + (-logit).exp()) - book.score).abs() < 1e-3);
         assert_eq!(book.contributions["co_visitation"], 1.5);
         assert_eq!(book.contributions["category_affinity"], 1.5);
+    }
+
+    fn click(id: &str, user: &str, product: &str) -> ProcessedEvent {
+        let p = Catalog::global().get(product).expect("in catalog");
+        ProcessedEvent {
+            schema_version: 1,
+            event_id: id.into(),
+            user_id: user.into(),
+            session_id: "s".into(),
+            event_type: EventType::Click,
+            occurred_at: Utc::now(),
+            processed_at: Utc::now(),
+            correlation_id: "c".into(),
+            product: Some(events::ProductInfo {
+                product_id: p.id.clone(),
+                name: p.name.clone(),
+                category: p.category.to_owned(),
+                price: p.price,
+            }),
+            campaign_id: None,
+            query: None,
+            recommendation_id: None,
+            order: None,
+            source: events::SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+        }
+    }
+
+    /// Users are shown a popular item (ranked first by the initial weights) and a trending
+    /// one, and always click the trending one: the model must learn to put it first.
+    #[test]
+    fn feedback_moves_the_weights_towards_what_users_choose() {
+        let catalog = Catalog::global();
+        let popular = catalog.in_category("books").next().expect("book").id.clone();
+        let rising = catalog.in_category("books").nth(40).expect("book").id.clone();
+        let mut ranker = Ranker::new(LinearModel::initial(), Config::default());
+        let before = ranker.model.read().clone();
+        let candidates = |user: &str| Candidates {
+            schema_version: 1,
+            user_id: user.into(),
+            generated_at: Utc::now(),
+            features: UserFeatures { user_id: user.into(), ..Default::default() },
+            candidates: vec![
+                cand(&popular, CandidateSource::PopularInCategory, 1.0),
+                cand(&rising, CandidateSource::Trending, 0.6),
+            ],
+        };
+        let first = ranker.rank(&candidates("u0"));
+        assert_eq!(first.items[0].item_id, popular, "the initial weights prefer popularity");
+        for n in 0..300 {
+            let user = format!("u{n}");
+            ranker.rank(&candidates(&user));
+            assert_eq!(ranker.feedback(&click(&format!("e{n}"), &user, &rising)), 2, "one positive, one negative");
+        }
+        // A redelivered click and a click on something never shown teach nothing.
+        assert_eq!(ranker.feedback(&click("e1", "u1", &rising)), 0);
+        assert_eq!(ranker.feedback(&click("x", "u1", &catalog.in_category("toys").next().expect("toy").id)), 0);
+        let after = ranker.model.read().clone();
+        assert_eq!(after.updates, 600);
+        assert!(after.weights["trending"] > before.weights["trending"], "{after:?}");
+        assert!(after.weights["popularity"] < before.weights["popularity"], "{after:?}");
+        let last = ranker.rank(&candidates("late"));
+        assert_eq!(last.items[0].item_id, rising, "{last:?}");
+        assert_eq!(last.model_updates, 600);
+
+        // A restarted instance resumes from the published weights.
+        let resumed = LinearModel::from_published(&last).expect("known features");
+        assert_eq!((resumed.updates, &resumed.weights), (after.updates, &after.weights));
+        let mut unknown = last.clone();
+        unknown.model_weights.insert("mystery".into(), 1.0);
+        assert!(LinearModel::from_published(&unknown).is_none());
     }
 }

@@ -258,6 +258,8 @@ mod tests {
                 user_id: "u".into(),
                 ranked_at: Utc::now(),
                 model_version: "linear-v1".into(),
+                model_updates: 0,
+                model_weights: BTreeMap::new(),
                 items,
             },
         );

@@ -63,6 +63,22 @@ pub async fn ensure_named_topics(
 /// Every message of `topic` as it is now (all partitions, from the beginning up to the end
 /// offsets read at the start), in partition order: for tools and tests.
 pub async fn read_to_end(bootstrap_servers: &str, topic: events::Topic) -> anyhow::Result<Vec<Vec<u8>>> {
+    read_range(bootstrap_servers, topic, |low, _| low).await
+}
+
+/// The last `n` messages of each partition of `topic` (fewer where a partition holds fewer):
+/// for a service that resumes from the newest state it published.
+pub async fn read_tail(bootstrap_servers: &str, topic: events::Topic, n: i64) -> anyhow::Result<Vec<Vec<u8>>> {
+    read_range(bootstrap_servers, topic, move |low, high| (high - n).max(low)).await
+}
+
+/// The messages of every partition from `start(low, high)` up to the end offset read at the
+/// start, in partition order.
+async fn read_range(
+    bootstrap_servers: &str,
+    topic: events::Topic,
+    start: impl Fn(i64, i64) -> i64 + Send + 'static,
+) -> anyhow::Result<Vec<Vec<u8>>> {
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
     use rdkafka::message::Message as _;
     use rdkafka::{Offset, TopicPartitionList};
@@ -77,24 +93,25 @@ pub async fn read_to_end(bootstrap_servers: &str, topic: events::Topic) -> anyho
             .context("creating a reader")?,
     );
     let c = std::sync::Arc::clone(&consumer);
-    let ends = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64)>> {
+    let ranges = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64, i64)>> {
         let metadata = c.fetch_metadata(Some(topic.name()), Duration::from_secs(10))?;
-        let mut ends = Vec::new();
+        let mut ranges = Vec::new();
         for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
             let (low, high) = c.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(10))?;
-            if high > low {
-                ends.push((p.id(), high));
+            let from = start(low, high).clamp(low, high);
+            if high > from {
+                ranges.push((p.id(), from, high));
             }
         }
-        Ok(ends)
+        Ok(ranges)
     })
     .await??;
     let mut tpl = TopicPartitionList::new();
-    for (p, _) in &ends {
-        tpl.add_partition_offset(topic.name(), *p, Offset::Beginning)?;
+    for (p, from, _) in &ranges {
+        tpl.add_partition_offset(topic.name(), *p, Offset::Offset(*from))?;
     }
     consumer.assign(&tpl)?;
-    let mut remaining: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
+    let mut remaining: std::collections::HashMap<i32, i64> = ranges.into_iter().map(|(p, _, end)| (p, end)).collect();
     let mut out = Vec::new();
     while !remaining.is_empty() {
         let msg = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
