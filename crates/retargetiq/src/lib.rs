@@ -9,9 +9,11 @@
 //! - `retargetiq broker`: only the broker, in the foreground.
 //! - `retargetiq service <name>`: one service in the foreground (what `up` runs).
 //! - `retargetiq topics create`: creates the platform's topics on a broker.
+//! - `retargetiq evaluate`: recommendation quality against baselines (see [`evaluate`]).
 
 pub mod bench;
 pub mod dead_letters;
+pub mod evaluate;
 pub mod simulate;
 mod up;
 
@@ -65,6 +67,8 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+    /// Measure recommendation quality offline (hit rate and NDCG against baselines).
+    Evaluate(evaluate::EvaluateArgs),
     /// Play realistic shopper sessions against the ingestion APIs.
     Simulate(Box<simulate::SimulateArgs>),
     /// List rejected messages, or send them back to their source topic after a fix.
@@ -128,6 +132,11 @@ pub fn main() -> ExitCode {
                 summary.failed == 0 || summary.accepted > 0,
                 "no event was accepted: is the platform running?"
             );
+            Ok(())
+        }),
+        Command::Evaluate(args) => block_on(async move {
+            let report = tokio::task::spawn_blocking(move || evaluate::run(&args)).await??;
+            println!("{}", report.table());
             Ok(())
         }),
         Command::DeadLetters { bootstrap_servers, command } => block_on(async move {

@@ -7,8 +7,11 @@
 //!   `ranked-recommendations-topic`. Each item carries the contribution of every feature to
 //!   its logit (`weight × value`), so `GET /rank/{userId}` shows why an item ranks where it
 //!   does. The top [`SERVED`] items are remembered as what the user is being shown.
-//! - `processed-events-topic`: feedback. A click (label weight 1), add-to-cart (2) or
-//!   purchase (3) of a product in the user's shown list is a positive example for that item;
+//! - `processed-events-topic`: feedback. A view (label weight 1), click (1.5), add-to-cart (3)
+//!   or purchase (5) of a product in the user's shown list is a positive example for that
+//!   item — the first in half an hour: a click or cart right after the view that started it
+//!   continues the same engagement (and the item is by then in the list because it was just
+//!   viewed, which would teach the model to echo the last view);
 //!   the shown items ranked above it that the user passed over ("skip-above", as in
 //!   click-model learning to rank) and the one just below are negatives. Each example is one
 //!   step of stochastic gradient descent on the logistic loss with L2 shrinkage
@@ -26,14 +29,14 @@
 //! instance learns from its own users; a new instance starts from the best-trained peer).
 //! `GET /api/ranking/model` shows the current weights.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::routing::get;
 use catalog::Catalog;
-use chrono::Utc;
-use events::{CandidateSource, Candidates, EventType, ProcessedEvent, RankedItem, RankedRecommendations, Topic};
+use chrono::{DateTime, Utc};
+use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedRecommendations, Topic};
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
@@ -47,16 +50,12 @@ pub const MAX_RANKED: usize = 50;
 /// Items of a ranked list that count as shown to the user (the API's default page).
 pub const SERVED: usize = 10;
 /// The model's features, in a fixed order.
-pub const FEATURES: [&str; 8] = [
-    "bias",
-    "retargeting",
-    "in_cart",
-    "co_visitation",
-    "popularity",
-    "trending",
-    "category_affinity",
-    "price_fit",
-];
+pub const FEATURES: [&str; 8] =
+    ["bias", "retargeting", "in_cart", "co_visitation", "popularity", "trending", "category_affinity", "price_fit"];
+/// Engagements with the same product closer together than this are one engagement.
+const ENGAGEMENT_SPAN: chrono::TimeDelta = chrono::TimeDelta::minutes(30);
+/// Recent engagements remembered per user.
+const ENGAGED_PER_USER: usize = 50;
 /// Feedback events remembered for de-duplication.
 const FEEDBACK_SEEN: usize = 100_000;
 /// Ranked lists read back per partition at start to find the newest weights.
@@ -298,6 +297,8 @@ pub struct Ranker {
     pub latest: Latest,
     /// user -> the shown items (id, features), best first.
     served: HashMap<String, Vec<(String, Features)>>,
+    /// user -> products engaged with lately, and when.
+    engaged: HashMap<String, VecDeque<(String, DateTime<Utc>)>>,
     seen: SeenSet,
 }
 
@@ -308,6 +309,7 @@ impl Ranker {
             model: Shared::new(model),
             latest: Shared::default(),
             served: HashMap::new(),
+            engaged: HashMap::new(),
             seen: SeenSet::new(FEEDBACK_SEEN),
         }
     }
@@ -323,23 +325,33 @@ impl Ranker {
 
     /// Learns from one processed event; returns the number of examples it gave.
     pub fn feedback(&mut self, e: &ProcessedEvent) -> usize {
-        let weight = match e.event_type {
-            EventType::Click => 1.0,
-            EventType::AddToCart => 2.0,
-            EventType::Purchase => 3.0,
-            _ => return 0,
-        };
-        let Some(shown) = self.served.get(&e.user_id) else { return 0 };
-        if !self.seen.insert(&e.event_id) {
+        let weight = e.event_type.engagement_weight();
+        if weight <= 0.0 || !self.seen.insert(&e.event_id) {
             return 0;
         }
         let products: Vec<&str> = match &e.order {
             Some(o) => o.items.iter().map(|i| i.product.product_id.as_str()).collect(),
             None => e.product.iter().map(|p| p.product_id.as_str()).collect(),
         };
+        // A product the user engaged with in the last half hour is the same engagement going
+        // on (view, then click, then cart): only its start is a choice among what was shown.
+        let engaged = self.engaged.entry(e.user_id.clone()).or_default();
+        let fresh: Vec<&str> = products
+            .into_iter()
+            .filter(|p| {
+                let recent = engaged.iter().any(|(id, at)| id == p && e.occurred_at - *at < ENGAGEMENT_SPAN);
+                engaged.retain(|(id, _)| id != p);
+                engaged.push_back(((*p).to_owned(), e.occurred_at));
+                if engaged.len() > ENGAGED_PER_USER {
+                    engaged.pop_front();
+                }
+                !recent
+            })
+            .collect();
+        let Some(shown) = self.served.get(&e.user_id) else { return 0 };
         let mut model = self.model.write();
         let mut examples = 0;
-        for product in products {
+        for product in fresh {
             let Some(pos) = shown.iter().position(|(id, _)| id == product) else { continue };
             model.learn(&shown[pos].1, 1.0, weight, &self.config);
             let passed_over = shown[..pos].iter().chain(shown.get(pos + 1));
@@ -389,8 +401,7 @@ async fn get_model(State(state): State<RankState>) -> Json<LinearModel> {
 
 #[cfg(test)]
 mod tests {
-    use events::{Candidate, UserFeatures};
-
+    use events::{Candidate, EventType, UserFeatures};
 
     use super::*;
 
