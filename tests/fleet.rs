@@ -94,6 +94,27 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     assert!(!viewed_in_top.is_empty(), "retargeting puts a viewed book in the top 5: {recs}");
     assert!(recs["requestId"].as_str().is_some_and(|s| !s.is_empty()));
 
+    // A new view changes the recommendations: the list is re-ranked after the view, and the
+    // shopper's toys now show up. (How long that takes is measured by the benchmarks; here
+    // it is only printed.)
+    let time = |r: &Value| r["generatedAt"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+    let before = time(&recs).expect("generatedAt");
+    let toy = catalog::Catalog::global().in_category("toys").nth(5).expect("a toy").id.clone();
+    let viewed_at = std::time::Instant::now();
+    let view = json!({"userId": USER, "eventType": "product_view", "productId": toy});
+    let (status, body) = post(&fleet, "user-activity", "/api/users/activity", &view).await?;
+    assert_eq!(status, 202, "{body}");
+    let after = eventually("recommendations updated by the view", PATIENCE, || async {
+        get_json(&fleet, "recommendation-api", &format!("/recommend/{USER}?k=50"))
+            .await
+            .filter(|r| time(r).is_some_and(|t| t > before))
+    })
+    .await?;
+    eprintln!("a view changed the recommendations after {:?} (polling every 100 ms)", viewed_at.elapsed());
+    let ranked: Vec<&str> =
+        after["recommendations"].as_array().into_iter().flatten().filter_map(|i| i["itemId"].as_str()).collect();
+    assert!(ranked.contains(&toy.as_str()), "the viewed toy is a candidate now: {after}");
+
     // Unknown users get a cold-start list, not an error.
     let cold = get_json(&fleet, "recommendation-api", "/recommend/nobody-at-all?k=3").await.expect("cold start answer");
     assert_eq!((cold["coldStart"].as_bool(), cold["recommendations"].as_array().map(Vec::len)), (Some(true), Some(3)));
@@ -102,10 +123,11 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     let user_stats = eventually("analytics for the shopper", PATIENCE, || async {
         get_json(&fleet, "analytics", &format!("/api/analytics/user/{USER}"))
             .await
-            .filter(|u| u["counts"]["addToCart"] == 1)
+            .filter(|u| u["counts"]["addToCart"] == 1 && u["counts"]["productViews"].as_u64() >= Some(4))
     })
     .await?;
-    assert_eq!(user_stats["counts"]["productViews"], 3, "the retried event counts once: {user_stats}");
+    // Three books and the toy; the retried book view counts once.
+    assert_eq!(user_stats["counts"]["productViews"], 4, "the retried event counts once: {user_stats}");
     let summary = eventually("the order in the summary", PATIENCE, || async {
         get_json(&fleet, "analytics", "/api/analytics/summary").await.filter(|s| s["orders"] == 1)
     })
@@ -116,7 +138,9 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     // Features.
     let features = get_json(&fleet, "feature-store", &format!("/features/{USER}")).await.expect("features");
     assert_eq!(features["cart"], json!([catalog[2]]));
-    assert_eq!(features["recentlyViewed"], json!([catalog[2], catalog[1], catalog[0]]));
+    assert_eq!(features["recentlyViewed"], json!([toy, catalog[2], catalog[1], catalog[0]]));
+    assert_eq!(features["windows"]["last1h"]["productViews"], 4, "{features}");
+    assert_eq!(features["session"]["currentEvents"], 5, "{features}");
     assert_eq!(features["preferredCategory"], "books");
     assert!(features["updatedAt"].as_str().is_some());
     let resp = fleet.http().get(fleet.url("feature-store", "/features/nobody-at-all")).send().await?;

@@ -29,6 +29,7 @@ async fn bind() -> anyhow::Result<TcpListener> {
 impl Fleet {
     /// Starts a broker and all ten services, and waits until every `/ready` says 200.
     pub async fn start() -> anyhow::Result<Self> {
+        testkit::exit_on_panic();
         let broker = TestBroker::start().await?;
         let mut fleet = Fleet {
             broker,

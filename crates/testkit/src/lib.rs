@@ -41,6 +41,21 @@ impl Drop for TestBroker {
     }
 }
 
+/// Makes a panic end the test process (exit code 101, after the usual message). For tests
+/// that run services in-process: after a failed assertion the runtime's shutdown can wait
+/// forever on a Kafka client call blocked on a broker that is already gone, and a failing
+/// test must fail, not hang CI.
+pub fn exit_on_panic() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            std::process::exit(101);
+        }));
+    });
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
