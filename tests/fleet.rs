@@ -160,12 +160,27 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
         &json!({"userId": USER, "context": {"purchaseIntent": 0.9, "recency": 1.0}}),
     )
     .await?;
-    assert_eq!((status, decision["action"].as_str()), (200, Some("DISCOUNT_10")), "{decision}");
+    assert_eq!(
+        (status, decision["policy"].as_str(), decision["trigger"].as_str()),
+        (200, Some("linucb-v1"), Some("api"))
+    );
+    assert!(decision["propensity"].as_f64().is_some_and(|p| p > 0.0 && p <= 1.0), "{decision}");
+    assert!(decision["explanation"].as_str().is_some_and(|e| e.contains("LinUCB")), "{decision}");
     let decision_id = decision["decisionId"].clone();
     eventually("the offer in the recommendation response", PATIENCE, || async {
         get_json(&fleet, "recommendation-api", &format!("/recommend/{USER}"))
             .await
             .filter(|r| r["offer"]["decisionId"] == decision_id)
+    })
+    .await?;
+    // An order naming the decision is its reward: the policy learns from it.
+    let order = json!({"userId": USER, "offerDecisionId": decision_id,
+        "items": [{"productId": catalog[2], "quantity": 1, "unitPrice": catalog_price(&catalog[2])}],
+        "amount": catalog_price(&catalog[2])});
+    let (status, body) = post(&fleet, "order", "/api/orders/place", &order).await?;
+    assert_eq!(status, 202, "{body}");
+    eventually("the offer's reward learned", PATIENCE, || async {
+        get_json(&fleet, "rl-offer", "/api/offers/policy").await.filter(|p| p["converted"] == 1 && p["learned"] == 1)
     })
     .await?;
 
@@ -197,8 +212,14 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     assert_ne!(again[0]["source"]["offset"], again[1]["source"]["offset"], "{again}");
 
     // The UI answers with the live figures and the shopper's page.
-    let html = fleet.http().get(fleet.url("frontend-ui", "/")).send().await?.text().await?;
-    assert!(html.contains("id=\"kpi-events\"") && html.contains("id=\"kpi-orders\">1<"), "{html}");
+    // (Two orders by now: the other shopper's and the one that rewarded the offer.)
+    let url = fleet.url("frontend-ui", "/");
+    let html = eventually("the dashboard with both orders", PATIENCE, || async {
+        let html = fleet.http().get(&url).send().await.ok()?.text().await.ok()?;
+        html.contains("id=\"kpi-orders\">2<").then_some(html)
+    })
+    .await?;
+    assert!(html.contains("id=\"kpi-events\""), "{html}");
     let html = fleet.http().get(fleet.url("frontend-ui", &format!("/users/{USER}"))).send().await?.text().await?;
     assert!(html.contains("class=\"rec\"") && html.contains(&catalog[2]), "{html}");
 

@@ -10,10 +10,12 @@
 //! - `retargetiq service <name>`: one service in the foreground (what `up` runs).
 //! - `retargetiq topics create`: creates the platform's topics on a broker.
 //! - `retargetiq evaluate`: recommendation quality against baselines (see [`evaluate`]).
+//! - `retargetiq evaluate-offers`: the offer bandit against the rule engine (see [`offers_eval`]).
 
 pub mod bench;
 pub mod dead_letters;
 pub mod evaluate;
+pub mod offers_eval;
 pub mod simulate;
 mod up;
 
@@ -69,6 +71,8 @@ enum Command {
     },
     /// Measure recommendation quality offline (hit rate and NDCG against baselines).
     Evaluate(evaluate::EvaluateArgs),
+    /// Measure the offer bandit against the original rule engine on simulated traffic.
+    EvaluateOffers(offers_eval::OffersArgs),
     /// Play realistic shopper sessions against the ingestion APIs.
     Simulate(Box<simulate::SimulateArgs>),
     /// List rejected messages, or send them back to their source topic after a fix.
@@ -136,6 +140,11 @@ pub fn main() -> ExitCode {
         }),
         Command::Evaluate(args) => block_on(async move {
             let report = tokio::task::spawn_blocking(move || evaluate::run(&args)).await??;
+            println!("{}", report.table());
+            Ok(())
+        }),
+        Command::EvaluateOffers(args) => block_on(async move {
+            let report = tokio::task::spawn_blocking(move || offers_eval::run(&args)).await??;
             println!("{}", report.table());
             Ok(())
         }),

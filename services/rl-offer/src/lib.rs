@@ -1,34 +1,90 @@
-//! `rl-offer` (8088): offer decisions (reminder, discount, free shipping, nothing).
+//! `rl-offer` (8088): retargeting offers chosen by a contextual bandit that learns from the
+//! orders that follow.
 //!
-//! Consumes `user-features-topic` (consumer group `rl-offer`) and decides an offer whenever a
-//! user's features change what the policy would do (or the last decision is older than
-//! `OFFER_REFRESH_SECONDS`); every decision goes to `offers-topic` with its context, action,
-//! propensity, policy, trigger and a decision id, so it can be learned from and evaluated
-//! off-policy later.
+//! **Actions** ([`OfferAction`]), each with a cost ([`cost`]): `NO_ACTION` (free), `REMINDER`
+//! (a message: 0.10 EUR whether or not it works), `DISCOUNT_10` (10 % of the order it wins)
+//! and `FREE_SHIPPING` (4.90 EUR on the order it wins).
 //!
-//! Policy of this first version: the original project's rule engine, made explicit and
-//! logged (`rules-v1`, deterministic, so the propensity of the chosen action is 1):
-//! `DISCOUNT_10` when purchase intent > 0.7 and recency > 0.5; `REMINDER` when intent > 0.4
-//! and activity > 0.4; otherwise `NO_ACTION`. The contextual bandit replaces it next.
+//! **Triggers** — the moments a retargeting offer makes sense; only these decide:
+//! - `cart_abandoned`: something in the cart and no activity for `OFFER_CART_ABANDON_MINUTES`;
+//! - `repeated_views`: the same product viewed `OFFER_REPEAT_VIEWS` times and not bought;
+//! - `lapsed_customer`: a customer with an order who has not been seen for `OFFER_LAPSED_DAYS`;
+//! - `api`: `POST /offer/select` (decide now for a user and, optionally, a given context).
 //!
-//! REST: `GET /offer/{userId}` (the current offer; 404 before the first decision) and
+//! The first two and the third are found by a sweep every `OFFER_SWEEP_SECONDS` over the
+//! users this instance holds; repeated views on each features snapshot.
+//!
+//! **Context** ([`OfferContext`]) from the user's latest features: purchase intent, recency,
+//! activity, cart value, days since the previous visit, preferred category.
+//!
+//! **Policy**: LinUCB with an ε-greedy floor ([`bandit`]); the logged propensity is the exact
+//! probability of the chosen action, and the explanation lists every action's expected net
+//! revenue and uncertainty bonus.
+//!
+//! **Rewards**: an order within `OFFER_REWARD_WINDOW_MINUTES` after a decision is attributed to
+//! it (to the decision the order names in `offerDecisionId`, else to the user's latest open
+//! decision): the reward is the order amount net of the action's cost. A window that closes
+//! without an order is a reward of minus the fixed cost (0 for most actions).
+//!
+//! **State across restarts**: at start the instance reads back its partitions of
+//! `offers-topic` (its decisions, with contexts) and of `processed-events-topic` (the orders),
+//! replays the attribution in time order and so relearns the same model, the open decisions and
+//! every user's current offer; the user-features consumer restores the latest features.
+//!
+//! REST: `GET /offer/{userId}` (the current offer; 404 before the first decision),
 //! `POST /offer/select` with `{"userId": "...", "context": {"purchaseIntent": 0.8, ...}}`
-//! (decide now; context values default to the user's latest features).
+//! (context values default to the user's latest features), `GET /api/offers/policy` (each
+//! action's learned mean reward and decisions learned from).
 
-use std::collections::{BTreeMap, HashMap};
+pub mod bandit;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Duration, Utc};
-use events::{OfferAction, OfferDecision, Topic, UserFeatures};
+use events::{EventType, OfferAction, OfferDecision, ProcessedEvent, Topic, UserFeatures};
 use kit::config::{ConfigError, Env, positive};
+use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use serde_json::Value;
+
+pub use bandit::{Bandit, BanditConfig};
+
+/// The policy's name in the decision log.
+pub const POLICY: &str = "linucb-v1";
+/// Cost of a reminder, EUR, whether or not it works.
+pub const REMINDER_COST: f64 = 0.10;
+/// Cost of free shipping on an order it wins, EUR.
+pub const FREE_SHIPPING_COST: f64 = 4.90;
+/// Share of the order a discount gives away.
+pub const DISCOUNT_RATE: f64 = 0.10;
+/// Products whose views are counted per user for the repeated-views trigger.
+const VIEWED_PER_USER: usize = 20;
+
+/// What `action` costs when it is followed by an order of `amount` (or by none).
+pub fn cost(action: OfferAction, order_amount: Option<f64>) -> f64 {
+    match (action, order_amount) {
+        (OfferAction::NoAction, _) => 0.0,
+        (OfferAction::Reminder, _) => REMINDER_COST,
+        (OfferAction::Discount10, Some(amount)) => DISCOUNT_RATE * amount,
+        (OfferAction::FreeShipping, Some(_)) => FREE_SHIPPING_COST,
+        (OfferAction::Discount10 | OfferAction::FreeShipping, None) => 0.0,
+    }
+}
+
+/// The reward of a decision: the order's amount net of the action's cost, or minus the fixed
+/// cost when no order followed.
+pub fn net_reward(action: OfferAction, order_amount: Option<f64>) -> f64 {
+    order_amount.unwrap_or(0.0) - cost(action, order_amount)
+}
 
 /// The `rl-offer` service.
 pub struct RlOffer;
@@ -36,9 +92,31 @@ pub struct RlOffer;
 /// Settings of the offer service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `OFFER_REFRESH_SECONDS`: a user's decision is renewed at most this often when the
-    /// chosen action stays the same (default 900).
-    pub refresh: Duration,
+    /// `OFFER_CART_ABANDON_MINUTES` (default 30).
+    pub cart_abandon: Duration,
+    /// `OFFER_REPEAT_VIEWS` (default 3).
+    pub repeat_views: u32,
+    /// `OFFER_LAPSED_DAYS` (default 14).
+    pub lapsed: Duration,
+    /// `OFFER_REWARD_WINDOW_MINUTES` (default 1440).
+    pub reward_window: Duration,
+    /// `OFFER_SWEEP_SECONDS` (default 10).
+    pub sweep: std::time::Duration,
+    /// `OFFER_EPSILON` (default 0.05) and `OFFER_UCB_ALPHA` (default 0.5).
+    pub bandit: BanditConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cart_abandon: Duration::minutes(30),
+            repeat_views: 3,
+            lapsed: Duration::days(14),
+            reward_window: Duration::hours(24),
+            sweep: std::time::Duration::from_secs(10),
+            bandit: BanditConfig::default(),
+        }
+    }
 }
 
 impl Service for RlOffer {
@@ -47,59 +125,176 @@ impl Service for RlOffer {
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {
-        let secs = env.checked("OFFER_REFRESH_SECONDS", 900, positive)?;
-        Ok(Config { refresh: Duration::seconds(secs) })
+        let unit = |v: &f64| {
+            if v.is_finite() && (0.0..=1.0).contains(v) { Ok(()) } else { Err("must be a number from 0 to 1".into()) }
+        };
+        let non_negative = |v: &f64| {
+            if v.is_finite() && *v >= 0.0 { Ok(()) } else { Err("must be a number >= 0".into()) }
+        };
+        Ok(Config {
+            cart_abandon: Duration::minutes(env.checked("OFFER_CART_ABANDON_MINUTES", 30, positive)?),
+            repeat_views: env.checked("OFFER_REPEAT_VIEWS", 3, positive)?,
+            lapsed: Duration::days(env.checked("OFFER_LAPSED_DAYS", 14, positive)?),
+            reward_window: Duration::minutes(env.checked("OFFER_REWARD_WINDOW_MINUTES", 1440, positive)?),
+            sweep: std::time::Duration::from_secs(env.checked("OFFER_SWEEP_SECONDS", 10, positive)?),
+            bandit: BanditConfig {
+                epsilon: env.checked("OFFER_EPSILON", 0.05, unit)?,
+                alpha: env.checked("OFFER_UCB_ALPHA", 0.5, non_negative)?,
+            },
+        })
     }
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let pipeline = ctx.pipeline_producer()?;
         let requests = ctx.request_producer()?;
-        let state = Shared::new(Offers::default());
+        let sweep_every = config.sweep;
+        let mut policy = Policy::new(config, StdRng::from_os_rng());
+        let (decisions, orders) = read_history(&ctx).await?;
+        policy.restore(decisions, orders, Utc::now());
+        let stats = policy.stats();
+        tracing::info!(open = stats.open_decisions, learned = stats.learned, "offer policy restored");
+        let state = Shared::new(policy);
         ctx.spawn_consumer(
             &pipeline,
-            ConsumerSpec::group("user-features", [Topic::UserFeatures], "rl-offer"),
-            Decider { state: Shared::clone(&state), config },
+            ConsumerSpec::group("features-and-orders", [Topic::UserFeatures, Topic::ProcessedEvents], "rl-offer")
+                .restoring(),
+            Decider(Shared::clone(&state)),
         );
+        let (sweeper, producer, shutdown) = (Shared::clone(&state), requests.clone(), ctx.shutdown.clone());
+        ctx.spawn_task(async move {
+            let mut tick = tokio::time::interval(sweep_every);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    _ = tick.tick() => {}
+                }
+                let decisions = sweeper.write().sweep(Utc::now());
+                for d in decisions {
+                    metrics::counter!("offers_decisions_total", "action" => d.action.as_str(), "trigger" => d.trigger.clone()).increment(1);
+                    if let Err(e) = producer.send(&d, None).await {
+                        tracing::warn!(error = %e, user = %d.user_id, "could not log a decision; it stays in memory");
+                    }
+                }
+            }
+        });
         let routes = axum::Router::new()
             .route("/offer/{user_id}", get(get_offer))
             .route("/offer/select", post(select))
+            .route("/api/offers/policy", get(get_policy))
             .with_state(AppState { state, producer: requests });
         ctx.serve(routes).await
     }
 }
 
-/// What the policy looks at, each in [0, 1] except `cartValue`.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// This instance's logged decisions and orders, for [`Policy::restore`].
+async fn read_history(ctx: &Context) -> anyhow::Result<(Vec<OfferDecision>, Vec<ProcessedEvent>)> {
+    use kit::kafka::admin::read_partitions;
+    let servers = &ctx.kafka.bootstrap_servers;
+    let (a, b) = (ctx.kafka.clone(), ctx.kafka.clone());
+    let decisions = read_partitions(servers, Topic::Offers, move |p| a.owns(p)).await?;
+    let events = read_partitions(servers, Topic::ProcessedEvents, move |p| b.owns(p)).await?;
+    let decisions = decisions.iter().filter_map(|raw| serde_json::from_slice(raw).ok()).collect();
+    let orders = events
+        .iter()
+        .filter_map(|raw| serde_json::from_slice::<ProcessedEvent>(raw).ok())
+        .filter(|e| e.order.is_some())
+        .collect();
+    Ok((decisions, orders))
+}
+
+/// Preferred categories the context knows (one indicator each).
+fn categories() -> Vec<&'static str> {
+    catalog::Catalog::global().categories().collect()
+}
+
+/// What the policy looks at.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct OfferContext {
+    /// In [0, 1].
     pub purchase_intent: f64,
+    /// In [0, 1]: 1 just now, e^-1 a day ago.
     pub recency: f64,
+    /// In [0, 1].
     pub activity: f64,
+    /// EUR.
     pub cart_value: f64,
+    /// Days between the previous visit and the latest one (0 for a first visit).
+    pub days_since_last_visit: f64,
+    pub category: Option<String>,
 }
 
 impl OfferContext {
     pub fn from_features(f: &UserFeatures, now: DateTime<Utc>) -> Self {
         let hours = (now - f.last_seen).num_milliseconds().max(0) as f64 / 3_600_000.0;
+        let gap = f.session.previous_visit_at.map_or(0.0, |prev| {
+            (f.session.current_started_at.unwrap_or(f.last_seen) - prev).num_milliseconds().max(0) as f64 / 86_400_000.0
+        });
         Self {
             purchase_intent: f.purchase_intent,
             recency: (-hours / 24.0).exp(),
             activity: f.activity_score,
             cart_value: f.cart_value,
+            days_since_last_visit: gap,
+            category: f.preferred_category.clone(),
         }
     }
 
-    fn as_map(self) -> BTreeMap<String, f64> {
-        BTreeMap::from([
+    /// The context as logged: named numbers, the category as a `category.<name>` indicator.
+    pub fn as_map(&self) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::from([
             ("purchaseIntent".to_owned(), self.purchase_intent),
             ("recency".to_owned(), self.recency),
             ("activity".to_owned(), self.activity),
             ("cartValue".to_owned(), self.cart_value),
-        ])
+            ("daysSinceLastVisit".to_owned(), self.days_since_last_visit),
+        ]);
+        if let Some(c) = &self.category {
+            m.insert(format!("category.{c}"), 1.0);
+        }
+        m
+    }
+
+    /// The context of a logged decision.
+    pub fn from_map(m: &BTreeMap<String, f64>) -> Self {
+        let get = |k: &str| m.get(k).copied().filter(|v| v.is_finite()).unwrap_or(0.0);
+        Self {
+            purchase_intent: get("purchaseIntent"),
+            recency: get("recency"),
+            activity: get("activity"),
+            cart_value: get("cartValue"),
+            days_since_last_visit: get("daysSinceLastVisit"),
+            category: m
+                .iter()
+                .find(|(k, v)| k.starts_with("category.") && **v > 0.0)
+                .map(|(k, _)| k["category.".len()..].to_owned()),
+        }
+    }
+
+    /// The features the bandit's regressions use, each in [0, 1]: a bias, intent, recency,
+    /// activity, cart value (1 − e^(−value/100 EUR)), lapse (days since the last visit / 30,
+    /// capped at 1), and one indicator per category.
+    pub fn vector(&self) -> Vec<f64> {
+        let mut x = vec![
+            1.0,
+            self.purchase_intent.clamp(0.0, 1.0),
+            self.recency.clamp(0.0, 1.0),
+            self.activity.clamp(0.0, 1.0),
+            1.0 - (-self.cart_value.max(0.0) / 100.0).exp(),
+            (self.days_since_last_visit / 30.0).clamp(0.0, 1.0),
+        ];
+        x.extend(categories().into_iter().map(|c| if self.category.as_deref() == Some(c) { 1.0 } else { 0.0 }));
+        x
     }
 }
 
-/// The rule policy: (action, explanation).
-pub fn rules_v1(c: OfferContext) -> (OfferAction, String) {
+/// Length of [`OfferContext::vector`].
+pub fn dimensions() -> usize {
+    6 + categories().len()
+}
+
+/// The original project's rule engine, kept as the baseline the bandit is measured against:
+/// (action, explanation).
+pub fn rules_v1(c: &OfferContext) -> (OfferAction, String) {
     if c.purchase_intent > 0.7 && c.recency > 0.5 {
         (
             OfferAction::Discount10,
@@ -115,52 +310,257 @@ pub fn rules_v1(c: OfferContext) -> (OfferAction, String) {
     }
 }
 
-/// A logged decision for a user and context.
-pub fn decide(user_id: &str, context: OfferContext, trigger: &str, now: DateTime<Utc>) -> OfferDecision {
-    let (action, explanation) = rules_v1(context);
-    OfferDecision {
-        schema_version: events::SCHEMA_VERSION,
-        decision_id: uuid::Uuid::new_v4().to_string(),
-        user_id: user_id.to_owned(),
-        decided_at: now,
-        action,
-        propensity: 1.0,
-        policy: "rules-v1".to_owned(),
-        trigger: trigger.to_owned(),
-        context: context.as_map(),
-        explanation,
+/// A decision waiting for its reward.
+#[derive(Debug, Clone)]
+struct Open {
+    decision_id: String,
+    action: OfferAction,
+    x: Vec<f64>,
+    decided_at: DateTime<Utc>,
+}
+
+/// Counters of the policy, for the API and the UI.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStats {
+    pub policy: &'static str,
+    pub open_decisions: usize,
+    /// Decisions whose reward was learned.
+    pub learned: u64,
+    /// Of those, decisions followed by an order.
+    pub converted: u64,
+    pub arms: Vec<bandit::ArmStats>,
+}
+
+/// The offer service's state: the bandit, open decisions, and what it knows of each user.
+pub struct Policy {
+    config: Config,
+    bandit: Bandit,
+    rng: StdRng,
+    pub current: HashMap<String, OfferDecision>,
+    pub features: HashMap<String, UserFeatures>,
+    open: HashMap<String, VecDeque<Open>>,
+    /// user -> (product, views) for the repeated-views trigger.
+    views: HashMap<String, VecDeque<(String, u32)>>,
+    orders_seen: SeenSet,
+    learned: u64,
+    converted: u64,
+}
+
+impl Policy {
+    pub fn new(config: Config, rng: StdRng) -> Self {
+        Self {
+            bandit: Bandit::new(dimensions(), config.bandit),
+            config,
+            rng,
+            current: HashMap::new(),
+            features: HashMap::new(),
+            open: HashMap::new(),
+            views: HashMap::new(),
+            orders_seen: SeenSet::new(100_000),
+            learned: 0,
+            converted: 0,
+        }
+    }
+
+    pub fn bandit(&self) -> &Bandit {
+        &self.bandit
+    }
+
+    pub fn stats(&self) -> PolicyStats {
+        PolicyStats {
+            policy: POLICY,
+            open_decisions: self.open.values().map(VecDeque::len).sum(),
+            learned: self.learned,
+            converted: self.converted,
+            arms: self.bandit.stats(),
+        }
+    }
+
+    /// Decides an offer for `user_id` now, and opens it for its reward.
+    pub fn decide(
+        &mut self,
+        user_id: &str,
+        context: &OfferContext,
+        trigger: &str,
+        now: DateTime<Utc>,
+    ) -> OfferDecision {
+        let x = context.vector();
+        let choice = self.bandit.choose(&x, &mut self.rng);
+        let decision = OfferDecision {
+            schema_version: events::SCHEMA_VERSION,
+            decision_id: uuid::Uuid::new_v4().to_string(),
+            user_id: user_id.to_owned(),
+            decided_at: now,
+            action: choice.action,
+            propensity: choice.propensity,
+            policy: POLICY.to_owned(),
+            trigger: trigger.to_owned(),
+            context: context.as_map(),
+            explanation: choice.explanation(),
+        };
+        self.record(&decision);
+        decision
+    }
+
+    /// Remembers a decision (made now, or read back from the log) as current and open.
+    fn record(&mut self, d: &OfferDecision) {
+        let x = OfferContext::from_map(&d.context).vector();
+        let open = self.open.entry(d.user_id.clone()).or_default();
+        if open.iter().any(|o| o.decision_id == d.decision_id) {
+            return;
+        }
+        open.push_back(Open { decision_id: d.decision_id.clone(), action: d.action, x, decided_at: d.decided_at });
+        if self.current.get(&d.user_id).is_none_or(|c| c.decided_at <= d.decided_at) {
+            self.current.insert(d.user_id.clone(), d.clone());
+        }
+    }
+
+    fn learn(&mut self, open: &Open, order_amount: Option<f64>) {
+        self.bandit.learn(&open.x, open.action, net_reward(open.action, order_amount));
+        self.learned += 1;
+        self.converted += u64::from(order_amount.is_some());
+        metrics::counter!("offers_rewards_total", "action" => open.action.as_str(), "converted" => if order_amount.is_some() { "yes" } else { "no" }).increment(1);
+    }
+
+    /// Attributes an order to the decision it names, or to the user's latest open decision
+    /// within the reward window; returns the reward learned.
+    pub fn on_order(&mut self, e: &ProcessedEvent) -> Option<f64> {
+        let order = e.order.as_ref()?;
+        if !self.orders_seen.insert(&e.event_id) {
+            return None;
+        }
+        let window = self.config.reward_window;
+        let open = self.open.get_mut(&e.user_id)?;
+        let in_window = |o: &Open| o.decided_at <= e.occurred_at && e.occurred_at - o.decided_at <= window;
+        let named = order.offer_decision_id.as_deref().and_then(|id| open.iter().position(|o| o.decision_id == id));
+        let i = named.or_else(|| open.iter().rposition(in_window))?;
+        let o = open.remove(i)?;
+        if open.is_empty() {
+            self.open.remove(&e.user_id);
+        }
+        self.learn(&o, Some(order.amount));
+        Some(net_reward(o.action, Some(order.amount)))
+    }
+
+    /// Closes the decisions whose window ended before `now` without an order.
+    fn expire(&mut self, now: DateTime<Utc>) {
+        let window = self.config.reward_window;
+        let mut closed = Vec::new();
+        self.open.retain(|_, list| {
+            while list.front().is_some_and(|o| now - o.decided_at > window) {
+                closed.extend(list.pop_front());
+            }
+            !list.is_empty()
+        });
+        // In decision order, so that the same history always gives the same model.
+        closed.sort_by(|a, b| a.decided_at.cmp(&b.decided_at).then_with(|| a.decision_id.cmp(&b.decision_id)));
+        for o in closed {
+            self.learn(&o, None);
+        }
+    }
+
+    /// Takes a features snapshot; decides when it shows a product viewed repeatedly. A replay
+    /// (restore) only rebuilds what the policy knows.
+    pub fn on_features(&mut self, f: UserFeatures, now: DateTime<Utc>, replay: bool) -> Option<OfferDecision> {
+        let mut trigger = None;
+        if f.last_event_type == Some(EventType::ProductView)
+            && let Some(product) = f.recently_viewed.first()
+        {
+            let views = self.views.entry(f.user_id.clone()).or_default();
+            let count = match views.iter_mut().find(|(p, _)| p == product) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    views.push_back((product.clone(), 1));
+                    if views.len() > VIEWED_PER_USER {
+                        views.pop_front();
+                    }
+                    1
+                }
+            };
+            if count == self.config.repeat_views && !f.purchased.contains(product) {
+                trigger = Some("repeated_views");
+            }
+        }
+        let user = f.user_id.clone();
+        self.features.insert(user.clone(), f);
+        let trigger = trigger.filter(|_| !replay)?;
+        let context = OfferContext::from_features(&self.features[&user], now);
+        Some(self.decide(&user, &context, trigger, now))
+    }
+
+    /// The periodic work: closes expired decisions, and decides for abandoned carts and
+    /// lapsed customers not decided for since their last activity.
+    pub fn sweep(&mut self, now: DateTime<Utc>) -> Vec<OfferDecision> {
+        self.expire(now);
+        let due: Vec<(String, &'static str)> = self
+            .features
+            .values()
+            .filter(|f| self.current.get(&f.user_id).is_none_or(|d| d.decided_at < f.last_seen))
+            .filter_map(|f| {
+                let idle = now - f.last_seen;
+                if !f.cart.is_empty() && idle >= self.config.cart_abandon {
+                    Some((f.user_id.clone(), "cart_abandoned"))
+                } else if f.order_count > 0 && idle >= self.config.lapsed {
+                    Some((f.user_id.clone(), "lapsed_customer"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        due.into_iter()
+            .map(|(user, trigger)| {
+                let context = OfferContext::from_features(&self.features[&user], now);
+                self.decide(&user, &context, trigger, now)
+            })
+            .collect()
+    }
+
+    /// Rebuilds the model, the open decisions and the current offers from the decision log
+    /// and the orders, replayed in time order.
+    pub fn restore(&mut self, mut decisions: Vec<OfferDecision>, mut orders: Vec<ProcessedEvent>, now: DateTime<Utc>) {
+        decisions.sort_by_key(|d| d.decided_at);
+        orders.sort_by_key(|o| o.occurred_at);
+        let mut orders = orders.into_iter().peekable();
+        for d in &decisions {
+            while let Some(o) = orders.next_if(|o| o.occurred_at < d.decided_at) {
+                self.expire(o.occurred_at);
+                self.on_order(&o);
+            }
+            self.expire(d.decided_at);
+            self.record(d);
+        }
+        for o in orders {
+            self.expire(o.occurred_at);
+            self.on_order(&o);
+        }
+        self.expire(now);
     }
 }
 
-/// Current decisions and latest features per user.
-#[derive(Default)]
-pub struct Offers {
-    pub current: HashMap<String, OfferDecision>,
-    pub features: HashMap<String, UserFeatures>,
-}
-
-struct Decider {
-    state: Shared<Offers>,
-    config: Config,
-}
+struct Decider(Shared<Policy>);
 
 impl Handler for Decider {
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
-        let f: UserFeatures = rec.json()?;
-        let now = Utc::now();
-        let mut state = self.state.write();
-        let context = OfferContext::from_features(&f, now);
-        let trigger = f.last_event_type.map_or("features", |t| t.as_str());
-        let decision = decide(&f.user_id, context, trigger, now);
-        let renew = match state.current.get(&f.user_id) {
-            None => true,
-            Some(prev) => prev.action != decision.action || now - prev.decided_at >= self.config.refresh,
-        };
-        state.features.insert(f.user_id.clone(), f);
-        if renew {
-            metrics::counter!("offers_decisions_total", "action" => decision.action.as_str()).increment(1);
-            out.send(&decision);
-            state.current.insert(decision.user_id.clone(), decision);
+        match rec.topic {
+            Topic::UserFeatures => {
+                let f: UserFeatures = rec.json()?;
+                if let Some(d) = self.0.write().on_features(f, Utc::now(), out.is_replay()) {
+                    metrics::counter!("offers_decisions_total", "action" => d.action.as_str(), "trigger" => d.trigger.clone()).increment(1);
+                    out.send(&d);
+                }
+            }
+            Topic::ProcessedEvents => {
+                // Rewards are relearned from the logs at start, not during the replay.
+                if !out.is_replay() {
+                    let e: ProcessedEvent = rec.json()?;
+                    self.0.write().on_order(&e);
+                }
+            }
+            other => return Err(HandlerError::malformed(format!("rl-offer does not read {other}"))),
         }
         Ok(())
     }
@@ -168,12 +568,16 @@ impl Handler for Decider {
 
 #[derive(Clone)]
 struct AppState {
-    state: Shared<Offers>,
+    state: Shared<Policy>,
     producer: Producer,
 }
 
 async fn get_offer(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<Json<OfferDecision>, ApiError> {
     found(s.state.read().current.get(&user_id).cloned(), || format!("no offer decided for user {user_id:?} yet"))
+}
+
+async fn get_policy(State(s): State<AppState>) -> Json<PolicyStats> {
+    Json(s.state.read().stats())
 }
 
 /// Parses a `POST /offer/select` body against the user's latest features.
@@ -197,11 +601,12 @@ pub fn parse_select(
     let mut ctx = known.map(|f| OfferContext::from_features(f, now)).unwrap_or_default();
     if let Some(c) = obj.get("context") {
         let c = c.as_object().ok_or_else(|| invalid("context", "must be an object"))?;
-        let fields: [(&str, &mut f64, f64); 4] = [
+        let fields: [(&str, &mut f64, f64); 5] = [
             ("purchaseIntent", &mut ctx.purchase_intent, 1.0),
             ("recency", &mut ctx.recency, 1.0),
             ("activity", &mut ctx.activity, 1.0),
             ("cartValue", &mut ctx.cart_value, events::validate::MAX_AMOUNT),
+            ("daysSinceLastVisit", &mut ctx.days_since_last_visit, 3650.0),
         ];
         for (name, slot, max) in fields {
             if let Some(v) = c.get(name) {
@@ -209,6 +614,13 @@ pub fn parse_select(
                 *slot =
                     x.ok_or_else(|| invalid(&format!("context.{name}"), &format!("must be a number from 0 to {max}")))?;
             }
+        }
+        if let Some(v) = c.get("category") {
+            let cat = v
+                .as_str()
+                .filter(|c| catalog::Catalog::global().is_category(c))
+                .ok_or_else(|| invalid("context.category", &format!("must be one of {}", categories().join(", "))))?;
+            ctx.category = Some(cat.to_owned());
         }
     }
     Ok((user_id, ctx))
@@ -220,73 +632,211 @@ async fn select(
 ) -> Result<(StatusCode, Json<OfferDecision>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::Invalid { field: "$".into(), reason: e.body_text() })?;
     let now = Utc::now();
-    let (user_id, context) = {
-        let state = s.state.read();
+    let decision = {
+        let mut state = s.state.write();
         let known = body.get("userId").and_then(Value::as_str).and_then(|u| state.features.get(u.trim()));
-        parse_select(&body, known, now)?
+        let (user_id, context) = parse_select(&body, known, now)?;
+        state.decide(&user_id, &context, "api", now)
     };
-    let decision = decide(&user_id, context, "api", now);
     s.producer
         .send(&decision, None)
         .await
         .map_err(|e| ApiError::Unavailable(format!("the decision could not be logged: {e}")))?;
-    metrics::counter!("offers_decisions_total", "action" => decision.action.as_str()).increment(1);
-    s.state.write().current.insert(user_id, decision.clone());
+    metrics::counter!("offers_decisions_total", "action" => decision.action.as_str(), "trigger" => "api").increment(1);
     Ok((StatusCode::OK, Json(decision)))
 }
 
 #[cfg(test)]
 mod tests {
+    use events::{ProcessedItem, ProcessedOrder, SourceRef};
     use serde_json::json;
 
     use super::*;
 
-    #[test]
-    fn the_rules_of_the_original_project() {
-        let c = |i, r, a| OfferContext { purchase_intent: i, recency: r, activity: a, cart_value: 0.0 };
-        assert_eq!(rules_v1(c(0.8, 0.9, 0.0)).0, OfferAction::Discount10);
-        assert_eq!(rules_v1(c(0.8, 0.1, 0.5)).0, OfferAction::Reminder);
-        assert_eq!(rules_v1(c(0.5, 0.9, 0.5)).0, OfferAction::Reminder);
-        assert_eq!(rules_v1(c(0.3, 0.9, 0.9)).0, OfferAction::NoAction);
-        let d = decide("u", c(0.8, 0.9, 0.0), "api", Utc::now());
-        assert_eq!((d.propensity, d.policy.as_str()), (1.0, "rules-v1"));
-        assert_eq!(d.context["purchaseIntent"], 0.8);
+    fn policy() -> Policy {
+        Policy::new(Config::default(), StdRng::seed_from_u64(9))
+    }
+
+    fn features(user: &str, at: DateTime<Utc>) -> UserFeatures {
+        UserFeatures {
+            user_id: user.into(),
+            last_seen: at,
+            purchase_intent: 0.8,
+            preferred_category: Some("books".into()),
+            ..Default::default()
+        }
+    }
+
+    fn order(id: &str, user: &str, amount: f64, at: DateTime<Utc>, decision: Option<&str>) -> ProcessedEvent {
+        let p = catalog::Catalog::global().products()[0].clone();
+        ProcessedEvent {
+            schema_version: 1,
+            event_id: id.into(),
+            user_id: user.into(),
+            session_id: "s".into(),
+            event_type: EventType::Purchase,
+            occurred_at: at,
+            processed_at: at,
+            correlation_id: "c".into(),
+            product: None,
+            campaign_id: None,
+            query: None,
+            recommendation_id: None,
+            order: Some(ProcessedOrder {
+                order_id: format!("o-{id}"),
+                amount,
+                currency: "EUR".into(),
+                items: vec![ProcessedItem {
+                    product: events::ProductInfo {
+                        product_id: p.id.clone(),
+                        name: p.name.clone(),
+                        category: p.category.into(),
+                        price: p.price,
+                    },
+                    quantity: 1,
+                    unit_price: amount,
+                }],
+                offer_decision_id: decision.map(str::to_owned),
+            }),
+            source: SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+        }
     }
 
     #[test]
-    fn features_updates_decide_when_the_action_changes() {
-        let state = Shared::new(Offers::default());
-        let mut d = Decider { state: Shared::clone(&state), config: Config { refresh: Duration::hours(1) } };
-        let mut f =
-            UserFeatures { user_id: "u".into(), last_seen: Utc::now(), purchase_intent: 0.9, ..Default::default() };
-        let mut run = |f: &UserFeatures| {
-            let payload = serde_json::to_vec(f).expect("json");
-            let rec = Record {
-                topic: Topic::UserFeatures,
-                partition: 0,
-                offset: 0,
-                key: None,
-                payload: &payload,
-                correlation_id: None,
-                timestamp_ms: None,
-            };
-            let mut out = Outbox::default();
-            d.handle(&rec, &mut out).expect("handled");
-            out.decoded::<OfferDecision>()
+    fn the_rules_of_the_original_project() {
+        let c = |i, r, a| OfferContext { purchase_intent: i, recency: r, activity: a, ..Default::default() };
+        assert_eq!(rules_v1(&c(0.8, 0.9, 0.0)).0, OfferAction::Discount10);
+        assert_eq!(rules_v1(&c(0.8, 0.1, 0.5)).0, OfferAction::Reminder);
+        assert_eq!(rules_v1(&c(0.5, 0.9, 0.5)).0, OfferAction::Reminder);
+        assert_eq!(rules_v1(&c(0.3, 0.9, 0.9)).0, OfferAction::NoAction);
+    }
+
+    #[test]
+    fn costs_and_rewards() {
+        assert_eq!(net_reward(OfferAction::NoAction, Some(50.0)), 50.0);
+        assert_eq!(net_reward(OfferAction::Discount10, Some(50.0)), 45.0);
+        assert_eq!(net_reward(OfferAction::FreeShipping, Some(50.0)), 50.0 - FREE_SHIPPING_COST);
+        assert_eq!(net_reward(OfferAction::Reminder, None), -REMINDER_COST);
+        assert_eq!(net_reward(OfferAction::Discount10, None), 0.0);
+    }
+
+    #[test]
+    fn the_context_round_trips_through_the_log() {
+        let c = OfferContext {
+            purchase_intent: 0.5,
+            recency: 0.9,
+            activity: 0.3,
+            cart_value: 120.0,
+            days_since_last_visit: 3.0,
+            category: Some("toys".into()),
         };
-        assert_eq!(run(&f)[0].action, OfferAction::Discount10);
-        assert!(run(&f).is_empty(), "same action, no new decision");
-        f.purchase_intent = 0.1;
-        assert_eq!(run(&f)[0].action, OfferAction::NoAction);
-        assert_eq!(state.read().current["u"].action, OfferAction::NoAction);
+        assert_eq!(OfferContext::from_map(&c.as_map()), c);
+        let x = c.vector();
+        assert_eq!(x.len(), dimensions());
+        assert!(x.iter().all(|v| (0.0..=1.0).contains(v)), "{x:?}");
+        assert_eq!(x.iter().skip(6).sum::<f64>(), 1.0, "one category indicator");
+    }
+
+    #[test]
+    fn repeated_views_trigger_a_decision_once_and_not_on_replay() {
+        let mut p = policy();
+        let now = Utc::now();
+        let mut f = features("u", now);
+        f.last_event_type = Some(EventType::ProductView);
+        f.recently_viewed = vec!["P00042".into()];
+        assert!(p.on_features(f.clone(), now, false).is_none());
+        assert!(p.on_features(f.clone(), now, true).is_none(), "a replay never decides");
+        let d = p.on_features(f.clone(), now, false).expect("third view decides");
+        assert_eq!((d.trigger.as_str(), d.policy.as_str()), ("repeated_views", POLICY));
+        assert!(d.propensity > 0.0 && d.propensity <= 1.0);
+        assert_eq!(d.context["category.books"], 1.0);
+        assert!(d.explanation.contains("LinUCB"), "{}", d.explanation);
+        assert!(p.on_features(f, now, false).is_none(), "only at the threshold");
+        assert_eq!(p.current["u"].decision_id, d.decision_id);
+    }
+
+    #[test]
+    fn the_sweep_finds_abandoned_carts_and_lapsed_customers_once() {
+        let mut p = policy();
+        let now = Utc::now();
+        let mut cart = features("carted", now - Duration::minutes(40));
+        cart.cart = vec!["P00001".into()];
+        let mut fresh = features("browsing", now - Duration::minutes(5));
+        fresh.cart = vec!["P00001".into()];
+        let mut lapsed = features("lapsed", now - Duration::days(20));
+        lapsed.order_count = 2;
+        for f in [cart, fresh, lapsed] {
+            p.on_features(f, now, false);
+        }
+        let mut due: Vec<(String, String)> = p.sweep(now).into_iter().map(|d| (d.user_id, d.trigger)).collect();
+        due.sort();
+        assert_eq!(due, vec![("carted".into(), "cart_abandoned".into()), ("lapsed".into(), "lapsed_customer".into())]);
+        assert!(p.sweep(now).is_empty(), "decided since the last activity");
+    }
+
+    #[test]
+    fn orders_in_the_window_are_rewards_and_silence_is_a_zero() {
+        let mut p = policy();
+        let t0 = Utc::now() - Duration::hours(30);
+        let a = p.decide("a", &OfferContext::default(), "api", t0);
+        let b = p.decide("b", &OfferContext::default(), "api", t0);
+        let reward = p.on_order(&order("o1", "a", 80.0, t0 + Duration::hours(2), None)).expect("attributed");
+        assert!((reward - net_reward(a.action, Some(80.0))).abs() < 1e-9);
+        assert!(p.on_order(&order("o1", "a", 80.0, t0 + Duration::hours(2), None)).is_none(), "redelivery");
+        assert!(p.on_order(&order("o2", "a", 80.0, t0 + Duration::hours(3), None)).is_none(), "already closed");
+        assert_eq!(p.stats().open_decisions, 1);
+        p.sweep(t0 + Duration::hours(25));
+        let stats = p.stats();
+        assert_eq!((stats.open_decisions, stats.learned, stats.converted), (0, 2, 1));
+        // Too late for b.
+        assert!(p.on_order(&order("o3", "b", 10.0, t0 + Duration::hours(26), Some(&b.decision_id))).is_none());
+    }
+
+    #[test]
+    fn a_restart_relearns_the_same_model_from_the_logs() {
+        let mut live = policy();
+        let start = Utc::now() - Duration::days(3);
+        let (mut decisions, mut orders) = (Vec::new(), Vec::new());
+        for n in 0..200 {
+            let at = start + Duration::minutes(10 * n);
+            let ctx = OfferContext {
+                purchase_intent: (n % 10) as f64 / 10.0,
+                category: Some(if n % 2 == 0 { "books" } else { "toys" }.into()),
+                ..Default::default()
+            };
+            let user = format!("u{n}");
+            let d = live.decide(&user, &ctx, "api", at);
+            if n % 3 == 0 {
+                let o = order(&format!("o{n}"), &user, 40.0, at + Duration::minutes(5), None);
+                live.on_order(&o);
+                orders.push(o);
+            }
+            live.sweep(at);
+            decisions.push(d);
+        }
+        let now = Utc::now();
+        live.sweep(now);
+        let mut restored = policy();
+        decisions.reverse(); // the log's order does not matter
+        restored.restore(decisions, orders, now);
+        let (a, b) = (live.stats(), restored.stats());
+        assert_eq!((a.learned, a.converted, a.open_decisions), (b.learned, b.converted, b.open_decisions));
+        assert_eq!(a.learned, 200);
+        let x = OfferContext { purchase_intent: 0.5, ..Default::default() }.vector();
+        for (sa, sb) in live.bandit().scores(&x).iter().zip(restored.bandit().scores(&x)) {
+            assert!((sa.expected - sb.expected).abs() < 1e-6 && (sa.bonus - sb.bonus).abs() < 1e-6, "{sa:?} {sb:?}");
+        }
+        assert_eq!(restored.current.len(), 200);
     }
 
     #[test]
     fn select_bodies_are_validated() {
         let now = Utc::now();
         let (user, ctx) =
-            parse_select(&json!({"userId": "u", "context": {"purchaseIntent": 0.9}}), None, now).expect("valid");
+            parse_select(&json!({"userId": "u", "context": {"purchaseIntent": 0.9, "category": "toys"}}), None, now)
+                .expect("valid");
         assert_eq!((user.as_str(), ctx.purchase_intent, ctx.recency), ("u", 0.9, 0.0));
+        assert_eq!(ctx.category.as_deref(), Some("toys"));
         let field = |v: Value| match parse_select(&v, None, now) {
             Err(ApiError::Invalid { field, .. }) => field,
             other => panic!("{other:?}"),
@@ -294,6 +844,7 @@ mod tests {
         assert_eq!(field(json!({})), "userId");
         assert_eq!(field(json!({"userId": 3})), "userId");
         assert_eq!(field(json!({"userId": "u", "context": {"recency": 2}})), "context.recency");
+        assert_eq!(field(json!({"userId": "u", "context": {"category": "weapons"}})), "context.category");
         assert_eq!(field(json!({"userId": "u", "context": []})), "context");
         assert_eq!(field(json!([])), "$");
     }

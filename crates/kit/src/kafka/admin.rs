@@ -63,20 +63,30 @@ pub async fn ensure_named_topics(
 /// Every message of `topic` as it is now (all partitions, from the beginning up to the end
 /// offsets read at the start), in partition order: for tools and tests.
 pub async fn read_to_end(bootstrap_servers: &str, topic: events::Topic) -> anyhow::Result<Vec<Vec<u8>>> {
-    read_range(bootstrap_servers, topic, |low, _| low).await
+    read_range(bootstrap_servers, topic, |_| true, |low, _| low).await
+}
+
+/// Every message of the partitions of `topic` that `partitions` selects, as [`read_to_end`].
+pub async fn read_partitions(
+    bootstrap_servers: &str,
+    topic: events::Topic,
+    partitions: impl Fn(i32) -> bool + Send + 'static,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    read_range(bootstrap_servers, topic, partitions, |low, _| low).await
 }
 
 /// The last `n` messages of each partition of `topic` (fewer where a partition holds fewer):
 /// for a service that resumes from the newest state it published.
 pub async fn read_tail(bootstrap_servers: &str, topic: events::Topic, n: i64) -> anyhow::Result<Vec<Vec<u8>>> {
-    read_range(bootstrap_servers, topic, move |low, high| (high - n).max(low)).await
+    read_range(bootstrap_servers, topic, |_| true, move |low, high| (high - n).max(low)).await
 }
 
-/// The messages of every partition from `start(low, high)` up to the end offset read at the
-/// start, in partition order.
+/// The messages of the selected partitions from `start(low, high)` up to the end offset read
+/// at the start, in partition order.
 async fn read_range(
     bootstrap_servers: &str,
     topic: events::Topic,
+    partitions: impl Fn(i32) -> bool + Send + 'static,
     start: impl Fn(i64, i64) -> i64 + Send + 'static,
 ) -> anyhow::Result<Vec<Vec<u8>>> {
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
@@ -96,7 +106,7 @@ async fn read_range(
     let ranges = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64, i64)>> {
         let metadata = c.fetch_metadata(Some(topic.name()), Duration::from_secs(10))?;
         let mut ranges = Vec::new();
-        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()).filter(|p| partitions(p.id())) {
             let (low, high) = c.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(10))?;
             let from = start(low, high).clamp(low, high);
             if high > from {

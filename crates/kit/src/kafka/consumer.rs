@@ -160,12 +160,25 @@ impl HandlerError {
 pub struct Outbox {
     messages: Vec<Outgoing>,
     correlation_id: Option<String>,
+    replay: bool,
 }
 
 impl Outbox {
     /// An outbox whose messages carry `correlation_id` (taken from the input's header).
     pub fn new(correlation_id: Option<&str>) -> Self {
-        Self { messages: Vec::new(), correlation_id: correlation_id.map(str::to_owned) }
+        Self { messages: Vec::new(), correlation_id: correlation_id.map(str::to_owned), replay: false }
+    }
+
+    /// The outbox of a message replayed to restore state: whatever is queued is discarded.
+    pub fn replaying() -> Self {
+        Self { replay: true, ..Self::default() }
+    }
+
+    /// Whether the input is a replay (state restore at start) rather than a new message: a
+    /// handler whose decisions are not a function of its input (random exploration, timers)
+    /// rebuilds its state and decides nothing.
+    pub fn is_replay(&self) -> bool {
+        self.replay
     }
 
     /// Queues a typed message for its topic, keyed by its key.
@@ -334,8 +347,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     if is_group && env.settings.assignment == Assignment::Group {
         consumer.subscribe(&names).context("subscribing")?;
     } else if is_group {
-        let (count, index) = (env.settings.instance_count, env.settings.instance_index);
-        let mine = |p: i32| u32::try_from(p).is_ok_and(|p| p % count == index);
+        let mine = |p: i32| env.settings.owns(p);
         let tpl = assignment(Arc::clone(&consumer), &spec.topics, mine, Offset::Stored, env.shutdown.clone()).await?;
         if spec.restore {
             restore(env, spec, handler, Arc::clone(&consumer), &tpl).await?;
@@ -344,8 +356,8 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         tracing::info!(
             consumer = spec.name,
             partitions = tpl.count(),
-            instance = index,
-            of = count,
+            instance = env.settings.instance_index,
+            of = env.settings.instance_count,
             "partitions assigned"
         );
         env.ready.set(true);
@@ -475,7 +487,7 @@ async fn restore<H: Handler>(
         {
             let record = Record::of(&msg, topic);
             // Messages the handler rejects were dead-lettered the first time round.
-            let _ = handler.handle(&record, &mut Outbox::default());
+            let _ = handler.handle(&record, &mut Outbox::replaying());
             count += 1;
         }
         if msg.offset() + 1 >= end {

@@ -98,6 +98,12 @@ impl KafkaSettings {
         })
     }
 
+    /// Whether this instance consumes `partition` under static assignment (instance `i` of
+    /// `n` takes the partitions `p` with `p mod n = i`).
+    pub fn owns(&self, partition: i32) -> bool {
+        u32::try_from(partition).is_ok_and(|p| p % self.instance_count == self.instance_index)
+    }
+
     /// Settings for a broker at `bootstrap_servers`, everything else at its default.
     pub fn for_broker(bootstrap_servers: impl Into<String>) -> Self {
         let mut s =
