@@ -222,9 +222,14 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-/// The whole `main` of a service binary.
+/// The whole `main` of a service binary. `<binary> healthcheck` instead asks the running
+/// service's `/ready` on `HTTP_PORT` and exits 0 when it answers 200 (for container health
+/// checks: the runtime image needs no curl).
 pub fn main<S: Service>() -> ExitCode {
     let env = Env::process();
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return healthcheck(&env, S::DEFAULT_PORT);
+    }
     let (common, config) = match CommonConfig::from_env(&env, S::DEFAULT_PORT).and_then(|c| Ok((c, S::config(&env)?))) {
         Ok(v) => v,
         Err(e) => {
@@ -242,6 +247,32 @@ pub fn main<S: Service>() -> ExitCode {
     };
     let span = tracing::info_span!("service", name = S::NAME);
     runtime.block_on(run_until_signal::<S>(common, config).instrument(span))
+}
+
+/// `GET /ready` on this machine's `HTTP_PORT`, with a 2 s limit.
+fn healthcheck(env: &Env, default_port: u16) -> ExitCode {
+    use std::io::{Read, Write};
+    let check = || -> std::io::Result<bool> {
+        let port: u16 = env.get("HTTP_PORT", default_port).map_err(std::io::Error::other)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut head = [0_u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
+    };
+    match check() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("not ready");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("health check failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -> ExitCode {
