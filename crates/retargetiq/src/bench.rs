@@ -26,6 +26,18 @@ use tokio_util::sync::CancellationToken;
 pub enum BenchCommand {
     /// Ingestion throughput and latency against a plain producer.
     Ingest(IngestArgs),
+    /// The whole stack: recommendation API, end to end, pipeline rate, memory.
+    Stack(crate::bench_stack::StackArgs),
+    /// Everything: `ingest`, then `stack`, with their default settings.
+    All,
+    /// (Used by `stack`.) Serve a fixed JSON body from a minimal axum handler.
+    #[command(hide = true)]
+    ServeFixed {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        body_file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -58,6 +70,14 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             print!("{}", table(&rows));
             Ok(())
         }
+        BenchCommand::Stack(args) => crate::bench_stack::run(&args).await,
+        BenchCommand::All => {
+            let rows = ingest(&IngestArgs { duration: Duration::from_secs(5), concurrency: 32, batch: 100 }).await?;
+            println!("Ingestion\n\n{}", table(&rows));
+            let args = <crate::bench_stack::StackArgs as clap::Parser>::parse_from(["stack"]);
+            crate::bench_stack::run(&args).await
+        }
+        BenchCommand::ServeFixed { port, body_file } => crate::bench_stack::serve_fixed(port, body_file).await,
     }
 }
 
@@ -134,7 +154,11 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Vec<Row>> {
 }
 
 /// The same events, keyed by user as the service keys them, straight to the topic.
-async fn plain_producer(settings: &KafkaSettings, events: &[(&str, &[u8])], duration: Duration) -> anyhow::Result<Row> {
+pub(crate) async fn plain_producer(
+    settings: &KafkaSettings,
+    events: &[(&str, &[u8])],
+    duration: Duration,
+) -> anyhow::Result<Row> {
     let producer: FutureProducer =
         kit::kafka::producer::client_config(settings).create().context("creating the baseline producer")?;
     let started = Instant::now();

@@ -13,6 +13,7 @@
 //! - `retargetiq evaluate-offers`: the offer bandit against the rule engine (see [`offers_eval`]).
 
 pub mod bench;
+mod bench_stack;
 pub mod dead_letters;
 pub mod evaluate;
 pub mod offers_eval;

@@ -313,7 +313,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         .set("bootstrap.servers", &env.settings.bootstrap_servers)
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", env.settings.fetch_wait.as_millis().clamp(1, 500).to_string())
         .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
         .set("statistics.interval.ms", "5000")
         .set("socket.keepalive.enable", "true");

@@ -1,0 +1,568 @@
+//! `retargetiq bench stack`: the whole platform, measured as a user runs it.
+//!
+//! Starts `retargetiq up --memory` (the embedded broker and the ten services, each its own
+//! process, on ports shifted by `--port-offset`) and measures, each next to a baseline taken
+//! in the same run on the same machine:
+//!
+//! - **memory**: resident memory (VmRSS) of each service process at idle, and the most seen
+//!   under load; baseline: a process serving a minimal axum handler.
+//! - **recommendation API**: the highest request rate `--concurrency` clients get from
+//!   `GET /recommend/{userId}?k=10`, and p50/p99 at a fixed `--reco-rps` (open loop: latency
+//!   counted from the scheduled send time, so a stall is not hidden); baseline: the same load
+//!   on a minimal axum handler returning a fixed JSON body of the same size, in its own process.
+//! - **end to end**: with background traffic at `--e2e-rate` events/s, the time from the `202`
+//!   of a product view to a re-ranked list visible on `GET /recommend/{userId}` (polled every
+//!   2 ms); baseline: one Kafka hop (produce, then receive in a consumer) on the same broker.
+//! - **pipeline**: offered event rates (`--rates`) for `--duration` each; a rate is sustained
+//!   when ingestion accepted it and the summed consumer lag of every service at the end of the
+//!   step is under one second's worth of events; baseline: the broker's raw produce rate.
+//!
+//! Latencies go into hdrhistograms. Load generator, services and broker share the machine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::Utc;
+use events::generate::Generator;
+use hdrhistogram::Histogram;
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+/// Options of `retargetiq bench stack`.
+#[derive(Debug, Clone, clap::Parser)]
+pub struct StackArgs {
+    /// How long each load step runs.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Event rates (per second) offered to the pipeline, in order.
+    #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000")]
+    pub rates: Vec<u32>,
+    /// Background event rate during the end-to-end measurement.
+    #[arg(long, default_value_t = 500)]
+    pub e2e_rate: u32,
+    /// End-to-end samples.
+    #[arg(long, default_value_t = 60)]
+    pub e2e_probes: usize,
+    /// Fixed request rate for the recommendation API's latency.
+    #[arg(long, default_value_t = 1000)]
+    pub reco_rps: u32,
+    /// Concurrent clients for the highest request rate.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Added to the contract ports (so a running stack is not disturbed).
+    #[arg(long, default_value_t = 20_000)]
+    pub port_offset: u16,
+}
+
+const SERVICES: [(&str, u16); 10] = [
+    ("user-activity", 8081),
+    ("order", 8082),
+    ("event-processor", 8083),
+    ("analytics", 8084),
+    ("feature-store", 8085),
+    ("retrieval", 8086),
+    ("ranking", 8087),
+    ("rl-offer", 8088),
+    ("recommendation-api", 8089),
+    ("frontend-ui", 3000),
+];
+
+/// A running `retargetiq up`.
+struct Stack {
+    up: Child,
+    offset: u16,
+    broker: String,
+    http: reqwest::Client,
+}
+
+impl Stack {
+    async fn start(offset: u16) -> anyhow::Result<Self> {
+        let broker = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+        let log = std::env::temp_dir().join("retargetiq-bench-stack.log");
+        let out = std::fs::File::create(&log)?;
+        let up = Command::new(std::env::current_exe()?)
+            .args(["up", "--memory", "--broker-listen", &broker, "--port-offset", &offset.to_string()])
+            .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting retargetiq up")?;
+        let stack = Self { up, offset, broker, http: reqwest::Client::builder().build()? };
+        eprintln!("bench: starting the stack (log: {})", log.display());
+        let deadline = Instant::now() + Duration::from_secs(180);
+        for (name, _) in SERVICES {
+            while !stack.http.get(stack.url(name, "/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
+                anyhow::ensure!(Instant::now() < deadline, "{name} did not become ready; see {}", log.display());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(stack)
+    }
+
+    fn url(&self, service: &str, path: &str) -> String {
+        let port = SERVICES.iter().find(|(n, _)| *n == service).map_or(0, |(_, p)| p + self.offset);
+        format!("http://127.0.0.1:{port}{path}")
+    }
+
+    /// Resident memory of each service process (and the broker), in bytes.
+    fn rss(&self) -> BTreeMap<String, u64> {
+        let Some(up) = self.up.id() else { return BTreeMap::new() };
+        let mut out = BTreeMap::new();
+        for (pid, cmdline) in children_of(up) {
+            let name = match cmdline.get(1).map(String::as_str) {
+                Some("service") => cmdline.get(2).cloned(),
+                Some("broker") => Some("(broker)".to_owned()),
+                _ => None,
+            };
+            if let (Some(name), Some(rss)) = (name, rss_of(pid)) {
+                out.insert(name, rss);
+            }
+        }
+        out
+    }
+
+    /// Summed `kafka_consumer_lag` of every service.
+    async fn total_lag(&self) -> f64 {
+        let mut total = 0.0;
+        for (name, _) in SERVICES {
+            let Ok(resp) = self.http.get(self.url(name, "/metrics")).send().await else { continue };
+            let text = resp.text().await.unwrap_or_default();
+            total += text
+                .lines()
+                .filter(|l| l.starts_with("kafka_consumer_lag"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .sum::<f64>();
+        }
+        total
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.up.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(Duration::from_secs(60), self.up.wait()).await.is_err() {
+            let _ = self.up.kill().await;
+        }
+    }
+}
+
+/// (pid, command line) of the direct children of `parent`.
+fn children_of(parent: u32) -> Vec<(u32, Vec<String>)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(parent)
+        })
+        .map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args =
+                raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned());
+            (pid, args.collect())
+        })
+        .collect()
+}
+
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// Posts `events` as one batch; returns how many were accepted.
+async fn post_batch(http: &reqwest::Client, url: &str, events: &[events::ActivityEvent]) -> usize {
+    match http.post(url).json(events).send().await {
+        Ok(r) if r.status().as_u16() == 202 => events.len(),
+        _ => 0,
+    }
+}
+
+/// Offers `rate` events/s in batches for `duration`; returns the events accepted.
+async fn offer_load(http: &reqwest::Client, url: &str, rate: u32, duration: Duration, seed: u64) -> usize {
+    let batch = (rate / 50).clamp(1, 100) as usize;
+    let interval = Duration::from_secs_f64(batch as f64 / f64::from(rate.max(1)));
+    let mut g = Generator::seeded(seed);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sends = tokio::task::JoinSet::new();
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let events: Vec<_> = (0..batch).map(|_| g.activity(Utc::now())).collect();
+        let (http, url) = (http.clone(), url.to_owned());
+        sends.spawn(async move { post_batch(&http, &url, &events).await });
+    }
+    let mut accepted = 0;
+    while let Some(n) = sends.join_next().await {
+        accepted += n.unwrap_or(0);
+    }
+    accepted
+}
+
+/// The highest request rate `concurrency` clients get from `url` in `duration`, and latencies.
+async fn closed_loop(url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<(f64, Histogram<u64>)> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (http, url) = (http.clone(), url.to_owned());
+        clients.spawn(async move {
+            let (mut h, mut n) = (histogram(), 0_u64);
+            while started.elapsed() < duration {
+                let sent = Instant::now();
+                let resp = http.get(&url).send().await?;
+                anyhow::ensure!(resp.status().is_success(), "{url} answered {}", resp.status());
+                resp.bytes().await?;
+                h.record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?;
+                n += 1;
+            }
+            anyhow::Ok((n, h))
+        });
+    }
+    let (mut total, mut h) = (0, histogram());
+    while let Some(r) = clients.join_next().await {
+        let (n, part) = r??;
+        total += n;
+        h.add(part)?;
+    }
+    Ok((total as f64 / started.elapsed().as_secs_f64(), h))
+}
+
+/// Latencies at a fixed request rate, counted from each request's scheduled time.
+async fn open_loop(url: &str, rps: u32, duration: Duration) -> anyhow::Result<Histogram<u64>> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rps.max(1)));
+    let started = tokio::time::Instant::now();
+    let mut requests = tokio::task::JoinSet::new();
+    let mut n: u32 = 0;
+    while started.elapsed() < duration {
+        let scheduled = started + interval * n;
+        n += 1;
+        tokio::time::sleep_until(scheduled).await;
+        let (http, url) = (http.clone(), url.to_owned());
+        requests.spawn(async move {
+            let resp = http.get(&url).send().await.ok()?;
+            resp.bytes().await.ok()?;
+            Some(u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))
+        });
+    }
+    let mut h = histogram();
+    while let Some(r) = requests.join_next().await {
+        if let Ok(Some(us)) = r {
+            h.record(us)?;
+        }
+    }
+    Ok(h)
+}
+
+/// A process serving `body` from a minimal axum handler: `retargetiq bench serve-fixed`.
+pub async fn serve_fixed(port: u16, body_file: PathBuf) -> anyhow::Result<()> {
+    let body: &'static str = Box::leak(std::fs::read_to_string(body_file)?.into_boxed_str());
+    let app = axum::Router::new().route(
+        "/fixed",
+        axum::routing::get(move || async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+struct Baseline {
+    child: Child,
+    url: String,
+}
+
+async fn start_baseline(body: &str) -> anyhow::Result<Baseline> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let file = std::env::temp_dir().join("retargetiq-bench-fixed.json");
+    std::fs::write(&file, body)?;
+    let child = Command::new(std::env::current_exe()?)
+        .args(["bench", "serve-fixed", "--port", &port.to_string(), "--body-file"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}/fixed");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+        anyhow::ensure!(Instant::now() < deadline, "the baseline server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Baseline { child, url })
+}
+
+/// One Kafka hop on the stack's broker: produce, then receive in an assigned consumer.
+async fn kafka_hop(broker: &str, samples: usize) -> anyhow::Result<Histogram<u64>> {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = "bench-hop";
+    kit::kafka::admin::ensure_named_topics(broker, &[(topic.to_owned(), 1)], 1, Duration::from_secs(10)).await?;
+    let settings = kit::kafka::KafkaSettings::for_broker(broker);
+    let producer: FutureProducer = kit::kafka::producer::client_config(&settings).create()?;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("group.id", "bench-hop")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::End)?;
+    consumer.assign(&tpl)?;
+    // Warm up until the consumer sees what is produced.
+    let mut h = histogram();
+    let mut warm = 0;
+    while h.len() < samples as u64 {
+        let sent = Instant::now();
+        producer
+            .send(FutureRecord::to(topic).key("k").payload("x"), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+        match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+            Ok(Ok(_)) if warm >= 10 => {
+                h.record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?
+            }
+            Ok(Ok(_)) => warm += 1,
+            _ => anyhow::ensure!(warm < 1000, "the consumer receives nothing"),
+        }
+    }
+    Ok(h)
+}
+
+fn generated_at(v: &Value) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+    chrono::DateTime::parse_from_rfc3339(v["generatedAt"].as_str()?).ok()
+}
+
+/// Runs every measurement and prints the tables.
+pub async fn run(args: &StackArgs) -> anyhow::Result<()> {
+    let stack = Stack::start(args.port_offset).await?;
+    let result = measure(&stack, args).await;
+    stack.stop().await;
+    println!("{}", result?);
+    Ok(())
+}
+
+async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let mut report = String::new();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = stack.rss();
+    anyhow::ensure!(idle.len() >= 10, "found {} service processes: {idle:?}", idle.len());
+
+    // Users with recommendations, for the API and the end-to-end probes.
+    let ingest = stack.url("user-activity", "/api/users/activity");
+    let mut g = Generator::seeded(7);
+    let catalog = catalog::Catalog::global();
+    for chunk in 0..20 {
+        let events: Vec<_> = (0..10)
+            .flat_map(|u| {
+                let user = format!("bench-{:03}", chunk * 10 + u);
+                (0..5).map(move |_| user.clone())
+            })
+            .map(|user| {
+                let mut e = g.activity(Utc::now());
+                e.event_type = events::EventType::ProductView;
+                e.product_id = Some(g.product_for(&user).id.clone());
+                e.user_id = user;
+                e.query = None;
+                e
+            })
+            .collect();
+        post_batch(&http, &ingest, &events).await;
+    }
+    let reco = |user: &str| stack.url("recommendation-api", &format!("/recommend/{user}?k=10"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sample = loop {
+        let v: Value = http.get(reco("bench-199")).send().await?.json().await?;
+        if v["coldStart"] == false {
+            break v;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the seeded users got no recommendations");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Recommendation API against a minimal handler with a body of the same size.
+    let baseline = start_baseline(&serde_json::to_string(&sample)?).await?;
+    let baseline_rss = baseline.child.id().and_then(rss_of).unwrap_or(0);
+    let (base_rate, base_closed) = closed_loop(&baseline.url, args.concurrency, args.duration).await?;
+    let base_open = open_loop(&baseline.url, args.reco_rps, args.duration).await?;
+    let (api_rate, api_closed) = closed_loop(&reco("bench-042"), args.concurrency, args.duration).await?;
+    let api_open = open_loop(&reco("bench-042"), args.reco_rps, args.duration).await?;
+    drop(baseline);
+    report += &format!(
+        "Recommendation API, {} clients for the highest rate, {} req/s for latency\n\n\
+         | server | highest req/s | vs baseline | p50 ms | p99 ms | p50 ms @{} | p99 ms @{} |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n\
+         | minimal axum handler, same body (baseline) | {:.0} | 1.00x | {:.2} | {:.2} | {:.2} | {:.2} |\n\
+         | GET /recommend/{{userId}}?k=10 | {:.0} | {:.2}x | {:.2} | {:.2} | {:.2} | {:.2} |\n\n",
+        args.concurrency,
+        args.reco_rps,
+        args.reco_rps,
+        args.reco_rps,
+        base_rate,
+        ms(&base_closed, 0.5),
+        ms(&base_closed, 0.99),
+        ms(&base_open, 0.5),
+        ms(&base_open, 0.99),
+        api_rate,
+        api_rate / base_rate,
+        ms(&api_closed, 0.5),
+        ms(&api_closed, 0.99),
+        ms(&api_open, 0.5),
+        ms(&api_open, 0.99),
+    );
+
+    // End to end, under background traffic.
+    let hop = kafka_hop(&stack.broker, 200).await?;
+    let background = {
+        let (http, url, rate) = (http.clone(), ingest.clone(), args.e2e_rate);
+        let seconds = (args.e2e_probes as u64 / 4).max(10) + 30;
+        tokio::spawn(async move { offer_load(&http, &url, rate, Duration::from_secs(seconds), 11).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut e2e = histogram();
+    let mut missed = 0;
+    for i in 0..args.e2e_probes {
+        let user = format!("bench-{:03}", i % 200);
+        let before: Value = http.get(reco(&user)).send().await?.json().await?;
+        let before = generated_at(&before);
+        let product = catalog.products()[(i * 37) % catalog.products().len()].id.clone();
+        let view = serde_json::json!({"userId": user, "eventType": "product_view", "productId": product});
+        let resp = http.post(&ingest).json(&view).send().await?;
+        anyhow::ensure!(resp.status().as_u16() == 202, "the probe view was refused: {}", resp.status());
+        let accepted = Instant::now();
+        loop {
+            let now: Value = http.get(reco(&user)).send().await?.json().await?;
+            if generated_at(&now) > before {
+                e2e.record(u64::try_from(accepted.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?;
+                break;
+            }
+            if accepted.elapsed() > Duration::from_secs(10) {
+                missed += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    background.abort();
+    report += &format!(
+        "End to end: 202 of a product view -> re-ranked list on GET /recommend, {} probes, background {} events/s\n\n\
+         | path | p50 ms | p99 ms | max ms | vs baseline (p50) |\n|---|---:|---:|---:|---:|\n\
+         | one Kafka hop: produce -> consume (baseline) | {:.2} | {:.2} | {:.2} | 1.00x |\n\
+         | view -> processor -> features -> candidates -> ranking -> API view | {:.2} | {:.2} | {:.2} | {:.1}x |\n{}\n",
+        e2e.len(),
+        args.e2e_rate,
+        ms(&hop, 0.5),
+        ms(&hop, 0.99),
+        hop.max() as f64 / 1000.0,
+        ms(&e2e, 0.5),
+        ms(&e2e, 0.99),
+        e2e.max() as f64 / 1000.0,
+        ms(&e2e, 0.5) / ms(&hop, 0.5).max(1e-9),
+        if missed > 0 { format!("({missed} probes saw no change within 10 s)\n") } else { String::new() },
+    );
+
+    // The pipeline's highest sustained rate, against the broker's raw produce rate.
+    let raw = {
+        let settings = kit::kafka::KafkaSettings::for_broker(stack.broker.clone());
+        let mut g = Generator::seeded(5);
+        let generated: Vec<events::ActivityEvent> = (0..10_000).map(|_| g.activity(Utc::now())).collect();
+        let payloads: Vec<Vec<u8>> = generated.iter().map(serde_json::to_vec).collect::<Result<_, _>>()?;
+        let keyed: Vec<(&str, &[u8])> =
+            generated.iter().zip(&payloads).map(|(e, p)| (e.user_id.as_str(), p.as_slice())).collect();
+        crate::bench::plain_producer(&settings, &keyed, Duration::from_secs(5)).await?.events_per_second
+    };
+    // Let what the raw producer wrote drain through the pipeline first.
+    drain(stack, Duration::from_secs(120)).await;
+    let mut peak = stack.rss();
+    report += "Pipeline: offered rate for each step, lag summed over every consumer at the step's end\n\n\
+               | offered events/s | accepted events/s | lag at end (messages) | sustained | vs broker raw produce |\n\
+               |---:|---:|---:|---|---:|\n";
+    report += &format!("| broker raw produce (baseline) | {raw:.0} | | | 1.00x |\n");
+    let mut best = 0.0;
+    for (step, rate) in args.rates.iter().enumerate() {
+        let started = Instant::now();
+        let accepted = offer_load(&http, &ingest, *rate, args.duration, 100 + step as u64).await;
+        let accepted_rate = accepted as f64 / started.elapsed().as_secs_f64();
+        // librdkafka reports lag every 5 s: wait for a report from the end of the step.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let lag = stack.total_lag().await;
+        for (name, rss) in stack.rss() {
+            let slot = peak.entry(name).or_default();
+            *slot = (*slot).max(rss);
+        }
+        let sustained = accepted_rate >= 0.95 * f64::from(*rate) && lag < f64::from(*rate);
+        if sustained {
+            best = accepted_rate;
+        }
+        report += &format!(
+            "| {rate} | {accepted_rate:.0} | {lag:.0} | {} | {:.3}x |\n",
+            if sustained { "yes" } else { "no" },
+            accepted_rate / raw
+        );
+        if !sustained || !drain(stack, Duration::from_secs(120)).await {
+            break;
+        }
+    }
+    report +=
+        &format!("\nhighest sustained: {best:.0} events/s = {:.3}x the broker's raw produce rate\n\n", best / raw);
+
+    // Memory.
+    report += "Resident memory (VmRSS)\n\n| process | idle MiB | under load (peak seen) MiB |\n|---|---:|---:|\n";
+    report += &format!("| minimal axum server (baseline) | {:.1} | |\n", mib(baseline_rss));
+    let (mut idle_total, mut load_total) = (0, 0);
+    for (name, _) in SERVICES {
+        let (i, l) = (idle.get(name).copied().unwrap_or(0), peak.get(name).copied().unwrap_or(0));
+        idle_total += i;
+        load_total += l;
+        report += &format!("| {name} | {:.1} | {:.1} |\n", mib(i), mib(l));
+    }
+    report += &format!(
+        "| **the ten services** | **{:.1}** ({:.1}x baseline) | **{:.1}** |\n",
+        mib(idle_total),
+        idle_total as f64 / baseline_rss.max(1) as f64,
+        mib(load_total)
+    );
+    if let (Some(i), Some(l)) = (idle.get("(broker)"), peak.get("(broker)")) {
+        report += &format!("| embedded broker (Tansu, in memory) | {:.1} | {:.1} |\n", mib(*i), mib(*l));
+        report += &format!("| whole stack | {:.1} | {:.1} |\n", mib(idle_total + i), mib(load_total + l));
+    }
+    Ok(report)
+}
+
+/// Waits until the summed lag is zero; false if it is not within `patience`.
+async fn drain(stack: &Stack, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if stack.total_lag().await < 1.0 {
+            return true;
+        }
+    }
+    false
+}
