@@ -73,6 +73,8 @@ const SERVICES: [(&str, u16); 10] = [
 /// A running `retargetiq up`.
 struct Stack {
     up: Child,
+    /// Each service runs from its own binary (else `retargetiq service <name>`).
+    dedicated: bool,
     offset: u16,
     broker: String,
     http: reqwest::Client,
@@ -83,8 +85,16 @@ impl Stack {
         let broker = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
         let log = std::env::temp_dir().join("retargetiq-bench-stack.log");
         let out = std::fs::File::create(&log)?;
-        let up = Command::new(std::env::current_exe()?)
-            .args(["up", "--memory", "--broker-listen", &broker, "--port-offset", &offset.to_string()])
+        let exe = std::env::current_exe()?;
+        let dedicated = SERVICES.iter().all(|(name, _)| exe.with_file_name(name).is_file());
+        let mut up_args = vec!["up", "--memory", "--broker-listen", &broker];
+        let offset_arg = offset.to_string();
+        up_args.extend(["--port-offset", &offset_arg]);
+        if dedicated {
+            up_args.push("--service-binaries");
+        }
+        let up = Command::new(exe)
+            .args(&up_args)
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -92,7 +102,7 @@ impl Stack {
             .kill_on_drop(true)
             .spawn()
             .context("starting retargetiq up")?;
-        let stack = Self { up, offset, broker, http: reqwest::Client::builder().build()? };
+        let stack = Self { up, dedicated, offset, broker, http: reqwest::Client::builder().build()? };
         eprintln!("bench: starting the stack (log: {})", log.display());
         let deadline = Instant::now() + Duration::from_secs(180);
         for (name, _) in SERVICES {
@@ -114,9 +124,11 @@ impl Stack {
         let Some(up) = self.up.id() else { return BTreeMap::new() };
         let mut out = BTreeMap::new();
         for (pid, cmdline) in children_of(up) {
+            let program = cmdline.first().and_then(|p| p.rsplit('/').next()).unwrap_or_default();
             let name = match cmdline.get(1).map(String::as_str) {
                 Some("service") => cmdline.get(2).cloned(),
                 Some("broker") => Some("(broker)".to_owned()),
+                None if SERVICES.iter().any(|(n, _)| *n == program) => Some(program.to_owned()),
                 _ => None,
             };
             if let (Some(name), Some(rss)) = (name, rss_of(pid)) {
@@ -344,7 +356,7 @@ async fn kafka_hop(broker: &str, samples: usize) -> anyhow::Result<Histogram<u64
             .map_err(|(e, _)| e)?;
         match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
             Ok(Ok(_)) if warm >= 10 => {
-                h.record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?
+                h.record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?;
             }
             Ok(Ok(_)) => warm += 1,
             _ => anyhow::ensure!(warm < 1000, "the consumer receives nothing"),
@@ -533,7 +545,14 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
         &format!("\nhighest sustained: {best:.0} events/s = {:.3}x the broker's raw produce rate\n\n", best / raw);
 
     // Memory.
-    report += "Resident memory (VmRSS)\n\n| process | idle MiB | under load (peak seen) MiB |\n|---|---:|---:|\n";
+    report += &format!(
+        "Resident memory (VmRSS), services run {}\n\n| process | idle MiB | under load (peak seen) MiB |\n|---|---:|---:|\n",
+        if stack.dedicated {
+            "from their own binaries"
+        } else {
+            "as `retargetiq service <name>` (build the service binaries, `cargo build --release --bins`, to measure those)"
+        }
+    );
     report += &format!("| minimal axum server (baseline) | {:.1} | |\n", mib(baseline_rss));
     let (mut idle_total, mut load_total) = (0, 0);
     for (name, _) in SERVICES {

@@ -1,15 +1,23 @@
 //! `frontend-ui` (3000): the browser UI, server-rendered with askama.
 //!
-//! Pages: `/` (dashboard: KPI tiles, funnel, events per minute, offers by action, simulate
-//! buttons), `/users/{userId}` (explorer: recommendations with the current offer, features,
-//! the ranking explanation, candidates by source), `/dead-letters`. The simulate buttons go
-//! through the real ingestion APIs. Every panel fetches from one backend over REST with a
-//! short timeout; a backend that is down turns its panel into a clear message while the page
-//! still renders. Everything shown is escaped by askama.
+//! Pages: `/` (dashboard: KPI tiles for the last 5 minutes, hour, day or all time, the
+//! funnel, events per minute, offer performance per action, recommendation click-through,
+//! campaigns, pipeline lag, a live activity feed, simulate buttons), `/users/{userId}`
+//! (explorer: recent events, recommendations with the current offer, features, the ranking
+//! explanation, candidates by source), `/dead-letters`. The simulate buttons go through the
+//! real ingestion APIs. Every panel fetches from one backend over REST with a short timeout;
+//! a backend that is down turns its panel into a clear message while the page still renders.
+//! Everything shown is escaped by askama (and by `textContent` in the page's script).
+//!
+//! The live feed: the UI follows `processed-events-topic` from its end (a live subscription,
+//! no group, nothing replayed) and pushes each event to the browsers over server-sent events
+//! (`GET /live`); the dashboard's small script prepends it to the feed and refreshes the KPI
+//! block (`GET /partials/kpis`). The last 30 events are rendered with the page.
 //!
 //! Backends are configured with `<SERVICE>_URL` variables (see [`Config`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,17 +25,23 @@ use askama::Template;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
 use chrono::Utc;
 use events::generate::{Generator, USER_COUNT, user_id as generated_user};
+use events::{ProcessedEvent, Topic};
 use kit::config::{ConfigError, Env};
 use kit::http::ApiError;
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
+use kit::state::Shared;
 use kit::{Context, Service};
 use reqwest::Url;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 /// The `frontend-ui` service.
 pub struct FrontendUi;
@@ -94,23 +108,87 @@ impl Service for FrontendUi {
         })
     }
 
-    async fn run(config: Config, ctx: Context) -> anyhow::Result<()> {
-        ctx.condition("ui").set(true);
-        ctx.serve(router(config)?).await
+    async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
+        let producer = ctx.pipeline_producer()?;
+        let feed = Feed::new(ctx.shutdown.clone());
+        ctx.spawn_consumer(&producer, ConsumerSpec::live("live-feed", [Topic::ProcessedEvents]), feed.clone());
+        ctx.serve(router(config, feed)?).await
+    }
+}
+
+/// Events shown with the page.
+const FEED_LENGTH: usize = 30;
+
+/// One processed event as the live feed shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedItem {
+    pub at: String,
+    pub user_id: String,
+    pub event_type: String,
+    pub detail: String,
+}
+
+impl FeedItem {
+    fn of(e: &ProcessedEvent) -> Self {
+        let detail = match (&e.product, &e.order) {
+            (_, Some(o)) => format!("order €{:.2}, {} item(s)", o.amount, o.items.len()),
+            (Some(p), None) => format!("{} ({})", p.name, p.category),
+            (None, None) => e.query.clone().map(|q| format!("\"{q}\"")).unwrap_or_default(),
+        };
+        Self {
+            at: e.processed_at.format("%H:%M:%S").to_string(),
+            user_id: e.user_id.clone(),
+            event_type: e.event_type.as_str().to_owned(),
+            detail,
+        }
+    }
+}
+
+/// The live feed: the latest events, and a channel to every connected browser.
+#[derive(Clone)]
+pub struct Feed {
+    recent: Shared<VecDeque<FeedItem>>,
+    tx: broadcast::Sender<FeedItem>,
+    shutdown: CancellationToken,
+}
+
+impl Feed {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self { recent: Shared::default(), tx: broadcast::channel(1024).0, shutdown }
+    }
+
+    pub fn push(&self, item: FeedItem) {
+        let mut recent = self.recent.write();
+        recent.push_front(item.clone());
+        recent.truncate(FEED_LENGTH);
+        // No browser connected is fine.
+        let _ = self.tx.send(item);
+    }
+}
+
+impl Handler for Feed {
+    fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        let e: ProcessedEvent = rec.json()?;
+        self.push(FeedItem::of(&e));
+        Ok(())
     }
 }
 
 struct Ui {
     config: Config,
     client: reqwest::Client,
+    feed: Feed,
 }
 
 /// The UI's routes.
-pub fn router(config: Config) -> anyhow::Result<Router> {
+pub fn router(config: Config, feed: Feed) -> anyhow::Result<Router> {
     let client =
         reqwest::Client::builder().timeout(Duration::from_secs(3)).connect_timeout(Duration::from_secs(1)).build()?;
     Ok(Router::new()
         .route("/", get(dashboard))
+        .route("/partials/kpis", get(kpis_partial))
+        .route("/live", get(live))
         .route("/users", get(find_user))
         .route("/users/{user_id}", get(user_page))
         .route("/dead-letters", get(dead_letters))
@@ -120,7 +198,7 @@ pub fn router(config: Config) -> anyhow::Result<Router> {
             "/static/style.css",
             get(|| async { ([(header::CONTENT_TYPE, "text/css")], include_str!("../static/style.css")) }),
         )
-        .with_state(Arc::new(Ui { config, client })))
+        .with_state(Arc::new(Ui { config, client, feed })))
 }
 
 /// `base` with `segments` appended, each percent-encoded.
@@ -178,9 +256,7 @@ struct PageQuery {
 /// A message for a finished action: chosen here, never echoed from the query string.
 fn flash(q: &PageQuery) -> Option<String> {
     match q.done.as_deref() {
-        Some("session") => {
-            Some("Shopper session sent through the activity API; the pipeline updates this page within seconds.".into())
-        }
+        Some("session") => Some("Shopper session sent through the activity API; watch it in the live feed.".into()),
         Some("order") => Some("Order sent through the order API.".into()),
         Some("failed") => Some("The simulated traffic could not be sent: the ingestion API is unavailable.".into()),
         _ => None,
@@ -193,6 +269,22 @@ struct Step {
     width_pct: u64,
 }
 
+struct OfferRow {
+    action: String,
+    decisions: u64,
+    orders: u64,
+    acceptance_pct: f64,
+    revenue: f64,
+}
+
+struct CampaignRow {
+    campaign: String,
+    events: u64,
+    clicks: u64,
+    orders: u64,
+    revenue: f64,
+}
+
 struct SummaryView {
     events: u64,
     users: u64,
@@ -200,40 +292,104 @@ struct SummaryView {
     orders: u64,
     revenue: f64,
     conversion_pct: f64,
+    ctr_pct: f64,
+    recs_shown: u64,
+    recs_clicked: u64,
+    lag_seconds: f64,
     funnel: Vec<Step>,
-    minute_heights: Vec<u64>,
-    offers: Vec<(String, u64)>,
+    minute_heights: Vec<(u64, u64)>,
+    peak_per_minute: u64,
+    offers: Vec<OfferRow>,
+    campaigns: Vec<CampaignRow>,
+}
+
+/// The windows the dashboard offers: (query value, label).
+const WINDOWS: [(&str, &str); 4] = [("5m", "5 minutes"), ("1h", "hour"), ("1d", "day"), ("all", "all time")];
+
+#[derive(Debug, Default, Deserialize)]
+struct DashboardQuery {
+    done: Option<String>,
+    window: Option<String>,
+    user: Option<String>,
+}
+
+impl DashboardQuery {
+    /// The chosen window, one of [`WINDOWS`] (anything else means the hour).
+    fn window(&self) -> &'static str {
+        WINDOWS.iter().map(|(w, _)| *w).find(|w| Some(*w) == self.window.as_deref()).unwrap_or("1h")
+    }
 }
 
 #[derive(Template)]
 #[template(path = "dashboard.html")]
 struct DashboardPage {
     flash: Option<String>,
+    window: &'static str,
+    windows: [(&'static str, &'static str); 4],
+    summary: Result<SummaryView, String>,
+    feed: Vec<FeedItem>,
+    /// (link, user id) of the user a simulated session was for.
+    user_link: Option<(String, String)>,
+}
+
+#[derive(Template)]
+#[template(path = "kpis.html")]
+struct KpisPartial {
     summary: Result<SummaryView, String>,
 }
 
-fn summary_view(s: &Value) -> SummaryView {
+fn summary_view(s: &Value, window: &'static str) -> SummaryView {
     let n = |v: &Value| v.as_u64().unwrap_or(0);
-    let t = &s["totals"];
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let w = &s["windows"][window];
+    let t = &w["totals"];
     let views = n(&t["productViews"]);
     let steps = [("Product views", views), ("Added to cart", n(&t["addToCart"])), ("Purchases", n(&t["purchases"]))];
     let top = steps.iter().map(|s| s.1).max().unwrap_or(0).max(1);
     let minutes: Vec<u64> =
         s["eventsPerMinute"].as_array().map(|a| a.iter().map(|m| n(&m["events"])).collect()).unwrap_or_default();
-    let peak = minutes.iter().copied().max().unwrap_or(0).max(1);
+    let peak = minutes.iter().copied().max().unwrap_or(0);
     SummaryView {
-        events: n(&s["events"]),
+        events: n(&w["events"]),
         users: n(&s["users"]),
-        sessions: n(&s["sessions"]),
-        orders: n(&s["orders"]),
-        revenue: s["revenue"].as_f64().unwrap_or(0.0),
-        conversion_pct: s["conversionRate"].as_f64().unwrap_or(0.0) * 100.0,
+        sessions: n(&w["sessions"]),
+        orders: n(&w["orders"]),
+        revenue: f(&w["revenue"]),
+        conversion_pct: f(&w["conversionRate"]) * 100.0,
+        ctr_pct: f(&w["recommendationCtr"]) * 100.0,
+        recs_shown: n(&w["recommendationsShown"]),
+        recs_clicked: n(&w["recommendationsClicked"]),
+        lag_seconds: f(&s["pipeline"]["meanEventAgeSeconds"]),
         funnel: steps
             .iter()
             .map(|(label, count)| Step { label, count: *count, width_pct: count * 100 / top })
             .collect(),
-        minute_heights: minutes.iter().map(|m| m * 100 / peak).collect(),
-        offers: s["offers"].as_object().map(|o| o.iter().map(|(k, v)| (k.clone(), n(v))).collect()).unwrap_or_default(),
+        minute_heights: minutes.iter().map(|m| (m * 100 / peak.max(1), *m)).collect(),
+        peak_per_minute: peak,
+        offers: w["offers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|o| OfferRow {
+                action: text(&o["action"]),
+                decisions: n(&o["decisions"]),
+                orders: n(&o["orders"]),
+                acceptance_pct: f(&o["acceptanceRate"]) * 100.0,
+                revenue: f(&o["revenue"]),
+            })
+            .collect(),
+        campaigns: s["campaigns"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| CampaignRow {
+                campaign: text(&c["campaignId"]),
+                events: n(&c["events"]),
+                clicks: n(&c["clicks"]),
+                orders: n(&c["orders"]),
+                revenue: f(&c["revenue"]),
+            })
+            .collect(),
     }
 }
 
@@ -244,10 +400,52 @@ fn render(t: &impl Template) -> Response {
     }
 }
 
-async fn dashboard(State(ui): State<Arc<Ui>>, Query(q): Query<PageQuery>) -> Response {
-    let summary =
-        ui.get(endpoint(&ui.config.analytics, &["api", "analytics", "summary"])).await.map(|s| summary_view(&s));
-    render(&DashboardPage { flash: flash(&q), summary })
+impl Ui {
+    async fn summary(&self, window: &'static str) -> Result<SummaryView, String> {
+        self.get(endpoint(&self.config.analytics, &["api", "analytics", "summary"]))
+            .await
+            .map(|s| summary_view(&s, window))
+    }
+}
+
+async fn dashboard(State(ui): State<Arc<Ui>>, Query(q): Query<DashboardQuery>) -> Response {
+    let window = q.window();
+    let summary = ui.summary(window).await;
+    let feed = ui.feed.recent.read().iter().cloned().collect();
+    let flash = flash(&PageQuery { done: q.done.clone() });
+    let user_link = q.user.as_deref().map(str::trim).filter(|u| !u.is_empty() && u.len() <= 128).map(|u| {
+        let link = endpoint(&Url::parse("http://ui/users").unwrap_or_else(|_| unreachable!()), &[u]);
+        (link.path().to_owned(), u.to_owned())
+    });
+    render(&DashboardPage { flash, window, windows: WINDOWS, summary, feed, user_link })
+}
+
+async fn kpis_partial(State(ui): State<Arc<Ui>>, Query(q): Query<DashboardQuery>) -> Response {
+    render(&KpisPartial { summary: ui.summary(q.window()).await })
+}
+
+/// Server-sent events: each processed event as it arrives, until the browser leaves or the
+/// service stops.
+async fn live(State(ui): State<Arc<Ui>>) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let rx = ui.feed.tx.subscribe();
+    let stop = ui.feed.shutdown.clone();
+    let stream = futures::stream::unfold((rx, stop), |(mut rx, stop)| async move {
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => return None,
+                r = rx.recv() => r,
+            };
+            match received {
+                Ok(item) => {
+                    let data = serde_json::to_string(&item).unwrap_or_default();
+                    return Some((Ok(Event::default().event("activity").data(data)), (rx, stop)));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 #[derive(Deserialize)]
@@ -298,6 +496,13 @@ struct UserPage {
     explanation: Result<Vec<Explained>, String>,
     candidates: Result<Vec<(String, usize)>, String>,
     offer: Result<Vec<(String, String)>, String>,
+    recent: Result<Vec<RecentRow>, String>,
+}
+
+struct RecentRow {
+    at: String,
+    event_type: String,
+    detail: String,
 }
 
 fn text(v: &Value) -> String {
@@ -319,13 +524,30 @@ fn fields(v: &Value) -> Vec<(String, String)> {
 
 async fn user_page(State(ui): State<Arc<Ui>>, Path(user_id): Path<String>, Query(q): Query<PageQuery>) -> Response {
     let c = &ui.config;
-    let (recs, features, ranked, candidates, offer) = tokio::join!(
+    let (recs, features, ranked, candidates, offer, stats) = tokio::join!(
         ui.get(endpoint(&c.recommendation_api, &["recommend", &user_id])),
         ui.get(endpoint(&c.feature_store, &["features", &user_id])),
         ui.get(endpoint(&c.ranking, &["rank", &user_id])),
         ui.get(endpoint(&c.retrieval, &["retrieve", &user_id])),
         ui.get(endpoint(&c.rl_offer, &["offer", &user_id])),
+        ui.get(endpoint(&c.analytics, &["api", "analytics", "user", &user_id])),
     );
+    let recent = stats.map(|s| {
+        s["recentEvents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| RecentRow {
+                at: text(&e["occurredAt"]),
+                event_type: text(&e["eventType"]),
+                detail: e["amount"]
+                    .as_f64()
+                    .map(|a| format!("order €{a:.2}"))
+                    .or_else(|| e["productId"].as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            })
+            .collect()
+    });
     let recommendations = recs.map(|r| RecsView {
         cold_start: r["coldStart"].as_bool().unwrap_or(false),
         model_version: text(&r["modelVersion"]),
@@ -378,6 +600,7 @@ async fn user_page(State(ui): State<Arc<Ui>>, Path(user_id): Path<String>, Query
         explanation,
         candidates,
         offer: offer.map(|o| fields(&o)),
+        recent,
     })
 }
 
@@ -453,14 +676,43 @@ async fn simulate_session(State(ui): State<Arc<Ui>>, form: Result<Form<SimulateF
         .filter(|u| !u.trim().is_empty())
         .unwrap_or_else(|| generated_user(rand::random_range(1..=USER_COUNT)));
     let events = session_events(&user, &mut generator);
-    let target = endpoint(&Url::parse("http://ui/users").unwrap_or_else(|_| unreachable!()), &[&user]);
-    match ui.post(endpoint(&ui.config.user_activity, &["api", "users", "activity"]), &Value::Array(events)).await {
-        Ok(_) => Redirect::to(&format!("{}?done=session", target.path())).into_response(),
+    let activity = endpoint(&ui.config.user_activity, &["api", "users", "activity"]);
+    let back = endpoint(&Url::parse("http://ui/").unwrap_or_else(|_| unreachable!()), &[]);
+    let user_query: String = url_encode(&user);
+    match ui.post(activity.clone(), &Value::Array(events)).await {
+        Ok(_) => {
+            // The shopper is shown their recommendations and sometimes clicks one: both are
+            // reported with the API's request id, which is what click-through is counted by.
+            if let Ok(recs) = ui.get(endpoint(&ui.config.recommendation_api, &["recommend", &user])).await
+                && let Some(request) = recs["requestId"].as_str()
+            {
+                let mut follow_up =
+                    vec![json!({"userId": user, "eventType": "page_view", "recommendationId": request})];
+                if let Some(first) = recs["recommendations"][0]["itemId"].as_str()
+                    && rand::random_bool(0.5)
+                {
+                    follow_up.push(
+                        json!({"userId": user, "eventType": "click", "productId": first, "recommendationId": request}),
+                    );
+                }
+                if let Err(e) = ui.post(activity, &Value::Array(follow_up)).await {
+                    tracing::warn!(error = %e, "recommendation impression not sent");
+                }
+            }
+            Redirect::to(&format!("{}?done=session&user={user_query}", back.path())).into_response()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "simulated session not sent");
-            Redirect::to(&format!("{}?done=failed", target.path())).into_response()
+            Redirect::to(&format!("{}?done=failed", back.path())).into_response()
         }
     }
+}
+
+/// Percent-encodes a query value.
+fn url_encode(value: &str) -> String {
+    let mut url = Url::parse("http://ui/").unwrap_or_else(|_| unreachable!());
+    url.query_pairs_mut().append_pair("v", value);
+    url.query().unwrap_or("v=").trim_start_matches("v=").to_owned()
 }
 
 async fn simulate_order(State(ui): State<Arc<Ui>>) -> Response {
@@ -508,7 +760,7 @@ mod tests {
 
     #[tokio::test]
     async fn pages_render_when_every_backend_is_down() {
-        let app = router(unreachable_backends()).expect("router");
+        let app = router(unreachable_backends(), Feed::new(CancellationToken::new())).expect("router");
         let (status, html) = get(app.clone(), "/").await;
         assert_eq!(status, StatusCode::OK);
         assert!(html.contains("id=\"kpis-unavailable\"") && html.contains("Analytics is unavailable"), "{html}");
@@ -525,7 +777,7 @@ mod tests {
 
     #[tokio::test]
     async fn user_ids_are_escaped_and_encoded() {
-        let app = router(unreachable_backends()).expect("router");
+        let app = router(unreachable_backends(), Feed::new(CancellationToken::new())).expect("router");
         let (_, html) = get(app.clone(), "/users/%3Cscript%3Ealert(1)%3C%2Fscript%3E").await;
         assert!(!html.contains("<script>alert(1)</script>"), "user input must be escaped");
         assert!(html.contains("&lt;script&gt;") || html.contains("&#60;script&#62;"), "the id is shown, escaped");

@@ -49,6 +49,9 @@ pub enum Subscription {
     /// topics, for views and models that every instance needs whole. Ready once it has
     /// caught up with the end of the topics as they were at start.
     Replica,
+    /// Every partition from the end, outside any group: what happens from now on, for live
+    /// feeds. Ready at once; nothing is replayed or committed.
+    Live,
 }
 
 /// What to consume.
@@ -78,6 +81,11 @@ impl ConsumerSpec {
     /// A replica of `topics` (every partition, from the beginning).
     pub fn replica(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
         Self { name, topics: topics.into(), subscription: Subscription::Replica, restore: false }
+    }
+
+    /// Every partition of `topics` from the end (see [`Subscription::Live`]).
+    pub fn live(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
+        Self { name, topics: topics.into(), subscription: Subscription::Live, restore: false }
     }
 
     /// The same consumer, restoring its state on start (see [`ConsumerSpec::restore`]).
@@ -328,7 +336,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
             }
             true
         }
-        Subscription::Replica => {
+        Subscription::Replica | Subscription::Live => {
             config
                 .set("group.id", format!("{}-replica-{}", env.service, uuid::Uuid::new_v4()))
                 .set("enable.auto.commit", "false");
@@ -361,6 +369,11 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
             "partitions assigned"
         );
         env.ready.set(true);
+    } else if matches!(spec.subscription, Subscription::Live) {
+        let tpl = assignment(Arc::clone(&consumer), &spec.topics, |_| true, Offset::End, env.shutdown.clone()).await?;
+        consumer.assign(&tpl).context("assigning partitions")?;
+        env.ready.set(true);
+        tracing::info!(consumer = spec.name, partitions = tpl.count(), "following the topics from their end");
     } else {
         let tpl =
             assignment(Arc::clone(&consumer), &spec.topics, |_| true, Offset::Beginning, env.shutdown.clone()).await?;
