@@ -57,18 +57,7 @@ pub struct StackArgs {
     pub port_offset: u16,
 }
 
-const SERVICES: [(&str, u16); 10] = [
-    ("user-activity", 8081),
-    ("order", 8082),
-    ("event-processor", 8083),
-    ("analytics", 8084),
-    ("feature-store", 8085),
-    ("retrieval", 8086),
-    ("ranking", 8087),
-    ("rl-offer", 8088),
-    ("recommendation-api", 8089),
-    ("frontend-ui", 3000),
-];
+use crate::up::PORTS as SERVICES;
 
 /// A running `retargetiq up`.
 struct Stack {

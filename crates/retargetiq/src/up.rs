@@ -46,7 +46,7 @@ pub struct UpArgs {
 }
 
 /// Contract ports, to report readiness.
-const PORTS: [(&str, u16); 10] = [
+pub(crate) const PORTS: [(&str, u16); 10] = [
     ("user-activity", 8081),
     ("order", 8082),
     ("event-processor", 8083),
