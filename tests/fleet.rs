@@ -211,6 +211,28 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     assert_eq!(again[0]["payload"], "{not json");
     assert_ne!(again[0]["source"]["offset"], again[1]["source"]["offset"], "{again}");
 
+    // The same through the processor's operations endpoint, which needs the token.
+    let replay = fleet.url("event-processor", "/api/dead-letters/replay");
+    let body = json!({"ids": [listed[0].dead_letter_id]});
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(fleet.http().post(&replay).json(&body).send().await?), 401, "no token");
+    let wrong = fleet.http().post(&replay).bearer_auth("not-the-operations-token").json(&body).send().await?;
+    assert_eq!(status(wrong), 401, "wrong token");
+    let bad = fleet.http().post(&replay).bearer_auth(e2e::OPS_TOKEN).json(&json!({"ids": ["nope"]})).send().await?;
+    assert_eq!(status(bad), 400, "unknown id");
+    let ok = fleet.http().post(&replay).bearer_auth(e2e::OPS_TOKEN).json(&body).send().await?;
+    assert_eq!(ok.json::<Value>().await?["replayed"], 1);
+    eventually("the third dead letter", PATIENCE, || async {
+        get_json(&fleet, "event-processor", "/api/dead-letters").await.filter(|l| l.as_array().is_some_and(|a| a.len() == 3))
+    })
+    .await?;
+
+    // Resetting a user's features needs the token too.
+    let reset = fleet.url("feature-store", "/features/e2e-buyer");
+    assert_eq!(status(fleet.http().delete(&reset).send().await?), 401);
+    assert_eq!(status(fleet.http().delete(&reset).bearer_auth(e2e::OPS_TOKEN).send().await?), 204);
+    assert_eq!(status(fleet.http().get(&reset).send().await?), 404);
+
     // The UI answers with the live figures and the shopper's page.
     // (Two orders by now: the other shopper's and the one that rewarded the offer.)
     let url = fleet.url("frontend-ui", "/");

@@ -13,6 +13,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// The operations token the fleet's services are configured with.
+pub const OPS_TOKEN: &str = "fleet-test-operations-token";
+
 /// A running fleet; stopped (gracefully) by [`Fleet::stop`] or when dropped.
 pub struct Fleet {
     pub broker: TestBroker,
@@ -38,7 +41,7 @@ impl Fleet {
             tasks: Vec::new(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
         };
-        let env = Env::from_pairs::<&str, &str>([]);
+        let env = Env::from_pairs([("OPS_TOKEN", OPS_TOKEN)]);
         fleet.spawn::<user_activity::UserActivity>(()).await?;
         fleet.spawn::<order::Order>(()).await?;
         fleet.spawn::<event_processor::EventProcessor>(event_processor::EventProcessor::config(&env)?).await?;

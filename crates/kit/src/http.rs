@@ -186,21 +186,75 @@ impl From<events::validate::FieldError> for ApiError {
     }
 }
 
+/// The token that operations endpoints changing state require (`OPS_TOKEN`, at least 16
+/// characters), sent as `Authorization: Bearer <token>`. Unset, those endpoints are disabled.
+#[derive(Clone, Default)]
+pub struct OpsToken(Option<std::sync::Arc<str>>);
+
+impl std::fmt::Debug for OpsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "OpsToken(set)" } else { "OpsToken(unset)" })
+    }
+}
+
+impl OpsToken {
+    pub fn new(token: Option<&str>) -> Self {
+        Self(token.filter(|t| !t.is_empty()).map(std::sync::Arc::from))
+    }
+
+    /// `OPS_TOKEN`, refused at start when shorter than 16 characters.
+    pub fn from_env(env: &crate::config::Env) -> Result<Self, crate::config::ConfigError> {
+        let token = env.checked("OPS_TOKEN", String::new(), |t: &String| {
+            if t.is_empty() || t.chars().count() >= 16 { Ok(()) } else { Err("must be at least 16 characters".into()) }
+        })?;
+        Ok(Self::new(Some(&token)))
+    }
+
+    /// Whether the request carries the token (compared in constant time).
+    pub fn check(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        let Some(expected) = &self.0 else {
+            return Err(ApiError::Unauthorized("operations endpoints are disabled: set OPS_TOKEN to enable them".into()));
+        };
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::Unauthorized("send the operations token as `Authorization: Bearer <OPS_TOKEN>`".into()))?;
+        let (a, b) = (given.as_bytes(), expected.as_bytes());
+        let same = a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        if same { Ok(()) } else { Err(ApiError::Unauthorized("wrong operations token".into())) }
+    }
+}
+
+impl ApiError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid { .. } | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self {
-            ApiError::Invalid { field, reason } => (
-                StatusCode::BAD_REQUEST,
-                json!({"error": format!("{field}: {reason}"), "field": field, "reason": reason}),
-            ),
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({"error": m})),
-            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!({"error": m})),
-            ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, json!({"error": m})),
-            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!({"error": m})),
-            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!({"error": m})),
+        let status = self.status();
+        let body = match &self {
+            ApiError::Invalid { field, reason } => {
+                json!({"error": format!("{field}: {reason}"), "field": field, "reason": reason})
+            }
+            ApiError::BadRequest(m)
+            | ApiError::NotFound(m)
+            | ApiError::PayloadTooLarge(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::Unavailable(m) => json!({"error": m}),
             ApiError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
-                (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "internal error"}))
+                json!({"error": "internal error"})
             }
         };
         (status, Json(body)).into_response()
@@ -260,5 +314,26 @@ mod tests {
             StatusCode::INTERNAL_SERVER_ERROR
         );
         assert_eq!(ApiError::Unavailable("broker".into()).into_response().status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn operations_need_the_token() {
+        use axum::http::HeaderMap;
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(axum::http::header::AUTHORIZATION, v.parse().expect("header"));
+            h
+        };
+        let status = |r: Result<(), ApiError>| r.err().map(|e| e.status().as_u16());
+        let off = OpsToken::default();
+        assert_eq!(status(off.check(&with("Bearer anything-at-all-12345"))), Some(401));
+        let on = OpsToken::new(Some("correct-horse-battery"));
+        assert_eq!(status(on.check(&HeaderMap::new())), Some(401));
+        assert_eq!(status(on.check(&with("Bearer correct-horse-batterx"))), Some(401));
+        assert_eq!(status(on.check(&with("correct-horse-battery"))), Some(401));
+        assert_eq!(status(on.check(&with("Bearer correct-horse-battery"))), None);
+        assert!(!format!("{on:?}").contains("horse"), "the token is never printed");
+        let env = crate::config::Env::from_pairs([("OPS_TOKEN", "short")]);
+        assert!(OpsToken::from_env(&env).is_err(), "a short token is refused at start");
     }
 }

@@ -10,6 +10,7 @@
 //!   together and drains in-flight work on SIGINT/SIGTERM within a time limit.
 
 pub mod config;
+pub mod dead_letters;
 pub mod dedup;
 pub mod http;
 pub mod ingest;

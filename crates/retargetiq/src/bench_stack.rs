@@ -57,7 +57,7 @@ pub struct StackArgs {
     pub port_offset: u16,
 }
 
-use crate::up::PORTS as SERVICES;
+use crate::PORTS as SERVICES;
 
 /// A running `retargetiq up`.
 struct Stack {

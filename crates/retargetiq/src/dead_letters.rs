@@ -6,11 +6,9 @@
 //! twice creates no duplicates: the event processor drops an `eventId` it has already
 //! processed, and its memory of ids survives restarts.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use events::{DeadLetter, Topic};
-use kit::kafka::producer::Outgoing;
 use kit::kafka::{KafkaSettings, Producer};
 
 /// Every dead letter on the topic, oldest first within each partition.
@@ -39,26 +37,11 @@ pub fn format_line(l: &DeadLetter) -> String {
 pub async fn replay(bootstrap_servers: &str, ids: &[String], all: bool) -> anyhow::Result<usize> {
     anyhow::ensure!(all || !ids.is_empty(), "name the dead letters to replay, or pass --all");
     let letters = list(bootstrap_servers).await?;
-    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let mut chosen: Vec<&DeadLetter> =
-        letters.iter().filter(|l| all || wanted.contains(l.dead_letter_id.as_str())).collect();
-    let found: HashSet<&str> = chosen.iter().map(|l| l.dead_letter_id.as_str()).collect();
-    let missing: Vec<&str> = wanted.difference(&found).copied().collect();
-    anyhow::ensure!(missing.is_empty(), "no dead letter with id {}", missing.join(", "));
-    // Replaying a replayed message again is the same event: keep one per original payload.
-    let mut seen = HashSet::new();
-    chosen.retain(|l| seen.insert((l.source.topic.clone(), l.payload_base64.clone())));
+    let plan = kit::dead_letters::replay_plan(&letters, ids, all).map_err(anyhow::Error::msg)?;
     let producer = Producer::for_requests(&KafkaSettings::for_broker(bootstrap_servers))?;
-    for l in &chosen {
-        let topic = Topic::from_name(&l.source.topic).ok_or_else(|| {
-            anyhow::anyhow!("dead letter {} came from an unknown topic {}", l.dead_letter_id, l.source.topic)
-        })?;
-        let payload = l
-            .original_bytes()
-            .ok_or_else(|| anyhow::anyhow!("dead letter {} has no readable payload", l.dead_letter_id))?;
-        let out = Outgoing { topic, key: l.key.clone(), payload, correlation_id: l.correlation_id.clone() };
-        producer.send_outgoing(&out).await?;
+    for out in &plan {
+        producer.send_outgoing(out).await?;
     }
     producer.flush(Duration::from_secs(5)).await;
-    Ok(chosen.len())
+    Ok(plan.len())
 }

@@ -287,7 +287,7 @@ impl Platform {
     fn replay(training: &[Step], ranking_config: ranking::Config) -> anyhow::Result<Self> {
         let mut processor =
             event_processor::Processor::new(event_processor::Config::default(), Shared::new(Default::default()));
-        let mut store = feature_store::Store::new(feature_store::Config { affinity_half_life_hours: 72.0 });
+        let mut store = feature_store::Store::new(feature_store::Config { affinity_half_life_hours: 72.0, ops_token: Default::default() });
         let mut model = retrieval::Model::default();
         let mut ranker = ranking::Ranker::new(ranking::LinearModel::initial(), ranking_config);
         let mut processed = Vec::with_capacity(training.len());

@@ -27,6 +27,20 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// Each service's contract port.
+pub const PORTS: [(&str, u16); 10] = [
+    ("user-activity", 8081),
+    ("order", 8082),
+    ("event-processor", 8083),
+    ("analytics", 8084),
+    ("feature-store", 8085),
+    ("retrieval", 8086),
+    ("ranking", 8087),
+    ("rl-offer", 8088),
+    ("recommendation-api", 8089),
+    ("frontend-ui", 3000),
+];
+
 /// The ten services, in start order (producers of a topic before its consumers).
 pub const SERVICES: [&str; 10] = [
     "event-processor",

@@ -5,6 +5,7 @@
 //! work and commits its offsets), the broker last. A child that exits while `up` is running is
 //! restarted with exponential backoff, like `restart: unless-stopped` in Compose.
 
+use crate::PORTS;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,19 +46,6 @@ pub struct UpArgs {
     service_binaries: bool,
 }
 
-/// Contract ports, to report readiness.
-pub(crate) const PORTS: [(&str, u16); 10] = [
-    ("user-activity", 8081),
-    ("order", 8082),
-    ("event-processor", 8083),
-    ("analytics", 8084),
-    ("feature-store", 8085),
-    ("retrieval", 8086),
-    ("ranking", 8087),
-    ("rl-offer", 8088),
-    ("recommendation-api", 8089),
-    ("frontend-ui", 3000),
-];
 
 /// Writes one line prefixed with the name of its source.
 fn say(name: &str, line: &str) {

@@ -1,6 +1,8 @@
 //! Test support: a real Kafka-protocol broker (embedded Tansu, in memory) on a free port with
 //! the platform's topics created, and helpers to wait for eventual outcomes.
 
+pub mod arbitrary;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,5 +1,7 @@
-//! The kit's consumer loop against a real broker: outputs are produced, rejected messages
-//! land in the dead-letter topic with their original bytes, and the partition keeps flowing.
+//! The kit's consumer loop against a real broker: outputs are produced; poison messages —
+//! bytes that are not JSON, and a message the handler fails on every time — land in the
+//! dead-letter topic with their original bytes after a bounded number of attempts, and the
+//! partition keeps flowing past them.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,6 +20,9 @@ impl Handler for Echo {
     fn handle(&mut self, record: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let v = record.value()?;
         let user = v["userId"].as_str().ok_or_else(|| HandlerError::malformed("no userId"))?;
+        if user == "poison" {
+            return Err(HandlerError::Retry(anyhow::anyhow!("the downstream fails on this one every time")));
+        }
         out.send(&UserFeatures { user_id: user.to_owned(), ..Default::default() });
         Ok(())
     }
@@ -39,7 +44,7 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
     let broker = TestBroker::start().await?;
     let settings = broker.settings();
     let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
-    for payload in [&br#"{"userId":"a"}"#[..], b"\x00garbage", br#"{"userId":"b"}"#] {
+    for payload in [&br#"{"userId":"a"}"#[..], b"\x00garbage", br#"{"userId":"poison"}"#, br#"{"userId":"b"}"#] {
         raw.send(FutureRecord::to(Topic::UserActivity.name()).key("k").payload(payload), Duration::from_secs(5))
             .await
             .map_err(|(e, _)| e)?;
@@ -71,12 +76,18 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
     assert_eq!(users.len(), 2);
     assert!(users.contains(&"a".to_owned()) && users.contains(&"b".to_owned()), "{users:?}");
 
-    let letter = eventually("a dead letter", Duration::from_secs(30), || {
-        let got = letters.0.lock().expect("lock").first().cloned();
-        async move { got }
+    let both = eventually("two dead letters", Duration::from_secs(30), || {
+        let got = letters.0.lock().expect("lock").clone();
+        async move { (got.len() >= 2).then_some(got) }
     })
     .await?;
-    let letter: DeadLetter = serde_json::from_slice(&letter)?;
+    assert_eq!(both.len(), 2, "one letter each, however many attempts");
+    let failed: DeadLetter = serde_json::from_slice(&both[1])?;
+    assert_eq!(failed.kind, DeadLetterKind::HandlerFailed);
+    assert_eq!(failed.source.offset, 2);
+    assert_eq!(failed.original_bytes().as_deref(), Some(&br#"{"userId":"poison"}"#[..]));
+    assert!(failed.reason.contains("every time"), "{}", failed.reason);
+    let letter: DeadLetter = serde_json::from_slice(&both[0])?;
     assert_eq!(letter.kind, DeadLetterKind::Malformed);
     assert_eq!(letter.source.topic, "user-activity-topic");
     assert_eq!(letter.source.offset, 1);

@@ -15,8 +15,10 @@
 //!   default of 200,000). The memory survives restarts: on start the processor replays its
 //!   partitions up to the committed offsets (`ConsumerSpec::restoring`).
 //!
-//! Ops endpoints: `GET /api/processor/stats` and `GET /api/dead-letters?limit=N` (the latest
-//! dead letters, from a replica of the dead-letter topic).
+//! Ops endpoints: `GET /api/processor/stats`, `GET /api/dead-letters?limit=N` (the latest
+//! dead letters, from a replica of the dead-letter topic) and `POST /api/dead-letters/replay`
+//! (`{"ids": [...]}` or `{"all": true}`: the original bytes back to their source topic; needs
+//! `Authorization: Bearer <OPS_TOKEN>`).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -30,7 +32,8 @@ use events::{
 };
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
+use kit::http::{ApiError, OpsToken};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
 use serde::{Deserialize, Serialize};
@@ -47,11 +50,18 @@ pub struct Config {
     pub session_gap: Duration,
     /// `CAMPAIGN_WINDOW_HOURS`: how long a campaign is attributed to later events (default 168).
     pub campaign_window: Duration,
+    /// `OPS_TOKEN`: required by the replay endpoint (unset: disabled).
+    pub ops_token: OpsToken,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { dedup_capacity: 200_000, session_gap: Duration::minutes(30), campaign_window: Duration::hours(168) }
+        Self {
+            dedup_capacity: 200_000,
+            session_gap: Duration::minutes(30),
+            campaign_window: Duration::hours(168),
+            ops_token: OpsToken::default(),
+        }
     }
 }
 
@@ -68,11 +78,13 @@ impl Service for EventProcessor {
             campaign_window: Duration::hours(env.checked("CAMPAIGN_WINDOW_HOURS", 168, |v: &i64| {
                 if *v < 0 { Err("must be >= 0".into()) } else { Ok(()) }
             })?),
+            ops_token: OpsToken::from_env(env)?,
         })
     }
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
+        let token = config.ops_token.clone();
         let stats = Shared::new(Stats::default());
         let letters = Shared::new(VecDeque::new());
         ctx.spawn_consumer(
@@ -88,7 +100,8 @@ impl Service for EventProcessor {
         let routes = axum::Router::new()
             .route("/api/processor/stats", get(get_stats))
             .route("/api/dead-letters", get(get_letters))
-            .with_state(AppState { stats, letters });
+            .route("/api/dead-letters/replay", axum::routing::post(replay_letters))
+            .with_state(AppState { stats, letters, producer: ctx.request_producer()?, token });
         ctx.serve(routes).await
     }
 }
@@ -301,6 +314,36 @@ impl Handler for LetterView {
 struct AppState {
     stats: Shared<Stats>,
     letters: Shared<VecDeque<DeadLetter>>,
+    producer: Producer,
+    token: OpsToken,
+}
+
+/// `POST /api/dead-letters/replay` body: `{"ids": [...]}` or `{"all": true}`.
+#[derive(Debug, Default, Deserialize)]
+struct ReplayRequest {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Sends the chosen dead letters (of the latest the view holds) back to their source topics;
+/// requires the operations token.
+async fn replay_letters(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<ReplayRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.token.check(&headers)?;
+    let Json(req) = body.map_err(|e| ApiError::Invalid { field: "$".into(), reason: e.body_text() })?;
+    let letters: Vec<DeadLetter> = s.letters.read().iter().cloned().collect();
+    let plan = kit::dead_letters::replay_plan(&letters, &req.ids, req.all)
+        .map_err(|reason| ApiError::Invalid { field: "ids".into(), reason })?;
+    for out in &plan {
+        s.producer.send_outgoing(out).await.map_err(|e| ApiError::Unavailable(format!("replay stopped: {e}")))?;
+    }
+    tracing::info!(replayed = plan.len(), "dead letters replayed");
+    Ok(Json(serde_json::json!({"replayed": plan.len()})))
 }
 
 async fn get_stats(State(s): State<AppState>) -> Json<Stats> {

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use events::{EventCounts, EventType, ProcessedEvent, Topic, UserFeatures, WindowedCounts};
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, found};
+use kit::http::{ApiError, OpsToken, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};
@@ -44,6 +44,8 @@ pub struct FeatureStore;
 pub struct Config {
     /// `AFFINITY_HALF_LIFE_HOURS` (default 72).
     pub affinity_half_life_hours: f64,
+    /// `OPS_TOKEN`: required to reset a user's features (unset: disabled).
+    pub ops_token: OpsToken,
 }
 
 impl Service for FeatureStore {
@@ -56,18 +58,22 @@ impl Service for FeatureStore {
             affinity_half_life_hours: env.checked("AFFINITY_HALF_LIFE_HOURS", 72.0, |v: &f64| {
                 if v.is_finite() && *v > 0.0 { Ok(()) } else { Err("must be a positive number of hours".into()) }
             })?,
+            ops_token: OpsToken::from_env(env)?,
         })
     }
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
+        let token = config.ops_token.clone();
         let store = Shared::new(Store::new(config));
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec::group("processed-events", [Topic::ProcessedEvents], "feature-store").restoring(),
             Updater(Shared::clone(&store)),
         );
-        let routes = axum::Router::new().route("/features/{user_id}", get(get_features)).with_state(store);
+        let routes = axum::Router::new()
+            .route("/features/{user_id}", get(get_features).delete(reset_features))
+            .with_state(AppState { store, token });
         ctx.serve(routes).await
     }
 }
@@ -157,6 +163,11 @@ impl Store {
 
     pub fn user_count(&self) -> usize {
         self.users.len()
+    }
+
+    /// Forgets a user's features; `false` for a user it does not know.
+    pub fn reset(&mut self, user_id: &str) -> bool {
+        self.users.remove(user_id).is_some()
     }
 
     /// Applies one event; returns the new snapshot, or `None` for a redelivered event.
@@ -287,12 +298,31 @@ impl Handler for Updater {
     }
 }
 
-async fn get_features(
-    State(store): State<Shared<Store>>,
-    Path(user_id): Path<String>,
-) -> Result<Json<UserFeatures>, ApiError> {
-    let store = store.read();
+#[derive(Clone)]
+struct AppState {
+    store: Shared<Store>,
+    token: OpsToken,
+}
+
+async fn get_features(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<Json<UserFeatures>, ApiError> {
+    let store = s.store.read();
     found(store.get(&user_id).cloned(), || format!("no features for user {user_id:?}: no events seen for this user"))
+}
+
+/// `DELETE /features/{userId}`: forgets the user's features (their next event starts afresh);
+/// requires the operations token. A restart rebuilds features from the events still retained.
+async fn reset_features(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Path(user_id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    s.token.check(&headers)?;
+    if s.store.write().reset(&user_id) {
+        tracing::info!(user = %user_id, "features reset");
+        Ok(axum::http::StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("no features for user {user_id:?}")))
+    }
 }
 
 #[cfg(test)]
@@ -327,7 +357,7 @@ mod tests {
     }
 
     fn store() -> Store {
-        Store::new(Config { affinity_half_life_hours: 72.0 })
+        Store::new(Config { affinity_half_life_hours: 72.0, ops_token: OpsToken::default() })
     }
 
     #[test]
