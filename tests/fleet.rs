@@ -223,7 +223,9 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     let ok = fleet.http().post(&replay).bearer_auth(e2e::OPS_TOKEN).json(&body).send().await?;
     assert_eq!(ok.json::<Value>().await?["replayed"], 1);
     eventually("the third dead letter", PATIENCE, || async {
-        get_json(&fleet, "event-processor", "/api/dead-letters").await.filter(|l| l.as_array().is_some_and(|a| a.len() == 3))
+        get_json(&fleet, "event-processor", "/api/dead-letters")
+            .await
+            .filter(|l| l.as_array().is_some_and(|a| a.len() == 3))
     })
     .await?;
 

@@ -16,7 +16,8 @@ pub fn replay_plan(letters: &[DeadLetter], ids: &[String], all: bool) -> Result<
         return Err("name the dead letters to replay, or ask for all".into());
     }
     let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let chosen: Vec<&DeadLetter> = letters.iter().filter(|l| all || wanted.contains(l.dead_letter_id.as_str())).collect();
+    let chosen: Vec<&DeadLetter> =
+        letters.iter().filter(|l| all || wanted.contains(l.dead_letter_id.as_str())).collect();
     let found: HashSet<&str> = chosen.iter().map(|l| l.dead_letter_id.as_str()).collect();
     let mut missing: Vec<&str> = wanted.difference(&found).copied().collect();
     if !missing.is_empty() {

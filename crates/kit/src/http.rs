@@ -213,13 +213,17 @@ impl OpsToken {
     /// Whether the request carries the token (compared in constant time).
     pub fn check(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
         let Some(expected) = &self.0 else {
-            return Err(ApiError::Unauthorized("operations endpoints are disabled: set OPS_TOKEN to enable them".into()));
+            return Err(ApiError::Unauthorized(
+                "operations endpoints are disabled: set OPS_TOKEN to enable them".into(),
+            ));
         };
         let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::Unauthorized("send the operations token as `Authorization: Bearer <OPS_TOKEN>`".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthorized("send the operations token as `Authorization: Bearer <OPS_TOKEN>`".into())
+            })?;
         let (a, b) = (given.as_bytes(), expected.as_bytes());
         let same = a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0;
         if same { Ok(()) } else { Err(ApiError::Unauthorized("wrong operations token".into())) }

@@ -51,6 +51,10 @@ impl CommonConfig {
     pub fn from_env(env: &Env, default_port: u16) -> Result<Self, ConfigError> {
         let host: std::net::IpAddr = env.get("HTTP_HOST", std::net::IpAddr::from([0, 0, 0, 0]))?;
         let port: u16 = env.get("HTTP_PORT", default_port)?;
+        let max_users: usize = env.checked("MAX_USERS", crate::state::DEFAULT_MAX_USERS, crate::config::positive)?;
+        if let Some(n) = std::num::NonZeroUsize::new(max_users) {
+            crate::state::set_max_users(n);
+        }
         Ok(Self {
             kafka: KafkaSettings::from_env(env)?,
             http_addr: SocketAddr::new(host, port),

@@ -27,3 +27,28 @@ impl<T> Shared<T> {
         self.0.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// Per-user state bounded by [`max_users`]: the least recently active user is forgotten
+/// first (a returning user starts afresh).
+pub type UserMap<V> = lru::LruCache<String, V>;
+
+/// An empty [`UserMap`] holding at most [`max_users`] users.
+pub fn user_map<V>() -> UserMap<V> {
+    lru::LruCache::new(max_users())
+}
+
+static MAX_USERS: std::sync::OnceLock<std::num::NonZeroUsize> = std::sync::OnceLock::new();
+
+/// Default of `MAX_USERS`.
+pub const DEFAULT_MAX_USERS: usize = 100_000;
+
+/// `MAX_USERS` (default 100,000): how many users each instance of a stateful service keeps
+/// state for. Read and checked at start by [`crate::service::CommonConfig`].
+pub fn max_users() -> std::num::NonZeroUsize {
+    *MAX_USERS.get_or_init(|| std::num::NonZeroUsize::new(DEFAULT_MAX_USERS).unwrap_or(std::num::NonZeroUsize::MIN))
+}
+
+/// Sets `MAX_USERS` for this process (the first setting wins).
+pub fn set_max_users(n: std::num::NonZeroUsize) {
+    let _ = MAX_USERS.set(n);
+}

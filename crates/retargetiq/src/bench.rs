@@ -30,6 +30,8 @@ pub enum BenchCommand {
     Stack(crate::bench_stack::StackArgs),
     /// Everything: `ingest`, then `stack`, with their default settings.
     All,
+    /// Sustained load over many users, resident memory sampled along the way.
+    Soak(crate::bench_stack::SoakArgs),
     /// (Used by `stack`.) Serve a fixed JSON body from a minimal axum handler.
     #[command(hide = true)]
     ServeFixed {
@@ -71,6 +73,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Stack(args) => crate::bench_stack::run(&args).await,
+        BenchCommand::Soak(args) => crate::bench_stack::soak(&args).await,
         BenchCommand::All => {
             let rows = ingest(&IngestArgs { duration: Duration::from_secs(5), concurrency: 32, batch: 100 }).await?;
             println!("Ingestion\n\n{}", table(&rows));

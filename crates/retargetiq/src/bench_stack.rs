@@ -70,13 +70,18 @@ struct Stack {
 }
 
 impl Stack {
-    async fn start(offset: u16) -> anyhow::Result<Self> {
+    async fn start(offset: u16, data_dir: Option<&std::path::Path>, env: &[(&str, String)]) -> anyhow::Result<Self> {
         let broker = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
         let log = std::env::temp_dir().join("retargetiq-bench-stack.log");
         let out = std::fs::File::create(&log)?;
         let exe = std::env::current_exe()?;
         let dedicated = SERVICES.iter().all(|(name, _)| exe.with_file_name(name).is_file());
-        let mut up_args = vec!["up", "--memory", "--broker-listen", &broker];
+        let mut up_args = vec!["up", "--broker-listen", &broker];
+        let data_arg = data_dir.map(|d| d.display().to_string());
+        match &data_arg {
+            Some(dir) => up_args.extend(["--data-dir", dir.as_str()]),
+            None => up_args.push("--memory"),
+        }
         let offset_arg = offset.to_string();
         up_args.extend(["--port-offset", &offset_arg]);
         if dedicated {
@@ -85,6 +90,7 @@ impl Stack {
         let up = Command::new(exe)
             .args(&up_args)
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -360,7 +366,7 @@ fn generated_at(v: &Value) -> Option<chrono::DateTime<chrono::FixedOffset>> {
 
 /// Runs every measurement and prints the tables.
 pub async fn run(args: &StackArgs) -> anyhow::Result<()> {
-    let stack = Stack::start(args.port_offset).await?;
+    let stack = Stack::start(args.port_offset, None, &[]).await?;
     let result = measure(&stack, args).await;
     stack.stop().await;
     println!("{}", result?);
@@ -573,4 +579,106 @@ async fn drain(stack: &Stack, patience: Duration) -> bool {
         }
     }
     false
+}
+
+/// Options of `retargetiq bench soak`.
+#[derive(Debug, Clone, clap::Parser)]
+pub struct SoakArgs {
+    /// How long the load runs.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Events per second.
+    #[arg(long, default_value_t = 400)]
+    pub rate: u32,
+    /// Distinct users the events are spread over.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub users: u32,
+    /// `MAX_USERS` given to the services.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_users: usize,
+    /// How often resident memory is sampled.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub every: Duration,
+    #[arg(long, default_value_t = 22_000)]
+    pub port_offset: u16,
+}
+
+/// Sustained load over many more users than `MAX_USERS`, with every process's resident memory
+/// sampled along the way: bounded state shows as a plateau. The broker keeps its data in SQLite
+/// under a temporary directory (in memory it would hold every event).
+pub async fn soak(args: &SoakArgs) -> anyhow::Result<()> {
+    let data = std::env::temp_dir().join(format!("retargetiq-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&data)?;
+    let stack = Stack::start(args.port_offset, Some(&data), &[("MAX_USERS", args.max_users.to_string())]).await?;
+    let result = soak_with(&stack, args).await;
+    stack.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+    println!("{}", result?);
+    Ok(())
+}
+
+async fn soak_with(stack: &Stack, args: &SoakArgs) -> anyhow::Result<String> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let url = stack.url("user-activity", "/api/users/activity");
+    let (rate, users, duration) = (args.rate, args.users, args.duration);
+    let load = tokio::spawn(async move {
+        let batch = (rate / 50).clamp(1, 100) as usize;
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(batch as f64 / f64::from(rate.max(1))));
+        let mut g = Generator::seeded(99);
+        let started = Instant::now();
+        let mut sends = tokio::task::JoinSet::new();
+        let mut n: u64 = 0;
+        while started.elapsed() < duration {
+            tick.tick().await;
+            let events: Vec<_> = (0..batch)
+                .map(|_| {
+                    n += 1;
+                    let mut e = g.activity(Utc::now());
+                    // Users spread over the whole pool: each new one is state the services must bound.
+                    e.user_id = format!("soak-{}", n.wrapping_mul(2_654_435_761) % u64::from(users));
+                    e
+                })
+                .collect();
+            let (http, url) = (http.clone(), url.clone());
+            sends.spawn(async move { post_batch(&http, &url, &events).await });
+            while sends.try_join_next().is_some() {}
+        }
+        while sends.join_next().await.is_some() {}
+        n
+    });
+    let mut samples: Vec<(Duration, BTreeMap<String, u64>)> = vec![(Duration::ZERO, stack.rss())];
+    let started = Instant::now();
+    while !load.is_finished() {
+        tokio::time::sleep(args.every.min(Duration::from_secs(5))).await;
+        if started.elapsed() >= args.every * u32::try_from(samples.len()).unwrap_or(u32::MAX) {
+            samples.push((started.elapsed(), stack.rss()));
+        }
+    }
+    let sent = load.await?;
+    samples.push((started.elapsed(), stack.rss()));
+    let lag = stack.total_lag().await;
+    let mut out = format!(
+        "Soak: {sent} events over {} s at {} events/s, spread over {} users; MAX_USERS={}; lag at the end {lag:.0}\n\n",
+        args.duration.as_secs(),
+        args.rate,
+        args.users,
+        args.max_users
+    );
+    out += "| minute | ten services MiB |";
+    let names: Vec<&str> = SERVICES.iter().map(|(n, _)| *n).collect();
+    for n in &names {
+        out += &format!(" {n} |");
+    }
+    out += " broker MiB |\n|---:|---:|";
+    out += &"---:|".repeat(names.len() + 1);
+    out += "\n";
+    for (at, rss) in &samples {
+        let ten: u64 = names.iter().filter_map(|n| rss.get(*n)).sum();
+        out += &format!("| {:.1} | {:.1} |", at.as_secs_f64() / 60.0, mib(ten));
+        for n in &names {
+            out += &format!(" {:.1} |", mib(rss.get(*n).copied().unwrap_or(0)));
+        }
+        out += &format!(" {:.1} |\n", mib(rss.get("(broker)").copied().unwrap_or(0)));
+    }
+    Ok(out)
 }

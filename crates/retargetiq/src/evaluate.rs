@@ -287,7 +287,10 @@ impl Platform {
     fn replay(training: &[Step], ranking_config: ranking::Config) -> anyhow::Result<Self> {
         let mut processor =
             event_processor::Processor::new(event_processor::Config::default(), Shared::new(Default::default()));
-        let mut store = feature_store::Store::new(feature_store::Config { affinity_half_life_hours: 72.0, ops_token: Default::default() });
+        let mut store = feature_store::Store::new(feature_store::Config {
+            affinity_half_life_hours: 72.0,
+            ops_token: Default::default(),
+        });
         let mut model = retrieval::Model::default();
         let mut ranker = ranking::Ranker::new(ranking::LinearModel::initial(), ranking_config);
         let mut processed = Vec::with_capacity(training.len());
@@ -330,7 +333,8 @@ impl Platform {
 
     /// What the recommendation API answers for `user`.
     fn recommend(&self, user: &str, k: usize) -> anyhow::Result<Vec<String>> {
-        let views = recommendation_api::ViewState { ranked: self.ranker.latest.read().clone(), offers: HashMap::new() };
+        let views =
+            recommendation_api::ViewState { ranked: self.ranker.latest.read().clone(), offers: kit::state::user_map() };
         let params = recommendation_api::Params { k: Some(k.to_string()), ..Default::default() };
         let answer = recommendation_api::answer(&views, user, &params)
             .map_err(|e| anyhow::anyhow!("the recommendation API refused: {e:?}"))?;

@@ -46,7 +46,6 @@ pub struct UpArgs {
     service_binaries: bool,
 }
 
-
 /// Writes one line prefixed with the name of its source.
 fn say(name: &str, line: &str) {
     const COLORS: [u8; 6] = [36, 32, 33, 35, 34, 31];

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use retargetiq::PORTS;
 use nix::unistd::Pid;
+use retargetiq::PORTS;
 use serde_json::{Value, json};
 use testkit::{eventually, free_port};
 use tokio::process::{Child, Command};
@@ -63,7 +63,8 @@ impl Stack {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
-        let stack = Self { up, offset, http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?, _data: data };
+        let stack =
+            Self { up, offset, http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?, _data: data };
         stack.all_ready().await?;
         Ok(stack)
     }
@@ -161,9 +162,8 @@ async fn nothing_acknowledged_is_lost_when_things_break() -> anyhow::Result<()> 
     let stop = CancellationToken::new();
     let accepted: Accepted = Arc::default();
     let url = format!("http://127.0.0.1:{}/api/users/activity", stack.port("user-activity"));
-    let clients: Vec<_> = (0..4)
-        .map(|n| tokio::spawn(client(n, url.clone(), stop.clone(), Arc::clone(&accepted))))
-        .collect();
+    let clients: Vec<_> =
+        (0..4).map(|n| tokio::spawn(client(n, url.clone(), stop.clone(), Arc::clone(&accepted)))).collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Every consumer, killed twice in turn while traffic flows.

@@ -49,4 +49,3 @@ pub fn json() -> impl Strategy<Value = Value> {
         ]
     })
 }
-

@@ -25,7 +25,7 @@
 //! `analytics_offer_revenue{action}`, `analytics_campaign_revenue{campaign}`,
 //! `analytics_event_age_seconds`).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -36,7 +36,7 @@ use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
-use kit::state::Shared;
+use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use serde::Serialize;
 
@@ -179,9 +179,11 @@ pub struct Kpis {
     seen: SeenSet,
     all: Figures,
     minutes: BTreeMap<i64, Figures>,
-    users: HashMap<String, UserStats>,
-    sessions: HashSet<String>,
-    converted_sessions: HashSet<String>,
+    users: UserMap<UserStats>,
+    /// Users seen (a user forgotten after `MAX_USERS` others counts again on return).
+    users_seen: u64,
+    sessions: SeenSet,
+    converted_sessions: SeenSet,
     campaigns: BTreeMap<String, CampaignStats>,
     /// decision id -> action, for attributing orders; the oldest forgotten first.
     decisions: HashMap<String, OfferAction>,
@@ -236,8 +238,8 @@ pub struct PipelineLag {
 pub struct Summary {
     pub totals: EventCounts,
     pub events: u64,
-    pub users: usize,
-    pub sessions: usize,
+    pub users: u64,
+    pub sessions: u64,
     pub orders: u64,
     pub revenue: f64,
     pub conversion_rate: f64,
@@ -305,9 +307,10 @@ impl Kpis {
             seen: SeenSet::new(dedup_capacity),
             all: Figures::default(),
             minutes: BTreeMap::new(),
-            users: HashMap::new(),
-            sessions: HashSet::new(),
-            converted_sessions: HashSet::new(),
+            users: user_map(),
+            users_seen: 0,
+            sessions: SeenSet::new(dedup_capacity),
+            converted_sessions: SeenSet::new(dedup_capacity),
             campaigns: BTreeMap::new(),
             decisions: HashMap::new(),
             decision_order: VecDeque::new(),
@@ -330,7 +333,10 @@ impl Kpis {
     }
 
     fn user_mut(&mut self, id: &str) -> &mut UserStats {
-        self.users.entry(id.to_owned()).or_insert_with(|| UserStats { user_id: id.to_owned(), ..Default::default() })
+        if !self.users.contains(id) {
+            self.users_seen += 1;
+        }
+        self.users.get_or_insert_mut(id.to_owned(), || UserStats { user_id: id.to_owned(), ..Default::default() })
     }
 
     /// Counts one event; `false` if it was a redelivery. `live` is false during a replay at
@@ -342,12 +348,12 @@ impl Kpis {
         // Bucketed by processing time (not arrival here), so a replay after a restart puts
         // events back in their own minutes.
         let at = e.processed_at;
-        let new_session = self.sessions.insert(e.session_id.clone());
+        let new_session = self.sessions.insert(&e.session_id);
         let purchase = match (e.event_type, &e.order) {
             (EventType::Purchase, Some(order)) => Some(order),
             _ => None,
         };
-        let converted = purchase.is_some() && self.converted_sessions.insert(e.session_id.clone());
+        let converted = purchase.is_some() && self.converted_sessions.insert(&e.session_id);
         let rec = e.recommendation_id.as_deref();
         let shown = rec.is_some() && e.event_type == EventType::PageView && self.shown.insert(rec.unwrap_or_default());
         let clicked = rec.is_some()
@@ -387,7 +393,7 @@ impl Kpis {
 
         // An order is the reward of the offer it names, or of the user's latest recent one.
         if let Some(order) = purchase {
-            let latest = self.users.get(&e.user_id).and_then(|u| u.latest_decision.clone());
+            let latest = self.users.peek(&e.user_id).and_then(|u| u.latest_decision.clone());
             let decision = order
                 .offer_decision_id
                 .clone()
@@ -447,7 +453,7 @@ impl Kpis {
     }
 
     pub fn user(&self, id: &str) -> Option<&UserStats> {
-        self.users.get(id)
+        self.users.peek(id)
     }
 
     /// The figures of the last `minutes` minutes.
@@ -476,11 +482,11 @@ impl Kpis {
         Summary {
             totals: t.clone(),
             events: t.total(),
-            users: self.users.values().filter(|u| u.counts.total() > 0).count(),
-            sessions: self.sessions.len(),
+            users: self.users_seen,
+            sessions: self.all.sessions_started,
             orders: self.all.orders,
             revenue: cents(self.all.revenue),
-            conversion_rate: ratio(self.converted_sessions.len() as u64, self.sessions.len() as u64),
+            conversion_rate: ratio(self.all.sessions_converted, self.all.sessions_started),
             view_to_cart_rate: ratio(t.add_to_cart, t.product_views),
             cart_to_purchase_rate: ratio(t.purchases, t.add_to_cart),
             offers: self.all.offers.iter().map(|(a, (d, _, _))| (a.as_str().to_owned(), *d)).collect(),

@@ -34,7 +34,7 @@ use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, OpsToken};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
-use kit::state::Shared;
+use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use serde::{Deserialize, Serialize};
 
@@ -121,21 +121,15 @@ pub struct Processor {
     config: Config,
     seen: SeenSet,
     /// user -> (current session id, time of the user's latest event)
-    sessions: HashMap<String, (String, DateTime<Utc>)>,
+    sessions: UserMap<(String, DateTime<Utc>)>,
     /// user -> (latest campaign, when it was seen)
-    campaigns: HashMap<String, (String, DateTime<Utc>)>,
+    campaigns: UserMap<(String, DateTime<Utc>)>,
     stats: Shared<Stats>,
 }
 
 impl Processor {
     pub fn new(config: Config, stats: Shared<Stats>) -> Self {
-        Self {
-            seen: SeenSet::new(config.dedup_capacity),
-            config,
-            sessions: HashMap::new(),
-            campaigns: HashMap::new(),
-            stats,
-        }
+        Self { seen: SeenSet::new(config.dedup_capacity), config, sessions: user_map(), campaigns: user_map(), stats }
     }
 
     fn stats(&self) -> std::sync::RwLockWriteGuard<'_, Stats> {
@@ -155,20 +149,20 @@ impl Processor {
     /// replay of the same events after a restart rebuilds the same sessions.
     fn session(&mut self, user: &str, event_id: &str, given: Option<&str>, at: DateTime<Utc>) -> String {
         let gap = self.config.session_gap;
-        let entry = self.sessions.get(user);
+        let entry = self.sessions.get(user).cloned();
+        let last = entry.as_ref().map_or(at, |(_, last)| (*last).max(at));
         let session = match (given, entry) {
             (Some(s), _) => s.to_owned(),
-            (None, Some((s, last))) if at - *last < gap => s.clone(),
+            (None, Some((s, last))) if at - last < gap => s,
             (None, _) => format!("s-{event_id}"),
         };
-        let last = entry.map_or(at, |(_, last)| (*last).max(at));
-        self.sessions.insert(user.to_owned(), (session.clone(), last));
+        self.sessions.put(user.to_owned(), (session.clone(), last));
         session
     }
 
     fn campaign(&mut self, user: &str, given: Option<&str>, at: DateTime<Utc>) -> Option<String> {
         if let Some(c) = given {
-            self.campaigns.insert(user.to_owned(), (c.to_owned(), at));
+            self.campaigns.put(user.to_owned(), (c.to_owned(), at));
             return Some(c.to_owned());
         }
         self.campaigns.get(user).filter(|(_, since)| at - *since <= self.config.campaign_window).map(|(c, _)| c.clone())

@@ -15,7 +15,7 @@
 //! Redeliveries are recognised by event id (the last 256 per user), so a snapshot is never
 //! counted twice.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -26,7 +26,7 @@ use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, OpsToken, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
-use kit::state::Shared;
+use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 
 /// Recently viewed products kept per user.
@@ -149,16 +149,16 @@ struct UserState {
 /// All users' features.
 pub struct Store {
     config: Config,
-    users: HashMap<String, UserState>,
+    users: UserMap<UserState>,
 }
 
 impl Store {
     pub fn new(config: Config) -> Self {
-        Self { config, users: HashMap::new() }
+        Self { config, users: user_map() }
     }
 
     pub fn get(&self, user_id: &str) -> Option<&UserFeatures> {
-        self.users.get(user_id).map(|u| &u.features)
+        self.users.peek(user_id).map(|u| &u.features)
     }
 
     pub fn user_count(&self) -> usize {
@@ -167,13 +167,13 @@ impl Store {
 
     /// Forgets a user's features; `false` for a user it does not know.
     pub fn reset(&mut self, user_id: &str) -> bool {
-        self.users.remove(user_id).is_some()
+        self.users.pop(user_id).is_some()
     }
 
     /// Applies one event; returns the new snapshot, or `None` for a redelivered event.
     pub fn apply(&mut self, e: &ProcessedEvent, now: DateTime<Utc>) -> Option<UserFeatures> {
         let half_life = self.config.affinity_half_life_hours;
-        let user = self.users.entry(e.user_id.clone()).or_insert_with(|| UserState {
+        let user = self.users.get_or_insert_mut(e.user_id.clone(), || UserState {
             features: UserFeatures {
                 schema_version: events::SCHEMA_VERSION,
                 user_id: e.user_id.clone(),

@@ -29,7 +29,7 @@
 //! instance learns from its own users; a new instance starts from the best-trained peer).
 //! `GET /api/ranking/model` shows the current weights.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -41,7 +41,7 @@ use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
-use kit::state::Shared;
+use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use serde::Serialize;
 
@@ -281,7 +281,7 @@ pub fn rank(model: &LinearModel, c: &Candidates) -> RankedRecommendations {
     rank_with_features(model, c).0
 }
 
-type Latest = Shared<HashMap<String, RankedRecommendations>>;
+type Latest = Shared<UserMap<RankedRecommendations>>;
 
 /// What the HTTP handlers read.
 #[derive(Clone)]
@@ -296,9 +296,9 @@ pub struct Ranker {
     pub model: Shared<LinearModel>,
     pub latest: Latest,
     /// user -> the shown items (id, features), best first.
-    served: HashMap<String, Vec<(String, Features)>>,
+    served: UserMap<Vec<(String, Features)>>,
     /// user -> products engaged with lately, and when.
-    engaged: HashMap<String, VecDeque<(String, DateTime<Utc>)>>,
+    engaged: UserMap<VecDeque<(String, DateTime<Utc>)>>,
     seen: SeenSet,
 }
 
@@ -307,9 +307,9 @@ impl Ranker {
         Self {
             config,
             model: Shared::new(model),
-            latest: Shared::default(),
-            served: HashMap::new(),
-            engaged: HashMap::new(),
+            latest: Shared::new(user_map()),
+            served: user_map(),
+            engaged: user_map(),
             seen: SeenSet::new(FEEDBACK_SEEN),
         }
     }
@@ -318,8 +318,8 @@ impl Ranker {
     pub fn rank(&mut self, c: &Candidates) -> RankedRecommendations {
         let (ranked, features) = rank_with_features(&self.model.read(), c);
         let shown = ranked.items.iter().zip(features).take(SERVED).map(|(i, f)| (i.item_id.clone(), f)).collect();
-        self.served.insert(ranked.user_id.clone(), shown);
-        self.latest.write().insert(ranked.user_id.clone(), ranked.clone());
+        self.served.put(ranked.user_id.clone(), shown);
+        self.latest.write().put(ranked.user_id.clone(), ranked.clone());
         ranked
     }
 
@@ -335,7 +335,7 @@ impl Ranker {
         };
         // A product the user engaged with in the last half hour is the same engagement going
         // on (view, then click, then cart): only its start is a choice among what was shown.
-        let engaged = self.engaged.entry(e.user_id.clone()).or_default();
+        let engaged = self.engaged.get_or_insert_mut(e.user_id.clone(), VecDeque::new);
         let fresh: Vec<&str> = products
             .into_iter()
             .filter(|p| {
@@ -348,7 +348,7 @@ impl Ranker {
                 !recent
             })
             .collect();
-        let Some(shown) = self.served.get(&e.user_id) else { return 0 };
+        let Some(shown) = self.served.peek(&e.user_id) else { return 0 };
         let mut model = self.model.write();
         let mut examples = 0;
         for product in fresh {
@@ -392,7 +392,7 @@ async fn get_ranked(
     Path(user_id): Path<String>,
 ) -> Result<Json<RankedRecommendations>, ApiError> {
     let latest = state.latest.read();
-    found(latest.get(&user_id).cloned(), || format!("no ranked list for user {user_id:?} yet"))
+    found(latest.peek(&user_id).cloned(), || format!("no ranked list for user {user_id:?} yet"))
 }
 
 async fn get_model(State(state): State<RankState>) -> Json<LinearModel> {

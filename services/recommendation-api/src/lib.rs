@@ -12,7 +12,7 @@
 //! Unknown users get the catalog's best sellers (`"coldStart": true`). `requestId` is for
 //! attributing later clicks (`recommendationId` on activity events).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -23,7 +23,7 @@ use events::{CandidateSource, OfferDecision, RankedRecommendations, Topic};
 use kit::config::{ConfigError, Env};
 use kit::http::ApiError;
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
-use kit::state::Shared;
+use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use serde::{Deserialize, Serialize};
 
@@ -61,11 +61,16 @@ impl Service for RecommendationApi {
     }
 }
 
-/// The materialized views.
-#[derive(Default)]
+/// The materialized views, of the [`kit::state::max_users`] most recently updated users.
 pub struct ViewState {
-    pub ranked: HashMap<String, RankedRecommendations>,
-    pub offers: HashMap<String, OfferDecision>,
+    pub ranked: UserMap<RankedRecommendations>,
+    pub offers: UserMap<OfferDecision>,
+}
+
+impl Default for ViewState {
+    fn default() -> Self {
+        Self { ranked: user_map(), offers: user_map() }
+    }
 }
 
 type Views = Shared<ViewState>;
@@ -79,14 +84,14 @@ impl Handler for ViewUpdater {
             Topic::RankedRecommendations => {
                 let r: RankedRecommendations = rec.json()?;
                 // Keep the newest list even if an older one is redelivered later.
-                if v.ranked.get(&r.user_id).is_none_or(|old| old.ranked_at <= r.ranked_at) {
-                    v.ranked.insert(r.user_id.clone(), r);
+                if v.ranked.peek(&r.user_id).is_none_or(|old| old.ranked_at <= r.ranked_at) {
+                    v.ranked.put(r.user_id.clone(), r);
                 }
             }
             Topic::Offers => {
                 let o: OfferDecision = rec.json()?;
-                if v.offers.get(&o.user_id).is_none_or(|old| old.decided_at <= o.decided_at) {
-                    v.offers.insert(o.user_id.clone(), o);
+                if v.offers.peek(&o.user_id).is_none_or(|old| old.decided_at <= o.decided_at) {
+                    v.offers.put(o.user_id.clone(), o);
                 }
             }
             other => return Err(HandlerError::malformed(format!("unexpected topic {other}"))),
@@ -153,7 +158,7 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
     let keep = |id: &str, cat: &str| !exclude.contains(id) && category.is_none_or(|c| c == cat);
 
     let (items, cold_start, model_version, generated_at): (Vec<Item>, bool, String, DateTime<Utc>) =
-        match views.ranked.get(user_id) {
+        match views.ranked.peek(user_id) {
             Some(r) => (
                 r.items
                     .iter()
@@ -202,7 +207,7 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
         user_id: user_id.to_owned(),
         request_id: uuid::Uuid::new_v4().to_string(),
         recommendations: items,
-        offer: views.offers.get(user_id).cloned(),
+        offer: views.offers.peek(user_id).cloned(),
         cold_start,
         model_version,
         generated_at,
@@ -251,7 +256,7 @@ mod tests {
             })
             .collect();
         let mut v = ViewState::default();
-        v.ranked.insert(
+        v.ranked.put(
             "u".into(),
             RankedRecommendations {
                 schema_version: 1,

@@ -32,7 +32,7 @@ use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
-use kit::state::Shared;
+use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 
 /// Views per session that count as "viewed together".
@@ -43,6 +43,8 @@ pub const SESSIONS_TRACKED: usize = 100_000;
 pub const POPULARITY_HALF_LIFE_HOURS: f64 = 24.0;
 /// Half-life of the short-term popularity that trending compares with the long-term one.
 pub const TRENDING_HALF_LIFE_HOURS: f64 = 2.0;
+/// Co-visited products kept per product (the strongest; pruned when twice as many).
+pub const NEIGHBOURS_KEPT: usize = 100;
 /// Candidates per source.
 pub const PER_SOURCE: usize = 20;
 /// Categories whose products people buy again: purchases there are not excluded.
@@ -82,10 +84,15 @@ impl Service for Retrieval {
 }
 
 /// What the service holds: the model and each user's latest candidates.
-#[derive(Default)]
 pub struct RetrievalState {
     pub model: Model,
-    pub latest: HashMap<String, Candidates>,
+    pub latest: UserMap<Candidates>,
+}
+
+impl Default for RetrievalState {
+    fn default() -> Self {
+        Self { model: Model::default(), latest: user_map() }
+    }
 }
 
 /// A time-decayed counter.
@@ -185,8 +192,13 @@ impl Model {
         }
         let recent = self.sessions.entry(session.to_owned()).or_default();
         for other in recent.iter().filter(|o| *o != product) {
-            *self.covis.entry(product.to_owned()).or_default().entry(other.clone()).or_default() += 1.0;
-            *self.covis.entry(other.clone()).or_default().entry(product.to_owned()).or_default() += 1.0;
+            for (a, b) in [(product, other.as_str()), (other.as_str(), product)] {
+                let neighbours = self.covis.entry(a.to_owned()).or_default();
+                *neighbours.entry(b.to_owned()).or_default() += 1.0;
+                if neighbours.len() > 2 * NEIGHBOURS_KEPT {
+                    prune(neighbours);
+                }
+            }
         }
         recent.retain(|p| p != product);
         recent.push_back(product.to_owned());
@@ -246,6 +258,22 @@ impl Model {
         scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         scored.truncate(n);
         scored
+    }
+}
+
+/// Keeps the [`NEIGHBOURS_KEPT`] strongest co-visits.
+fn prune(neighbours: &mut HashMap<String, f64>) {
+    let mut counts: Vec<f64> = neighbours.values().copied().collect();
+    counts.sort_by(|a, b| b.total_cmp(a));
+    let floor = counts.get(NEIGHBOURS_KEPT - 1).copied().unwrap_or(0.0);
+    neighbours.retain(|_, c| *c >= floor);
+    if neighbours.len() > NEIGHBOURS_KEPT {
+        // Ties at the floor: drop some of them, in name order, to stay bounded.
+        let mut tied: Vec<String> = neighbours.iter().filter(|(_, c)| **c == floor).map(|(k, _)| k.clone()).collect();
+        tied.sort();
+        for k in tied.into_iter().take(neighbours.len() - NEIGHBOURS_KEPT) {
+            neighbours.remove(&k);
+        }
     }
 }
 
@@ -344,7 +372,7 @@ impl Handler for Retriever {
             candidates,
         };
         out.send(&msg);
-        state.latest.insert(msg.user_id.clone(), msg);
+        state.latest.put(msg.user_id.clone(), msg);
         Ok(())
     }
 }
@@ -353,7 +381,7 @@ async fn get_candidates(
     State(state): State<Shared<RetrievalState>>,
     Path(user_id): Path<String>,
 ) -> Result<Json<Candidates>, ApiError> {
-    found(state.read().latest.get(&user_id).cloned(), || format!("no candidates for user {user_id:?} yet"))
+    found(state.read().latest.peek(&user_id).cloned(), || format!("no candidates for user {user_id:?} yet"))
 }
 
 #[cfg(test)]
@@ -483,5 +511,19 @@ mod tests {
         let c = generate(&Model::default(), &f, Utc::now());
         assert!(sources_of(&c, &milk).contains(&CandidateSource::Retargeting), "{c:?}");
         assert!(sources_of(&c, &book).is_empty());
+    }
+
+    #[test]
+    fn co_visitation_keeps_the_strongest_neighbours() {
+        let mut neighbours: HashMap<String, f64> =
+            (0..2 * NEIGHBOURS_KEPT + 1).map(|i| (format!("P{i:05}"), i as f64)).collect();
+        prune(&mut neighbours);
+        assert_eq!(neighbours.len(), NEIGHBOURS_KEPT);
+        let weakest = neighbours.values().copied().fold(f64::INFINITY, f64::min);
+        assert_eq!(weakest, (NEIGHBOURS_KEPT + 1) as f64, "the strongest are kept");
+        // All tied: still bounded.
+        let mut tied: HashMap<String, f64> = (0..3 * NEIGHBOURS_KEPT).map(|i| (format!("P{i:05}"), 1.0)).collect();
+        prune(&mut tied);
+        assert_eq!(tied.len(), NEIGHBOURS_KEPT);
     }
 }

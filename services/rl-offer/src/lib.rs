@@ -50,7 +50,7 @@ use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
-use kit::state::Shared;
+use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -337,11 +337,11 @@ pub struct Policy {
     config: Config,
     bandit: Bandit,
     rng: StdRng,
-    pub current: HashMap<String, OfferDecision>,
-    pub features: HashMap<String, UserFeatures>,
+    pub current: UserMap<OfferDecision>,
+    pub features: UserMap<UserFeatures>,
     open: HashMap<String, VecDeque<Open>>,
     /// user -> (product, views) for the repeated-views trigger.
-    views: HashMap<String, VecDeque<(String, u32)>>,
+    views: UserMap<VecDeque<(String, u32)>>,
     orders_seen: SeenSet,
     learned: u64,
     converted: u64,
@@ -353,10 +353,10 @@ impl Policy {
             bandit: Bandit::new(dimensions(), config.bandit),
             config,
             rng,
-            current: HashMap::new(),
-            features: HashMap::new(),
+            current: user_map(),
+            features: user_map(),
             open: HashMap::new(),
-            views: HashMap::new(),
+            views: user_map(),
             orders_seen: SeenSet::new(100_000),
             learned: 0,
             converted: 0,
@@ -411,8 +411,8 @@ impl Policy {
             return;
         }
         open.push_back(Open { decision_id: d.decision_id.clone(), action: d.action, x, decided_at: d.decided_at });
-        if self.current.get(&d.user_id).is_none_or(|c| c.decided_at <= d.decided_at) {
-            self.current.insert(d.user_id.clone(), d.clone());
+        if self.current.peek(&d.user_id).is_none_or(|c| c.decided_at <= d.decided_at) {
+            self.current.put(d.user_id.clone(), d.clone());
         }
     }
 
@@ -467,7 +467,7 @@ impl Policy {
         if f.last_event_type == Some(EventType::ProductView)
             && let Some(product) = f.recently_viewed.first()
         {
-            let views = self.views.entry(f.user_id.clone()).or_default();
+            let views = self.views.get_or_insert_mut(f.user_id.clone(), VecDeque::new);
             let count = match views.iter_mut().find(|(p, _)| p == product) {
                 Some((_, n)) => {
                     *n += 1;
@@ -486,9 +486,9 @@ impl Policy {
             }
         }
         let user = f.user_id.clone();
-        self.features.insert(user.clone(), f);
+        let context = OfferContext::from_features(&f, now);
+        self.features.put(user.clone(), f);
         let trigger = trigger.filter(|_| !replay)?;
-        let context = OfferContext::from_features(&self.features[&user], now);
         Some(self.decide(&user, &context, trigger, now))
     }
 
@@ -498,8 +498,9 @@ impl Policy {
         self.expire(now);
         let due: Vec<(String, &'static str)> = self
             .features
-            .values()
-            .filter(|f| self.current.get(&f.user_id).is_none_or(|d| d.decided_at < f.last_seen))
+            .iter()
+            .map(|(_, f)| f)
+            .filter(|f| self.current.peek(&f.user_id).is_none_or(|d| d.decided_at < f.last_seen))
             .filter_map(|f| {
                 let idle = now - f.last_seen;
                 if !f.cart.is_empty() && idle >= self.config.cart_abandon {
@@ -512,9 +513,9 @@ impl Policy {
             })
             .collect();
         due.into_iter()
-            .map(|(user, trigger)| {
-                let context = OfferContext::from_features(&self.features[&user], now);
-                self.decide(&user, &context, trigger, now)
+            .filter_map(|(user, trigger)| {
+                let context = OfferContext::from_features(self.features.peek(&user)?, now);
+                Some(self.decide(&user, &context, trigger, now))
             })
             .collect()
     }
@@ -573,7 +574,7 @@ struct AppState {
 }
 
 async fn get_offer(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<Json<OfferDecision>, ApiError> {
-    found(s.state.read().current.get(&user_id).cloned(), || format!("no offer decided for user {user_id:?} yet"))
+    found(s.state.read().current.peek(&user_id).cloned(), || format!("no offer decided for user {user_id:?} yet"))
 }
 
 async fn get_policy(State(s): State<AppState>) -> Json<PolicyStats> {
@@ -634,7 +635,7 @@ async fn select(
     let now = Utc::now();
     let decision = {
         let mut state = s.state.write();
-        let known = body.get("userId").and_then(Value::as_str).and_then(|u| state.features.get(u.trim()));
+        let known = body.get("userId").and_then(Value::as_str).and_then(|u| state.features.peek(u.trim()));
         let (user_id, context) = parse_select(&body, known, now)?;
         state.decide(&user_id, &context, "api", now)
     };
@@ -752,7 +753,7 @@ mod tests {
         assert_eq!(d.context["category.books"], 1.0);
         assert!(d.explanation.contains("LinUCB"), "{}", d.explanation);
         assert!(p.on_features(f, now, false).is_none(), "only at the threshold");
-        assert_eq!(p.current["u"].decision_id, d.decision_id);
+        assert_eq!(p.current.peek("u").map(|c| c.decision_id.clone()), Some(d.decision_id.clone()));
     }
 
     #[test]

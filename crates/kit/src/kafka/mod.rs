@@ -25,7 +25,8 @@ pub struct KafkaSettings {
     /// `KAFKA_DELIVERY_TIMEOUT_MS`: how long a request path waits for the broker's
     /// acknowledgement before answering 503 (default 5000). Pipelines wait without limit.
     pub delivery_timeout: Duration,
-    /// `KAFKA_CONSUMER_FETCH_MAX_KB`: most memory a consumer's fetch queue may hold (default 8 MiB).
+    /// `KAFKA_CONSUMER_FETCH_MAX_KB`: most memory a consumer may hold in pre-fetched messages, per
+    /// partition (default 2 MiB).
     pub consumer_queue_kb: u32,
     /// `KAFKA_FETCH_WAIT_MS`: how long the broker may hold a fetch that finds nothing new
     /// (`fetch.wait.max.ms`, default 20). Each hop of the pipeline can wait this long, so it
@@ -93,7 +94,7 @@ impl KafkaSettings {
             producer_buffer_kb: env.checked("KAFKA_PRODUCER_BUFFER_KB", 16_384, positive)?,
             linger: env.millis("KAFKA_LINGER_MS", Duration::from_millis(2))?,
             delivery_timeout: env.millis("KAFKA_DELIVERY_TIMEOUT_MS", Duration::from_secs(5))?,
-            consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 8_192, positive)?,
+            consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 2_048, positive)?,
             fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(20))?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
             debug: env.raw("KAFKA_DEBUG"),
