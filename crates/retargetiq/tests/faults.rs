@@ -95,6 +95,17 @@ impl Stack {
         Ok(())
     }
 
+    /// SIGTERM to `up`, which stops the services and the broker, and waits for it to finish
+    /// (dropping a running `up` would leave its children behind).
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.up.id() {
+            kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGTERM)?;
+        }
+        let status = tokio::time::timeout(Duration::from_secs(90), self.up.wait()).await??;
+        anyhow::ensure!(status.success(), "up exited with {status}");
+        Ok(())
+    }
+
     fn pid_of(&self, last_arg: &str) -> Option<i32> {
         child(self.up.id()?, last_arg)
     }
@@ -228,8 +239,5 @@ async fn nothing_acknowledged_is_lost_when_things_break() -> anyhow::Result<()> 
     })
     .await?;
 
-    if let Some(pid) = stack.up.id() {
-        kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGTERM)?;
-    }
-    Ok(())
+    stack.stop().await
 }
