@@ -1,7 +1,7 @@
 //! The kit's consumer loop against a real broker: outputs are produced; poison messages —
-//! bytes that are not JSON, and a message the handler fails on every time — land in the
-//! dead-letter topic with their original bytes after a bounded number of attempts, and the
-//! partition keeps flowing past them.
+//! bytes that are not JSON, JSON of the wrong shape, and a message the handler fails on every
+//! time — land in the dead-letter topic with their original bytes after a bounded number of
+//! attempts, and the partition keeps flowing past them.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,7 +44,14 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
     let broker = TestBroker::start().await?;
     let settings = broker.settings();
     let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
-    for payload in [&br#"{"userId":"a"}"#[..], b"\x00garbage", br#"{"userId":"poison"}"#, br#"{"userId":"b"}"#] {
+    let payloads: [&[u8]; 5] = [
+        br#"{"userId":"a"}"#,
+        b"\x00garbage",
+        br#"{"user":"wrong schema"}"#,
+        br#"{"userId":"poison"}"#,
+        br#"{"userId":"b"}"#,
+    ];
+    for payload in payloads {
         raw.send(FutureRecord::to(Topic::UserActivity.name()).key("k").payload(payload), Duration::from_secs(5))
             .await
             .map_err(|(e, _)| e)?;
@@ -76,15 +83,18 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
     assert_eq!(users.len(), 2);
     assert!(users.contains(&"a".to_owned()) && users.contains(&"b".to_owned()), "{users:?}");
 
-    let both = eventually("two dead letters", Duration::from_secs(30), || {
+    let both = eventually("three dead letters", Duration::from_secs(30), || {
         let got = letters.0.lock().expect("lock").clone();
-        async move { (got.len() >= 2).then_some(got) }
+        async move { (got.len() >= 3).then_some(got) }
     })
     .await?;
-    assert_eq!(both.len(), 2, "one letter each, however many attempts");
-    let failed: DeadLetter = serde_json::from_slice(&both[1])?;
+    assert_eq!(both.len(), 3, "one letter each, however many attempts");
+    let schema: DeadLetter = serde_json::from_slice(&both[1])?;
+    assert_eq!((schema.kind, schema.source.offset), (DeadLetterKind::Malformed, 2));
+    assert!(schema.reason.contains("userId"), "{}", schema.reason);
+    let failed: DeadLetter = serde_json::from_slice(&both[2])?;
     assert_eq!(failed.kind, DeadLetterKind::HandlerFailed);
-    assert_eq!(failed.source.offset, 2);
+    assert_eq!(failed.source.offset, 3);
     assert_eq!(failed.original_bytes().as_deref(), Some(&br#"{"userId":"poison"}"#[..]));
     assert!(failed.reason.contains("every time"), "{}", failed.reason);
     let letter: DeadLetter = serde_json::from_slice(&both[0])?;

@@ -123,6 +123,8 @@ const FEED_LENGTH: usize = 30;
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FeedItem {
+    /// The event's id (a browser that gets an event twice shows it once).
+    pub id: String,
     pub at: String,
     pub user_id: String,
     pub event_type: String,
@@ -137,6 +139,7 @@ impl FeedItem {
             (None, None) => e.query.clone().map(|q| format!("\"{q}\"")).unwrap_or_default(),
         };
         Self {
+            id: e.event_id.clone(),
             at: e.processed_at.format("%H:%M:%S").to_string(),
             user_id: e.user_id.clone(),
             event_type: e.event_type.as_str().to_owned(),
@@ -424,12 +427,16 @@ async fn kpis_partial(State(ui): State<Arc<Ui>>, Query(q): Query<DashboardQuery>
     render(&KpisPartial { summary: ui.summary(q.window()).await })
 }
 
-/// Server-sent events: each processed event as it arrives, until the browser leaves or the
-/// service stops.
+/// Server-sent events: first a `snapshot` of the latest events (so nothing that arrived
+/// between rendering the page and connecting is missed), then each processed event as it
+/// arrives (`activity`), until the browser leaves or the service stops.
 async fn live(State(ui): State<Arc<Ui>>) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    // Subscribe before taking the snapshot: an event may then come twice, never not at all.
     let rx = ui.feed.tx.subscribe();
+    let snapshot: Vec<FeedItem> = ui.feed.recent.read().iter().cloned().collect();
+    let first = Event::default().event("snapshot").data(serde_json::to_string(&snapshot).unwrap_or_default());
     let stop = ui.feed.shutdown.clone();
-    let stream = futures::stream::unfold((rx, stop), |(mut rx, stop)| async move {
+    let live = futures::stream::unfold((rx, stop), |(mut rx, stop)| async move {
         loop {
             let received = tokio::select! {
                 () = stop.cancelled() => return None,
@@ -445,6 +452,7 @@ async fn live(State(ui): State<Arc<Ui>>) -> Sse<impl futures::Stream<Item = Resu
             }
         }
     });
+    let stream = futures::StreamExt::chain(futures::stream::once(async move { Ok(first) }), live);
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
