@@ -138,13 +138,7 @@ impl Stack {
         let mut total = 0.0;
         for (name, _) in SERVICES {
             let Ok(resp) = self.http.get(self.url(name, "/metrics")).send().await else { continue };
-            let text = resp.text().await.unwrap_or_default();
-            total += text
-                .lines()
-                .filter(|l| l.starts_with("kafka_consumer_lag"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .sum::<f64>();
+            total += crate::consumer_lag(&resp.text().await.unwrap_or_default());
         }
         total
     }

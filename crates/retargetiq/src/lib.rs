@@ -41,6 +41,17 @@ pub const PORTS: [(&str, u16); 10] = [
     ("frontend-ui", 3000),
 ];
 
+/// The summed `kafka_consumer_lag` gauges of one service's Prometheus text (0 when it reports
+/// none): how far its consumers are behind.
+pub fn consumer_lag(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kafka_consumer_lag"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .sum()
+}
+
 /// The ten services, in start order (producers of a topic before its consumers).
 pub const SERVICES: [&str; 10] = [
     "event-processor",
@@ -246,4 +257,18 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     };
     let shutdown = kit::service::shutdown_on_signal();
     broker::run(args.listen, storage, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn consumer_lag_sums_the_lag_gauges() {
+        let text = "# TYPE kafka_consumer_lag gauge\n\
+                    kafka_consumer_lag{consumer=\"a\",partition=\"0\"} 5\n\
+                    kafka_consumer_lag{consumer=\"a\",partition=\"1\"} 3\n\
+                    kafka_consumer_lag{consumer=\"b\",partition=\"0\"} -1\n\
+                    consumer_messages_total 7\n";
+        assert_eq!(super::consumer_lag(text), 8.0);
+        assert_eq!(super::consumer_lag(""), 0.0);
+    }
 }

@@ -126,13 +126,7 @@ impl Stack {
         for (_, port) in PORTS {
             let url = format!("http://127.0.0.1:{}/metrics", port + self.offset);
             let Ok(resp) = self.http.get(url).send().await else { return f64::INFINITY };
-            let text = resp.text().await.unwrap_or_default();
-            total += text
-                .lines()
-                .filter(|l| l.starts_with("kafka_consumer_lag"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .sum::<f64>();
+            total += retargetiq::consumer_lag(&resp.text().await.unwrap_or_default());
         }
         total
     }
