@@ -191,7 +191,7 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<Report> {
         args: args.clone(),
         training_events: learned.processed.len(),
         users: users.len(),
-        model_updates: learned.ranker.model.read().updates,
+        model_updates: learned.model_updates,
         rows,
     })
 }
@@ -279,7 +279,9 @@ fn step_products(step: &Step) -> Vec<String> {
 /// The services' logic wired together in memory.
 struct Platform {
     processed: Vec<ProcessedEvent>,
-    ranker: ranking::Ranker,
+    /// The recommendation API's views at the end of the replay.
+    views: recommendation_api::ViewState,
+    model_updates: u64,
 }
 
 impl Platform {
@@ -328,15 +330,16 @@ impl Platform {
                 processed.push(event);
             }
         }
-        Ok(Self { processed, ranker })
+        let views =
+            recommendation_api::ViewState { ranked: ranker.latest.read().clone(), offers: kit::state::user_map() };
+        let model_updates = ranker.model.read().updates;
+        Ok(Self { processed, views, model_updates })
     }
 
     /// What the recommendation API answers for `user`.
     fn recommend(&self, user: &str, k: usize) -> anyhow::Result<Vec<String>> {
-        let views =
-            recommendation_api::ViewState { ranked: self.ranker.latest.read().clone(), offers: kit::state::user_map() };
         let params = recommendation_api::Params { k: Some(k.to_string()), ..Default::default() };
-        let answer = recommendation_api::answer(&views, user, &params)
+        let answer = recommendation_api::answer(&self.views, user, &params)
             .map_err(|e| anyhow::anyhow!("the recommendation API refused: {e:?}"))?;
         Ok(answer.recommendations.into_iter().map(|i| i.item_id).collect())
     }
