@@ -118,7 +118,7 @@ impl Stack {
     fn rss(&self) -> BTreeMap<String, u64> {
         let Some(up) = self.up.id() else { return BTreeMap::new() };
         let mut out = BTreeMap::new();
-        for (pid, cmdline) in children_of(up) {
+        for (pid, cmdline) in crate::child_processes(up) {
             let program = cmdline.first().and_then(|p| p.rsplit('/').next()).unwrap_or_default();
             let name = match cmdline.get(1).map(String::as_str) {
                 Some("service") => cmdline.get(2).cloned(),
@@ -156,26 +156,6 @@ impl Stack {
     }
 }
 
-/// (pid, command line) of the direct children of `parent`.
-fn children_of(parent: u32) -> Vec<(u32, Vec<String>)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // The parent pid is the second field after the parenthesised command name.
-            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
-                == Some(parent)
-        })
-        .map(|pid| {
-            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args =
-                raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned());
-            (pid, args.collect())
-        })
-        .collect()
-}
-
 fn rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -202,26 +182,41 @@ async fn post_batch(http: &reqwest::Client, url: &str, events: &[events::Activit
     }
 }
 
-/// Offers `rate` events/s in batches for `duration`; returns the events accepted.
-async fn offer_load(http: &reqwest::Client, url: &str, rate: u32, duration: Duration, seed: u64) -> usize {
+/// Offers `rate` events/s in batches for `duration`, each event made by `next`; returns the
+/// events accepted.
+async fn offer_load(
+    http: &reqwest::Client,
+    url: &str,
+    rate: u32,
+    duration: Duration,
+    mut next: impl FnMut() -> events::ActivityEvent,
+) -> usize {
     let batch = (rate / 50).clamp(1, 100) as usize;
     let interval = Duration::from_secs_f64(batch as f64 / f64::from(rate.max(1)));
-    let mut g = Generator::seeded(seed);
     let started = Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sends = tokio::task::JoinSet::new();
+    let mut accepted = 0;
     while started.elapsed() < duration {
         tick.tick().await;
-        let events: Vec<_> = (0..batch).map(|_| g.activity(Utc::now())).collect();
+        let events: Vec<_> = (0..batch).map(|_| next()).collect();
         let (http, url) = (http.clone(), url.to_owned());
         sends.spawn(async move { post_batch(&http, &url, &events).await });
+        while let Some(n) = sends.try_join_next() {
+            accepted += n.unwrap_or(0);
+        }
     }
-    let mut accepted = 0;
     while let Some(n) = sends.join_next().await {
         accepted += n.unwrap_or(0);
     }
     accepted
+}
+
+/// Random events of the generator's shoppers, from `seed`.
+fn generated(seed: u64) -> impl FnMut() -> events::ActivityEvent {
+    let mut g = Generator::seeded(seed);
+    move || g.activity(Utc::now())
 }
 
 /// The highest request rate `concurrency` clients get from `url` in `duration`, and latencies.
@@ -442,7 +437,7 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
     let background = {
         let (http, url, rate) = (http.clone(), ingest.clone(), args.e2e_rate);
         let seconds = (args.e2e_probes as u64 / 4).max(10) + 30;
-        tokio::spawn(async move { offer_load(&http, &url, rate, Duration::from_secs(seconds), 11).await })
+        tokio::spawn(async move { offer_load(&http, &url, rate, Duration::from_secs(seconds), generated(11)).await })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut e2e = histogram();
@@ -508,7 +503,7 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
     let mut best = 0.0;
     for (step, rate) in args.rates.iter().enumerate() {
         let started = Instant::now();
-        let accepted = offer_load(&http, &ingest, *rate, args.duration, 100 + step as u64).await;
+        let accepted = offer_load(&http, &ingest, *rate, args.duration, generated(100 + step as u64)).await;
         let accepted_rate = accepted as f64 / started.elapsed().as_secs_f64();
         // librdkafka reports lag every 5 s: wait for a report from the end of the step.
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -616,29 +611,16 @@ async fn soak_with(stack: &Stack, args: &SoakArgs) -> anyhow::Result<String> {
     let url = stack.url("user-activity", "/api/users/activity");
     let (rate, users, duration) = (args.rate, args.users, args.duration);
     let load = tokio::spawn(async move {
-        let batch = (rate / 50).clamp(1, 100) as usize;
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(batch as f64 / f64::from(rate.max(1))));
         let mut g = Generator::seeded(99);
-        let started = Instant::now();
-        let mut sends = tokio::task::JoinSet::new();
         let mut n: u64 = 0;
-        while started.elapsed() < duration {
-            tick.tick().await;
-            let events: Vec<_> = (0..batch)
-                .map(|_| {
-                    n += 1;
-                    let mut e = g.activity(Utc::now());
-                    // Users spread over the whole pool: each new one is state the services must bound.
-                    e.user_id = format!("soak-{}", n.wrapping_mul(2_654_435_761) % u64::from(users));
-                    e
-                })
-                .collect();
-            let (http, url) = (http.clone(), url.clone());
-            sends.spawn(async move { post_batch(&http, &url, &events).await });
-            while sends.try_join_next().is_some() {}
-        }
-        while sends.join_next().await.is_some() {}
-        n
+        // Users spread over the whole pool: each new one is state the services must bound.
+        let next = move || {
+            n += 1;
+            let mut e = g.activity(Utc::now());
+            e.user_id = format!("soak-{}", n.wrapping_mul(2_654_435_761) % u64::from(users));
+            e
+        };
+        offer_load(&http, &url, rate, duration, next).await
     });
     let mut samples: Vec<(Duration, BTreeMap<String, u64>)> = vec![(Duration::ZERO, stack.rss())];
     let started = Instant::now();
@@ -648,11 +630,11 @@ async fn soak_with(stack: &Stack, args: &SoakArgs) -> anyhow::Result<String> {
             samples.push((started.elapsed(), stack.rss()));
         }
     }
-    let sent = load.await?;
+    let accepted = load.await?;
     samples.push((started.elapsed(), stack.rss()));
     let lag = stack.total_lag().await;
     let mut out = format!(
-        "Soak: {sent} events over {} s at {} events/s, spread over {} users; MAX_USERS={}; lag at the end {lag:.0}\n\n",
+        "Soak: {accepted} events accepted over {} s at {} events/s, spread over {} users; MAX_USERS={}; lag at the end {lag:.0}\n\n",
         args.duration.as_secs(),
         args.rate,
         args.users,

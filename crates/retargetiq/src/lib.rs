@@ -52,6 +52,36 @@ pub fn consumer_lag(metrics: &str) -> f64 {
         .sum()
 }
 
+/// (pid, command line) of the running direct children of `parent` (Linux `/proc`): how the
+/// tests and benchmarks find the processes `retargetiq up` started.
+pub fn child_processes(parent: u32) -> Vec<(u32, Vec<String>)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(parent)
+        })
+        .map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args =
+                raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned());
+            (pid, args.collect())
+        })
+        .collect()
+}
+
+/// The pid of the child of `parent` that has `arg` among its arguments (a service name, or
+/// `broker`).
+pub fn child_process(parent: u32, arg: &str) -> Option<i32> {
+    child_processes(parent)
+        .into_iter()
+        .find(|(_, args)| args.iter().any(|a| a == arg))
+        .and_then(|(pid, _)| i32::try_from(pid).ok())
+}
+
 /// The ten services, in start order (producers of a topic before its consumers).
 pub const SERVICES: [&str; 10] = [
     "event-processor",

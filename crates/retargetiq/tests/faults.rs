@@ -26,22 +26,6 @@ const CONSUMERS: [&str; 7] =
     ["event-processor", "feature-store", "analytics", "retrieval", "ranking", "rl-offer", "recommendation-api"];
 const TYPES: [&str; 3] = ["product_view", "click", "add_to_cart"];
 
-/// The pid of the child of `parent` whose command line ends with `last_arg`.
-fn child(parent: u32, last_arg: &str) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        (ppid == parent && args.iter().any(|a| a == last_arg)).then_some(pid)
-    })
-}
-
 struct Stack {
     up: Child,
     offset: u16,
@@ -107,7 +91,7 @@ impl Stack {
     }
 
     fn pid_of(&self, last_arg: &str) -> Option<i32> {
-        child(self.up.id()?, last_arg)
+        retargetiq::child_process(self.up.id()?, last_arg)
     }
 
     /// `kill -9` the process, then waits for `up` to have restarted it.

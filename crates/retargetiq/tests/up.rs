@@ -19,18 +19,6 @@ async fn get_json(http: &reqwest::Client, port: u16, path: &str) -> Option<serde
     http.get(format!("http://127.0.0.1:{port}{path}")).send().await.ok()?.json().await.ok()
 }
 
-/// The pid of the child of `parent` whose command line mentions `name`.
-fn child_running(parent: i32, name: &str) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-        // The parent pid is the second field after the parenthesised command name.
-        let ppid: i32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        (ppid == parent && String::from_utf8_lossy(&cmdline).contains(name)).then_some(pid)
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
@@ -83,11 +71,11 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     // and resume from their committed offsets. The view is posted again (a client retry with
     // the same eventId): the restored processor recognises it, so every accepted event is
     // counted exactly once, and what was known before the crash is known after it.
-    let pid = i32::try_from(child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?)?;
+    let up_pid = child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
     tokio::time::sleep(Duration::from_millis(1500)).await; // let auto-commit (1 s) record the offsets
     let mut killed = Vec::new();
     for service in ["event-processor", "analytics", "feature-store"] {
-        let victim = child_running(pid, service).ok_or_else(|| anyhow::anyhow!("no {service} child"))?;
+        let victim = retargetiq::child_process(up_pid, service).ok_or_else(|| anyhow::anyhow!("no {service} child"))?;
         kill(Pid::from_raw(victim), Signal::SIGKILL)?;
         killed.push((service, victim));
     }
@@ -112,7 +100,7 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no answer from /api/processor/stats"))?;
     assert_eq!(stats["duplicates"], 1, "the processor's memory of event ids survived the crash: {stats}");
     for (service, victim) in killed {
-        assert_ne!(child_running(pid, service), Some(victim), "a new {service} runs");
+        assert_ne!(retargetiq::child_process(up_pid, service), Some(victim), "a new {service} runs");
     }
     let features = eventually("the restored features with the cart", Duration::from_secs(30), || {
         let http = http.clone();
@@ -153,7 +141,7 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     })
     .await?;
 
-    kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+    kill(Pid::from_raw(i32::try_from(up_pid)?), Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
     reader.await?;
     let lines = lines.lock().expect("lock").clone();
