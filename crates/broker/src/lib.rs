@@ -7,13 +7,22 @@
 //! current directory, so [`Storage::Sqlite`] takes a path relative to it; the `retargetiq
 //! broker` command changes into its data directory first.
 
+pub mod long_poll;
+
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use tansu_broker::broker::Broker;
+use rama::layer::{MapErrLayer, MapStateLayer};
+use rama::{Layer as _, Service as _};
 use tansu_broker::coordinator::group::administrator::Controller;
-use tansu_storage::StorageContainer;
+use tansu_sans_io::{ApiKey as _, FetchRequest, ProduceRequest};
+use tansu_service::{
+    BytesFrameLayer, FrameRequestLayer, FrameRouteBuilder, FrameRouteService, TcpBytesLayer, TcpContext,
+    TcpContextLayer,
+};
+use tansu_storage::{BrokerRegistrationRequest, Storage as _, StorageContainer};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -43,24 +52,150 @@ impl Storage {
 }
 
 /// Runs a broker listening on `addr` (also the advertised address) until `shutdown`.
+///
+/// This is Tansu's broker assembled from its public parts — storage, group coordinator and
+/// request handlers — with two handlers of our own: [`long_poll::LongPollFetch`] and
+/// [`long_poll::NotifyingProduce`] (see that module for why).
 pub async fn run(addr: SocketAddr, storage: Storage, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = Url::parse(&format!("tcp://{addr}"))?;
-    let mut broker = Broker::<Controller<StorageContainer>, StorageContainer>::builder()
+    let listener_url = Url::parse(&format!("tcp://{addr}"))?;
+    let engine = StorageContainer::builder()
+        .cluster_id(CLUSTER_ID)
         .node_id(tansu_broker::NODE_ID)
-        .cluster_id("retargetiq")
-        .incarnation_id(uuid::Uuid::new_v4())
-        .advertised_listener(listener.clone())
-        .listener(listener)
+        .advertised_listener(listener_url)
         .storage(storage.url()?)
+        .cancellation(shutdown.clone())
         .silent(true)
         .build()
         .await
-        .map_err(|e| anyhow::anyhow!("starting the broker: {e:?}"))?;
+        .map_err(|e| anyhow::anyhow!("opening the broker's storage: {e:?}"))?;
+    engine
+        .register_broker(BrokerRegistrationRequest {
+            broker_id: tansu_broker::NODE_ID,
+            cluster_id: CLUSTER_ID.to_owned(),
+            incarnation_id: uuid::Uuid::new_v4(),
+            rack: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("registering the broker: {e:?}"))?;
+    let coordinator =
+        Controller::with_storage(engine.clone()).map_err(|e| anyhow::anyhow!("group coordinator: {e:?}"))?;
+    let wakeups = Arc::new(long_poll::Wakeups::default());
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, ?storage, "broker listening");
-    tokio::select! {
-        r = broker.serve(tokio::time::Instant::now()) => r.map_err(|e| anyhow::anyhow!("broker stopped: {e:?}")),
-        () = shutdown.cancelled() => Ok(()),
+
+    let mut connections = tokio::task::JoinSet::new();
+    let mut maintenance = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a connection");
+                        continue;
+                    }
+                };
+                stream.set_nodelay(true)?;
+                let service = routes(engine.clone(), coordinator.clone(), &wakeups)?;
+                connections.spawn(async move {
+                    if let Err(e) = service.serve(rama::Context::default(), stream).await {
+                        tracing::debug!(%peer, error = ?e, "connection ended");
+                    }
+                });
+            }
+            _ = maintenance.tick() => {
+                let engine = engine.clone();
+                connections.spawn(async move {
+                    if let Err(e) = engine.maintain(SystemTime::now()).await {
+                        tracing::debug!(error = ?e, "storage maintenance");
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = shutdown.cancelled() => break,
+        }
     }
+    connections.abort_all();
+    Ok(())
+}
+
+const CLUSTER_ID: &str = "retargetiq";
+
+/// Tansu's request handlers for one connection, with Fetch and Produce replaced.
+fn routes(
+    engine: StorageContainer,
+    coordinator: Controller<StorageContainer>,
+    wakeups: &Arc<long_poll::Wakeups>,
+) -> anyhow::Result<impl rama::Service<(), tokio::net::TcpStream, Error = tansu_broker::Error>> {
+    use tansu_broker::service::{auth, coordinator as groups, storage as handlers};
+    type Route = fn(
+        FrameRouteBuilder<(), tansu_broker::Error>,
+        StorageContainer,
+    ) -> Result<FrameRouteBuilder<(), tansu_broker::Error>, tansu_broker::Error>;
+    // Every storage handler of `tansu_broker::service::storage::services` but fetch and produce.
+    let tansus: [Route; 24] = [
+        handlers::add_offsets_to_txn,
+        handlers::add_partitions_to_txn,
+        handlers::alter_user_scram_credentials,
+        handlers::consumer_group_describe,
+        handlers::create_acls,
+        handlers::create_topics,
+        handlers::delete_groups,
+        handlers::delete_records,
+        handlers::delete_topics,
+        handlers::describe_acls,
+        handlers::describe_cluster,
+        handlers::describe_configs,
+        handlers::describe_groups,
+        handlers::describe_topic_partitions,
+        handlers::describe_user_scram_credentials,
+        handlers::find_coordinator,
+        handlers::get_telemetry_subscriptions,
+        handlers::incremental_alter_configs,
+        handlers::init_producer_id,
+        handlers::list_groups,
+        handlers::list_offsets,
+        handlers::list_partition_reassignments,
+        handlers::metadata,
+        handlers::txn_offset_commit_request,
+    ];
+    let error = |e: tansu_broker::Error| anyhow::anyhow!("broker routes: {e:?}");
+    let builder = tansus
+        .iter()
+        .try_fold(FrameRouteService::<(), tansu_broker::Error>::builder(), |builder, route| {
+            route(builder, engine.clone())
+        })
+        .map_err(error)?;
+    let fetch = {
+        let engine = engine.clone();
+        (
+            MapErrLayer::new(tansu_broker::Error::from),
+            MapStateLayer::new(move |()| engine),
+            FrameRequestLayer::<FetchRequest>::new(),
+        )
+            .into_layer(long_poll::LongPollFetch::new(wakeups.clone()))
+            .boxed()
+    };
+    let produce = (
+        MapErrLayer::new(tansu_broker::Error::from),
+        MapStateLayer::new(move |()| engine),
+        FrameRequestLayer::<ProduceRequest>::new(),
+    )
+        .into_layer(long_poll::NotifyingProduce { wakeups: wakeups.clone() })
+        .boxed();
+    let route = builder
+        .with_route(FetchRequest::KEY, fetch)
+        .and_then(|b| b.with_route(ProduceRequest::KEY, produce))
+        .map_err(|e| anyhow::anyhow!("broker routes: {e:?}"))
+        .and_then(|b| groups::services(b, coordinator).map_err(error))
+        .and_then(|b| auth::services(b).map_err(error))
+        .and_then(|b| b.build().map_err(|e| anyhow::anyhow!("broker routes: {e:?}")))?;
+    Ok((
+        TcpContextLayer::new(TcpContext::default().cluster_id(Some(CLUSTER_ID.into()))),
+        TcpBytesLayer::default(),
+        BytesFrameLayer::default(),
+    )
+        .into_layer(route))
 }
 
 /// Starts a broker in this process on `addr` and waits until it accepts connections.

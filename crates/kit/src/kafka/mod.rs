@@ -29,8 +29,9 @@ pub struct KafkaSettings {
     /// partition (default 2 MiB).
     pub consumer_queue_kb: u32,
     /// `KAFKA_FETCH_WAIT_MS`: how long the broker may hold a fetch that finds nothing new
-    /// (`fetch.wait.max.ms`, default 20). Each hop of the pipeline can wait this long, so it
-    /// bounds end-to-end latency; lower costs more idle fetch requests.
+    /// (`fetch.wait.max.ms`, default 500, Kafka's own). Apache Kafka and the embedded broker
+    /// answer a fetch as soon as data arrives, so this does not add latency; it sets how often
+    /// an idle consumer asks again (lower costs more idle fetch requests).
     pub fetch_wait: Duration,
     /// `KAFKA_HANDLER_MAX_ATTEMPTS`: tries before a failing message goes to the dead-letter
     /// topic (default 4).
@@ -95,7 +96,7 @@ impl KafkaSettings {
             linger: env.millis("KAFKA_LINGER_MS", Duration::from_millis(2))?,
             delivery_timeout: env.millis("KAFKA_DELIVERY_TIMEOUT_MS", Duration::from_secs(5))?,
             consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 2_048, positive)?,
-            fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(20))?,
+            fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(500))?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
             debug: env.raw("KAFKA_DEBUG"),
             assignment: env.get("KAFKA_ASSIGNMENT", Assignment::Static)?,
