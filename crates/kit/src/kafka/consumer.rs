@@ -644,7 +644,7 @@ async fn process<H: Handler>(
         for d in deliveries {
             match d.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => result = Err(ProduceError::from_kafka(&e)),
+                Ok(Err(e)) => result = Err(ProduceError::from_kafka(&e)),
                 Err(_) => result = Err(ProduceError::Unavailable("the producer was dropped".to_owned())),
             }
         }

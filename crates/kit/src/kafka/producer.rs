@@ -13,12 +13,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use events::{CORRELATION_HEADER, Message, Topic};
+use rdkafka::ClientContext;
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::future_producer::{Delivery, DeliveryFuture};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::util::Timeout;
+use tokio::sync::oneshot;
 
 use super::KafkaSettings;
 
@@ -78,10 +81,88 @@ impl Outgoing {
     }
 }
 
+/// Where the broker stored a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Resolves when the broker acknowledged (or finally refused) an enqueued message; an error
+/// on the channel itself means the producer was dropped first.
+pub type DeliveryFuture = oneshot::Receiver<Result<Delivery, KafkaError>>;
+
+/// Completes each message's [`DeliveryFuture`] from librdkafka's delivery report. Once its
+/// producer is dropped (`halted`), the client lingers until the polling thread notices, and
+/// says nothing more: a broker that is gone by then is no news.
+struct Acks {
+    halted: Arc<AtomicBool>,
+}
+
+impl ClientContext for Acks {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if !self.halted.load(Ordering::Relaxed) {
+            DefaultClientContext.log(level, fac, log_message);
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !self.halted.load(Ordering::Relaxed) {
+            DefaultClientContext.error(error, reason);
+        }
+    }
+}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = Box<oneshot::Sender<Result<Delivery, KafkaError>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, done: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(m) => Ok(Delivery { partition: m.partition(), offset: m.offset() }),
+            Err((e, _)) => Err(e.clone()),
+        };
+        let _ = done.send(outcome);
+    }
+}
+
+/// How long one blocking poll for delivery reports lasts. Reports are handled the moment they
+/// arrive whatever this is; it only bounds how long the polling thread outlives its producer.
+/// (rust-rdkafka's own polling thread polls in 100 ms slices, each ending in a sub-millisecond
+/// busy wait: about 1 % of a core per idle producer, which is why this one is ours.)
+const POLL_SLICE: Duration = Duration::from_secs(5);
+
+/// The librdkafka client and the thread that serves its delivery reports; the thread stops
+/// (within [`POLL_SLICE`]) when the last clone of the producer is dropped.
+struct Client {
+    producer: Arc<BaseProducer<Acks>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Client {
+    fn new(config: &ClientConfig) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let producer: Arc<BaseProducer<Acks>> =
+            Arc::new(config.create_with_context(Acks { halted: Arc::clone(&stop) })?);
+        let (p, halt) = (Arc::clone(&producer), Arc::clone(&stop));
+        std::thread::Builder::new().name("kafka-acks".into()).spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                p.poll(POLL_SLICE);
+            }
+        })?;
+        Ok(Self { producer, stop })
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The idempotent producer, cheap to clone.
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer,
+    inner: Arc<Client>,
     connected: Arc<AtomicBool>,
     /// How long [`Producer::send`] waits for the acknowledgement; `None`: as long as it takes.
     deadline: Option<Duration>,
@@ -100,7 +181,7 @@ impl Producer {
     }
 
     fn create(settings: &KafkaSettings, deadline: Option<Duration>) -> anyhow::Result<Self> {
-        let inner: FutureProducer = client_config(settings).create()?;
+        let inner = Arc::new(Client::new(&client_config(settings))?);
         Ok(Self { inner, connected: Arc::new(AtomicBool::new(false)), deadline })
     }
 
@@ -111,7 +192,7 @@ impl Producer {
 
     /// Asks the broker for metadata; records and returns whether it answered.
     pub async fn probe(&self, timeout: Duration) -> bool {
-        let producer = self.inner.clone();
+        let producer = Arc::clone(&self.inner.producer);
         let ok = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok())
             .await
             .unwrap_or(false);
@@ -127,7 +208,7 @@ impl Producer {
 
     /// Produces an encoded message and waits for the acknowledgement (up to the deadline).
     pub async fn send_outgoing(&self, out: &Outgoing) -> Result<Delivery, ProduceError> {
-        let send = self.inner.send(record(out), Timeout::After(Duration::ZERO));
+        let send = self.enqueue(out).await?;
         let result = match self.deadline {
             None => send.await,
             Some(deadline) => tokio::time::timeout(deadline, send).await.map_err(|_| {
@@ -137,15 +218,20 @@ impl Producer {
                 ))
             })?,
         };
-        result.map_err(|(e, _)| ProduceError::from_kafka(&e))
+        match result {
+            Ok(Ok(delivery)) => Ok(delivery),
+            Ok(Err(e)) => Err(ProduceError::from_kafka(&e)),
+            Err(_) => Err(ProduceError::Unavailable("the producer was dropped".to_owned())),
+        }
     }
 
     /// Enqueues a message without waiting; the future resolves on acknowledgement. Waits
     /// (briefly, repeatedly) while the client buffer is full: that is the backpressure.
     pub async fn enqueue(&self, out: &Outgoing) -> Result<DeliveryFuture, ProduceError> {
         loop {
-            match self.inner.send_result(record(out)) {
-                Ok(fut) => return Ok(fut),
+            let (done, delivered) = oneshot::channel();
+            match self.inner.producer.send(record(out, Box::new(done))) {
+                Ok(()) => return Ok(delivered),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -156,8 +242,8 @@ impl Producer {
 
     /// Waits until everything enqueued is delivered, or `timeout`.
     pub async fn flush(&self, timeout: Duration) {
-        let inner = self.inner.clone();
-        let _ = tokio::task::spawn_blocking(move || inner.flush(Timeout::After(timeout))).await;
+        let producer = Arc::clone(&self.inner.producer);
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout))).await;
     }
 }
 
@@ -178,8 +264,11 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
-fn record(out: &Outgoing) -> FutureRecord<'_, str, [u8]> {
-    let mut record = FutureRecord::to(out.topic.name()).key(out.key.as_str()).payload(out.payload.as_slice());
+type Done = Box<oneshot::Sender<Result<Delivery, KafkaError>>>;
+
+fn record(out: &Outgoing, done: Done) -> BaseRecord<'_, str, [u8], Done> {
+    let mut record =
+        BaseRecord::with_opaque_to(out.topic.name(), done).key(out.key.as_str()).payload(out.payload.as_slice());
     if let Some(id) = &out.correlation_id {
         record =
             record.headers(OwnedHeaders::new().insert(Header { key: CORRELATION_HEADER, value: Some(id.as_str()) }));
