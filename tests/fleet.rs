@@ -269,3 +269,57 @@ fn catalog_books() -> Vec<String> {
 fn catalog_price(id: &str) -> f64 {
     catalog::Catalog::global().get(id).map_or(0.0, |p| p.price)
 }
+
+/// A client's `eventId` is unique only for its user: two shoppers whose apps both number
+/// their events from "1" send two events each, and a retry of one of them still counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_users_may_send_the_same_client_event_id() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let books = catalog_books();
+    let (ann, bob) = ("same-id-ann", "same-id-bob");
+    for user in [ann, bob] {
+        let events = json!([
+            {"eventId": "1", "userId": user, "eventType": "product_view", "productId": books[0]},
+            {"eventId": "e-1", "userId": user, "eventType": "add_to_cart", "productId": books[1]},
+        ]);
+        let (status, body) = post(&fleet, "user-activity", "/api/users/activity", &events).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+    // Ann's app retries her first event.
+    let retry = json!({"eventId": "1", "userId": ann, "eventType": "product_view", "productId": books[0]});
+    let (status, body) = post(&fleet, "user-activity", "/api/users/activity", &retry).await?;
+    assert_eq!(status, 202, "{body}");
+    let order = |user: &str| {
+        let price = catalog_price(&books[1]);
+        json!({"eventId": "o-1", "orderId": "o-1", "userId": user,
+            "items": [{"productId": books[1], "quantity": 1, "unitPrice": price}], "amount": price})
+    };
+    for user in [ann, bob] {
+        let (status, body) = post(&fleet, "order", "/api/orders/place", &order(user)).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+
+    for user in [ann, bob] {
+        let stats = eventually(&format!("analytics for {user}"), PATIENCE, || async {
+            get_json(&fleet, "analytics", &format!("/api/analytics/user/{user}"))
+                .await
+                .filter(|u| u["counts"]["addToCart"] == 1 && u["counts"]["purchases"] == 1)
+        })
+        .await?;
+        assert_eq!(stats["counts"]["productViews"], 1, "{user}: {stats}");
+        let features = eventually(&format!("features of {user}"), PATIENCE, || async {
+            get_json(&fleet, "feature-store", &format!("/features/{user}"))
+                .await
+                .filter(|f| f["counts"]["purchases"] == 1)
+        })
+        .await?;
+        assert_eq!(features["counts"]["productViews"], 1, "{user}: {features}");
+        assert_eq!(features["counts"]["addToCart"], 1, "{user}: {features}");
+    }
+    let summary = eventually("both orders in the summary", PATIENCE, || async {
+        get_json(&fleet, "analytics", "/api/analytics/summary").await.filter(|s| s["orders"] == 2)
+    })
+    .await?;
+    assert_eq!(summary["totals"]["productViews"], 2, "{summary}");
+    fleet.stop().await
+}

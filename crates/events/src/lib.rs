@@ -21,5 +21,13 @@ pub use topic::{Message, Topic};
 /// a version up to this one; fields added later are optional, so older readers keep working.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The platform-wide identity of an event. A client's `eventId` is unique only among its own
+/// user's events (two shops' apps may both count from "1"), so every de-duplication keys by
+/// the user and the id together. The separator is a control character, which validation
+/// refuses in ids, so no two (user, id) pairs share a key.
+pub fn idempotency_key(user_id: &str, event_id: &str) -> String {
+    format!("{user_id}\u{1f}{event_id}")
+}
+
 /// Kafka header that carries the correlation id from topic to topic.
 pub const CORRELATION_HEADER: &str = "correlation-id";

@@ -195,6 +195,13 @@ pub struct ProcessedEvent {
     pub source: SourceRef,
 }
 
+impl ProcessedEvent {
+    /// This event's identity across users (see [`crate::idempotency_key`]).
+    pub fn idempotency_key(&self) -> String {
+        crate::idempotency_key(&self.user_id, &self.event_id)
+    }
+}
+
 impl Message for ProcessedEvent {
     const TOPIC: Topic = Topic::ProcessedEvents;
     fn key(&self) -> &str {

@@ -342,18 +342,20 @@ impl Kpis {
     /// Counts one event; `false` if it was a redelivery. `live` is false during a replay at
     /// start, when the event's age says nothing about the pipeline's lag now.
     pub fn record_event(&mut self, e: &ProcessedEvent, now: DateTime<Utc>, live: bool) -> bool {
-        if !self.seen.insert(&e.event_id) {
+        if !self.seen.insert(&e.idempotency_key()) {
             return false;
         }
         // Bucketed by processing time (not arrival here), so a replay after a restart puts
         // events back in their own minutes.
         let at = e.processed_at;
-        let new_session = self.sessions.insert(&e.session_id);
+        // Session ids, like event ids, are unique only per user.
+        let session = events::idempotency_key(&e.user_id, &e.session_id);
+        let new_session = self.sessions.insert(&session);
         let purchase = match (e.event_type, &e.order) {
             (EventType::Purchase, Some(order)) => Some(order),
             _ => None,
         };
-        let converted = purchase.is_some() && self.converted_sessions.insert(&e.session_id);
+        let converted = purchase.is_some() && self.converted_sessions.insert(&session);
         let rec = e.recommendation_id.as_deref();
         let shown = rec.is_some() && e.event_type == EventType::PageView && self.shown.insert(rec.unwrap_or_default());
         let clicked = rec.is_some()

@@ -249,7 +249,7 @@ impl Handler for Processor {
         let processed = match rec.topic {
             Topic::UserActivity => {
                 let e = validate::activity(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
-                if !self.seen.insert(&e.event_id) {
+                if !self.seen.insert(&events::idempotency_key(&e.user_id, &e.event_id)) {
                     self.duplicate(&e.event_id);
                     return Ok(());
                 }
@@ -257,7 +257,7 @@ impl Handler for Processor {
             }
             Topic::Order => {
                 let o = validate::order(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
-                if !self.seen.insert(&o.event_id) {
+                if !self.seen.insert(&events::idempotency_key(&o.user_id, &o.event_id)) {
                     self.duplicate(&o.event_id);
                     return Ok(());
                 }

@@ -139,7 +139,7 @@ impl FeedItem {
             (None, None) => e.query.clone().map(|q| format!("\"{q}\"")).unwrap_or_default(),
         };
         Self {
-            id: e.event_id.clone(),
+            id: e.idempotency_key(),
             at: e.processed_at.format("%H:%M:%S").to_string(),
             user_id: e.user_id.clone(),
             event_type: e.event_type.as_str().to_owned(),

@@ -326,7 +326,7 @@ impl Ranker {
     /// Learns from one processed event; returns the number of examples it gave.
     pub fn feedback(&mut self, e: &ProcessedEvent) -> usize {
         let weight = e.event_type.engagement_weight();
-        if weight <= 0.0 || !self.seen.insert(&e.event_id) {
+        if weight <= 0.0 || !self.seen.insert(&e.idempotency_key()) {
             return 0;
         }
         let products: Vec<&str> = match &e.order {

@@ -156,7 +156,7 @@ impl Default for Model {
 impl Model {
     /// Learns from one event (redeliveries are ignored).
     pub fn learn(&mut self, e: &ProcessedEvent) {
-        if !self.seen.insert(&e.event_id) {
+        if !self.seen.insert(&e.idempotency_key()) {
             return;
         }
         let weight = e.event_type.engagement_weight();

@@ -427,7 +427,7 @@ impl Policy {
     /// within the reward window; returns the reward learned.
     pub fn on_order(&mut self, e: &ProcessedEvent) -> Option<f64> {
         let order = e.order.as_ref()?;
-        if !self.orders_seen.insert(&e.event_id) {
+        if !self.orders_seen.insert(&e.idempotency_key()) {
             return None;
         }
         let window = self.config.reward_window;
