@@ -81,7 +81,7 @@ impl Fleet {
     async fn spawn<S: Service>(&mut self, config: S::Config) -> anyhow::Result<()> {
         let listener = bind().await?;
         self.addrs.insert(S::NAME, listener.local_addr()?);
-        let task = kit::service::start::<S>(config, self.broker.settings(), listener, self.shutdown.clone());
+        let task = kit::service::start::<S>(config, self.broker.settings(), listener, &self.shutdown);
         self.tasks.push((S::NAME, task));
         Ok(())
     }

@@ -2,11 +2,20 @@
 //! [`main`] does the rest — telemetry, configuration (a bad value exits with code 2, naming
 //! the variable), binding the port, running until SIGINT/SIGTERM, and draining in-flight
 //! work within `SHUTDOWN_TIMEOUT_MS`.
+//!
+//! A consumer or background task that fails or panics is never restarted inside the process
+//! (its handler's state would be replayed into itself): the service turns not ready, drains
+//! and ends with an error, and `main` exits non-zero so that its supervisor (`retargetiq up`,
+//! Compose, Kubernetes) starts it afresh, rebuilding its state from Kafka.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use futures::FutureExt as _;
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -68,11 +77,14 @@ impl CommonConfig {
 pub struct Context {
     pub service: &'static str,
     pub kafka: KafkaSettings,
+    /// Cancelled on shutdown, or when a consumer or task of this service failed.
     pub shutdown: CancellationToken,
     pub health: Health,
     listener: TcpListener,
-    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    tasks: Vec<JoinHandle<()>>,
     producers: Vec<Producer>,
+    /// The first failure of a consumer or task: the service ends with it.
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Context {
@@ -80,9 +92,49 @@ impl Context {
         service: &'static str,
         kafka: KafkaSettings,
         listener: TcpListener,
-        shutdown: CancellationToken,
+        shutdown: &CancellationToken,
     ) -> Self {
-        Self { service, kafka, shutdown, health: Health::default(), listener, tasks: Vec::new(), producers: Vec::new() }
+        Self {
+            service,
+            kafka,
+            // A token of its own, so that a failure stops this service and not its siblings
+            // (in tests, several services share one process and one shutdown).
+            shutdown: shutdown.child_token(),
+            health: Health::default(),
+            listener,
+            tasks: Vec::new(),
+            producers: Vec::new(),
+            failure: Arc::default(),
+        }
+    }
+
+    /// Runs `task` as part of the service: an error or a panic before shutdown makes the
+    /// service not ready and stops it with that failure.
+    fn supervise<F>(&mut self, what: String, task: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (failure, shutdown, ready) =
+            (Arc::clone(&self.failure), self.shutdown.clone(), self.health.condition(format!("alive:{what}")));
+        ready.set(true);
+        self.tasks.push(crate::spawn(async move {
+            let outcome = match AssertUnwindSafe(task).catch_unwind().await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => format!("{what} failed: {e:#}"),
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(no message)".to_owned());
+                    format!("{what} panicked: {message}")
+                }
+            };
+            ready.set(false);
+            tracing::error!(error = %outcome, "fatal: stopping the service so that its supervisor restarts it");
+            failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(outcome);
+            shutdown.cancel();
+        }));
     }
 
     /// The address the service listens on.
@@ -146,7 +198,7 @@ impl Context {
             shutdown: self.shutdown.clone(),
             ready: self.health.condition(format!("consumer:{}", spec.name)),
         };
-        self.tasks.push(crate::spawn(run_consumer(env, spec, handler)));
+        self.supervise(format!("consumer {}", spec.name), run_consumer(env, spec, handler));
     }
 
     /// Starts a background task of the service's own that ends on shutdown.
@@ -154,7 +206,8 @@ impl Context {
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        self.tasks.push(crate::spawn(task));
+        let n = self.tasks.len();
+        self.supervise(format!("task {n}"), task);
     }
 
     /// Serves `routes` (plus the ops routes) until shutdown, then waits for the consumers
@@ -165,14 +218,13 @@ impl Context {
         // The server only returns on shutdown or a fatal error: stop everything either way.
         self.shutdown.cancel();
         for task in self.tasks {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "task failed"),
-                Err(e) => tracing::error!(error = %e, "task panicked"),
-            }
+            let _ = task.await;
         }
         for p in self.producers {
             p.flush(Duration::from_secs(5)).await;
+        }
+        if let Some(failure) = self.failure.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            anyhow::bail!(failure);
         }
         served
     }
@@ -184,7 +236,7 @@ pub fn start<S: Service>(
     config: S::Config,
     kafka: KafkaSettings,
     listener: TcpListener,
-    shutdown: CancellationToken,
+    shutdown: &CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
     let span = tracing::info_span!("service", name = S::NAME);
     let _entered = span.enter();
@@ -195,7 +247,7 @@ fn spawn_in_current_span<S: Service>(
     config: S::Config,
     kafka: KafkaSettings,
     listener: TcpListener,
-    shutdown: CancellationToken,
+    shutdown: &CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
     crate::spawn(S::run(config, Context::new(S::NAME, kafka, listener, shutdown)))
 }
@@ -288,7 +340,7 @@ async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -
             return ExitCode::FAILURE;
         }
     };
-    let mut task = spawn_in_current_span::<S>(config, common.kafka, listener, shutdown.clone());
+    let mut task = spawn_in_current_span::<S>(config, common.kafka, listener, &shutdown);
     let result = tokio::select! {
         r = &mut task => r,
         () = shutdown.cancelled() => match tokio::time::timeout(common.shutdown_timeout, &mut task).await {

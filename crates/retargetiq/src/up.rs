@@ -196,6 +196,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let offset = args.port_offset;
         for name in SERVICES {
             let mut env = vec![("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.clone())];
+            if broker.is_some() {
+                env.extend(kit::kafka::EMBEDDED_BROKER_ENV.map(|(k, v)| (k.to_owned(), v.to_owned())));
+            }
             if offset != 0 {
                 env.push(("HTTP_PORT".to_owned(), (port_of(name) + offset).to_string()));
                 if name == "frontend-ui" {

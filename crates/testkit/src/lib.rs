@@ -18,13 +18,19 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts an in-memory broker on a free port and creates every topic of the platform.
     pub async fn start() -> anyhow::Result<Self> {
+        let broker = Self::bare().await?;
+        kit::kafka::admin::ensure_topics(&broker.bootstrap(), 1, Duration::from_secs(30)).await?;
+        Ok(broker)
+    }
+
+    /// Starts an in-memory broker on a free port with no topics.
+    pub async fn bare() -> anyhow::Result<Self> {
         kit::telemetry::init(kit::telemetry::LogFormat::Text);
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let shutdown = CancellationToken::new();
         // The broker gets a runtime (and threads) of its own, as it has its own process in
         // production: the services under test can never starve it, nor it them.
         broker::spawn_dedicated(addr, broker::Storage::Memory, shutdown.clone()).await?;
-        kit::kafka::admin::ensure_topics(&addr.to_string(), 1, Duration::from_secs(30)).await?;
         Ok(Self { addr, shutdown })
     }
 
@@ -33,7 +39,7 @@ impl TestBroker {
     }
 
     pub fn settings(&self) -> kit::kafka::KafkaSettings {
-        kit::kafka::KafkaSettings::for_broker(self.bootstrap())
+        kit::kafka::KafkaSettings::for_embedded_broker(self.bootstrap())
     }
 }
 

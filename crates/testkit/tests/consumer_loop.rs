@@ -1,7 +1,8 @@
 //! The kit's consumer loop against a real broker: outputs are produced; poison messages —
 //! bytes that are not JSON, JSON of the wrong shape, and a message the handler fails on every
 //! time — land in the dead-letter topic with their original bytes after a bounded number of
-//! attempts, and the partition keeps flowing past them.
+//! attempts, and the partition keeps flowing past them. An output the producer refuses (too
+//! large) dead-letters its message once, with the reason; replicas never write dead letters.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,8 +24,19 @@ impl Handler for Echo {
         if user == "poison" {
             return Err(HandlerError::Retry(anyhow::anyhow!("the downstream fails on this one every time")));
         }
-        out.send(&UserFeatures { user_id: user.to_owned(), ..Default::default() });
+        // Larger than the broker takes (message.max.bytes, 1 MB): refused by the client.
+        let user_id = if user == "huge" { "x".repeat(2_000_000) } else { user.to_owned() };
+        out.send(&UserFeatures { user_id, ..Default::default() });
         Ok(())
+    }
+}
+
+/// Rejects everything it reads.
+struct RejectAll;
+
+impl Handler for RejectAll {
+    fn handle(&mut self, _record: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        Err(HandlerError::malformed("this reader takes nothing"))
     }
 }
 
@@ -44,12 +56,14 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
     let broker = TestBroker::start().await?;
     let settings = broker.settings();
     let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
-    let payloads: [&[u8]; 5] = [
+    let payloads: [&[u8]; 7] = [
         br#"{"userId":"a"}"#,
         b"\x00garbage",
         br#"{"user":"wrong schema"}"#,
         br#"{"userId":"poison"}"#,
         br#"{"userId":"b"}"#,
+        br#"{"userId":"huge"}"#,
+        br#"{"userId":"c"}"#,
     ];
     for payload in payloads {
         raw.send(FutureRecord::to(Topic::UserActivity.name()).key("k").payload(payload), Duration::from_secs(5))
@@ -72,23 +86,32 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
     let letters = Collect::default();
     tokio::spawn(run_consumer(env("f"), ConsumerSpec::replica("f", [Topic::UserFeatures]), features.clone()));
     tokio::spawn(run_consumer(env("d"), ConsumerSpec::replica("d", [Topic::DeadLetter]), letters.clone()));
+    // A replica of the same topic that refuses every message: it must write no dead letter.
+    tokio::spawn(run_consumer(env("r"), ConsumerSpec::replica("r", [Topic::UserActivity]), RejectAll));
 
-    let users = eventually("two feature snapshots", Duration::from_secs(60), || {
+    let users = eventually("three feature snapshots", Duration::from_secs(60), || {
         let got = features.0.lock().expect("lock").clone();
-        async move { (got.len() >= 2).then_some(got) }
+        async move { (got.len() >= 3).then_some(got) }
     })
     .await?;
     let users: Vec<String> =
         users.iter().map(|p| serde_json::from_slice::<UserFeatures>(p).expect("features").user_id).collect();
-    assert_eq!(users.len(), 2);
-    assert!(users.contains(&"a".to_owned()) && users.contains(&"b".to_owned()), "{users:?}");
+    assert_eq!(users, ["a", "b", "c"], "the partition flows past the refused output");
 
-    let both = eventually("three dead letters", Duration::from_secs(30), || {
-        let got = letters.0.lock().expect("lock").clone();
-        async move { (got.len() >= 3).then_some(got) }
+    eventually("four dead letters", Duration::from_secs(30), || {
+        let n = letters.0.lock().expect("lock").len();
+        async move { (n >= 4).then_some(()) }
     })
     .await?;
-    assert_eq!(both.len(), 3, "one letter each, however many attempts");
+    // Give a misbehaving replica time to add its own.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = letters.0.lock().expect("lock").clone();
+    assert_eq!(all.len(), 4, "one letter each, however many attempts, and none from the replica");
+    let huge: DeadLetter = serde_json::from_slice(&all[3])?;
+    assert_eq!((huge.kind, huge.source.offset), (DeadLetterKind::HandlerFailed, 5));
+    assert!(huge.reason.contains("refused"), "{}", huge.reason);
+    assert_eq!(huge.original_bytes().as_deref(), Some(&br#"{"userId":"huge"}"#[..]));
+    let both = all[..3].to_vec();
     let schema: DeadLetter = serde_json::from_slice(&both[1])?;
     assert_eq!((schema.kind, schema.source.offset), (DeadLetterKind::Malformed, 2));
     assert!(schema.reason.contains("userId"), "{}", schema.reason);
@@ -106,5 +129,78 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
 
     shutdown.cancel();
     main.await??;
+    Ok(())
+}
+
+/// A consumer that joins two topics per user refuses to start when their partition counts
+/// differ, naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_topics_must_be_co_partitioned() -> anyhow::Result<()> {
+    let broker = TestBroker::bare().await?;
+    let topics = [(Topic::UserFeatures.name().to_owned(), 2), (Topic::ProcessedEvents.name().to_owned(), 3)];
+    kit::kafka::admin::ensure_named_topics(&broker.bootstrap(), &topics, 1, Duration::from_secs(30)).await?;
+    let settings = broker.settings();
+    let env = ConsumerEnv {
+        settings: settings.clone(),
+        service: "test",
+        producer: Producer::for_pipeline(&settings)?,
+        shutdown: CancellationToken::new(),
+        ready: kit::http::Health::default().condition("joined"),
+    };
+    let spec = ConsumerSpec::group("joined", [Topic::UserFeatures, Topic::ProcessedEvents], "test-joined");
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run_consumer(env, spec, RejectAll)).await?;
+    let error = format!("{:#}", outcome.expect_err("the consumer must refuse to start"));
+    assert!(error.contains("user-features-topic has 2") && error.contains("processed-events-topic has 3"), "{error}");
+    Ok(())
+}
+
+/// Panics on every message.
+struct Boom;
+
+impl Handler for Boom {
+    fn handle(&mut self, _record: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        panic!("the handler has a bug");
+    }
+}
+
+/// A service with one consumer whose handler panics.
+struct Panicky;
+
+impl kit::Service for Panicky {
+    const NAME: &'static str = "panicky";
+    const DEFAULT_PORT: u16 = 0;
+    type Config = ();
+
+    fn config(_env: &kit::config::Env) -> Result<(), kit::config::ConfigError> {
+        Ok(())
+    }
+
+    async fn run((): (), mut ctx: kit::Context) -> anyhow::Result<()> {
+        let producer = ctx.pipeline_producer()?;
+        ctx.spawn_consumer(&producer, ConsumerSpec::group("boom", [Topic::UserActivity], "test-boom"), Boom);
+        ctx.serve(axum::Router::new()).await
+    }
+}
+
+/// A handler that panics inside a running service ends the service with an error (so that
+/// `main` exits non-zero and the supervisor restarts it), instead of leaving a service that
+/// still says it is ready while its consumer is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_ends_its_service_with_an_error() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let shutdown = CancellationToken::new();
+    let service = kit::service::start::<Panicky>((), broker.settings(), listener, &shutdown);
+    let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+    raw.send(
+        FutureRecord::to(Topic::UserActivity.name()).key("k").payload(r#"{"userId":"a"}"#),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|(e, _)| e)?;
+    let ended = tokio::time::timeout(Duration::from_secs(60), service).await;
+    assert!(!shutdown.is_cancelled(), "a failure stops its own service, not the shutdown it was given");
+    let error = format!("{:#}", ended??.expect_err("the service must end with an error"));
+    assert!(error.contains("consumer boom panicked") && error.contains("the handler has a bug"), "{error}");
     Ok(())
 }

@@ -243,28 +243,16 @@ pub struct ConsumerEnv {
     pub ready: ReadyFlag,
 }
 
-/// Runs a consumer until shutdown, restarting it (from the committed offsets) if it fails.
+/// Runs a consumer until shutdown; an error ends it (and its service: see `crate::service`).
 pub async fn run_consumer<H: Handler>(env: ConsumerEnv, spec: ConsumerSpec, mut handler: H) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match run_once(&env, &spec, &mut handler).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                env.ready.set(false);
-                tracing::error!(
-                    consumer = spec.name,
-                    error = format!("{e:#}"),
-                    "consumer failed; restarting from the committed offsets"
-                );
-                metrics::counter!("consumer_restarts_total", "consumer" => spec.name).increment(1);
-                tokio::select! {
-                    () = env.shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
+    // No restart here: the handler's state holds what it has seen, and replaying the
+    // partitions from the committed offsets into that state would count messages twice (or,
+    // for ids marked seen before their outputs were acknowledged, drop them). The service
+    // ends instead, and its supervisor starts it afresh (see `crate::service`).
+    run_once(&env, &spec, &mut handler).await.inspect_err(|_| {
+        env.ready.set(false);
+        metrics::counter!("consumer_failures_total", "consumer" => spec.name).increment(1);
+    })
 }
 
 /// Flips the ready flag when the group assigns partitions.
@@ -352,6 +340,9 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
 
     // For a replica: the end offsets to catch up with before the view counts as restored.
     let mut catch_up: HashMap<(Topic, i32), i64> = HashMap::new();
+    if is_group && spec.topics.len() > 1 {
+        check_co_partitioned(&consumer, &spec.topics, &env.shutdown).await?;
+    }
     if is_group && env.settings.assignment == Assignment::Group {
         consumer.subscribe(&names).context("subscribing")?;
     } else if is_group {
@@ -522,29 +513,58 @@ async fn assignment(
 ) -> anyhow::Result<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
     for &topic in topics {
-        let partitions: Vec<i32> = loop {
-            let c = Arc::clone(&consumer);
-            let fetched = tokio::task::spawn_blocking(move || {
-                c.fetch_metadata(Some(topic.name()), Duration::from_secs(5)).map(|m| {
-                    m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>()
-                })
-            })
-            .await?;
-            match fetched {
-                Ok(ids) if !ids.is_empty() => break ids,
-                Ok(_) => tracing::warn!(%topic, "topic has no partitions yet; waiting"),
-                Err(e) => tracing::warn!(%topic, error = %e, "waiting for the broker"),
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => anyhow::bail!("shut down before the broker answered"),
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        };
-        for id in partitions.into_iter().filter(|p| mine(*p)) {
+        for id in partitions_of(Arc::clone(&consumer), topic, &shutdown).await?.into_iter().filter(|p| mine(*p)) {
             tpl.add_partition_offset(topic.name(), id, start)?;
         }
     }
     Ok(tpl)
+}
+
+/// The partition ids of `topic`, waiting for the broker (and for the topic) as long as it takes.
+async fn partitions_of(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    topic: Topic,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<i32>> {
+    loop {
+        let c = Arc::clone(&consumer);
+        let fetched = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(topic.name()), Duration::from_secs(5))
+                .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>())
+        })
+        .await?;
+        match fetched {
+            Ok(ids) if !ids.is_empty() => return Ok(ids),
+            Ok(_) => tracing::warn!(%topic, "topic has no partitions yet; waiting"),
+            Err(e) => tracing::warn!(%topic, error = %e, "waiting for the broker"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => anyhow::bail!("shut down before the broker answered"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// A consumer that reads several topics in one group joins them per user: a user's messages
+/// must be on the same partition number in each, so the topics must have equal partition
+/// counts. Refuses to start otherwise, naming the topics.
+async fn check_co_partitioned(
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    topics: &[Topic],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut counts = Vec::with_capacity(topics.len());
+    for &topic in topics {
+        counts.push((topic, partitions_of(Arc::clone(consumer), topic, shutdown).await?.len()));
+    }
+    if counts.windows(2).any(|w| w[0].1 != w[1].1) {
+        let list: Vec<String> = counts.iter().map(|(t, n)| format!("{t} has {n}")).collect();
+        anyhow::bail!(
+            "the topics this consumer joins per user are not co-partitioned ({}): give them the same number of partitions",
+            list.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The end offset of each non-empty partition of `tpl`: what a replica must catch up with.
@@ -618,6 +638,11 @@ async fn process<H: Handler>(
                     consumer = spec.name, topic = %topic, partition = record.partition, offset = record.offset,
                     correlation_id = record.correlation_id.unwrap_or(""), reason = %e, "message sent to the dead-letter topic"
                 );
+                if !owns_its_partitions(spec) {
+                    // Every replica reads every partition: a dead letter from each would be
+                    // one per instance and per start. The group that owns the partition writes it.
+                    break Vec::new();
+                }
                 let letter = dead_letter(env.service, &record, kind, e.to_string(), field, attempt);
                 let mut out = Outbox::new(record.correlation_id);
                 out.send(&letter);
@@ -628,8 +653,18 @@ async fn process<H: Handler>(
     metrics::histogram!("consumer_handle_seconds", "consumer" => spec.name).record(started.elapsed().as_secs_f64());
 
     let mut deliveries = Vec::with_capacity(outputs.len());
+    // An output the client refuses before sending it (too large, ...) will be refused every
+    // time: the message is dead-lettered with the reason once its other outputs are settled.
+    let mut refused = None;
     for out in &outputs {
-        deliveries.push(env.producer.enqueue(out).await?);
+        match env.producer.enqueue(out).await {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(e @ ProduceError::Rejected(_)) => {
+                refused = Some(e);
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let info = InFlight {
         topic,
@@ -640,7 +675,7 @@ async fn process<H: Handler>(
         correlation_id: record.correlation_id.map(str::to_owned),
     };
     let pending: Pending = Box::pin(async move {
-        let mut result = Ok(());
+        let mut result = refused.map_or(Ok(()), Err);
         for d in deliveries {
             match d.await {
                 Ok(Ok(_)) => {}
@@ -683,10 +718,9 @@ async fn complete(
                 None,
                 1,
             );
-            env.producer
-                .send(&letter, record.correlation_id)
-                .await
-                .context("dead-lettering a message whose output was refused")?;
+            if owns_its_partitions(spec) {
+                send_dead_letter(env, letter, record.correlation_id).await?;
+            }
             metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter")
                 .increment(1);
         }
@@ -696,6 +730,31 @@ async fn complete(
         consumer.store_offset(done.topic.name(), done.partition, done.offset).context("storing the offset")?;
     }
     Ok(())
+}
+
+/// Whether this consumer is the one instance that reads its partitions (and so writes their
+/// dead letters), rather than a replica or live reader of every partition.
+fn owns_its_partitions(spec: &ConsumerSpec) -> bool {
+    matches!(spec.subscription, Subscription::Group { .. })
+}
+
+/// Sends a dead letter; one too large for the broker goes without the original payload (its
+/// source topic, partition and offset still say where the message is).
+async fn send_dead_letter(
+    env: &ConsumerEnv,
+    mut letter: DeadLetter,
+    correlation_id: Option<&str>,
+) -> anyhow::Result<()> {
+    match env.producer.send(&letter, correlation_id).await {
+        Err(ProduceError::Rejected(e)) => {
+            letter.payload = None;
+            letter.payload_base64 = String::new();
+            letter.reason = format!("{} (the payload itself was left out: {e})", letter.reason);
+            env.producer.send(&letter, correlation_id).await.map(|_| ())
+        }
+        other => other.map(|_| ()),
+    }
+    .context("dead-lettering a message whose output was refused")
 }
 
 fn dead_letter(

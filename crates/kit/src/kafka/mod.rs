@@ -12,6 +12,10 @@ pub use producer::{ProduceError, Producer};
 
 use crate::config::{ConfigError, Env, positive};
 
+/// What a client of the embedded broker (Tansu 0.6) must be given, on top of its address:
+/// librdkafka must never time a message out (see [`producer`]).
+pub const EMBEDDED_BROKER_ENV: [(&str, &str); 1] = [("KAFKA_MESSAGE_TIMEOUT_MS", "0")];
+
 /// Broker settings shared by every client of a service.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
@@ -23,8 +27,14 @@ pub struct KafkaSettings {
     /// `KAFKA_LINGER_MS`: how long the producer waits to fill a batch (default 2 ms).
     pub linger: Duration,
     /// `KAFKA_DELIVERY_TIMEOUT_MS`: how long a request path waits for the broker's
-    /// acknowledgement before answering 503 (default 5000). Pipelines wait without limit.
+    /// acknowledgement before answering 503 (default 5000).
     pub delivery_timeout: Duration,
+    /// `KAFKA_MESSAGE_TIMEOUT_MS`: how long librdkafka keeps trying to deliver a message before
+    /// it fails with an error (`message.timeout.ms`, default 120000): a deleted topic or a
+    /// partition offline for that long stops a pipeline with a clear error rather than
+    /// silently. `0` (never give up) is for the embedded broker only, which `retargetiq up`
+    /// sets: see [`super::producer`] for why.
+    pub message_timeout: Duration,
     /// `KAFKA_CONSUMER_FETCH_MAX_KB`: most memory a consumer may hold in pre-fetched messages, per
     /// partition (default 2 MiB).
     pub consumer_queue_kb: u32,
@@ -95,6 +105,7 @@ impl KafkaSettings {
             producer_buffer_kb: env.checked("KAFKA_PRODUCER_BUFFER_KB", 16_384, positive)?,
             linger: env.millis("KAFKA_LINGER_MS", Duration::from_millis(2))?,
             delivery_timeout: env.millis("KAFKA_DELIVERY_TIMEOUT_MS", Duration::from_secs(5))?,
+            message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", Duration::from_secs(120))?,
             consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 2_048, positive)?,
             fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(500))?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
@@ -117,5 +128,10 @@ impl KafkaSettings {
             Self::from_env(&Env::from_pairs::<&str, &str>([])).unwrap_or_else(|_| unreachable!("defaults are valid"));
         s.bootstrap_servers = bootstrap_servers.into();
         s
+    }
+
+    /// Settings for the embedded broker at `bootstrap_servers` (see [`EMBEDDED_BROKER_ENV`]).
+    pub fn for_embedded_broker(bootstrap_servers: impl Into<String>) -> Self {
+        Self { message_timeout: Duration::ZERO, ..Self::for_broker(bootstrap_servers) }
     }
 }

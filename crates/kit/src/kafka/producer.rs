@@ -1,12 +1,16 @@
 //! The idempotent producer: `enable.idempotence=true`, `acks=all`, bounded client buffers.
 //!
-//! librdkafka never times a message out here (`message.timeout.ms=0`): it retries until the
-//! broker acknowledges. When an idempotent producer's messages time out, librdkafka bumps the
-//! producer epoch, and Tansu 0.6's SQLite engine panics on a bumped epoch (its storage task
-//! dies and the broker is left answering every request with an error). Request paths that
-//! must answer in time put their own deadline on the wait instead ([`Producer::for_requests`]):
-//! after it the caller gets [`ProduceError::Unavailable`] while the message stays queued and
-//! may still be stored — at-least-once, made exact downstream by event-id de-duplication.
+//! librdkafka gives up on a message after `KAFKA_MESSAGE_TIMEOUT_MS` (2 minutes by default),
+//! and the error stops the pipeline visibly (the consumer fails, the service exits and its
+//! supervisor restarts it). Against the embedded broker that must not happen: when an
+//! idempotent producer's messages time out, librdkafka bumps the producer epoch, and Tansu
+//! 0.6's SQLite engine panics on a bumped epoch (its storage task dies and the broker is left
+//! answering every request with an error). So `retargetiq up`, and the tests, give clients of
+//! the embedded broker `KAFKA_MESSAGE_TIMEOUT_MS=0` ([`super::EMBEDDED_BROKER_ENV`]): retry
+//! until the broker acknowledges. Request paths that must answer in time put their own
+//! deadline on the wait as well ([`Producer::for_requests`]): after it the caller gets
+//! [`ProduceError::Unavailable`] while the message stays queued and may still be stored —
+//! at-least-once, made exact downstream by event-id de-duplication.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -259,8 +263,8 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
         .set("linger.ms", settings.linger.as_millis().to_string())
         .set("queue.buffering.max.kbytes", settings.producer_buffer_kb.to_string())
         .set("queue.buffering.max.messages", "100000")
-        // 0: retry until delivered (see the module docs).
-        .set("message.timeout.ms", "0");
+        // 0 (the embedded broker): retry until delivered (see the module docs).
+        .set("message.timeout.ms", settings.message_timeout.as_millis().to_string());
     config
 }
 
