@@ -112,12 +112,12 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Vec<Row>> {
     let addr = SocketAddr::from(([127, 0, 0, 1], free.port()));
     broker::spawn_dedicated(addr, broker::Storage::Memory, shutdown.clone()).await?;
     kit::kafka::admin::ensure_topics(&addr.to_string(), 1, Duration::from_secs(30)).await?;
-    let settings = KafkaSettings::for_broker(addr.to_string());
+    let settings = KafkaSettings::for_embedded_broker(addr.to_string());
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let service = listener.local_addr()?;
     let stop_service = CancellationToken::new();
-    let task = kit::service::start::<user_activity::UserActivity>((), settings.clone(), listener, stop_service.clone());
+    let task = kit::service::start::<user_activity::UserActivity>((), settings.clone(), listener, &stop_service);
     let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
     let ready = format!("http://{service}/ready");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -1,16 +1,22 @@
 //! `retargetiq bench stack`: the whole platform, measured as a user runs it.
 //!
-//! Starts `retargetiq up --memory` (the embedded broker and the ten services, each its own
-//! process, on ports shifted by `--port-offset`) and measures, each next to a baseline taken
-//! in the same run on the same machine:
+//! Starts `retargetiq up` as users run it — the durable embedded broker (SQLite, in a
+//! temporary data directory) and the ten services, each its own process, on ports shifted by
+//! `--port-offset`; `--memory` for the in-memory broker instead — and measures, each next to a
+//! baseline taken in the same run on the same machine:
 //!
+//! - **idle CPU**: the share of one core each process uses over `--idle` with no traffic;
+//!   baseline: the minimal axum server below, idle over the same time.
 //! - **memory**: resident memory (VmRSS) of each service process at idle, and the most seen
 //!   under load; baseline: a process serving a minimal axum handler.
 //! - **recommendation API**: the highest request rate `--concurrency` clients get from
 //!   `GET /recommend/{userId}?k=10`, and p50/p99 at a fixed `--reco-rps` (open loop: latency
 //!   counted from the scheduled send time, so a stall is not hidden); baseline: the same load
 //!   on a minimal axum handler returning a fixed JSON body of the same size, in its own process.
-//! - **end to end**: with background traffic at `--e2e-rate` events/s, the time from the `202`
+//! - **ingestion**: p50/p99 of `POST /api/users/activity` with one event per request at
+//!   `--reco-rps` requests/s; baseline: the minimal handler at the same rate.
+//! - **end to end**: with background traffic at `--e2e-rate` events/s (batches of
+//!   `rate / 50` events, at most 100, over `--users` users), the time from the `202`
 //!   of a product view to a re-ranked list visible on `GET /recommend/{userId}` (polled every
 //!   2 ms); baseline: one Kafka hop (produce, then receive in a consumer) on the same broker.
 //! - **pipeline**: offered event rates (`--rates`) for `--duration` each; a rate is sustained
@@ -41,8 +47,17 @@ pub struct StackArgs {
     #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000")]
     pub rates: Vec<u32>,
     /// Background event rate during the end-to-end measurement.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     pub e2e_rate: u32,
+    /// Distinct users the generated traffic is spread over.
+    #[arg(long, default_value_t = 5_000)]
+    pub users: u32,
+    /// How long idle CPU is measured.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub idle: Duration,
+    /// Run the broker in memory instead of the durable default (SQLite).
+    #[arg(long)]
+    pub memory: bool,
     /// End-to-end samples.
     #[arg(long, default_value_t = 60)]
     pub e2e_probes: usize,
@@ -116,6 +131,21 @@ impl Stack {
 
     /// Resident memory of each service process (and the broker), in bytes.
     fn rss(&self) -> BTreeMap<String, u64> {
+        self.processes().into_iter().filter_map(|(name, pid)| Some((name, rss_of(pid)?))).collect()
+    }
+
+    /// CPU time used so far by each process of the stack (`up` itself included), in ticks.
+    fn cpu_ticks(&self) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, u64> =
+            self.processes().into_iter().filter_map(|(name, pid)| Some((name, cpu_ticks_of(pid)?))).collect();
+        if let Some(ticks) = self.up.id().and_then(cpu_ticks_of) {
+            out.insert("(retargetiq up)".to_owned(), ticks);
+        }
+        out
+    }
+
+    /// The pid of each service process (and of the broker, as `(broker)`).
+    fn processes(&self) -> BTreeMap<String, u32> {
         let Some(up) = self.up.id() else { return BTreeMap::new() };
         let mut out = BTreeMap::new();
         for (pid, cmdline) in crate::child_processes(up) {
@@ -126,8 +156,8 @@ impl Stack {
                 None if SERVICES.iter().any(|(n, _)| *n == program) => Some(program.to_owned()),
                 _ => None,
             };
-            if let (Some(name), Some(rss)) = (name, rss_of(pid)) {
-                out.insert(name, rss);
+            if let Some(name) = name {
+                out.insert(name, pid);
             }
         }
         out
@@ -160,6 +190,28 @@ fn rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// User and system CPU time of `pid` in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks_of(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second in `/proc` (`USER_HZ`, 100 on every Linux architecture we run on).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The share of one core each process used between two [`Stack::cpu_ticks`] readings.
+fn cpu_shares(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, over: Duration) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .filter_map(|(name, end)| {
+            let start = before.get(name)?;
+            Some((name.clone(), end.saturating_sub(*start) as f64 / TICKS_PER_SECOND / over.as_secs_f64()))
+        })
+        .collect()
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -213,10 +265,22 @@ async fn offer_load(
     accepted
 }
 
-/// Random events of the generator's shoppers, from `seed`.
-fn generated(seed: u64) -> impl FnMut() -> events::ActivityEvent {
+/// Random events from `seed`, spread evenly over `users` shoppers (`shopper-<n>`), each
+/// looking at products that fit their own taste.
+fn generated(seed: u64, users: u32) -> impl FnMut() -> events::ActivityEvent {
     let mut g = Generator::seeded(seed);
-    move || g.activity(Utc::now())
+    let mut n: u64 = 0;
+    move || {
+        n += 1;
+        let mut e = g.activity(Utc::now());
+        let user = format!("shopper-{}", n.wrapping_mul(2_654_435_761) % u64::from(users.max(1)));
+        if e.product_id.is_some() {
+            e.product_id = Some(g.product_for(&user).id.clone());
+        }
+        e.session_id = None;
+        e.user_id = user;
+        e
+    }
 }
 
 /// The highest request rate `concurrency` clients get from `url` in `duration`, and latencies.
@@ -248,8 +312,19 @@ async fn closed_loop(url: &str, concurrency: usize, duration: Duration) -> anyho
     Ok((total as f64 / started.elapsed().as_secs_f64(), h))
 }
 
-/// Latencies at a fixed request rate, counted from each request's scheduled time.
+/// Latencies of `GET url` at a fixed request rate, counted from each request's scheduled time.
 async fn open_loop(url: &str, rps: u32, duration: Duration) -> anyhow::Result<Histogram<u64>> {
+    let url = url.to_owned();
+    open_loop_with(rps, duration, move |http, _| http.get(&url)).await
+}
+
+/// Latencies of the requests `request` makes (the n-th given `n`) at a fixed rate, counted
+/// from each request's scheduled time; a request that fails is not counted.
+async fn open_loop_with(
+    rps: u32,
+    duration: Duration,
+    request: impl Fn(&reqwest::Client, u32) -> reqwest::RequestBuilder,
+) -> anyhow::Result<Histogram<u64>> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     let interval = Duration::from_secs_f64(1.0 / f64::from(rps.max(1)));
     let started = tokio::time::Instant::now();
@@ -259,9 +334,9 @@ async fn open_loop(url: &str, rps: u32, duration: Duration) -> anyhow::Result<Hi
         let scheduled = started + interval * n;
         n += 1;
         tokio::time::sleep_until(scheduled).await;
-        let (http, url) = (http.clone(), url.to_owned());
+        let sent = request(&http, n);
         requests.spawn(async move {
-            let resp = http.get(&url).send().await.ok()?;
+            let resp = sent.send().await.ok()?.error_for_status().ok()?;
             resp.bytes().await.ok()?;
             Some(u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))
         });
@@ -318,7 +393,7 @@ async fn kafka_hop(broker: &str, samples: usize) -> anyhow::Result<Histogram<u64
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let topic = "bench-hop";
     kit::kafka::admin::ensure_named_topics(broker, &[(topic.to_owned(), 1)], 1, Duration::from_secs(10)).await?;
-    let settings = kit::kafka::KafkaSettings::for_broker(broker);
+    let settings = kit::kafka::KafkaSettings::for_embedded_broker(broker);
     let producer: FutureProducer = kit::kafka::producer::client_config(&settings).create()?;
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker)
@@ -355,9 +430,16 @@ fn generated_at(v: &Value) -> Option<chrono::DateTime<chrono::FixedOffset>> {
 
 /// Runs every measurement and prints the tables.
 pub async fn run(args: &StackArgs) -> anyhow::Result<()> {
-    let stack = Stack::start(args.port_offset, None, &[]).await?;
+    let data = (!args.memory).then(|| std::env::temp_dir().join(format!("retargetiq-bench-{}", std::process::id())));
+    if let Some(dir) = &data {
+        std::fs::create_dir_all(dir)?;
+    }
+    let stack = Stack::start(args.port_offset, data.as_deref(), &[]).await?;
     let result = measure(&stack, args).await;
     stack.stop().await;
+    if let Some(dir) = &data {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     println!("{}", result?);
     Ok(())
 }
@@ -401,13 +483,41 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
-    // Recommendation API against a minimal handler with a body of the same size.
+    // Idle CPU of every process, against the minimal server idle over the same time.
     let baseline = start_baseline(&serde_json::to_string(&sample)?).await?;
     let baseline_rss = baseline.child.id().and_then(rss_of).unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let baseline_ticks = || baseline.child.id().and_then(cpu_ticks_of).unwrap_or(0);
+    let (before, base_before) = (stack.cpu_ticks(), baseline_ticks());
+    tokio::time::sleep(args.idle).await;
+    let idle_cpu = cpu_shares(&before, &stack.cpu_ticks(), args.idle);
+    let base_idle = baseline_ticks().saturating_sub(base_before) as f64 / TICKS_PER_SECOND / args.idle.as_secs_f64();
+    let stack_idle: f64 = idle_cpu.values().sum();
+    report += &format!(
+        "Idle CPU over {} s with no traffic ({} broker), share of one core\n\n\
+         | process | idle CPU |\n|---|---:|\n| minimal axum server (baseline) | {:.2} % |\n",
+        args.idle.as_secs(),
+        if args.memory { "in-memory" } else { "durable SQLite" },
+        100.0 * base_idle
+    );
+    for (name, share) in &idle_cpu {
+        report += &format!("| {name} | {:.2} % |\n", 100.0 * share);
+    }
+    report += &format!("| **whole stack** | **{:.2} %** (goal: under 5 %) |\n\n", 100.0 * stack_idle);
+
     let (base_rate, base_closed) = closed_loop(&baseline.url, args.concurrency, args.duration).await?;
     let base_open = open_loop(&baseline.url, args.reco_rps, args.duration).await?;
     let (api_rate, api_closed) = closed_loop(&reco("bench-042"), args.concurrency, args.duration).await?;
     let api_open = open_loop(&reco("bench-042"), args.reco_rps, args.duration).await?;
+    let mut g = generated(3, args.users);
+    let singles: Vec<String> = (0..args.reco_rps as usize * args.duration.as_secs().max(1) as usize + 64)
+        .map(|_| serde_json::to_string(&g()))
+        .collect::<Result<_, _>>()?;
+    let ingest_open = open_loop_with(args.reco_rps, args.duration, |http, n| {
+        let body = singles[n as usize % singles.len()].clone();
+        http.post(&ingest).header("content-type", "application/json").body(body)
+    })
+    .await?;
     drop(baseline);
     report += &format!(
         "Recommendation API, {} clients for the highest rate, {} req/s for latency\n\n\
@@ -431,13 +541,30 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
         ms(&api_open, 0.5),
         ms(&api_open, 0.99),
     );
+    report += &format!(
+        "Ingestion, one event per request at {} req/s over {} users ({} answered 202)\n\n\
+         | server | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|\n\
+         | minimal axum handler, GET (baseline) | {:.2} | {:.2} | {:.2} |\n\
+         | POST /api/users/activity | {:.2} | {:.2} | {:.2} |\n\n",
+        args.reco_rps,
+        args.users,
+        ingest_open.len(),
+        ms(&base_open, 0.5),
+        ms(&base_open, 0.99),
+        base_open.max() as f64 / 1000.0,
+        ms(&ingest_open, 0.5),
+        ms(&ingest_open, 0.99),
+        ingest_open.max() as f64 / 1000.0,
+    );
 
     // End to end, under background traffic.
     let hop = kafka_hop(&stack.broker, 200).await?;
     let background = {
-        let (http, url, rate) = (http.clone(), ingest.clone(), args.e2e_rate);
+        let (http, url, rate, users) = (http.clone(), ingest.clone(), args.e2e_rate, args.users);
         let seconds = (args.e2e_probes as u64 / 4).max(10) + 30;
-        tokio::spawn(async move { offer_load(&http, &url, rate, Duration::from_secs(seconds), generated(11)).await })
+        tokio::spawn(
+            async move { offer_load(&http, &url, rate, Duration::from_secs(seconds), generated(11, users)).await },
+        )
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut e2e = histogram();
@@ -467,12 +594,15 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
     }
     background.abort();
     report += &format!(
-        "End to end: 202 of a product view -> re-ranked list on GET /recommend, {} probes, background {} events/s\n\n\
+        "End to end: 202 of a product view -> re-ranked list on GET /recommend, {} probes, background {} events/s \
+         over {} users in batches of {}\n\n\
          | path | p50 ms | p99 ms | max ms | vs baseline (p50) |\n|---|---:|---:|---:|---:|\n\
          | one Kafka hop: produce -> consume (baseline) | {:.2} | {:.2} | {:.2} | 1.00x |\n\
          | view -> processor -> features -> candidates -> ranking -> API view | {:.2} | {:.2} | {:.2} | {:.1}x |\n{}\n",
         e2e.len(),
         args.e2e_rate,
+        args.users,
+        (args.e2e_rate / 50).clamp(1, 100),
         ms(&hop, 0.5),
         ms(&hop, 0.99),
         hop.max() as f64 / 1000.0,
@@ -485,7 +615,7 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
 
     // The pipeline's highest sustained rate, against the broker's raw produce rate.
     let raw = {
-        let settings = kit::kafka::KafkaSettings::for_broker(stack.broker.clone());
+        let settings = kit::kafka::KafkaSettings::for_embedded_broker(stack.broker.clone());
         let mut g = Generator::seeded(5);
         let generated: Vec<events::ActivityEvent> = (0..10_000).map(|_| g.activity(Utc::now())).collect();
         let payloads: Vec<Vec<u8>> = generated.iter().map(serde_json::to_vec).collect::<Result<_, _>>()?;
@@ -496,14 +626,20 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
     // Let what the raw producer wrote drain through the pipeline first.
     drain(stack, Duration::from_secs(120)).await;
     let mut peak = stack.rss();
-    report += "Pipeline: offered rate for each step, lag summed over every consumer at the step's end\n\n\
+    report += &format!(
+        "Pipeline: offered rate for each step ({} s, batches of rate/50 events, at most 100, over {} users), \
+         lag summed over every consumer at the step's end\n\n",
+        args.duration.as_secs(),
+        args.users
+    );
+    report += "\
                | offered events/s | accepted events/s | lag at end (messages) | sustained | vs broker raw produce |\n\
                |---:|---:|---:|---|---:|\n";
     report += &format!("| broker raw produce (baseline) | {raw:.0} | | | 1.00x |\n");
     let mut best = 0.0;
     for (step, rate) in args.rates.iter().enumerate() {
         let started = Instant::now();
-        let accepted = offer_load(&http, &ingest, *rate, args.duration, generated(100 + step as u64)).await;
+        let accepted = offer_load(&http, &ingest, *rate, args.duration, generated(100 + step as u64, args.users)).await;
         let accepted_rate = accepted as f64 / started.elapsed().as_secs_f64();
         // librdkafka reports lag every 5 s: wait for a report from the end of the step.
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -552,7 +688,12 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
         mib(load_total)
     );
     if let (Some(i), Some(l)) = (idle.get("(broker)"), peak.get("(broker)")) {
-        report += &format!("| embedded broker (Tansu, in memory) | {:.1} | {:.1} |\n", mib(*i), mib(*l));
+        report += &format!(
+            "| embedded broker (Tansu, {}) | {:.1} | {:.1} |\n",
+            if args.memory { "in memory" } else { "SQLite" },
+            mib(*i),
+            mib(*l)
+        );
         report += &format!("| whole stack | {:.1} | {:.1} |\n", mib(idle_total + i), mib(load_total + l));
     }
     Ok(report)
@@ -610,18 +751,8 @@ async fn soak_with(stack: &Stack, args: &SoakArgs) -> anyhow::Result<String> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
     let url = stack.url("user-activity", "/api/users/activity");
     let (rate, users, duration) = (args.rate, args.users, args.duration);
-    let load = tokio::spawn(async move {
-        let mut g = Generator::seeded(99);
-        let mut n: u64 = 0;
-        // Users spread over the whole pool: each new one is state the services must bound.
-        let next = move || {
-            n += 1;
-            let mut e = g.activity(Utc::now());
-            e.user_id = format!("soak-{}", n.wrapping_mul(2_654_435_761) % u64::from(users));
-            e
-        };
-        offer_load(&http, &url, rate, duration, next).await
-    });
+    // Users spread over the whole pool: each new one is state the services must bound.
+    let load = tokio::spawn(async move { offer_load(&http, &url, rate, duration, generated(99, users)).await });
     let mut samples: Vec<(Duration, BTreeMap<String, u64>)> = vec![(Duration::ZERO, stack.rss())];
     let started = Instant::now();
     while !load.is_finished() {
