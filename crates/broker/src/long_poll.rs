@@ -1,74 +1,69 @@
 //! Fetch as a real long poll: answered as soon as data is there, and otherwise held, at no
-//! cost, until a produce to one of its topics wakes it or `max_wait` runs out.
+//! cost, until a produce to one of its partitions wakes it or `max_wait` runs out.
 //!
 //! Tansu 0.6's own Fetch handler (`tansu-storage` `service/fetch.rs`) ends every pass with a
 //! sleep of the remaining wait, even when the pass found data, and otherwise re-queries the
 //! storage at intervals. Each hop of a pipeline then costs `fetch.wait.max.ms`, and keeping
 //! that low (20 ms) made idle consumers query SQLite hundreds of times a second: one core
 //! busy with no traffic. Here each pass is Tansu's handler with `max_wait_ms = 0` (one look,
-//! no sleep), and between passes the request waits on a per-topic signal that
+//! no sleep), and between passes the request waits on per-partition signals that
 //! [`NotifyingProduce`] raises after every successful produce. So latency no longer depends
 //! on `fetch.wait.max.ms`.
 //!
-//! An idle consumer asks the same question again every `max_wait`. Each connection remembers
-//! its last empty answer with the produce counters of its topics at the time; while those
-//! have not moved, the same request gets the same answer without touching the storage (at
-//! most [`REVALIDATE`] old, so that a change no produce signals — records deleted, a topic
-//! dropped — is seen in bounded time). With SQLite that is what makes an idle stack quiet.
+//! Each connection remembers, for every partition whose last answer was empty, the offset
+//! asked, the partition's produce counter at the time and the answer. A pass asks the storage
+//! only about the partitions whose counter moved (or whose offset changed); the others get
+//! their remembered answer, at most [`REVALIDATE`] old, so that a change no produce signals —
+//! records deleted, a topic dropped — is seen in bounded time. An idle consumer then costs no
+//! storage work at all, and under load a produce to one partition makes its readers read that
+//! partition, not every partition they follow. With SQLite that is what keeps the stack quiet
+//! when idle and its broker from re-reading every partition for every produce under load.
 //! See `docs/broker.md` for the measurements behind this.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tansu_sans_io::fetch_request::FetchTopic;
-
 use futures::future::select_all;
 use rama::{Context, Service};
-use tansu_sans_io::fetch_response::FetchableTopicResponse;
+use tansu_sans_io::fetch_response::{FetchableTopicResponse, PartitionData};
 use tansu_sans_io::{ErrorCode, FetchRequest, FetchResponse, ProduceRequest, ProduceResponse};
 use tansu_storage::{Error, FetchService, ProduceService, Storage, TopicId};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// Per-topic signals: a counter that every produce to the topic advances.
+/// A topic (by name) and a partition.
+type Partition = (String, i32);
+
+/// Per-partition signals: a counter that every produce to the partition advances.
 #[derive(Debug, Default)]
 pub struct Wakeups {
-    topics: Mutex<HashMap<String, watch::Sender<u64>>>,
+    partitions: Mutex<HashMap<Partition, watch::Sender<u64>>>,
 }
 
 impl Wakeups {
-    /// A receiver that sees every produce to `topic` from now on.
-    pub fn subscribe(&self, topic: &str) -> watch::Receiver<u64> {
-        let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
-        match topics.get(topic) {
-            Some(sender) => sender.subscribe(),
-            None => {
-                let (sender, receiver) = watch::channel(0);
-                topics.insert(topic.to_owned(), sender);
-                receiver
-            }
-        }
+    /// A receiver that sees every produce to `partition` of `topic` from now on.
+    pub fn subscribe(&self, topic: &str, partition: i32) -> watch::Receiver<u64> {
+        let mut partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        partitions.entry((topic.to_owned(), partition)).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
-    /// Wakes every fetch waiting on `topic`.
-    pub fn produced(&self, topic: &str) {
-        let topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(sender) = topics.get(topic) {
+    /// Wakes every fetch waiting on `partition` of `topic`.
+    pub fn produced(&self, topic: &str, partition: i32) {
+        let partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(sender) = partitions.get(&(topic.to_owned(), partition)) {
             sender.send_modify(|generation| *generation = generation.wrapping_add(1));
         }
     }
 
-    /// Drops the signal of a topic that turned out not to exist, unless someone waits on it.
+    /// Drops the signals of a topic that turned out not to exist, unless someone waits on them.
     fn forget(&self, topic: &str) {
-        let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
-        if topics.get(topic).is_some_and(|sender| sender.receiver_count() == 0) {
-            topics.remove(topic);
-        }
+        let mut partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        partitions.retain(|(t, _), sender| t != topic || sender.receiver_count() > 0);
     }
 }
 
-/// Tansu's produce handler, then a wake-up of the fetches waiting on the produced topics.
+/// Tansu's produce handler, then a wake-up of the fetches waiting on the produced partitions.
 #[derive(Debug, Clone)]
 pub struct NotifyingProduce {
     pub wakeups: Arc<Wakeups>,
@@ -79,10 +74,15 @@ impl<G: Storage> Service<G, ProduceRequest> for NotifyingProduce {
     type Error = Error;
 
     async fn serve(&self, ctx: Context<G>, req: ProduceRequest) -> Result<ProduceResponse, Error> {
-        let topics: Vec<String> = req.topic_data.iter().flatten().map(|topic| topic.name.clone()).collect();
+        let produced: Vec<Partition> = req
+            .topic_data
+            .iter()
+            .flatten()
+            .flat_map(|t| t.partition_data.iter().flatten().map(|p| (t.name.clone(), p.index)))
+            .collect();
         let response = ProduceService.serve(ctx, req).await?;
-        for topic in &topics {
-            self.wakeups.produced(topic);
+        for (topic, partition) in &produced {
+            self.wakeups.produced(topic, *partition);
         }
         Ok(response)
     }
@@ -95,49 +95,146 @@ pub const REVALIDATE: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct LongPollFetch {
     wakeups: Arc<Wakeups>,
-    last_empty: Mutex<Option<EmptyAnswer>>,
+    memory: Mutex<Memory>,
+}
+
+/// What a connection remembers of its empty answers.
+#[derive(Debug, Default)]
+struct Memory {
+    partitions: HashMap<Partition, EmptyPartition>,
+    /// The topic-level fields of the last answer about each topic (its partitions left out).
+    topics: HashMap<String, FetchableTopicResponse>,
+    /// The top-level fields of the last answer.
+    response: Option<FetchResponse>,
+}
+
+/// A partition's empty answer, for the offset asked and its produce counter at the time.
+#[derive(Debug)]
+struct EmptyPartition {
+    offset: i64,
+    generation: u64,
+    data: PartitionData,
+    at: Instant,
+}
+
+/// One partition a fetch asks about.
+#[derive(Debug, Clone)]
+struct Wanted {
+    /// Index of its topic in the request.
+    topic: usize,
+    /// The topic's id, when the request named it by id.
+    id: Option<[u8; 16]>,
+    name: String,
+    partition: i32,
+    offset: i64,
 }
 
 impl LongPollFetch {
     pub fn new(wakeups: Arc<Wakeups>) -> Self {
-        Self { wakeups, last_empty: Mutex::new(None) }
+        Self { wakeups, memory: Mutex::default() }
     }
 
-    /// The remembered empty answer to `question`, if nothing was produced to its topics since.
-    fn reuse(&self, question: &[Position], generations: &[u64]) -> Option<FetchResponse> {
-        let last = self.last_empty.lock().unwrap_or_else(PoisonError::into_inner);
-        last.as_ref()
-            .filter(|l| l.question == question && l.generations == generations && l.at.elapsed() < REVALIDATE)
-            .map(|l| l.response.clone())
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn remember(&self, answer: EmptyAnswer) {
-        *self.last_empty.lock().unwrap_or_else(PoisonError::into_inner) = Some(answer);
+    /// One look at every wanted partition: the storage for those that may have changed, the
+    /// remembered empty answer for the others.
+    async fn pass<G: Storage>(
+        &self,
+        ctx: &Context<G>,
+        req: &FetchRequest,
+        wanted: &[Wanted],
+        generations: &[u64],
+    ) -> Result<FetchResponse, Error> {
+        let stale: Vec<bool> = {
+            let memory = self.memory();
+            wanted
+                .iter()
+                .zip(generations)
+                .map(|(w, g)| {
+                    !memory
+                        .partitions
+                        .get(&(w.name.clone(), w.partition))
+                        .is_some_and(|e| e.offset == w.offset && e.generation == *g && e.at.elapsed() < REVALIDATE)
+                })
+                .collect()
+        };
+        let fresh = if stale.iter().any(|s| *s) {
+            let sub = only(req, wanted, &stale);
+            let fresh = FetchService.serve(ctx.clone(), sub).await?;
+            self.learn(&fresh, wanted, generations);
+            Some(fresh)
+        } else {
+            None
+        };
+        Ok(self.assemble(req, wanted, &stale, fresh.as_ref()))
     }
-}
 
-/// A partition a fetch reads and where: (topic name, topic id, partition, offset).
-type Position = (Option<String>, Option<[u8; 16]>, i32, i64);
+    /// Remembers the empty partitions of a fresh answer, and forgets the others.
+    fn learn(&self, fresh: &FetchResponse, wanted: &[Wanted], generations: &[u64]) {
+        let mut memory = self.memory();
+        let at = Instant::now();
+        for topic in fresh.responses.iter().flatten() {
+            let Some(name) = name_of(topic, wanted) else { continue };
+            for data in topic.partitions.iter().flatten() {
+                let key = (name.clone(), data.partition_index);
+                let Some(i) = wanted.iter().position(|w| w.name == name && w.partition == data.partition_index) else {
+                    continue;
+                };
+                let (bytes, errors) = summary(std::slice::from_ref(data));
+                if bytes == 0 && !errors {
+                    let entry =
+                        EmptyPartition { offset: wanted[i].offset, generation: generations[i], data: data.clone(), at };
+                    memory.partitions.insert(key, entry);
+                } else {
+                    memory.partitions.remove(&key);
+                }
+            }
+            let mut template = topic.clone();
+            template.partitions = Some(Vec::new());
+            memory.topics.insert(name, template);
+        }
+        let mut top = fresh.clone();
+        top.responses = None;
+        memory.response = Some(top);
+    }
 
-/// What a fetch asks, in a fixed order (librdkafka rotates the order of the partitions from
-/// one request to the next, for fairness).
-fn question(topics: Option<&[FetchTopic]>) -> Vec<Position> {
-    let mut positions: Vec<Position> = topics
-        .unwrap_or_default()
-        .iter()
-        .flat_map(|t| t.partitions.iter().flatten().map(|p| (t.topic.clone(), t.topic_id, p.partition, p.fetch_offset)))
-        .collect();
-    positions.sort_unstable();
-    positions
-}
-
-/// An answer with no records, and the produce counters of its topics when it was read.
-#[derive(Debug)]
-struct EmptyAnswer {
-    question: Vec<Position>,
-    generations: Vec<u64>,
-    response: FetchResponse,
-    at: Instant,
+    /// The answer to the whole request: fresh partitions, and remembered ones for the rest.
+    fn assemble(
+        &self,
+        req: &FetchRequest,
+        wanted: &[Wanted],
+        stale: &[bool],
+        fresh: Option<&FetchResponse>,
+    ) -> FetchResponse {
+        let memory = self.memory();
+        let mut response = fresh.cloned().or_else(|| memory.response.clone()).unwrap_or_default();
+        let mut topics = Vec::new();
+        for (index, asked) in req.topics.iter().flatten().enumerate() {
+            let name = wanted.iter().find(|w| w.topic == index).map(|w| w.name.clone());
+            let fresh_topic = fresh.and_then(|f| {
+                f.responses.iter().flatten().find(|t| name.is_some() && name_of(t, wanted) == name).cloned()
+            });
+            let mut topic = match (fresh_topic, &name) {
+                (Some(t), _) => t,
+                (None, Some(n)) => memory.topics.get(n).cloned().unwrap_or_else(|| {
+                    FetchableTopicResponse::default().topic(asked.topic.clone()).topic_id(asked.topic_id)
+                }),
+                (None, None) => continue,
+            };
+            let mut partitions = topic.partitions.take().unwrap_or_default();
+            for (w, _) in wanted.iter().zip(stale).filter(|(w, s)| w.topic == index && !**s) {
+                if let Some(e) = memory.partitions.get(&(w.name.clone(), w.partition)) {
+                    partitions.push(e.data.clone());
+                }
+            }
+            topic.partitions = Some(partitions);
+            topics.push(topic);
+        }
+        response.responses = Some(topics);
+        response
+    }
 }
 
 impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
@@ -147,40 +244,28 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
     async fn serve(&self, ctx: Context<G>, req: FetchRequest) -> Result<FetchResponse, Error> {
         let deadline = Instant::now() + Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
         let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0).max(1);
-        let names = topic_names(&ctx, &req).await?;
+        let req = req.max_wait_ms(0);
+        let wanted = wanted(&ctx, &req).await?;
         // Subscribe before the first look, so that a produce between the look and the wait
         // is not missed.
-        let mut signals: Vec<watch::Receiver<u64>> = names.iter().map(|name| self.wakeups.subscribe(name)).collect();
-        let one_pass = req.max_wait_ms(0);
-        let asked = question(one_pass.topics.as_deref());
+        let mut signals: Vec<watch::Receiver<u64>> =
+            wanted.iter().map(|w| self.wakeups.subscribe(&w.name, w.partition)).collect();
         loop {
             let generations: Vec<u64> = signals.iter_mut().map(|signal| *signal.borrow_and_update()).collect();
-            let response = match self.reuse(&asked, &generations) {
-                Some(response) => {
-                    tracing::trace!("fetch answered from the last empty pass");
-                    response
-                }
-                None => {
-                    tracing::trace!("fetch pass");
-                    let response = FetchService.serve(ctx.clone(), one_pass.clone()).await?;
-                    let (bytes, errors) = summary(response.responses.as_deref().unwrap_or_default());
-                    if bytes == 0 && !errors {
-                        self.remember(EmptyAnswer {
-                            question: asked.clone(),
-                            generations,
-                            response: response.clone(),
-                            at: Instant::now(),
-                        });
-                    }
-                    response
-                }
-            };
-            let (bytes, errors) = summary(response.responses.as_deref().unwrap_or_default());
+            let response = self.pass(&ctx, &req, &wanted, &generations).await?;
+            let (bytes, errors) = summary(
+                &response
+                    .responses
+                    .iter()
+                    .flatten()
+                    .flat_map(|t| t.partitions.iter().flatten().cloned())
+                    .collect::<Vec<_>>(),
+            );
             if bytes >= min_bytes || errors || signals.is_empty() || Instant::now() >= deadline {
                 if errors {
                     drop(signals);
-                    for name in &names {
-                        self.wakeups.forget(name);
+                    for w in &wanted {
+                        self.wakeups.forget(&w.name);
                     }
                 }
                 return Ok(response);
@@ -194,29 +279,75 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
     }
 }
 
-/// The names of the topics a fetch asks for (a request may name them by id only).
-async fn topic_names<G: Storage>(ctx: &Context<G>, req: &FetchRequest) -> Result<Vec<String>, Error> {
-    let mut names = Vec::new();
-    for topic in req.topics.iter().flatten() {
-        match &topic.topic {
-            Some(name) => names.push(name.clone()),
+/// The partitions a fetch asks about, with their topics by name (a request may name a topic
+/// by id only).
+async fn wanted<G: Storage>(ctx: &Context<G>, req: &FetchRequest) -> Result<Vec<Wanted>, Error> {
+    let mut wanted = Vec::new();
+    for (index, topic) in req.topics.iter().flatten().enumerate() {
+        let name = match &topic.topic {
+            Some(name) => Some(name.clone()),
             None => {
                 let metadata = ctx.state().metadata(Some(&[TopicId::from(topic)])).await?;
-                names.extend(metadata.topics().iter().filter_map(|t| t.name.clone()));
+                metadata.topics().first().and_then(|t| t.name.clone())
             }
+        };
+        let Some(name) = name else { continue };
+        for p in topic.partitions.iter().flatten() {
+            wanted.push(Wanted {
+                topic: index,
+                id: topic.topic_id,
+                name: name.clone(),
+                partition: p.partition,
+                offset: p.fetch_offset,
+            });
         }
     }
-    names.sort_unstable();
-    names.dedup();
-    Ok(names)
+    Ok(wanted)
 }
 
-/// The record bytes a fetch pass found, and whether any partition answered with an error
+/// The request cut down to the partitions marked in `keep`.
+fn only(req: &FetchRequest, wanted: &[Wanted], keep: &[bool]) -> FetchRequest {
+    let mut sub = req.clone();
+    sub.topics = Some(
+        req.topics
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(index, topic)| {
+                let partitions: Vec<_> = topic
+                    .partitions
+                    .iter()
+                    .flatten()
+                    .filter(|p| {
+                        wanted
+                            .iter()
+                            .zip(keep)
+                            .find(|(w, _)| w.topic == index && w.partition == p.partition)
+                            .is_none_or(|(_, k)| *k)
+                    })
+                    .cloned()
+                    .collect();
+                (!partitions.is_empty()).then(|| topic.clone().partitions(Some(partitions)))
+            })
+            .collect(),
+    );
+    sub
+}
+
+/// The name of a topic in an answer (answers to requests by id carry the id only).
+fn name_of(topic: &FetchableTopicResponse, wanted: &[Wanted]) -> Option<String> {
+    topic.topic.clone().or_else(|| {
+        let id = topic.topic_id?;
+        wanted.iter().find(|w| w.id == Some(id)).map(|w| w.name.clone())
+    })
+}
+
+/// The record bytes of some answered partitions, and whether any answered with an error
 /// (an unknown topic, an offset out of range: the client must hear of it at once).
-fn summary(topics: &[FetchableTopicResponse]) -> (usize, bool) {
+fn summary(partitions: &[PartitionData]) -> (usize, bool) {
     let mut bytes = 0;
     let mut errors = false;
-    for partition in topics.iter().flat_map(|t| t.partitions.iter().flatten()) {
+    for partition in partitions {
         errors |= partition.error_code != i16::from(ErrorCode::None);
         bytes += partition
             .records
@@ -233,11 +364,11 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_produce_wakes_only_the_subscribers_of_its_topic() {
+    async fn a_produce_wakes_only_the_subscribers_of_its_partition() {
         let wakeups = Wakeups::default();
-        let mut a = wakeups.subscribe("a");
-        let mut b = wakeups.subscribe("b");
-        wakeups.produced("a");
+        let mut a = wakeups.subscribe("t", 0);
+        let mut b = wakeups.subscribe("t", 1);
+        wakeups.produced("t", 0);
         assert!(a.has_changed().expect("open"));
         assert!(!b.has_changed().expect("open"));
         a.borrow_and_update();
@@ -247,10 +378,10 @@ mod tests {
     #[test]
     fn a_produce_to_a_topic_nobody_waits_on_keeps_nothing() {
         let wakeups = Wakeups::default();
-        wakeups.produced("nobody");
-        assert!(wakeups.topics.lock().expect("lock").is_empty());
-        drop(wakeups.subscribe("gone"));
+        wakeups.produced("nobody", 0);
+        assert!(wakeups.partitions.lock().expect("lock").is_empty());
+        drop(wakeups.subscribe("gone", 3));
         wakeups.forget("gone");
-        assert!(wakeups.topics.lock().expect("lock").is_empty());
+        assert!(wakeups.partitions.lock().expect("lock").is_empty());
     }
 }

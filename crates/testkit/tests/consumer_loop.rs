@@ -204,3 +204,49 @@ async fn a_panicking_handler_ends_its_service_with_an_error() -> anyhow::Result<
     assert!(error.contains("consumer boom panicked") && error.contains("the handler has a bug"), "{error}");
     Ok(())
 }
+
+/// The broker answers a waiting fetch as soon as a message arrives on any of its partitions,
+/// not when `fetch.wait.max.ms` (here 30 s) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_fetch_is_answered_when_a_message_arrives() -> anyhow::Result<()> {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::Message as _;
+    let broker = TestBroker::start().await?;
+    let topic = Topic::UserActivity.name();
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", "test-long-poll")
+        .set("fetch.wait.max.ms", "30000")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..Topic::UserActivity.default_partitions() {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+    // Warm up: one message on every partition, so that every partition is in the consumer's
+    // next fetch (librdkafka keeps one fetch per broker in flight: a partition that becomes
+    // fetchable while a fetch waits joins the next one — on Apache Kafka too).
+    let partitions = Topic::UserActivity.default_partitions();
+    for p in 0..partitions {
+        raw.send(FutureRecord::to(topic).partition(p).key("k").payload("warm-up"), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    for _ in 0..partitions {
+        tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await??;
+    }
+    for (n, partition) in [0, 1, 0].into_iter().enumerate() {
+        // Let the consumer's fetch be waiting at the broker before the message is produced.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let payload = format!("message {n}");
+        raw.send(FutureRecord::to(topic).partition(partition).key("k").payload(&payload), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+        let msg = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("message {n} was not delivered while the fetch waited"))??;
+        assert_eq!((msg.partition(), msg.payload()), (partition, Some(payload.as_bytes())));
+    }
+    Ok(())
+}
