@@ -68,6 +68,9 @@ pub async fn run(addr: SocketAddr, storage: Storage, shutdown: CancellationToken
         .build()
         .await
         .map_err(|e| anyhow::anyhow!("opening the broker's storage: {e:?}"))?;
+    if let Storage::Sqlite(file) = &storage {
+        index_headers(file).await?;
+    }
     engine
         .register_broker(BrokerRegistrationRequest {
             broker_id: tansu_broker::NODE_ID,
@@ -120,6 +123,21 @@ pub async fn run(addr: SocketAddr, storage: Storage, shutdown: CancellationToken
 }
 
 const CLUSTER_ID: &str = "retargetiq";
+
+/// Tansu 0.6's SQLite schema keeps record headers in a table with no index: reading a record's
+/// headers (`header_fetch.sql`, once per record fetched) scans every header ever stored. Every
+/// message of the platform carries a correlation-id header, so each fetch got slower as the
+/// log grew, and under load the broker spent nearly all its time there (and collapsed). This
+/// adds the index the lookup needs; it changes no data, and Tansu's queries use it as they are.
+async fn index_headers(file: &str) -> anyhow::Result<()> {
+    let db = libsql::Builder::new_local(file).build().await.with_context(|| format!("opening {file}"))?;
+    let connection = db.connect()?;
+    connection
+        .execute("create index if not exists retargetiq_header_record on header (topition, offset_id)", ())
+        .await
+        .context("indexing the broker's record headers")?;
+    Ok(())
+}
 
 /// Tansu's request handlers for one connection, with Fetch and Produce replaced.
 fn routes(

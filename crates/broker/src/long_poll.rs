@@ -88,6 +88,9 @@ impl<G: Storage> Service<G, ProduceRequest> for NotifyingProduce {
     }
 }
 
+/// How long a woken fetch waits for further produces before it looks.
+pub const COALESCE: Duration = Duration::from_millis(3);
+
 /// Longest an empty answer is reused without asking the storage again.
 pub const REVALIDATE: Duration = Duration::from_secs(10);
 
@@ -275,6 +278,10 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
                 // Nothing was produced: answer with the empty pass, as the wait ran out.
                 return Ok(response);
             }
+            // Under load, produces come in quick succession: a moment's pause lets one pass
+            // read what several of them wrote, rather than one pass (and one round trip of
+            // every reader) per produce.
+            tokio::time::sleep(COALESCE.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
     }
 }
