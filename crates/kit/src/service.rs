@@ -131,6 +131,11 @@ impl Context {
                 }
             };
             ready.set(false);
+            if shutdown.is_cancelled() {
+                // Stopping anyway: a task cut short by the shutdown is no failure.
+                tracing::warn!(error = %outcome, "ended during shutdown");
+                return;
+            }
             tracing::error!(error = %outcome, "fatal: stopping the service so that its supervisor restarts it");
             failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(outcome);
             shutdown.cancel();

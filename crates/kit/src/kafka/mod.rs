@@ -12,9 +12,10 @@ pub use producer::{ProduceError, Producer};
 
 use crate::config::{ConfigError, Env, positive};
 
-/// What a client of the embedded broker (Tansu 0.6) must be given, on top of its address:
-/// librdkafka must never time a message out (see [`producer`]).
-pub const EMBEDDED_BROKER_ENV: [(&str, &str); 1] = [("KAFKA_MESSAGE_TIMEOUT_MS", "0")];
+/// What a client of the embedded broker (Tansu 0.6) is given, on top of its address:
+/// librdkafka must never time a message out (see [`producer`]), and compression would only
+/// make the broker inflate every batch it stores.
+pub const EMBEDDED_BROKER_ENV: [(&str, &str); 2] = [("KAFKA_MESSAGE_TIMEOUT_MS", "0"), ("KAFKA_COMPRESSION", "none")];
 
 /// Broker settings shared by every client of a service.
 #[derive(Debug, Clone)]
@@ -35,6 +36,10 @@ pub struct KafkaSettings {
     /// silently. `0` (never give up) is for the embedded broker only, which `retargetiq up`
     /// sets: see [`super::producer`] for why.
     pub message_timeout: Duration,
+    /// `KAFKA_COMPRESSION`: how producers compress batches (`none`, `gzip`, `snappy`, `lz4`,
+    /// `zstd`; default `lz4`). The embedded broker stores records uncompressed and would only
+    /// spend its CPU inflating them, so `retargetiq up` gives its clients `none`.
+    pub compression: String,
     /// `KAFKA_CONSUMER_FETCH_MAX_KB`: most memory a consumer may hold in pre-fetched messages, per
     /// partition (default 2 MiB).
     pub consumer_queue_kb: u32,
@@ -106,6 +111,13 @@ impl KafkaSettings {
             linger: env.millis("KAFKA_LINGER_MS", Duration::from_millis(2))?,
             delivery_timeout: env.millis("KAFKA_DELIVERY_TIMEOUT_MS", Duration::from_secs(5))?,
             message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", Duration::from_secs(120))?,
+            compression: env.checked("KAFKA_COMPRESSION", "lz4".to_owned(), |c: &String| {
+                if ["none", "gzip", "snappy", "lz4", "zstd"].contains(&c.as_str()) {
+                    Ok(())
+                } else {
+                    Err("expected none, gzip, snappy, lz4 or zstd".to_owned())
+                }
+            })?,
             consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 2_048, positive)?,
             fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(500))?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
@@ -132,6 +144,6 @@ impl KafkaSettings {
 
     /// Settings for the embedded broker at `bootstrap_servers` (see [`EMBEDDED_BROKER_ENV`]).
     pub fn for_embedded_broker(bootstrap_servers: impl Into<String>) -> Self {
-        Self { message_timeout: Duration::ZERO, ..Self::for_broker(bootstrap_servers) }
+        Self { message_timeout: Duration::ZERO, compression: "none".to_owned(), ..Self::for_broker(bootstrap_servers) }
     }
 }

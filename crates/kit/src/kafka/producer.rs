@@ -259,7 +259,7 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
         .set("bootstrap.servers", &settings.bootstrap_servers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.type", "lz4")
+        .set("compression.type", &settings.compression)
         .set("linger.ms", settings.linger.as_millis().to_string())
         .set("queue.buffering.max.kbytes", settings.producer_buffer_kb.to_string())
         .set("queue.buffering.max.messages", "100000")
