@@ -35,6 +35,9 @@ pub trait Service {
     const NAME: &'static str;
     /// The contract port.
     const DEFAULT_PORT: u16;
+    /// Whether the service's instances share partitions (and so must not both read the same
+    /// share): such an instance holds a lock on its share while it runs (see [`standby`]).
+    const PARTITIONED: bool = false;
     /// The service's own settings.
     type Config: Send + 'static;
 
@@ -336,8 +339,94 @@ fn healthcheck(env: &Env, default_port: u16) -> ExitCode {
     }
 }
 
+/// Waits until this instance may read its share of the partitions, and returns the lock that
+/// says so (held until the process ends; `None` if shut down while waiting).
+///
+/// Partitions are shared statically (`INSTANCE_INDEX` of `INSTANCE_COUNT`), so a second process
+/// started with the same share — say a second event processor with only another `HTTP_PORT` —
+/// would process every message a second time. Instead it waits as a standby: the share is an
+/// exclusive lock on a file named after the service, the broker and the share, in
+/// `RETARGETIQ_LOCK_DIR` (default: the temporary directory). The operating system releases it
+/// when its holder dies, even by `kill -9`, and the standby then takes over from the committed
+/// offsets. This covers instances on one host (or containers sharing the lock directory as a
+/// volume); across hosts, give each instance its own `INSTANCE_INDEX`.
+pub async fn standby(
+    service: &str,
+    kafka: &KafkaSettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<std::fs::File>> {
+    use std::hash::{Hash as _, Hasher as _};
+    let dir = std::env::var_os("RETARGETIQ_LOCK_DIR").map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+    std::fs::create_dir_all(&dir)?;
+    // FNV-1a: stable across builds, unlike the standard hasher.
+    let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
+    kafka.bootstrap_servers.hash(&mut hasher);
+    let path = dir.join(format!(
+        "retargetiq-{service}-{:016x}-{}-of-{}.lock",
+        hasher.finish(),
+        kafka.instance_index,
+        kafka.instance_count
+    ));
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    let mut waiting = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                if waiting {
+                    tracing::info!(lock = %path.display(), "the other instance is gone: taking over");
+                }
+                return Ok(Some(file));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !waiting {
+                    tracing::warn!(
+                        lock = %path.display(),
+                        instance = kafka.instance_index,
+                        of = kafka.instance_count,
+                        "another instance reads this share of the partitions: waiting as a standby \
+                         (give each instance its own INSTANCE_INDEX and INSTANCE_COUNT to share the work)"
+                    );
+                    waiting = true;
+                }
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The 64-bit FNV-1a hash.
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -> ExitCode {
     let shutdown = shutdown_on_signal();
+    let _share = if S::PARTITIONED {
+        match standby(S::NAME, &common.kafka, &shutdown).await {
+            Ok(Some(lock)) => Some(lock),
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(service = S::NAME, error = format!("{e:#}"), "cannot take the instance lock");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let listener = match TcpListener::bind(common.http_addr).await {
         Ok(l) => l,
         Err(e) => {

@@ -65,6 +65,7 @@ pub struct Config {
 impl Service for Analytics {
     const NAME: &'static str = "analytics";
     const DEFAULT_PORT: u16 = 8084;
+    const PARTITIONED: bool = true;
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {
@@ -381,6 +382,13 @@ impl Kpis {
         });
 
         if let Some(c) = &e.campaign_id {
+            if !self.campaigns.contains_key(c) && self.campaigns.len() >= MAX_CAMPAIGNS {
+                // Campaign ids come from clients: keep the bound by forgetting the campaign
+                // with the fewest events.
+                if let Some(least) = self.campaigns.values().min_by_key(|s| s.events).map(|s| s.campaign_id.clone()) {
+                    self.campaigns.remove(&least);
+                }
+            }
             let stats = self
                 .campaigns
                 .entry(c.clone())
@@ -530,11 +538,20 @@ fn export_gauges(s: &Summary) {
             metrics::gauge!("analytics_offer_revenue", "action" => o.action.as_str()).set(o.revenue);
         }
     }
-    for c in &s.campaigns {
+    // Campaign ids are client-chosen: only the top campaigns become metric labels.
+    let mut top: Vec<&CampaignStats> = s.campaigns.iter().collect();
+    top.sort_by(|a, b| b.revenue.total_cmp(&a.revenue).then(b.events.cmp(&a.events)));
+    for c in top.into_iter().take(CAMPAIGN_LABELS) {
         metrics::gauge!("analytics_campaign_revenue", "campaign" => c.campaign_id.clone()).set(c.revenue);
     }
     metrics::gauge!("analytics_event_age_seconds").set(s.pipeline.mean_event_age_seconds);
 }
+
+/// Most campaigns analytics keeps figures for (campaign ids come from clients).
+pub const MAX_CAMPAIGNS: usize = 10_000;
+
+/// How many campaigns (by revenue) are exported as Prometheus labels.
+pub const CAMPAIGN_LABELS: usize = 20;
 
 struct Counter(Shared<Kpis>);
 
@@ -714,5 +731,26 @@ mod tests {
         assert_eq!(s.campaigns.len(), 1);
         assert_eq!((s.campaigns[0].orders, s.campaigns[0].revenue), (1, 25.5));
         assert_eq!(k.user("a").expect("a").recent_events[0].amount, Some(25.5));
+    }
+
+    /// Campaign ids are chosen by clients: however many arrive, analytics keeps at most
+    /// `MAX_CAMPAIGNS` of them, forgetting the smallest first.
+    #[test]
+    fn campaigns_are_bounded() {
+        let mut k = Kpis::new(100);
+        let now = Utc::now();
+        let mut big = event("big-0", "u", "s", EventType::ProductView);
+        big.campaign_id = Some("big".into());
+        k.record_event(&big, now, true);
+        big.event_id = "big-1".into();
+        k.record_event(&big, now, true);
+        for n in 0..MAX_CAMPAIGNS + 50 {
+            let mut e = event(&format!("e{n}"), "u", "s", EventType::ProductView);
+            e.campaign_id = Some(format!("c{n}"));
+            k.record_event(&e, now, true);
+        }
+        let s = k.summary(now);
+        assert_eq!(s.campaigns.len(), MAX_CAMPAIGNS);
+        assert!(s.campaigns.iter().any(|c| c.campaign_id == "big" && c.events == 2), "the largest campaign stays");
     }
 }

@@ -68,6 +68,7 @@ impl Default for Config {
 impl Service for EventProcessor {
     const NAME: &'static str = "event-processor";
     const DEFAULT_PORT: u16 = 8083;
+    const PARTITIONED: bool = true;
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {

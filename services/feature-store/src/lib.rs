@@ -51,6 +51,7 @@ pub struct Config {
 impl Service for FeatureStore {
     const NAME: &'static str = "feature-store";
     const DEFAULT_PORT: u16 = 8085;
+    const PARTITIONED: bool = true;
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {

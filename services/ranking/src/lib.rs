@@ -82,6 +82,7 @@ impl Default for Config {
 impl Service for Ranking {
     const NAME: &'static str = "ranking";
     const DEFAULT_PORT: u16 = 8087;
+    const PARTITIONED: bool = true;
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {

@@ -59,6 +59,7 @@ pub struct Retrieval;
 impl Service for Retrieval {
     const NAME: &'static str = "retrieval";
     const DEFAULT_PORT: u16 = 8086;
+    const PARTITIONED: bool = true;
     type Config = ();
 
     fn config(_env: &Env) -> Result<(), ConfigError> {

@@ -122,6 +122,7 @@ impl Default for Config {
 impl Service for RlOffer {
     const NAME: &'static str = "rl-offer";
     const DEFAULT_PORT: u16 = 8088;
+    const PARTITIONED: bool = true;
     type Config = Config;
 
     fn config(env: &Env) -> Result<Config, ConfigError> {
