@@ -226,6 +226,11 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
+/// `p50 | p99 | max` in milliseconds, for a table row.
+fn percentiles(h: &Histogram<u64>) -> String {
+    format!("{:.2} | {:.2} | {:.2}", ms(h, 0.5), ms(h, 0.99), h.max() as f64 / 1000.0)
+}
+
 /// Posts `events` as one batch; returns how many were accepted.
 async fn post_batch(http: &reqwest::Client, url: &str, events: &[events::ActivityEvent]) -> usize {
     match http.post(url).json(events).send().await {
@@ -544,17 +549,13 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
     report += &format!(
         "Ingestion, one event per request at {} req/s over {} users ({} answered 202)\n\n\
          | server | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|\n\
-         | minimal axum handler, GET (baseline) | {:.2} | {:.2} | {:.2} |\n\
-         | POST /api/users/activity | {:.2} | {:.2} | {:.2} |\n\n",
+         | minimal axum handler, GET (baseline) | {} |\n\
+         | POST /api/users/activity | {} |\n\n",
         args.reco_rps,
         args.users,
         ingest_open.len(),
-        ms(&base_open, 0.5),
-        ms(&base_open, 0.99),
-        base_open.max() as f64 / 1000.0,
-        ms(&ingest_open, 0.5),
-        ms(&ingest_open, 0.99),
-        ingest_open.max() as f64 / 1000.0,
+        percentiles(&base_open),
+        percentiles(&ingest_open),
     );
 
     // End to end, under background traffic.
@@ -600,18 +601,14 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
         "End to end: 202 of a product view -> re-ranked list on GET /recommend, {} probes, background {} events/s \
          over {} users in batches of {}\n\n\
          | path | p50 ms | p99 ms | max ms | vs baseline (p50) |\n|---|---:|---:|---:|---:|\n\
-         | one Kafka hop: produce -> consume (baseline) | {:.2} | {:.2} | {:.2} | 1.00x |\n\
-         | view -> processor -> features -> candidates -> ranking -> API view | {:.2} | {:.2} | {:.2} | {:.1}x |\n{}\n",
+         | one Kafka hop: produce -> consume (baseline) | {} | 1.00x |\n\
+         | view -> processor -> features -> candidates -> ranking -> API view | {} | {:.1}x |\n{}\n",
         e2e.len(),
         args.e2e_rate,
         args.users,
         (args.e2e_rate / 50).clamp(1, 100),
-        ms(&hop, 0.5),
-        ms(&hop, 0.99),
-        hop.max() as f64 / 1000.0,
-        ms(&e2e, 0.5),
-        ms(&e2e, 0.99),
-        e2e.max() as f64 / 1000.0,
+        percentiles(&hop),
+        percentiles(&e2e),
         ms(&e2e, 0.5) / ms(&hop, 0.5).max(1e-9),
         if missed + refused > 0 {
             format!("({missed} probes saw no change within 10 s; {refused} probe views were refused with a 5xx)\n")
