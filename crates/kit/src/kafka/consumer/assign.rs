@@ -1,0 +1,165 @@
+//! Which partitions a consumer reads, from where, and the checks on its topics.
+
+use super::*;
+
+/// The librdkafka consumer for `spec`, and whether it reads a partitioned share (a group) rather
+/// than every partition (a replica or live reader).
+pub(super) fn create(
+    env: &ConsumerEnv,
+    spec: &ConsumerSpec,
+) -> anyhow::Result<(Arc<StreamConsumer<GroupContext>>, bool)> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &env.settings.bootstrap_servers)
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", env.settings.fetch_wait.as_millis().clamp(1, 500).to_string())
+        .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
+        .set("statistics.interval.ms", "5000")
+        .set("socket.keepalive.enable", "true");
+    if let Some(debug) = &env.settings.debug {
+        config.set("debug", debug);
+    }
+    let is_group = match &spec.subscription {
+        Subscription::Group { group_id } => {
+            config.set("group.id", group_id).set("enable.auto.commit", "true").set("auto.commit.interval.ms", "1000");
+            if env.settings.assignment == Assignment::Group {
+                config.set("session.timeout.ms", "10000");
+            }
+            true
+        }
+        Subscription::Replica | Subscription::Live => {
+            config
+                .set("group.id", format!("{}-replica-{}", env.service, uuid::Uuid::new_v4()))
+                .set("enable.auto.commit", "false");
+            false
+        }
+    };
+    let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
+        config
+            .create_with_context(GroupContext { ready: env.ready.clone(), name: spec.name })
+            .context("creating the Kafka consumer")?,
+    );
+    Ok((consumer, is_group))
+}
+
+/// Flips the ready flag when the group assigns partitions.
+pub(super) struct GroupContext {
+    ready: ReadyFlag,
+    name: &'static str,
+}
+
+impl ClientContext for GroupContext {
+    /// librdkafka's statistics (every 5 s): the lag of each partition this consumer reads.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    let (topic, partition) = (topic.clone(), partition.to_string());
+                    metrics::gauge!("kafka_consumer_lag", "consumer" => self.name, "topic" => topic, "partition" => partition)
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions assigned");
+                self.ready.set(true);
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions revoked");
+            }
+            Rebalance::Error(e) => tracing::warn!(consumer = self.name, error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// The partitions of `topics` that `mine` selects, each starting at `start`.
+pub(super) async fn assignment(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    topics: &[Topic],
+    mine: impl Fn(i32) -> bool,
+    start: Offset,
+    shutdown: CancellationToken,
+) -> anyhow::Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for &topic in topics {
+        for id in partitions_of(Arc::clone(&consumer), topic, &shutdown).await?.into_iter().filter(|p| mine(*p)) {
+            tpl.add_partition_offset(topic.name(), id, start)?;
+        }
+    }
+    Ok(tpl)
+}
+
+/// The partition ids of `topic`, waiting for the broker (and for the topic) as long as it takes.
+pub(super) async fn partitions_of(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    topic: Topic,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<i32>> {
+    loop {
+        let c = Arc::clone(&consumer);
+        let fetched = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(topic.name()), Duration::from_secs(5))
+                .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>())
+        })
+        .await?;
+        match fetched {
+            Ok(ids) if !ids.is_empty() => return Ok(ids),
+            Ok(_) => tracing::warn!(%topic, "topic has no partitions yet; waiting"),
+            Err(e) => tracing::warn!(%topic, error = %e, "waiting for the broker"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => anyhow::bail!("shut down before the broker answered"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// A consumer that reads several topics in one group joins them per user: a user's messages
+/// must be on the same partition number in each, so the topics must have equal partition
+/// counts. Refuses to start otherwise, naming the topics.
+pub(super) async fn check_co_partitioned(
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    topics: &[Topic],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut counts = Vec::with_capacity(topics.len());
+    for &topic in topics {
+        counts.push((topic, partitions_of(Arc::clone(consumer), topic, shutdown).await?.len()));
+    }
+    if counts.windows(2).any(|w| w[0].1 != w[1].1) {
+        let list: Vec<String> = counts.iter().map(|(t, n)| format!("{t} has {n}")).collect();
+        anyhow::bail!(
+            "the topics this consumer joins per user are not co-partitioned ({}): give them the same number of partitions",
+            list.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The end offset of each non-empty partition of `tpl`: what a replica must catch up with.
+pub(super) async fn end_offsets(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    tpl: &TopicPartitionList,
+) -> anyhow::Result<HashMap<(Topic, i32), i64>> {
+    let partitions: Vec<(Topic, i32)> =
+        tpl.elements().iter().filter_map(|e| Topic::from_name(e.topic()).map(|t| (t, e.partition()))).collect();
+    let mut ends = HashMap::new();
+    for (topic, id) in partitions {
+        let c = Arc::clone(&consumer);
+        let (low, high) =
+            tokio::task::spawn_blocking(move || c.fetch_watermarks(topic.name(), id, Duration::from_secs(5)))
+                .await?
+                .context("reading watermarks")?;
+        if high > low {
+            ends.insert((topic, id), high);
+        }
+    }
+    Ok(ends)
+}

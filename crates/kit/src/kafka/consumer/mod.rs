@@ -1,0 +1,233 @@
+//! The at-least-once consumer loop.
+//!
+//! - Offsets are stored (`enable.auto.offset.store=false`) only after the handler succeeded
+//!   and every message it produced was acknowledged by the broker; librdkafka commits stored
+//!   offsets every second, and the loop commits synchronously on shutdown.
+//! - Produces are pipelined: the loop keeps reading while earlier outputs are in flight (up
+//!   to [`MAX_IN_FLIGHT`] messages), and stores offsets in the order messages were read.
+//! - A handler that [`HandlerError::Reject`]s a message sends it straight to
+//!   `dead-letter-topic`; one that fails with [`HandlerError::Retry`] is retried with backoff
+//!   up to `KAFKA_HANDLER_MAX_ATTEMPTS` times, then dead-lettered. Either way the partition
+//!   keeps flowing. A dead letter keeps the original bytes, the source topic, partition and
+//!   offset, the reason and the time.
+//! - Handlers are plain synchronous functions of (state, record) -> outputs, unit-testable
+//!   with no broker. Because delivery is at-least-once, a handler must be idempotent: after a
+//!   crash it may see a message again.
+
+//!
+//! The parts: [`record`] — what a handler sees and gives back; `assign` — subscription,
+//! assignment and the checks on the topics; `restore` — rebuilding a handler's state from its
+//! partitions; `outputs` — running the handler on one message and settling its outputs
+//! (offsets, dead letters); this module — the specs and the loop that ties them together.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::Utc;
+use events::validate::FieldError;
+use events::{CORRELATION_HEADER, DeadLetter, DeadLetterKind, Message, SourceRef, Topic};
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use super::producer::{Outgoing, ProduceError, Producer};
+use super::{Assignment, KafkaSettings};
+use crate::http::ReadyFlag;
+
+mod assign;
+mod outputs;
+pub mod record;
+mod restore;
+
+use assign::{GroupContext, assignment, check_co_partitioned, create, end_offsets};
+use outputs::{Pending, complete, process};
+pub use record::{Handler, HandlerError, Outbox, Record};
+use restore::restore;
+
+/// Most messages whose outputs may be awaiting acknowledgement at once.
+pub const MAX_IN_FLIGHT: usize = 1_000;
+
+/// How a consumer reads its topics.
+#[derive(Debug, Clone)]
+pub enum Subscription {
+    /// The instances of a service share the partitions (see [`super::Assignment`]), and the
+    /// offsets committed under `group_id` say where to resume.
+    Group { group_id: String },
+    /// Read every partition from the beginning, outside any group: a full replica of the
+    /// topics, for views and models that every instance needs whole. Ready once it has
+    /// caught up with the end of the topics as they were at start.
+    Replica,
+    /// Every partition from the end, outside any group: what happens from now on, for live
+    /// feeds. Ready at once; nothing is replayed or committed.
+    Live,
+}
+
+/// What to consume.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// A short name for logs and metrics (`processed-events`, ...).
+    pub name: &'static str,
+    pub topics: Vec<Topic>,
+    pub subscription: Subscription,
+    /// Rebuild the handler's state on start: replay this instance's partitions from the
+    /// beginning up to the committed offsets, outputs discarded, before consuming for real.
+    /// For handlers whose state is a function of their input (static assignment only).
+    pub restore: bool,
+}
+
+impl ConsumerSpec {
+    /// A partitioned consumer whose offsets are committed under `group_id`.
+    pub fn group(name: &'static str, topics: impl Into<Vec<Topic>>, group_id: &str) -> Self {
+        Self {
+            name,
+            topics: topics.into(),
+            subscription: Subscription::Group { group_id: group_id.to_owned() },
+            restore: false,
+        }
+    }
+
+    /// A replica of `topics` (every partition, from the beginning).
+    pub fn replica(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
+        Self { name, topics: topics.into(), subscription: Subscription::Replica, restore: false }
+    }
+
+    /// Every partition of `topics` from the end (see [`Subscription::Live`]).
+    pub fn live(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
+        Self { name, topics: topics.into(), subscription: Subscription::Live, restore: false }
+    }
+
+    /// The same consumer, restoring its state on start (see [`ConsumerSpec::restore`]).
+    pub fn restoring(self) -> Self {
+        Self { restore: true, ..self }
+    }
+}
+
+/// What a running consumer needs from its service.
+#[derive(Clone)]
+pub struct ConsumerEnv {
+    pub settings: KafkaSettings,
+    pub service: &'static str,
+    pub producer: Producer,
+    pub shutdown: CancellationToken,
+    pub ready: ReadyFlag,
+}
+
+/// Runs a consumer until shutdown; an error ends it (and its service: see `crate::service`).
+pub async fn run_consumer<H: Handler>(env: ConsumerEnv, spec: ConsumerSpec, mut handler: H) -> anyhow::Result<()> {
+    // No restart here: the handler's state holds what it has seen, and replaying the
+    // partitions from the committed offsets into that state would count messages twice (or,
+    // for ids marked seen before their outputs were acknowledged, drop them). The service
+    // ends instead, and its supervisor starts it afresh (see `crate::service`).
+    run_once(&env, &spec, &mut handler).await.inspect_err(|_| {
+        env.ready.set(false);
+        metrics::counter!("consumer_failures_total", "consumer" => spec.name).increment(1);
+    })
+}
+
+async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &mut H) -> anyhow::Result<()> {
+    let (consumer, is_group) = create(env, spec)?;
+    let names: Vec<&str> = spec.topics.iter().map(|t| t.name()).collect();
+
+    // For a replica: the end offsets to catch up with before the view counts as restored.
+    let mut catch_up: HashMap<(Topic, i32), i64> = HashMap::new();
+    if is_group && spec.topics.len() > 1 {
+        check_co_partitioned(&consumer, &spec.topics, &env.shutdown).await?;
+    }
+    if is_group && env.settings.assignment == Assignment::Group {
+        consumer.subscribe(&names).context("subscribing")?;
+    } else if is_group {
+        let mine = |p: i32| env.settings.owns(p);
+        let tpl = assignment(Arc::clone(&consumer), &spec.topics, mine, Offset::Stored, env.shutdown.clone()).await?;
+        if spec.restore {
+            restore(env, spec, handler, Arc::clone(&consumer), &tpl).await?;
+        }
+        consumer.assign(&tpl).context("assigning partitions")?;
+        tracing::info!(
+            consumer = spec.name,
+            partitions = tpl.count(),
+            instance = env.settings.instance_index,
+            of = env.settings.instance_count,
+            "partitions assigned"
+        );
+        env.ready.set(true);
+    } else if matches!(spec.subscription, Subscription::Live) {
+        let tpl = assignment(Arc::clone(&consumer), &spec.topics, |_| true, Offset::End, env.shutdown.clone()).await?;
+        consumer.assign(&tpl).context("assigning partitions")?;
+        env.ready.set(true);
+        tracing::info!(consumer = spec.name, partitions = tpl.count(), "following the topics from their end");
+    } else {
+        let tpl =
+            assignment(Arc::clone(&consumer), &spec.topics, |_| true, Offset::Beginning, env.shutdown.clone()).await?;
+        let ends = end_offsets(Arc::clone(&consumer), &tpl).await?;
+        consumer.assign(&tpl).context("assigning partitions")?;
+        catch_up = ends;
+        if catch_up.is_empty() {
+            env.ready.set(true);
+        }
+        tracing::info!(consumer = spec.name, partitions = tpl.count(), behind = catch_up.len(), "replica assigned");
+    }
+
+    let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = env.shutdown.cancelled() => break,
+            Some((done, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                complete(env, spec, &consumer, is_group, done, result).await?;
+            }
+            received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let msg = match received {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        tracing::warn!(consumer = spec.name, error = %e, "consumer error");
+                        continue;
+                    }
+                };
+                let (topic, partition, pending) = process(env, spec, handler, &msg).await?;
+                if !catch_up.is_empty() {
+                    let tp = (topic, partition);
+                    if catch_up.get(&tp).is_some_and(|end| msg.offset() + 1 >= *end) {
+                        catch_up.remove(&tp);
+                        if catch_up.is_empty() {
+                            tracing::info!(consumer = spec.name, "replica caught up");
+                            env.ready.set(true);
+                        }
+                    }
+                }
+                in_flight.push_back(pending);
+            }
+        }
+    }
+
+    // Drain: wait (bounded) for outputs in flight, store their offsets, commit.
+    let drain = async {
+        while let Some((done, result)) = in_flight.next().await {
+            complete(env, spec, &consumer, is_group, done, result).await?;
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), drain).await {
+        Ok(r) => r?,
+        Err(_) => tracing::warn!(
+            consumer = spec.name,
+            "shutdown: outputs still in flight after 5 s; they will be re-processed"
+        ),
+    }
+    if is_group {
+        let c = Arc::clone(&consumer);
+        match tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await? {
+            Ok(()) => tracing::info!(consumer = spec.name, "offsets committed on shutdown"),
+            // Nothing stored since the last commit is reported as an error by librdkafka.
+            Err(e) => tracing::debug!(consumer = spec.name, error = %e, "final commit"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! One message through the handler, and what happens to its outputs: acknowledged (its
+//! offset is stored), refused (dead-lettered) or failed (the consumer ends).
+
+use super::*;
+
+/// A copy of what is needed to dead-letter a record after its outputs failed.
+pub(super) struct InFlight {
+    topic: Topic,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    payload: Vec<u8>,
+    correlation_id: Option<String>,
+}
+
+pub(super) type Pending = BoxFuture<'static, (InFlight, Result<(), ProduceError>)>;
+
+/// Runs the handler (with retries) on one message and enqueues its outputs.
+pub(super) async fn process<H: Handler>(
+    env: &ConsumerEnv,
+    spec: &ConsumerSpec,
+    handler: &mut H,
+    msg: &BorrowedMessage<'_>,
+) -> anyhow::Result<(Topic, i32, Pending)> {
+    let topic = Topic::from_name(msg.topic()).with_context(|| format!("message from unknown topic {}", msg.topic()))?;
+    let record = Record::of(msg, topic);
+    let started = Instant::now();
+    let mut attempt = 0;
+    // Every log line about this message carries its correlation id.
+    let span = tracing::info_span!(
+        "message",
+        correlation_id = record.correlation_id.unwrap_or(""),
+        topic = %topic,
+        partition = record.partition,
+        offset = record.offset
+    );
+    let outputs = loop {
+        attempt += 1;
+        let mut out = Outbox::new(record.correlation_id);
+        match span.in_scope(|| handler.handle(&record, &mut out)) {
+            Ok(()) => {
+                metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "ok").increment(1);
+                break out.into_messages();
+            }
+            Err(HandlerError::Retry(e)) if attempt < env.settings.handler_max_attempts => {
+                metrics::counter!("consumer_retries_total", "consumer" => spec.name).increment(1);
+                let delay = Duration::from_millis(100 * 4u64.pow(attempt - 1)).min(Duration::from_secs(2));
+                tracing::warn!(
+                    consumer = spec.name,
+                    attempt,
+                    error = format!("{e:#}"),
+                    ?delay,
+                    "handler failed; retrying"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                let (kind, field) = match &e {
+                    HandlerError::Reject { kind, field, .. } => (*kind, field.clone()),
+                    HandlerError::Retry(_) => (DeadLetterKind::HandlerFailed, None),
+                };
+                metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter")
+                    .increment(1);
+                tracing::warn!(
+                    consumer = spec.name, topic = %topic, partition = record.partition, offset = record.offset,
+                    correlation_id = record.correlation_id.unwrap_or(""), reason = %e, "message sent to the dead-letter topic"
+                );
+                if !owns_its_partitions(spec) {
+                    // Every replica reads every partition: a dead letter from each would be
+                    // one per instance and per start. The group that owns the partition writes it.
+                    break Vec::new();
+                }
+                let letter = dead_letter(env.service, &record, kind, e.to_string(), field, attempt);
+                let mut out = Outbox::new(record.correlation_id);
+                out.send(&letter);
+                break out.into_messages();
+            }
+        }
+    };
+    metrics::histogram!("consumer_handle_seconds", "consumer" => spec.name).record(started.elapsed().as_secs_f64());
+
+    let mut deliveries = Vec::with_capacity(outputs.len());
+    // An output the client refuses before sending it (too large, ...) will be refused every
+    // time: the message is dead-lettered with the reason once its other outputs are settled.
+    let mut refused = None;
+    for out in &outputs {
+        match env.producer.enqueue(out).await {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(e @ ProduceError::Rejected(_)) => {
+                refused = Some(e);
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let info = InFlight {
+        topic,
+        partition: record.partition,
+        offset: record.offset,
+        key: record.key.map(str::to_owned),
+        payload: record.payload.to_vec(),
+        correlation_id: record.correlation_id.map(str::to_owned),
+    };
+    let pending: Pending = Box::pin(async move {
+        let mut result = refused.map_or(Ok(()), Err);
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => result = Err(ProduceError::from_kafka(&e)),
+                Err(_) => result = Err(ProduceError::Unavailable("the producer was dropped".to_owned())),
+            }
+        }
+        (info, result)
+    });
+    Ok((topic, record.partition, pending))
+}
+
+/// Called when all outputs of a message are settled: store its offset, or dead-letter it if
+/// the broker refused an output for good, or fail (to restart from the committed offset).
+pub(super) async fn complete(
+    env: &ConsumerEnv,
+    spec: &ConsumerSpec,
+    consumer: &StreamConsumer<GroupContext>,
+    is_group: bool,
+    done: InFlight,
+    result: Result<(), ProduceError>,
+) -> anyhow::Result<()> {
+    match result {
+        Ok(()) => {}
+        Err(e @ (ProduceError::Rejected(_) | ProduceError::Encode(_))) => {
+            let record = Record {
+                topic: done.topic,
+                partition: done.partition,
+                offset: done.offset,
+                key: done.key.as_deref(),
+                payload: &done.payload,
+                correlation_id: done.correlation_id.as_deref(),
+                timestamp_ms: None,
+            };
+            let letter = dead_letter(
+                env.service,
+                &record,
+                DeadLetterKind::HandlerFailed,
+                format!("an output was refused: {e}"),
+                None,
+                1,
+            );
+            if owns_its_partitions(spec) {
+                send_dead_letter(env, letter, record.correlation_id).await?;
+            }
+            metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter")
+                .increment(1);
+        }
+        Err(e) => return Err(e).context("an output was not acknowledged"),
+    }
+    if is_group {
+        consumer.store_offset(done.topic.name(), done.partition, done.offset).context("storing the offset")?;
+    }
+    Ok(())
+}
+
+/// Whether this consumer is the one instance that reads its partitions (and so writes their
+/// dead letters), rather than a replica or live reader of every partition.
+pub(super) fn owns_its_partitions(spec: &ConsumerSpec) -> bool {
+    matches!(spec.subscription, Subscription::Group { .. })
+}
+
+/// Sends a dead letter; one too large for the broker goes without the original payload (its
+/// source topic, partition and offset still say where the message is).
+pub(super) async fn send_dead_letter(
+    env: &ConsumerEnv,
+    mut letter: DeadLetter,
+    correlation_id: Option<&str>,
+) -> anyhow::Result<()> {
+    match env.producer.send(&letter, correlation_id).await {
+        Err(ProduceError::Rejected(e)) => {
+            letter.payload = None;
+            letter.payload_base64 = String::new();
+            letter.reason = format!("{} (the payload itself was left out: {e})", letter.reason);
+            env.producer.send(&letter, correlation_id).await.map(|_| ())
+        }
+        other => other.map(|_| ()),
+    }
+    .context("dead-lettering a message whose output was refused")
+}
+
+pub(super) fn dead_letter(
+    service: &str,
+    record: &Record<'_>,
+    kind: DeadLetterKind,
+    reason: String,
+    field: Option<String>,
+    attempts: u32,
+) -> DeadLetter {
+    let (payload, payload_base64) = DeadLetter::encode_payload(record.payload);
+    DeadLetter {
+        schema_version: events::SCHEMA_VERSION,
+        dead_letter_id: uuid::Uuid::new_v4().to_string(),
+        key: record.key.unwrap_or_default().to_owned(),
+        source: record.source(),
+        kind,
+        reason,
+        field,
+        attempts,
+        service: service.to_owned(),
+        correlation_id: record.correlation_id.map(str::to_owned),
+        payload,
+        payload_base64,
+        failed_at: Utc::now(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_decode_or_reject_as_malformed() {
+        let rec = Record {
+            topic: Topic::UserActivity,
+            partition: 1,
+            offset: 9,
+            key: Some("u"),
+            payload: b"not json",
+            correlation_id: None,
+            timestamp_ms: None,
+        };
+        let err = rec.value().expect_err("not json");
+        assert!(matches!(err, HandlerError::Reject { kind: DeadLetterKind::Malformed, .. }));
+        let letter = dead_letter("svc", &rec, DeadLetterKind::Malformed, err.to_string(), None, 1);
+        assert_eq!(letter.source, SourceRef { topic: "user-activity-topic".into(), partition: 1, offset: 9 });
+        assert_eq!(letter.original_bytes().as_deref(), Some(&b"not json"[..]));
+        assert_eq!(letter.key, "u");
+        assert_eq!(letter.payload.as_deref(), Some("not json"));
+    }
+
+    #[test]
+    fn outbox_carries_the_correlation_id() {
+        let mut out = Outbox::new(Some("corr-1"));
+        let f = events::UserFeatures { user_id: "u".into(), ..Default::default() };
+        out.send(&f);
+        assert_eq!(out.messages()[0].correlation_id.as_deref(), Some("corr-1"));
+        assert_eq!(out.messages()[0].key, "u");
+        assert_eq!(out.decoded::<events::UserFeatures>(), vec![f]);
+    }
+}

@@ -1,0 +1,143 @@
+//! What a handler sees and gives back: a consumed record, the handler's error, and the
+//! outputs it queues.
+
+use super::*;
+
+/// One consumed message, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    pub topic: Topic,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a str>,
+    pub payload: &'a [u8],
+    pub correlation_id: Option<&'a str>,
+    /// Broker or producer timestamp, in milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl<'a> Record<'a> {
+    /// The record of a consumed message of `topic`.
+    pub(super) fn of(msg: &'a BorrowedMessage<'_>, topic: Topic) -> Self {
+        Record {
+            topic,
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
+            payload: msg.payload().unwrap_or_default(),
+            correlation_id: msg
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == CORRELATION_HEADER).and_then(|h| h.value))
+                .and_then(|v| std::str::from_utf8(v).ok()),
+            timestamp_ms: msg.timestamp().to_millis(),
+        }
+    }
+
+    /// Decodes the payload as a typed message; a payload that does not decode is rejected as
+    /// malformed.
+    pub fn json<M: DeserializeOwned>(&self) -> Result<M, HandlerError> {
+        serde_json::from_slice(self.payload)
+            .map_err(|e| HandlerError::malformed(format!("payload is not a valid message: {e}")))
+    }
+
+    /// The payload as a JSON value (rejected as malformed when it is not JSON).
+    pub fn value(&self) -> Result<serde_json::Value, HandlerError> {
+        serde_json::from_slice(self.payload).map_err(|e| HandlerError::malformed(format!("payload is not JSON: {e}")))
+    }
+
+    /// Where this record was read from.
+    pub fn source(&self) -> SourceRef {
+        SourceRef { topic: self.topic.name().to_owned(), partition: self.partition, offset: self.offset }
+    }
+}
+
+/// Why a handler did not process a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The message can never be processed: it goes to the dead-letter topic at once.
+    #[error("{reason}")]
+    Reject { kind: DeadLetterKind, reason: String, field: Option<String> },
+    /// Processing failed in a way that may pass on another try.
+    #[error("{0:#}")]
+    Retry(anyhow::Error),
+}
+
+impl HandlerError {
+    pub fn malformed(reason: impl Into<String>) -> Self {
+        HandlerError::Reject { kind: DeadLetterKind::Malformed, reason: reason.into(), field: None }
+    }
+
+    pub fn invalid(e: FieldError) -> Self {
+        HandlerError::Reject { kind: DeadLetterKind::Invalid, reason: e.to_string(), field: Some(e.field) }
+    }
+}
+
+/// The messages a handler produces for one input, sent after it returns.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    messages: Vec<Outgoing>,
+    correlation_id: Option<String>,
+    replay: bool,
+}
+
+impl Outbox {
+    /// An outbox whose messages carry `correlation_id` (taken from the input's header).
+    pub fn new(correlation_id: Option<&str>) -> Self {
+        Self { messages: Vec::new(), correlation_id: correlation_id.map(str::to_owned), replay: false }
+    }
+
+    /// The outbox of a message replayed to restore state: whatever is queued is discarded.
+    pub fn replaying() -> Self {
+        Self { replay: true, ..Self::default() }
+    }
+
+    /// Whether the input is a replay (state restore at start) rather than a new message: a
+    /// handler whose decisions are not a function of its input (random exploration, timers)
+    /// rebuilds its state and decides nothing.
+    pub fn is_replay(&self) -> bool {
+        self.replay
+    }
+
+    /// Queues a typed message for its topic, keyed by its key.
+    pub fn send<M: Message>(&mut self, msg: &M) {
+        match Outgoing::encode(msg, self.correlation_id.as_deref()) {
+            Ok(out) => self.messages.push(out),
+            // Our message types always serialize; if one ever did not, losing it silently
+            // would be wrong, so make it loud.
+            Err(e) => tracing::error!(error = %e, topic = %M::TOPIC, "could not encode an output message"),
+        }
+    }
+
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
+    /// Sets the correlation id for the messages queued from now on.
+    pub fn set_correlation_id(&mut self, id: impl Into<String>) {
+        self.correlation_id = Some(id.into());
+    }
+
+    /// The queued messages (for tests).
+    pub fn messages(&self) -> &[Outgoing] {
+        &self.messages
+    }
+
+    /// The queued messages of type `M`, decoded (for tests).
+    pub fn decoded<M: Message>(&self) -> Vec<M> {
+        self.messages
+            .iter()
+            .filter(|m| m.topic == M::TOPIC)
+            .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+            .collect()
+    }
+
+    pub fn into_messages(self) -> Vec<Outgoing> {
+        self.messages
+    }
+}
+
+/// A service's logic for one kind of input.
+pub trait Handler: Send + 'static {
+    /// Processes one record, queueing outputs in `out`. Must be idempotent (see module docs).
+    fn handle(&mut self, record: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError>;
+}
