@@ -185,7 +185,7 @@ impl LongPollFetch {
                 let Some(i) = wanted.iter().position(|w| w.name == name && w.partition == data.partition_index) else {
                     continue;
                 };
-                let (bytes, errors) = summary(std::slice::from_ref(data));
+                let (bytes, errors) = summary([data]);
                 if bytes == 0 && !errors {
                     let entry =
                         EmptyPartition { offset: wanted[i].offset, generation: generations[i], data: data.clone(), at };
@@ -256,14 +256,8 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
         loop {
             let generations: Vec<u64> = signals.iter_mut().map(|signal| *signal.borrow_and_update()).collect();
             let response = self.pass(&ctx, &req, &wanted, &generations).await?;
-            let (bytes, errors) = summary(
-                &response
-                    .responses
-                    .iter()
-                    .flatten()
-                    .flat_map(|t| t.partitions.iter().flatten().cloned())
-                    .collect::<Vec<_>>(),
-            );
+            let (bytes, errors) =
+                summary(response.responses.iter().flatten().flat_map(|t| t.partitions.iter().flatten()));
             if bytes >= min_bytes || errors || signals.is_empty() || Instant::now() >= deadline {
                 if errors {
                     drop(signals);
@@ -351,7 +345,7 @@ fn name_of(topic: &FetchableTopicResponse, wanted: &[Wanted]) -> Option<String> 
 
 /// The record bytes of some answered partitions, and whether any answered with an error
 /// (an unknown topic, an offset out of range: the client must hear of it at once).
-fn summary(partitions: &[PartitionData]) -> (usize, bool) {
+fn summary<'a>(partitions: impl IntoIterator<Item = &'a PartitionData>) -> (usize, bool) {
     let mut bytes = 0;
     let mut errors = false;
     for partition in partitions {
