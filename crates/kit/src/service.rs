@@ -88,6 +88,8 @@ pub struct Context {
     producers: Vec<Producer>,
     /// The first failure of a consumer or task: the service ends with it.
     failure: Arc<Mutex<Option<String>>>,
+    /// The `alive` readiness condition: false once a consumer or task has failed.
+    alive: ReadyFlag,
 }
 
 impl Context {
@@ -97,17 +99,21 @@ impl Context {
         listener: TcpListener,
         shutdown: &CancellationToken,
     ) -> Self {
+        let health = Health::default();
+        let alive = health.condition("alive");
+        alive.set(true);
         Self {
             service,
             kafka,
             // A token of its own, so that a failure stops this service and not its siblings
             // (in tests, several services share one process and one shutdown).
             shutdown: shutdown.child_token(),
-            health: Health::default(),
+            health,
             listener,
             tasks: Vec::new(),
             producers: Vec::new(),
             failure: Arc::default(),
+            alive,
         }
     }
 
@@ -117,9 +123,7 @@ impl Context {
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let (failure, shutdown, ready) =
-            (Arc::clone(&self.failure), self.shutdown.clone(), self.health.condition(format!("alive:{what}")));
-        ready.set(true);
+        let (failure, shutdown, alive) = (Arc::clone(&self.failure), self.shutdown.clone(), self.alive.clone());
         self.tasks.push(crate::spawn(async move {
             let outcome = match AssertUnwindSafe(task).catch_unwind().await {
                 Ok(Ok(())) => return,
@@ -133,7 +137,7 @@ impl Context {
                     format!("{what} panicked: {message}")
                 }
             };
-            ready.set(false);
+            alive.set(false);
             if shutdown.is_cancelled() {
                 // Stopping anyway: a task cut short by the shutdown is no failure.
                 tracing::warn!(error = %outcome, "ended during shutdown");
@@ -355,18 +359,13 @@ pub async fn standby(
     kafka: &KafkaSettings,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<std::fs::File>> {
-    use std::hash::{Hash as _, Hasher as _};
     let dir = std::env::var_os("RETARGETIQ_LOCK_DIR").map_or_else(std::env::temp_dir, std::path::PathBuf::from);
     std::fs::create_dir_all(&dir)?;
-    // FNV-1a: stable across builds, unlike the standard hasher.
-    let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
-    kafka.bootstrap_servers.hash(&mut hasher);
-    let path = dir.join(format!(
-        "retargetiq-{service}-{:016x}-{}-of-{}.lock",
-        hasher.finish(),
-        kafka.instance_index,
-        kafka.instance_count
-    ));
+    // The broker's address, spelled so that it fits in a file name.
+    let broker: String =
+        kafka.bootstrap_servers.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).take(120).collect();
+    let path =
+        dir.join(format!("retargetiq-{service}-{broker}-{}-of-{}.lock", kafka.instance_index, kafka.instance_count));
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
     let mut waiting = false;
     loop {
@@ -394,21 +393,6 @@ pub async fn standby(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(None),
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
-}
-
-/// The 64-bit FNV-1a hash.
-struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
         }
     }
 }
