@@ -7,6 +7,7 @@
 //! current directory, so [`Storage::Sqlite`] takes a path relative to it; the `retargetiq
 //! broker` command changes into its data directory first.
 
+pub mod cli;
 pub mod long_poll;
 
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use anyhow::Context as _;
 use rama::layer::{MapErrLayer, MapStateLayer};
 use rama::{Layer as _, Service as _};
 use tansu_broker::coordinator::group::administrator::Controller;
+use tansu_sans_io::create_topics_request::CreatableTopic;
 use tansu_sans_io::{ApiKey as _, FetchRequest, ProduceRequest};
 use tansu_service::{
     BytesFrameLayer, FrameRequestLayer, FrameRouteBuilder, FrameRouteService, TcpBytesLayer, TcpContext,
@@ -51,13 +53,35 @@ impl Storage {
     }
 }
 
+/// What a broker does besides listening, beyond the defaults of [`run`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The `host:port` clients are told to connect to (default: the listening address). In a
+    /// container the broker listens on `0.0.0.0` and is reached by its service name.
+    pub advertised: Option<String>,
+    /// Topics (name, partitions) created at start when missing, before clients are accepted.
+    pub topics: Vec<(String, i32)>,
+}
+
 /// Runs a broker listening on `addr` (also the advertised address) until `shutdown`.
+pub async fn run(addr: SocketAddr, storage: Storage, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with(addr, storage, Options::default(), shutdown).await
+}
+
+/// Runs a broker listening on `addr` until `shutdown`, as `options` say.
 ///
 /// This is Tansu's broker assembled from its public parts — storage, group coordinator and
 /// request handlers — with two handlers of our own: [`long_poll::LongPollFetch`] and
 /// [`long_poll::NotifyingProduce`] (see that module for why).
-pub async fn run(addr: SocketAddr, storage: Storage, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener_url = Url::parse(&format!("tcp://{addr}"))?;
+pub async fn run_with(
+    addr: SocketAddr,
+    storage: Storage,
+    options: Options,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let advertised = options.advertised.clone().unwrap_or_else(|| addr.to_string());
+    let listener_url =
+        Url::parse(&format!("tcp://{advertised}")).with_context(|| format!("bad advertised address {advertised:?}"))?;
     let engine = StorageContainer::builder()
         .cluster_id(CLUSTER_ID)
         .node_id(tansu_broker::NODE_ID)
@@ -80,6 +104,7 @@ pub async fn run(addr: SocketAddr, storage: Storage, shutdown: CancellationToken
         })
         .await
         .map_err(|e| anyhow::anyhow!("registering the broker: {e:?}"))?;
+    create_missing_topics(&engine, &options.topics).await?;
     let coordinator =
         Controller::with_storage(engine.clone()).map_err(|e| anyhow::anyhow!("group coordinator: {e:?}"))?;
     let wakeups = Arc::new(long_poll::Wakeups::default());
@@ -123,6 +148,24 @@ pub async fn run(addr: SocketAddr, storage: Storage, shutdown: CancellationToken
 }
 
 const CLUSTER_ID: &str = "retargetiq";
+
+/// Creates those of `topics` (name, partitions) that the storage does not have yet.
+async fn create_missing_topics(engine: &StorageContainer, topics: &[(String, i32)]) -> anyhow::Result<()> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let metadata = engine.metadata(None).await.map_err(|e| anyhow::anyhow!("listing the topics: {e:?}"))?;
+    let existing: Vec<&str> = metadata.topics().iter().filter_map(|t| t.name.as_deref()).collect();
+    for (name, partitions) in topics {
+        if existing.contains(&name.as_str()) {
+            continue;
+        }
+        let topic = CreatableTopic::default().name(name.clone()).num_partitions(*partitions).replication_factor(1);
+        engine.create_topic(topic, false).await.map_err(|e| anyhow::anyhow!("creating topic {name}: {e:?}"))?;
+        tracing::info!(topic = %name, partitions, "topic created");
+    }
+    Ok(())
+}
 
 /// Tansu 0.6's SQLite schema keeps record headers in a table with no index: reading a record's
 /// headers (`header_fetch.sql`, once per record fetched) scans every header ever stored. Every

@@ -20,8 +20,6 @@ pub mod offers_eval;
 pub mod simulate;
 mod up;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -108,7 +106,7 @@ enum Command {
     /// Start a broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and all ten services.
     Up(up::UpArgs),
     /// Run only the embedded broker.
-    Broker(BrokerArgs),
+    Broker(broker::cli::Args),
     /// Run one service in the foreground.
     Service {
         /// One of: user-activity, order, event-processor, analytics, feature-store, retrieval,
@@ -150,19 +148,6 @@ enum DeadLettersCommand {
         #[arg(long)]
         all: bool,
     },
-}
-
-#[derive(Debug, clap::Args)]
-struct BrokerArgs {
-    /// Address to listen on (also advertised to clients).
-    #[arg(long, env = "BROKER_LISTEN", default_value = "127.0.0.1:9092")]
-    listen: SocketAddr,
-    /// Directory of the SQLite storage (created if missing).
-    #[arg(long, env = "RETARGETIQ_DATA_DIR", default_value = "data/broker")]
-    data_dir: PathBuf,
-    /// Keep everything in memory instead (lost on exit).
-    #[arg(long)]
-    memory: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,31 +247,10 @@ pub fn run_service(name: &str) -> ExitCode {
 }
 
 /// Exit code of a broker process that stopped because a task inside it panicked.
-pub const BROKER_PANIC_EXIT: i32 = 70;
+pub const BROKER_PANIC_EXIT: i32 = broker::cli::PANIC_EXIT;
 
-async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
-    // A panic inside the broker can leave it half alive: with Tansu 0.6 a producer retry after
-    // a stall panics the storage task, and every later request fails while the process still
-    // accepts connections. The broker has this process to itself, so the safe answer to any
-    // panic is to exit and let the supervisor (`retargetiq up`, Compose, systemd) restart it
-    // from its durable storage.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        eprintln!("retargetiq broker: a task panicked; exiting so the broker restarts from its storage");
-        std::process::exit(BROKER_PANIC_EXIT);
-    }));
-    let storage = if args.memory {
-        broker::Storage::Memory
-    } else {
-        // Tansu resolves SQLite locations against the working directory: work from the data dir.
-        std::fs::create_dir_all(&args.data_dir)
-            .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", args.data_dir.display()))?;
-        std::env::set_current_dir(&args.data_dir)?;
-        broker::Storage::Sqlite("tansu.db".into())
-    };
-    let shutdown = kit::service::shutdown_on_signal();
-    broker::run(args.listen, storage, shutdown).await
+async fn run_broker(args: broker::cli::Args) -> anyhow::Result<()> {
+    broker::cli::serve(args, kit::service::shutdown_on_signal()).await
 }
 
 #[cfg(test)]

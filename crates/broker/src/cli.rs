@@ -1,0 +1,65 @@
+//! The broker as a program: `retargetiq broker` (what `retargetiq up` starts) and the
+//! `retargetiq-broker` binary (the stand-in for Apache Kafka in a container, which needs
+//! neither the services nor a Kafka client: it creates the platform's topics itself).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{Options, Storage};
+
+/// Exit code of a broker process that stopped because a task inside it panicked.
+pub const PANIC_EXIT: i32 = 70;
+
+/// The broker's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "BROKER_LISTEN", default_value = "127.0.0.1:9092")]
+    pub listen: SocketAddr,
+    /// `host:port` that clients are told to connect to (default: the listening address).
+    #[arg(long, env = "BROKER_ADVERTISED_LISTENER")]
+    pub advertise: Option<String>,
+    /// Directory of the SQLite storage (created if missing).
+    #[arg(long, env = "RETARGETIQ_DATA_DIR", default_value = "data/broker")]
+    pub data_dir: PathBuf,
+    /// Keep everything in memory instead (lost on exit).
+    #[arg(long)]
+    pub memory: bool,
+    /// Create the platform's topics (with the topic table's partition counts) when missing,
+    /// before accepting clients.
+    #[arg(long, env = "BROKER_CREATE_TOPICS")]
+    pub create_topics: bool,
+}
+
+/// Runs the broker as this process's only work, until `shutdown`.
+///
+/// A panic inside the broker can leave it half alive: with Tansu 0.6 a producer retry after a
+/// stall panics the storage task, and every later request fails while the process still
+/// accepts connections. The broker has this process to itself, so the safe answer to any panic
+/// is to exit ([`PANIC_EXIT`]) and let the supervisor (`retargetiq up`, Compose, systemd)
+/// restart it from its durable storage.
+pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("retargetiq broker: a task panicked; exiting so the broker restarts from its storage");
+        std::process::exit(PANIC_EXIT);
+    }));
+    let storage = if args.memory {
+        Storage::Memory
+    } else {
+        // Tansu resolves SQLite locations against the working directory: work from the data dir.
+        std::fs::create_dir_all(&args.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", args.data_dir.display()))?;
+        std::env::set_current_dir(&args.data_dir)?;
+        Storage::Sqlite("tansu.db".into())
+    };
+    let topics = if args.create_topics {
+        events::Topic::ALL.iter().map(|t| (t.name().to_owned(), t.default_partitions())).collect()
+    } else {
+        Vec::new()
+    };
+    crate::run_with(args.listen, storage, Options { advertised: args.advertise, topics }, shutdown).await
+}
