@@ -99,7 +99,7 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     // it is only printed.)
     let time = |r: &Value| r["generatedAt"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
     let before = time(&recs).expect("generatedAt");
-    let toy = catalog::Catalog::global().in_category("toys").nth(5).expect("a toy").id.clone();
+    let toy = catalog::Catalog::demo().in_category("toys").nth(5).expect("a toy").id.clone();
     let viewed_at = std::time::Instant::now();
     let view = json!({"userId": USER, "eventType": "product_view", "productId": toy});
     let (status, body) = post(&fleet, "user-activity", "/api/users/activity", &view).await?;
@@ -263,11 +263,11 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
 
 /// Book ids from the catalog: the first three the shopper views, the fourth bought by someone else.
 fn catalog_books() -> Vec<String> {
-    catalog::Catalog::global().in_category("books").skip(5).take(4).map(|p| p.id.clone()).collect()
+    catalog::Catalog::demo().in_category("books").skip(5).take(4).map(|p| p.id.clone()).collect()
 }
 
 fn catalog_price(id: &str) -> f64 {
-    catalog::Catalog::global().get(id).map_or(0.0, |p| p.price)
+    catalog::Catalog::demo().get(id).map_or(0.0, |p| p.price)
 }
 
 /// A client's `eventId` is unique only for its user: two shoppers whose apps both number

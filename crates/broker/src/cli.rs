@@ -57,7 +57,8 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         Storage::Sqlite("tansu.db".into())
     };
     let topics = if args.create_topics {
-        events::Topic::ALL.iter().map(|t| (t.name().to_owned(), t.default_partitions())).collect()
+        let configs = |t: events::Topic| t.configs().iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        events::Topic::ALL.iter().map(|t| (t.name().to_owned(), t.default_partitions(), configs(*t))).collect()
     } else {
         Vec::new()
     };

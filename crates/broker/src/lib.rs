@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use rama::layer::{MapErrLayer, MapStateLayer};
 use rama::{Layer as _, Service as _};
 use tansu_broker::coordinator::group::administrator::Controller;
-use tansu_sans_io::create_topics_request::CreatableTopic;
+use tansu_sans_io::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use tansu_sans_io::{ApiKey as _, FetchRequest, ProduceRequest};
 use tansu_service::{
     BytesFrameLayer, FrameRequestLayer, FrameRouteBuilder, FrameRouteService, TcpBytesLayer, TcpContext,
@@ -53,14 +53,18 @@ impl Storage {
     }
 }
 
+/// A topic to create: name, partitions, configuration (key, value).
+pub type TopicSpec = (String, i32, Vec<(String, String)>);
+
 /// What a broker does besides listening, beyond the defaults of [`run`].
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// The `host:port` clients are told to connect to (default: the listening address). In a
     /// container the broker listens on `0.0.0.0` and is reached by its service name.
     pub advertised: Option<String>,
-    /// Topics (name, partitions) created at start when missing, before clients are accepted.
-    pub topics: Vec<(String, i32)>,
+    /// Topics (name, partitions, configuration) created at start when missing, before clients
+    /// are accepted.
+    pub topics: Vec<TopicSpec>,
 }
 
 /// Runs a broker listening on `addr` (also the advertised address) until `shutdown`.
@@ -150,17 +154,25 @@ pub async fn run_with(
 const CLUSTER_ID: &str = "retargetiq";
 
 /// Creates those of `topics` (name, partitions) that the storage does not have yet.
-async fn create_missing_topics(engine: &StorageContainer, topics: &[(String, i32)]) -> anyhow::Result<()> {
+async fn create_missing_topics(engine: &StorageContainer, topics: &[TopicSpec]) -> anyhow::Result<()> {
     if topics.is_empty() {
         return Ok(());
     }
     let metadata = engine.metadata(None).await.map_err(|e| anyhow::anyhow!("listing the topics: {e:?}"))?;
     let existing: Vec<&str> = metadata.topics().iter().filter_map(|t| t.name.as_deref()).collect();
-    for (name, partitions) in topics {
+    for (name, partitions, configs) in topics {
         if existing.contains(&name.as_str()) {
             continue;
         }
-        let topic = CreatableTopic::default().name(name.clone()).num_partitions(*partitions).replication_factor(1);
+        let configs = configs
+            .iter()
+            .map(|(k, v)| CreatableTopicConfig::default().name(k.clone()).value(Some(v.clone())))
+            .collect();
+        let topic = CreatableTopic::default()
+            .name(name.clone())
+            .num_partitions(*partitions)
+            .replication_factor(1)
+            .configs(Some(configs));
         engine.create_topic(topic, false).await.map_err(|e| anyhow::anyhow!("creating topic {name}: {e:?}"))?;
         tracing::info!(topic = %name, partitions, "topic created");
     }

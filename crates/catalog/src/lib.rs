@@ -1,16 +1,18 @@
-//! The product catalog: the one source of truth for product data (id, name, category, price,
-//! popularity prior) in every RetargetIQ service.
+//! The product catalog: products (id, name, category, price, optional brand, availability
+//! and popularity prior) as every RetargetIQ service knows them.
 //!
-//! The catalog is generated deterministically from a fixed seed, so every process — every
-//! service, the simulator and the tests — sees exactly the same products without sharing a
-//! file or a database. Product ids look like `P00042`; category ids are lowercase slugs.
+//! A [`Catalog`] is data: the services build theirs from the compacted `catalog-topic` and
+//! follow its changes live (`kit::catalog`). The products a shop sends are opaque ids with
+//! any categories. [`Catalog::demo`] is the generated demo catalog (2,400 products `P00001`..
+//! `P02400` in eight categories, the same in every process) that `retargetiq up` loads into an
+//! empty topic, and that the simulator and the offline evaluations use.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
 use serde::Serialize;
 
-/// Number of products in the catalog.
+/// Number of products in the demo catalog.
 pub const PRODUCT_COUNT: usize = 2_400;
 
 /// A product as every service knows it.
@@ -19,10 +21,22 @@ pub const PRODUCT_COUNT: usize = 2_400;
 pub struct Product {
     pub id: String,
     pub name: String,
-    pub category: &'static str,
+    pub category: String,
     pub price: f64,
-    /// Prior popularity in `(0, 1]`, Zipf-like within each category; used for cold start.
+    pub brand: Option<String>,
+    /// False once the shop withdrew it: still known (for enrichment), never recommended.
+    pub available: bool,
+    /// Prior popularity in `[0, 1]` when the shop gives one (the demo catalog's is Zipf-like
+    /// within each category), else 0: live popularity takes over.
     pub popularity: f64,
+}
+
+/// What an update did to a catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Added,
+    Updated,
+    Unchanged,
 }
 
 /// A category with the words its product names are made of and its price range.
@@ -84,17 +98,28 @@ const CATEGORIES: &[CategorySpec] = &[
     },
 ];
 
-/// The catalog: products by id and by category.
-#[derive(Debug)]
+/// A catalog: products by id, by category and by popularity. Products are kept in the order
+/// they first arrived (so iteration is deterministic); an update replaces a product in place.
+#[derive(Debug, Default)]
 pub struct Catalog {
     products: Vec<Product>,
     by_id: HashMap<String, usize>,
-    by_category: HashMap<&'static str, Vec<usize>>,
-    /// Indexes of all products, most popular (by prior) first, ties by id.
+    /// Built on first use after a change.
+    index: OnceLock<Index>,
+}
+
+/// The orders the readers ask for, over available products only.
+#[derive(Debug, Default)]
+struct Index {
+    /// Categories in order of first appearance.
+    categories: Vec<String>,
+    /// Per category, most popular (by prior) first, ties by id.
+    by_category: HashMap<String, Vec<usize>>,
+    /// All available products, most popular first, ties by id.
     by_popularity: Vec<usize>,
 }
 
-static GLOBAL: LazyLock<Catalog> = LazyLock::new(|| Catalog::generate(0x5EED_CA7A_1060));
+static DEMO: LazyLock<Catalog> = LazyLock::new(|| Catalog::generate(0x5EED_CA7A_1060));
 
 /// A small, deterministic pseudo-random generator (SplitMix64), so the catalog is identical
 /// in every process and on every platform, whatever version of `rand` is in use.
@@ -120,9 +145,18 @@ impl SplitMix64 {
 }
 
 impl Catalog {
-    /// The catalog every service uses.
-    pub fn global() -> &'static Catalog {
-        &GLOBAL
+    /// The generated demo catalog.
+    pub fn demo() -> &'static Catalog {
+        &DEMO
+    }
+
+    /// A catalog of `products` (later duplicates of an id replace earlier ones).
+    pub fn from_products(products: impl IntoIterator<Item = Product>) -> Self {
+        let mut c = Self::default();
+        for p in products {
+            c.upsert(p);
+        }
+        c
     }
 
     fn generate(seed: u64) -> Self {
@@ -146,51 +180,100 @@ impl Catalog {
                 products.push(Product {
                     id: format!("P{n:05}"),
                     name,
-                    category: spec.id,
+                    category: spec.id.to_owned(),
                     price,
+                    brand: None,
+                    available: true,
                     // Zipf prior within the category (rank 0 is the best seller).
                     popularity: 1.0 / (rank as f64 + 1.0).powf(0.8),
                 });
             }
         }
-        let by_id = products.iter().enumerate().map(|(i, p)| (p.id.clone(), i)).collect();
-        let mut by_category: HashMap<&'static str, Vec<usize>> = HashMap::new();
-        for (i, p) in products.iter().enumerate() {
-            by_category.entry(p.category).or_default().push(i);
-        }
-        let mut by_popularity: Vec<usize> = (0..products.len()).collect();
-        by_popularity.sort_by(|&a, &b| {
-            products[b].popularity.total_cmp(&products[a].popularity).then_with(|| products[a].id.cmp(&products[b].id))
-        });
-        Self { products, by_id, by_category, by_popularity }
+        Self::from_products(products)
     }
 
+    /// Adds `product`, or replaces the product with its id.
+    pub fn upsert(&mut self, product: Product) -> Change {
+        match self.by_id.get(&product.id) {
+            Some(&i) if self.products[i] == product => Change::Unchanged,
+            Some(&i) => {
+                self.products[i] = product;
+                self.index = OnceLock::new();
+                Change::Updated
+            }
+            None => {
+                self.by_id.insert(product.id.clone(), self.products.len());
+                self.products.push(product);
+                self.index = OnceLock::new();
+                Change::Added
+            }
+        }
+    }
+
+    /// The product with this id, available or not.
     pub fn get(&self, id: &str) -> Option<&Product> {
         self.by_id.get(id).map(|&i| &self.products[i])
     }
 
+    /// The product with this id if it may be recommended.
+    pub fn available(&self, id: &str) -> Option<&Product> {
+        self.get(id).filter(|p| p.available)
+    }
+
+    /// Every product, available or not, in order of first arrival.
     pub fn products(&self) -> &[Product] {
         &self.products
     }
 
-    /// Category ids, in catalog order.
-    pub fn categories(&self) -> impl Iterator<Item = &'static str> {
-        CATEGORIES.iter().map(|c| c.id)
+    pub fn len(&self) -> usize {
+        self.products.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.products.is_empty()
+    }
+
+    fn index(&self) -> &Index {
+        self.index.get_or_init(|| {
+            let mut index = Index::default();
+            for (i, p) in self.products.iter().enumerate().filter(|(_, p)| p.available) {
+                if !index.by_category.contains_key(&p.category) {
+                    index.categories.push(p.category.clone());
+                }
+                index.by_category.entry(p.category.clone()).or_default().push(i);
+                index.by_popularity.push(i);
+            }
+            let products = &self.products;
+            let order = |a: &usize, b: &usize| {
+                products[*b]
+                    .popularity
+                    .total_cmp(&products[*a].popularity)
+                    .then_with(|| products[*a].id.cmp(&products[*b].id))
+            };
+            index.by_category.values_mut().for_each(|v| v.sort_by(order));
+            index.by_popularity.sort_by(order);
+            index
+        })
+    }
+
+    /// Categories with available products, in order of first appearance.
+    pub fn categories(&self) -> impl Iterator<Item = &str> {
+        self.index().categories.iter().map(String::as_str)
     }
 
     pub fn is_category(&self, id: &str) -> bool {
-        self.by_category.contains_key(id)
+        self.index().by_category.contains_key(id)
     }
 
-    /// The products of a category, best sellers (by prior popularity) first.
+    /// The available products of a category, best sellers (by prior popularity) first.
     pub fn in_category(&self, category: &str) -> impl Iterator<Item = &Product> {
-        self.by_category.get(category).into_iter().flatten().map(|&i| &self.products[i])
+        self.index().by_category.get(category).into_iter().flatten().map(|&i| &self.products[i])
     }
 
-    /// All products, most popular by prior first, across categories (cold-start fallback).
-    /// The order is computed once, with the catalog.
+    /// All available products, most popular by prior first, across categories (cold-start
+    /// fallback).
     pub fn by_popularity(&self) -> impl Iterator<Item = &Product> {
-        self.by_popularity.iter().map(|&i| &self.products[i])
+        self.index().by_popularity.iter().map(|&i| &self.products[i])
     }
 }
 
@@ -201,20 +284,20 @@ mod tests {
     #[test]
     fn catalog_is_deterministic_and_complete() {
         let a = Catalog::generate(0x5EED_CA7A_1060);
-        let b = Catalog::global();
+        let b = Catalog::demo();
         assert_eq!(a.products(), b.products());
         assert_eq!(b.products().len(), PRODUCT_COUNT);
         assert_eq!(b.categories().count(), CATEGORIES.len());
         for p in b.products() {
             assert!(p.price > 0.0 && p.price.is_finite(), "{p:?}");
             assert_eq!(b.get(&p.id), Some(p));
-            assert!(b.is_category(p.category));
+            assert!(b.is_category(&p.category));
         }
     }
 
     #[test]
     fn category_lookup_and_popularity() {
-        let c = Catalog::global();
+        let c = Catalog::demo();
         let books: Vec<_> = c.in_category("books").collect();
         assert_eq!(books.len(), PRODUCT_COUNT / CATEGORIES.len());
         assert!(books.iter().all(|p| p.category == "books"));
@@ -224,5 +307,33 @@ mod tests {
         let top: Vec<_> = c.by_popularity().take(8).collect();
         assert_eq!(top.len(), 8);
         assert!(top.iter().all(|p| (p.popularity - 1.0).abs() < 1e-12));
+    }
+
+    #[test]
+    fn updates_change_the_product_and_its_orders() {
+        let mut c = Catalog::from_products(Catalog::demo().products()[..3].to_vec());
+        let first = c.products()[0].clone();
+        assert_eq!(c.upsert(first.clone()), Change::Unchanged);
+        let cheaper = Product { price: 1.0, ..first.clone() };
+        assert_eq!(c.upsert(cheaper), Change::Updated);
+        assert_eq!(c.get(&first.id).map(|p| p.price), Some(1.0));
+        let gone = Product { available: false, ..first.clone() };
+        c.upsert(gone);
+        assert!(c.get(&first.id).is_some() && c.available(&first.id).is_none());
+        assert!(c.by_popularity().all(|p| p.id != first.id));
+        assert!(c.in_category(&first.category).all(|p| p.id != first.id));
+        let shop = Product {
+            id: "SKU-RED-SHOE-42".into(),
+            name: "Red shoe".into(),
+            category: "shoes".into(),
+            price: 59.9,
+            brand: Some("Acme".into()),
+            available: true,
+            popularity: 0.0,
+        };
+        assert_eq!(c.upsert(shop), Change::Added);
+        assert!(c.is_category("shoes"));
+        assert_eq!(c.categories().last(), Some("shoes"));
+        assert_eq!(c.len(), 4);
     }
 }

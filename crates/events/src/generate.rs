@@ -24,7 +24,7 @@ pub fn favourite_category(user_id: &str) -> &'static str {
     // FNV-1a: stable across runs and platforms, unlike the standard library's hasher.
     let hash =
         user_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    let categories: Vec<_> = Catalog::global().categories().collect();
+    let categories: Vec<_> = Catalog::demo().categories().collect();
     categories[(hash % categories.len() as u64) as usize]
 }
 
@@ -53,7 +53,7 @@ impl Generator {
     /// A product the user would plausibly look at: mostly a best seller of their favourite
     /// category, sometimes anything.
     pub fn product_for(&mut self, user: &str) -> &'static Product {
-        let catalog = Catalog::global();
+        let catalog = Catalog::demo();
         if self.rng.random_bool(0.75) {
             let in_cat: Vec<_> = catalog.in_category(favourite_category(user)).collect();
             // Skewed towards the top of the category.
@@ -271,7 +271,7 @@ mod session_tests {
                         validate::activity(&v, Utc::now(), Strictness::Stream).expect("valid activity");
                         if a.event_type == EventType::ProductView {
                             views += 1;
-                            let p = Catalog::global().get(a.product_id.as_deref().unwrap_or_default()).expect("known");
+                            let p = Catalog::demo().get(a.product_id.as_deref().unwrap_or_default()).expect("known");
                             in_favourite += usize::from(p.category == s.favourite_category);
                         }
                     }

@@ -141,6 +141,97 @@ pub struct ProductInfo {
     pub name: String,
     pub category: String,
     pub price: f64,
+    /// True when the product was not in the catalog when the event was processed (catalog
+    /// feeds lag behind): name and category are empty, the price is the order line's or 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
+}
+
+impl ProductInfo {
+    /// The catalog's data for `id`, or an unknown product's placeholder.
+    pub fn from_catalog(catalog: &catalog::Catalog, id: &str) -> Self {
+        match catalog.get(id) {
+            Some(p) => Self {
+                product_id: p.id.clone(),
+                name: p.name.clone(),
+                category: p.category.clone(),
+                price: p.price,
+                unknown: false,
+            },
+            None => Self::unknown(id),
+        }
+    }
+
+    pub fn unknown(id: &str) -> Self {
+        Self { product_id: id.to_owned(), name: String::new(), category: String::new(), price: 0.0, unknown: true }
+    }
+
+    /// The product's category, when it is known.
+    pub fn known_category(&self) -> Option<&str> {
+        (!self.unknown && !self.category.is_empty()).then_some(self.category.as_str())
+    }
+}
+
+/// A product on `catalog-topic` (key: the product id; compacted, so the latest version of
+/// each product is what a new reader sees). A product is withdrawn with `available: false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogProduct {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub product_id: String,
+    pub name: String,
+    pub category: String,
+    pub price: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brand: Option<String>,
+    #[serde(default = "yes")]
+    pub available: bool,
+    /// A popularity prior in `[0, 1]` (the demo catalog has one; a shop's usually has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub popularity: Option<f64>,
+    pub updated_at: DateTime<Utc>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Message for CatalogProduct {
+    const TOPIC: Topic = Topic::Catalog;
+    fn key(&self) -> &str {
+        &self.product_id
+    }
+}
+
+impl CatalogProduct {
+    /// The message for a product of a catalog.
+    pub fn of(p: &catalog::Product, updated_at: DateTime<Utc>) -> Self {
+        Self {
+            schema_version: crate::SCHEMA_VERSION,
+            product_id: p.id.clone(),
+            name: p.name.clone(),
+            category: p.category.clone(),
+            price: p.price,
+            brand: p.brand.clone(),
+            available: p.available,
+            popularity: (p.popularity > 0.0).then_some(p.popularity),
+            updated_at,
+        }
+    }
+
+    /// The product as the services keep it.
+    pub fn to_product(&self) -> catalog::Product {
+        catalog::Product {
+            id: self.product_id.clone(),
+            name: self.name.clone(),
+            category: self.category.clone(),
+            price: self.price,
+            brand: self.brand.clone(),
+            available: self.available,
+            popularity: self.popularity.filter(|p| p.is_finite()).unwrap_or(0.0).clamp(0.0, 1.0),
+        }
+    }
 }
 
 /// An order line, enriched.
@@ -559,8 +650,13 @@ mod tests {
         assert!(json.get("orderId").is_some() && json.get("unitPrice").is_none());
         assert!(json["items"][0].get("unitPrice").is_some());
 
-        let product =
-            ProductInfo { product_id: "P00001".into(), name: "Thing".into(), category: "books".into(), price: 9.5 };
+        let product = ProductInfo {
+            product_id: "P00001".into(),
+            name: "Thing".into(),
+            category: "books".into(),
+            price: 9.5,
+            unknown: false,
+        };
         let processed = ProcessedEvent {
             schema_version: 1,
             event_id: "e1".into(),

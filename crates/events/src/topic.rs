@@ -14,13 +14,15 @@ pub enum Topic {
     Candidates,
     RankedRecommendations,
     Offers,
+    Catalog,
 }
 
 /// (topic, name on the broker, default partition count).
 ///
-/// Every topic is keyed by user id, and all topics have the same partition count so that the
-/// topics a service joins (for example features and candidates) are co-partitioned.
-const TABLE: [(Topic, &str, i32); 8] = [
+/// Every topic but the catalog is keyed by user id, and all have the same partition count so
+/// that the topics a service joins (for example features and candidates) are co-partitioned.
+/// `catalog-topic` is keyed by product id and compacted (see [`Topic::configs`]).
+const TABLE: [(Topic, &str, i32); 9] = [
     (Topic::UserActivity, "user-activity-topic", 4),
     (Topic::Order, "order-topic", 4),
     (Topic::ProcessedEvents, "processed-events-topic", 4),
@@ -29,11 +31,12 @@ const TABLE: [(Topic, &str, i32); 8] = [
     (Topic::Candidates, "candidates-topic", 4),
     (Topic::RankedRecommendations, "ranked-recommendations-topic", 4),
     (Topic::Offers, "offers-topic", 4),
+    (Topic::Catalog, "catalog-topic", 4),
 ];
 
 impl Topic {
     /// Every topic, in pipeline order.
-    pub const ALL: [Topic; 8] = [
+    pub const ALL: [Topic; 9] = [
         Topic::UserActivity,
         Topic::Order,
         Topic::ProcessedEvents,
@@ -42,6 +45,7 @@ impl Topic {
         Topic::Candidates,
         Topic::RankedRecommendations,
         Topic::Offers,
+        Topic::Catalog,
     ];
 
     fn row(self) -> &'static (Topic, &'static str, i32) {
@@ -56,6 +60,16 @@ impl Topic {
     /// The partition count the platform creates the topic with.
     pub fn default_partitions(self) -> i32 {
         self.row().2
+    }
+
+    /// Topic configuration the platform creates the topic with: the catalog is compacted
+    /// (the latest version of each product is kept for ever); the others use the broker's
+    /// retention.
+    pub fn configs(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Topic::Catalog => &[("cleanup.policy", "compact")],
+            _ => &[],
+        }
     }
 
     /// The topic with this broker name, if it is one of ours.
@@ -74,7 +88,7 @@ impl std::fmt::Display for Topic {
 pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     const TOPIC: Topic;
 
-    /// The Kafka message key: the user id for every topic of the platform.
+    /// The Kafka message key: the user id (the product id on `catalog-topic`).
     fn key(&self) -> &str;
 }
 

@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::messages::{ActivityEvent, EventType, OrderEvent, OrderItem};
+use crate::messages::{ActivityEvent, CatalogProduct, EventType, OrderEvent, OrderItem};
 
 /// Longest accepted id (`eventId`, `userId`, `sessionId`, `productId`, `orderId`, ...).
 pub const MAX_ID_LEN: usize = 128;
@@ -221,12 +221,53 @@ fn string(obj: &Map<String, Value>, field: &str, max: usize) -> Result<Option<St
     }
 }
 
+/// A product id: an opaque string of at most [`MAX_ID_LEN`] characters with no whitespace or
+/// control characters. Products need not be in the catalog yet (catalog feeds lag behind):
+/// the event processor enriches such an event as unknown.
 fn product(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, FieldError> {
     let Some(id) = string(obj, field, MAX_ID_LEN)? else { return Ok(None) };
-    if catalog::Catalog::global().get(&id).is_none() {
-        return Err(FieldError::new(field, format!("unknown product {id:?}: not in the catalog")));
+    if id.chars().any(char::is_whitespace) {
+        return Err(FieldError::new(field, format!("{id:?} contains whitespace; product ids are single tokens")));
     }
     Ok(Some(id))
+}
+
+/// Most products in one catalog request.
+pub const MAX_CATALOG_BATCH: usize = 1_000;
+/// Longest product name, category and brand.
+pub const MAX_NAME_LEN: usize = 200;
+
+/// Validates one catalog product:
+/// `{"productId", "name", "category", "price", "brand"?, "available"?, "popularity"?}`.
+pub fn catalog_product(value: &Value, now: DateTime<Utc>) -> Result<CatalogProduct, FieldError> {
+    let obj = object(value)?;
+    schema_version(obj)?;
+    let popularity = match obj.get("popularity") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(x) if (0.0..=1.0).contains(&x) => Some(x),
+            _ => return Err(FieldError::new("popularity", format!("must be a number from 0 to 1, got {v}"))),
+        },
+    };
+    let available = match obj.get("available") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(wrong_type("available", "a boolean", other)),
+    };
+    Ok(CatalogProduct {
+        schema_version: crate::SCHEMA_VERSION,
+        product_id: product(obj, "productId")?.ok_or_else(|| missing("productId"))?,
+        name: string(obj, "name", MAX_NAME_LEN)?.ok_or_else(|| missing("name"))?,
+        category: string(obj, "category", MAX_NAME_LEN)?.ok_or_else(|| missing("category"))?,
+        price: match obj.get("price") {
+            None | Some(Value::Null) => return Err(missing("price")),
+            Some(v) => money(v, "price")?,
+        },
+        brand: string(obj, "brand", MAX_NAME_LEN)?,
+        available,
+        popularity,
+        updated_at: now,
+    })
 }
 
 fn money(v: &Value, field: &str) -> Result<f64, FieldError> {
@@ -328,7 +369,10 @@ mod tests {
         let e = act(json!({"userId": "u", "eventType": "purchase"})).expect_err("purchase is not activity");
         assert!(e.reason.contains("orders"), "{e}");
         assert_eq!(field_of(act(json!({"userId": "u", "eventType": "click"}))), "productId");
-        assert_eq!(field_of(act(json!({"userId": "u", "eventType": "click", "productId": "NOPE"}))), "productId");
+        assert_eq!(field_of(act(json!({"userId": "u", "eventType": "click", "productId": "NO PE"}))), "productId");
+        // A product the catalog does not know (yet) is accepted: ids are the shop's own.
+        let shop = act(json!({"userId": "u", "eventType": "click", "productId": "SKU-RED-SHOE-42"})).expect("valid");
+        assert_eq!(shop.product_id.as_deref(), Some("SKU-RED-SHOE-42"));
         assert_eq!(field_of(act(json!({"userId": "u", "eventType": "search"}))), "query");
         assert_eq!(field_of(act(json!({"userId": "u\u{7}", "eventType": "page_view"}))), "userId");
         assert_eq!(field_of(act(json!({"userId": "x".repeat(129), "eventType": "page_view"}))), "userId");
@@ -389,7 +433,7 @@ mod tests {
             field_of(bad(json!({"productId": "P00001", "quantity": 1, "unitPrice": -1.0}))),
             "items[1].unitPrice"
         );
-        assert_eq!(field_of(bad(json!({"productId": "ZZZ", "quantity": 1, "unitPrice": 1.0}))), "items[1].productId");
+        assert_eq!(field_of(bad(json!({"productId": "Z Z", "quantity": 1, "unitPrice": 1.0}))), "items[1].productId");
         assert_eq!(field_of(bad(json!({"quantity": 1, "unitPrice": 1.0}))), "items[1].productId");
         assert_eq!(field_of(bad(json!(7))), "items[1]");
     }

@@ -1,6 +1,7 @@
-//! The ingestion endpoint shared by `user-activity` and `order`.
+//! The ingestion endpoints: activity (`user-activity`), orders (`order`) and catalog products
+//! (`PUT /api/catalog/products` on `user-activity`).
 //!
-//! - An empty body (or `{}`) publishes one random, realistic event.
+//! - An empty body (or `{}`) publishes one random, realistic event (not for products).
 //! - A JSON object publishes that event; a JSON array publishes a batch (all or nothing
 //!   for validation: one invalid element rejects the batch, naming `[index].field`).
 //! - `202 Accepted` with each `eventId`, only after the broker acknowledged every event.
@@ -17,12 +18,12 @@ use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::routing::{post, put};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use events::generate::Generator;
 use events::validate::{self, FieldError, Strictness};
-use events::{ActivityEvent, Message, OrderEvent};
+use events::{ActivityEvent, CatalogProduct, Message, OrderEvent};
 use serde_json::{Value, json};
 
 use crate::http::ApiError;
@@ -33,9 +34,18 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Most events in one batch.
 pub const MAX_BATCH: usize = 500;
 
-/// An event type the ingestion endpoint accepts.
+/// A message type an ingestion endpoint accepts.
 pub trait Ingest: Message + Sized {
-    fn random(generator: &mut Generator, now: DateTime<Utc>) -> Self;
+    /// The HTTP method of the endpoint (`post` or `put`).
+    const METHOD: &'static str = "post";
+    /// The name of the message in the OpenAPI document's schemas.
+    const SCHEMA: &'static str;
+    /// What the ids in the answer are called (`eventIds`, `failedEventIds`, ...).
+    const ID_NAME: &'static str = "Event";
+    /// Most messages in one request.
+    const MAX_BATCH: usize = MAX_BATCH;
+    /// A random message for an empty body, when the endpoint makes one.
+    fn random(generator: &mut Generator, now: DateTime<Utc>) -> Option<Self>;
     fn validate(value: &Value, now: DateTime<Utc>) -> Result<Self, FieldError>;
     fn event_id(&self) -> &str;
     /// A one-line summary of the endpoint for the OpenAPI document.
@@ -49,8 +59,9 @@ pub trait Ingest: Message + Sized {
 const ID: &str = "at most 128 characters, no control characters";
 
 impl Ingest for ActivityEvent {
-    fn random(generator: &mut Generator, now: DateTime<Utc>) -> Self {
-        generator.activity(now)
+    const SCHEMA: &'static str = "ActivityEvent";
+    fn random(generator: &mut Generator, now: DateTime<Utc>) -> Option<Self> {
+        Some(generator.activity(now))
     }
     fn validate(value: &Value, now: DateTime<Utc>) -> Result<Self, FieldError> {
         validate::activity(value, now, Strictness::Api)
@@ -71,7 +82,7 @@ impl Ingest for ActivityEvent {
                 "userId": {"type": "string", "description": ID},
                 "sessionId": {"type": "string", "description": format!("assigned by the event processor when absent; {ID}")},
                 "eventType": {"type": "string", "enum": types},
-                "productId": {"type": "string", "description": "a catalog product (P00001..P02400); required for product_view, click, add_to_cart, remove_from_cart"},
+                "productId": {"type": "string", "description": "the product's id (it need not be in the catalog yet); at most 128 characters, no whitespace; required for product_view, click, add_to_cart, remove_from_cart"},
                 "query": {"type": "string", "maxLength": validate::MAX_QUERY_LEN, "description": "required for search"},
                 "campaignId": {"type": "string"},
                 "recommendationId": {"type": "string", "description": "the requestId of the recommendation response the event came from"},
@@ -85,8 +96,9 @@ impl Ingest for ActivityEvent {
 }
 
 impl Ingest for OrderEvent {
-    fn random(generator: &mut Generator, now: DateTime<Utc>) -> Self {
-        generator.order(now)
+    const SCHEMA: &'static str = "OrderEvent";
+    fn random(generator: &mut Generator, now: DateTime<Utc>) -> Option<Self> {
+        Some(generator.order(now))
     }
     fn validate(value: &Value, now: DateTime<Utc>) -> Result<Self, FieldError> {
         validate::order(value, now, Strictness::Api)
@@ -112,7 +124,7 @@ impl Ingest for OrderEvent {
                         "type": "object",
                         "required": ["productId", "quantity", "unitPrice"],
                         "properties": {
-                            "productId": {"type": "string", "description": "a catalog product"},
+                            "productId": {"type": "string", "description": "the product's id (it need not be in the catalog yet)"},
                             "quantity": {"type": "integer", "minimum": 1, "maximum": validate::MAX_QUANTITY},
                             "unitPrice": {"type": "number", "minimum": 0}
                         }
@@ -133,37 +145,82 @@ impl Ingest for OrderEvent {
     }
 }
 
+impl Ingest for CatalogProduct {
+    const METHOD: &'static str = "put";
+    const SCHEMA: &'static str = "Product";
+    const ID_NAME: &'static str = "Product";
+    const MAX_BATCH: usize = validate::MAX_CATALOG_BATCH;
+    fn random(_: &mut Generator, _: DateTime<Utc>) -> Option<Self> {
+        None
+    }
+    fn validate(value: &Value, now: DateTime<Utc>) -> Result<Self, FieldError> {
+        validate::catalog_product(value, now)
+    }
+    fn event_id(&self) -> &str {
+        &self.product_id
+    }
+    fn summary() -> &'static str {
+        "Add or update catalog products on catalog-topic (compacted, keyed by product id)"
+    }
+    fn schema() -> Value {
+        let name = format!("at most {} characters", validate::MAX_NAME_LEN);
+        json!({
+            "type": "object",
+            "required": ["productId", "name", "category", "price"],
+            "properties": {
+                "productId": {"type": "string", "description": "the shop's own id: at most 128 characters, no whitespace or control characters"},
+                "name": {"type": "string", "description": name},
+                "category": {"type": "string", "description": name},
+                "price": {"type": "number", "minimum": 0, "maximum": validate::MAX_AMOUNT},
+                "brand": {"type": "string", "description": name},
+                "available": {"type": "boolean", "default": true, "description": "false withdraws the product: it is no longer recommended"},
+                "popularity": {"type": "number", "minimum": 0, "maximum": 1, "description": "an optional popularity prior"}
+            }
+        })
+    }
+    fn example() -> Value {
+        json!({"productId": "SKU-RED-SHOE-42", "name": "Red running shoe", "category": "shoes", "price": 59.9, "brand": "Acme"})
+    }
+}
+
 /// The OpenAPI 3.1 document of the ingestion endpoint for `T` at `path`.
 pub fn openapi<T: Ingest>(service: &str, path: &str) -> Value {
+    let (id, event, max) = (T::ID_NAME, T::ID_NAME.to_lowercase(), T::MAX_BATCH);
+    let schema_ref = format!("#/components/schemas/{}", T::SCHEMA);
+    let random = if T::random(&mut Generator::seeded(0), Utc::now()).is_some() {
+        format!("An empty body (or {{}}) publishes one random, realistic {event}. ")
+    } else {
+        String::new()
+    };
     let error = json!({"type": "object", "properties": {
         "error": {"type": "string"}, "field": {"type": "string", "description": "the field at fault, e.g. items[2].quantity or [3].userId"},
         "reason": {"type": "string"}}});
     let failure = json!({"type": "object", "properties": {
         "error": {"type": "string"},
-        "storedEventIds": {"type": "array", "items": {"type": "string"}},
-        "failedEventIds": {"type": "array", "items": {"type": "string"},
-            "description": "not acknowledged (they may still be stored): retry them with the same eventId"}}});
+        format!("stored{id}Ids"): {"type": "array", "items": {"type": "string"}},
+        format!("failed{id}Ids"): {"type": "array", "items": {"type": "string"},
+            "description": "not acknowledged (they may still be stored): retry them"}}});
     json!({
         "openapi": "3.1.0",
         "info": {"title": format!("RetargetIQ {service}"), "version": env!("CARGO_PKG_VERSION")},
         "paths": {
-            path: {"post": {
+            path: {T::METHOD: {
                 "summary": T::summary(),
                 "description": format!(
-                    "An empty body (or {{}}) publishes one random, realistic event. A JSON object publishes that event; an array publishes a batch of at most {MAX_BATCH} (validated as a whole). The body is read as JSON whatever its Content-Type; at most {MAX_BODY_BYTES} bytes."),
+                    "{random}A JSON object publishes that {event}; an array publishes a batch of at most {max} (validated as a whole). The body is read as JSON whatever its Content-Type; at most {MAX_BODY_BYTES} bytes."),
                 "requestBody": {"required": false, "content": {"application/json": {
-                    "schema": {"oneOf": [{"$ref": "#/components/schemas/Event"}, {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "maxItems": MAX_BATCH}]},
+                    "schema": {"oneOf": [{"$ref": schema_ref}, {"type": "array", "items": {"$ref": schema_ref}, "maxItems": max}]},
                     "example": T::example()}}},
                 "responses": {
-                    "202": {"description": "Every event was acknowledged by the broker", "content": {"application/json": {"schema": {
-                        "type": "object", "properties": {"accepted": {"type": "integer"}, "eventIds": {"type": "array", "items": {"type": "string"}}, "correlationId": {"type": "string"}}}}}},
+                    "202": {"description": format!("Every {event} was acknowledged by the broker"), "content": {"application/json": {"schema": {
+                        "type": "object", "properties": {"accepted": {"type": "integer"}, format!("{event}Ids"): {"type": "array", "items": {"type": "string"}}, "correlationId": {"type": "string"}}}}}},
                     "400": {"description": "Invalid input; nothing was published", "content": {"application/json": {"schema": error}}},
                     "413": {"description": "Body or batch too large; nothing was published", "content": {"application/json": {"schema": error}}},
                     "503": {"description": "The broker is unavailable", "content": {"application/json": {"schema": failure}}}
                 }
             }}
         },
-        "components": {"schemas": {"Event": T::schema()}}
+        "components": {"schemas": {T::SCHEMA: T::schema()}}
     })
 }
 
@@ -182,12 +239,62 @@ impl IngestState {
 /// A router with the ingestion endpoint for `T` at `path`, and its OpenAPI document at
 /// `GET /openapi.json`.
 pub fn router<T: Ingest>(service: &str, path: &str, state: std::sync::Arc<IngestState>) -> axum::Router {
-    let doc = std::sync::Arc::new(openapi::<T>(service, path));
-    axum::Router::new()
-        .route(path, post(ingest::<T>))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
-        .route("/openapi.json", axum::routing::get(move || async move { Json((*doc).clone()) }))
+    Api::new(service).endpoint::<T>(path, state).into_router()
+}
+
+/// A service's ingestion endpoints and their one OpenAPI document.
+pub struct Api {
+    service: String,
+    router: axum::Router,
+    doc: Option<Value>,
+}
+
+impl Api {
+    pub fn new(service: &str) -> Self {
+        Self { service: service.to_owned(), router: axum::Router::new(), doc: None }
+    }
+
+    /// Adds the endpoint for `T` at `path`.
+    pub fn endpoint<T: Ingest>(mut self, path: &str, state: std::sync::Arc<IngestState>) -> Self {
+        let method = if T::METHOD == "put" { put(ingest::<T>) } else { post(ingest::<T>) };
+        let route =
+            axum::Router::new().route(path, method).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)).with_state(state);
+        self.router = self.router.merge(route);
+        let doc = openapi::<T>(&self.service, path);
+        self.doc = Some(match self.doc.take() {
+            None => doc,
+            Some(mut all) => {
+                for key in ["paths", "components"] {
+                    merge_json(&mut all[key], &doc[key]);
+                }
+                all
+            }
+        });
+        self
+    }
+
+    /// The endpoints, plus `GET /openapi.json`.
+    pub fn into_router(self) -> axum::Router {
+        let doc = std::sync::Arc::new(self.doc.unwrap_or_else(|| json!({})));
+        self.router.route("/openapi.json", axum::routing::get(move || async move { Json((*doc).clone()) }))
+    }
+}
+
+/// Adds `from`'s object members to `into`, recursively.
+fn merge_json(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(into), Value::Object(from)) => {
+            for (k, v) in from {
+                match into.get_mut(k) {
+                    Some(existing) => merge_json(existing, v),
+                    None => {
+                        into.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (into, from) => *into = from.clone(),
+    }
 }
 
 /// Parses a request body into events (without publishing them).
@@ -206,16 +313,22 @@ pub fn parse_body<T: Ingest>(
     match value {
         Value::Object(ref obj) if obj.is_empty() => {
             let mut g = generator.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            Ok(vec![T::random(&mut g, now)])
+            let random = T::random(&mut g, now).ok_or_else(|| ApiError::Invalid {
+                field: "$".into(),
+                reason: format!("the body is empty; expected a {} or an array of them", T::ID_NAME.to_lowercase()),
+            })?;
+            Ok(vec![random])
         }
         Value::Object(_) => Ok(vec![T::validate(&value, now)?]),
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(ApiError::Invalid { field: "$".into(), reason: "the batch is empty".into() });
             }
-            if items.len() > MAX_BATCH {
+            if items.len() > T::MAX_BATCH {
                 return Err(ApiError::PayloadTooLarge(format!(
-                    "a batch holds at most {MAX_BATCH} events, got {}",
+                    "a batch holds at most {} {}s, got {}",
+                    T::MAX_BATCH,
+                    T::ID_NAME.to_lowercase(),
                     items.len()
                 )));
             }
@@ -276,18 +389,21 @@ async fn ingest<T: Ingest>(
             ProduceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProduceError::Rejected(_) | ProduceError::Encode(_) => StatusCode::UNPROCESSABLE_ENTITY,
         };
+        let id = T::ID_NAME;
         return Ok((
             status,
             Json(json!({
-                "error": format!("{e}; events listed in failedEventIds were not acknowledged (they may still be stored): retry them with the same eventId"),
-                "storedEventIds": stored,
-                "failedEventIds": failed,
+                "error": format!("{e}; those listed in failed{id}Ids were not acknowledged (they may still be stored): retry them"),
+                format!("stored{id}Ids"): stored,
+                format!("failed{id}Ids"): failed,
             })),
         ));
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"accepted": stored.len(), "eventIds": stored, "correlationId": correlation_id})),
+        Json(
+            json!({"accepted": stored.len(), format!("{}Ids", T::ID_NAME.to_lowercase()): stored, "correlationId": correlation_id}),
+        ),
     ))
 }
 
@@ -322,7 +438,7 @@ mod tests {
     fn check_document<T: Ingest + std::fmt::Debug>(path: &str) {
         let doc = openapi::<T>("svc", path);
         assert_eq!(doc["openapi"], "3.1.0");
-        let op = &doc["paths"][path]["post"];
+        let op = &doc["paths"][path][T::METHOD];
         for status in ["202", "400", "413", "503"] {
             assert!(op["responses"].get(status).is_some(), "{status} documented");
         }
@@ -342,6 +458,7 @@ mod tests {
     fn openapi_documents_match_the_validation() {
         check_document::<ActivityEvent>("/api/users/activity");
         check_document::<OrderEvent>("/api/orders/place");
+        check_document::<CatalogProduct>("/api/catalog/products");
         let listed: Vec<String> =
             serde_json::from_value(ActivityEvent::schema()["properties"]["eventType"]["enum"].clone())
                 .expect("event types");
@@ -402,5 +519,28 @@ mod tests {
         let too_many = format!("[{}]", vec![r#"{"userId":"a","eventType":"page_view"}"#; MAX_BATCH + 1].join(","));
         assert!(matches!(parse::<ActivityEvent>(&too_many), Err(ApiError::PayloadTooLarge(_))));
         assert_eq!(invalid_field::<OrderEvent>(r#"{"userId":"u","items":[]}"#), "items");
+    }
+
+    #[test]
+    fn catalog_products_are_validated_and_never_made_up() {
+        assert_eq!(invalid_field::<CatalogProduct>(""), "$", "no random product for an empty body");
+        let ok = parse::<CatalogProduct>(
+            r#"[{"productId":"SKU-RED-SHOE-42","name":"Red shoe","category":"shoes","price":59.9},
+                {"productId":"sku/2","name":"Mug","category":"home","price":0,"available":false,"brand":"Acme"}]"#,
+        )
+        .expect("valid products");
+        assert_eq!((ok[0].product_id.as_str(), ok[1].available, ok[0].available), ("SKU-RED-SHOE-42", false, true));
+        let bad = |body: &str| invalid_field::<CatalogProduct>(body);
+        assert_eq!(bad(r#"[{"productId":"a b","name":"n","category":"c","price":1}]"#), "[0].productId");
+        assert_eq!(bad(r#"[{"productId":"a","category":"c","price":1}]"#), "[0].name");
+        assert_eq!(bad(r#"[{"productId":"a","name":"n","category":"c","price":-1}]"#), "[0].price");
+        assert_eq!(bad(r#"[{"productId":"a","name":"n","category":"c","price":1,"popularity":2}]"#), "[0].popularity");
+        let long = "x".repeat(validate::MAX_ID_LEN + 1);
+        assert_eq!(bad(&format!(r#"{{"productId":"{long}","name":"n","category":"c","price":1}}"#)), "productId");
+        let too_many = format!(
+            "[{}]",
+            vec![r#"{"productId":"a","name":"n","category":"c","price":1}"#; validate::MAX_CATALOG_BATCH + 1].join(",")
+        );
+        assert!(matches!(parse::<CatalogProduct>(&too_many), Err(ApiError::PayloadTooLarge(_))));
     }
 }

@@ -6,9 +6,11 @@
 //! - [`kafka`]: the idempotent producer, topic creation, and the at-least-once consumer loop
 //!   with retries and dead letters.
 //! - [`http`]: `/health`, `/ready`, `/metrics`, request tracing, timeouts and the JSON error type.
+//! - [`catalog`]: the live product catalog, followed from `catalog-topic`.
 //! - [`service`]: the [`service::Service`] trait and [`service::main`], which wires it all
 //!   together and drains in-flight work on SIGINT/SIGTERM within a time limit.
 
+pub mod catalog;
 pub mod config;
 pub mod dead_letters;
 pub mod dedup;

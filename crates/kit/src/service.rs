@@ -203,14 +203,27 @@ impl Context {
 
     /// Starts an at-least-once consumer; [`Context::serve`] waits for it on shutdown.
     pub fn spawn_consumer<H: Handler>(&mut self, producer: &Producer, spec: ConsumerSpec, handler: H) {
+        self.spawn_consumer_flag(producer, spec, handler);
+    }
+
+    /// [`Context::spawn_consumer`], returning the consumer's readiness condition (a replica is
+    /// ready once caught up).
+    pub fn spawn_consumer_flag<H: Handler>(
+        &mut self,
+        producer: &Producer,
+        spec: ConsumerSpec,
+        handler: H,
+    ) -> ReadyFlag {
+        let ready = self.health.condition(format!("consumer:{}", spec.name));
         let env = ConsumerEnv {
             settings: self.kafka.clone(),
             service: self.service,
             producer: producer.clone(),
             shutdown: self.shutdown.clone(),
-            ready: self.health.condition(format!("consumer:{}", spec.name)),
+            ready: ready.clone(),
         };
         self.supervise(format!("consumer {}", spec.name), run_consumer(env, spec, handler));
+        ready
     }
 
     /// Starts a background task of the service's own that ends on shutdown.

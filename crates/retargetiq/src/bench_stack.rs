@@ -459,7 +459,7 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
     // Users with recommendations, for the API and the end-to-end probes.
     let ingest = stack.url("user-activity", "/api/users/activity");
     let mut g = Generator::seeded(7);
-    let catalog = catalog::Catalog::global();
+    let catalog = catalog::Catalog::demo();
     for chunk in 0..20 {
         let events: Vec<_> = (0..10)
             .flat_map(|u| {

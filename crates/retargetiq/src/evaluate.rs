@@ -158,7 +158,7 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<Report> {
     let popular: Vec<String> = popular.into_iter().map(|(p, _)| p.to_owned()).collect();
 
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
-    let products = catalog::Catalog::global().products();
+    let products = catalog::Catalog::demo().products();
     let list_len = ranking::MAX_RANKED;
     let mut lists: Vec<(&'static str, Vec<Vec<String>>)> =
         vec![(PLATFORM, vec![]), (PLATFORM_INITIAL, vec![]), (POPULARITY, vec![]), (RANDOM, vec![]), (ORACLE, vec![])];
@@ -170,9 +170,7 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<Report> {
         lists[3].1.push(products.choose_multiple(&mut rng, list_len).map(|p| p.id.clone()).collect());
         // The simulator's own favourites: an upper bound no recommender can know.
         let favourite = events::generate::favourite_category(user);
-        lists[4]
-            .1
-            .push(catalog::Catalog::global().in_category(favourite).take(list_len).map(|p| p.id.clone()).collect());
+        lists[4].1.push(catalog::Catalog::demo().in_category(favourite).take(list_len).map(|p| p.id.clone()).collect());
     }
     let rows = lists
         .into_iter()
@@ -287,14 +285,18 @@ struct Platform {
 impl Platform {
     /// Replays the training traffic in order; returns the state at the end.
     fn replay(training: &[Step], ranking_config: ranking::Config) -> anyhow::Result<Self> {
-        let mut processor =
-            event_processor::Processor::new(event_processor::Config::default(), Shared::new(Default::default()));
-        let mut store = feature_store::Store::new(feature_store::Config {
-            affinity_half_life_hours: 72.0,
-            ops_token: Default::default(),
-        });
+        let catalog = kit::catalog::demo();
+        let mut processor = event_processor::Processor::new(
+            event_processor::Config::default(),
+            Shared::new(Default::default()),
+            Shared::clone(&catalog),
+        );
+        let mut store = feature_store::Store::new(
+            feature_store::Config { affinity_half_life_hours: 72.0, ops_token: Default::default() },
+            Shared::clone(&catalog),
+        );
         let mut model = retrieval::Model::default();
-        let mut ranker = ranking::Ranker::new(ranking::LinearModel::initial(), ranking_config);
+        let mut ranker = ranking::Ranker::new(ranking::LinearModel::initial(), ranking_config, Shared::clone(&catalog));
         let mut processed = Vec::with_capacity(training.len());
         for (offset, step) in training.iter().enumerate() {
             let (topic, payload, at) = match step {
@@ -322,7 +324,7 @@ impl Platform {
                         schema_version: events::SCHEMA_VERSION,
                         user_id: features.user_id.clone(),
                         generated_at: at,
-                        candidates: retrieval::generate(&model, &features, at),
+                        candidates: retrieval::generate(&model, &catalog.read(), &features, at),
                         features,
                     };
                     ranker.rank(&candidates);
@@ -330,8 +332,11 @@ impl Platform {
                 processed.push(event);
             }
         }
-        let views =
-            recommendation_api::ViewState { ranked: ranker.latest.read().clone(), offers: kit::state::user_map() };
+        let views = recommendation_api::ViewState {
+            ranked: ranker.latest.read().clone(),
+            offers: kit::state::user_map(),
+            catalog,
+        };
         let model_updates = ranker.model.read().updates;
         Ok(Self { processed, views, model_updates })
     }

@@ -179,7 +179,7 @@ fn triggers(args: &OffersArgs, shoppers: &[Shopper], rng: &mut StdRng) -> Vec<Tr
 }
 
 fn order_event(n: usize, user: &str, amount: f64, at: chrono::DateTime<Utc>, decision: &str) -> ProcessedEvent {
-    let p = &catalog::Catalog::global().products()[n % catalog::PRODUCT_COUNT];
+    let p = &catalog::Catalog::demo().products()[n % catalog::PRODUCT_COUNT];
     ProcessedEvent {
         schema_version: events::SCHEMA_VERSION,
         event_id: format!("sim-order-{n}"),
@@ -198,12 +198,7 @@ fn order_event(n: usize, user: &str, amount: f64, at: chrono::DateTime<Utc>, dec
             amount,
             currency: "EUR".into(),
             items: vec![ProcessedItem {
-                product: ProductInfo {
-                    product_id: p.id.clone(),
-                    name: p.name.clone(),
-                    category: p.category.to_owned(),
-                    price: p.price,
-                },
+                product: ProductInfo::from_catalog(catalog::Catalog::demo(), &p.id),
                 quantity: 1,
                 unit_price: amount,
             }],

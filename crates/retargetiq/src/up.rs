@@ -44,6 +44,10 @@ pub struct UpArgs {
     /// Docker images.
     #[arg(long)]
     service_binaries: bool,
+    /// Do not load the demo catalog (2,400 generated products) into an empty `catalog-topic`:
+    /// for a shop that brings its own (`PUT /api/catalog/products`, `retargetiq catalog import`).
+    #[arg(long)]
+    no_demo_catalog: bool,
 }
 
 /// Writes one line prefixed with the name of its source.
@@ -191,6 +195,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let result = async {
         kit::kafka::admin::ensure_topics(&bootstrap, 1, Duration::from_secs(60)).await?;
         say("up", "topics ready");
+        if !args.no_demo_catalog {
+            let settings = if broker.is_some() {
+                kit::kafka::KafkaSettings::for_embedded_broker(bootstrap.clone())
+            } else {
+                kit::kafka::KafkaSettings::for_broker(bootstrap.clone())
+            };
+            match kit::catalog::load_demo_if_empty(&settings).await? {
+                0 => say("up", "catalog-topic already holds a catalog"),
+                n => say("up", &format!("loaded the demo catalog ({n} products) into the empty catalog-topic")),
+            }
+        }
         let services_stop = CancellationToken::new();
         let mut children = Vec::new();
         let offset = args.port_offset;

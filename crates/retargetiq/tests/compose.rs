@@ -150,7 +150,12 @@ fn the_topics_created_are_the_topic_table() {
         .filter(|w| w.contains("-topic:"))
         .map(|w| w.trim_end_matches(';').to_owned())
         .collect();
-    let expected: BTreeSet<String> =
-        events::Topic::ALL.iter().map(|t| format!("{}:{}", t.name(), t.default_partitions())).collect();
+    let expected: BTreeSet<String> = events::Topic::ALL
+        .iter()
+        .map(|t| {
+            let configs: Vec<String> = t.configs().iter().map(|(k, v)| format!(":{k}={v}")).collect();
+            format!("{}:{}{}", t.name(), t.default_partitions(), configs.concat())
+        })
+        .collect();
     assert_eq!(specs, expected);
 }

@@ -16,10 +16,12 @@ pub struct TestBroker {
 }
 
 impl TestBroker {
-    /// Starts an in-memory broker on a free port and creates every topic of the platform.
+    /// Starts an in-memory broker on a free port, creates every topic of the platform and
+    /// loads the demo catalog (as `retargetiq up` does).
     pub async fn start() -> anyhow::Result<Self> {
         let broker = Self::bare().await?;
         kit::kafka::admin::ensure_topics(&broker.bootstrap(), 1, Duration::from_secs(30)).await?;
+        kit::catalog::load_demo_if_empty(&broker.settings()).await?;
         Ok(broker)
     }
 

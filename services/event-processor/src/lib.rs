@@ -30,6 +30,7 @@ use events::validate::{self, Strictness};
 use events::{
     ActivityEvent, DeadLetter, EventType, OrderEvent, ProcessedEvent, ProcessedItem, ProcessedOrder, ProductInfo, Topic,
 };
+use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, OpsToken};
@@ -88,10 +89,11 @@ impl Service for EventProcessor {
         let token = config.ops_token.clone();
         let stats = Shared::new(Stats::default());
         let letters = Shared::new(VecDeque::new());
+        let catalog = ctx.follow_catalog(&producer).await;
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec::group("raw-events", [Topic::UserActivity, Topic::Order], "event-processor").restoring(),
-            Processor::new(config, Shared::clone(&stats)),
+            Processor::new(config, Shared::clone(&stats), catalog),
         );
         ctx.spawn_consumer(
             &producer,
@@ -115,6 +117,8 @@ pub struct Stats {
     pub duplicates: u64,
     pub rejected: u64,
     pub rejected_by_field: HashMap<String, u64>,
+    /// Events (and order lines) naming a product the catalog did not have yet.
+    pub unknown_products: u64,
 }
 
 /// The processing state: pure logic, no I/O.
@@ -126,11 +130,29 @@ pub struct Processor {
     /// user -> (latest campaign, when it was seen)
     campaigns: UserMap<(String, DateTime<Utc>)>,
     stats: Shared<Stats>,
+    catalog: LiveCatalog,
 }
 
 impl Processor {
-    pub fn new(config: Config, stats: Shared<Stats>) -> Self {
-        Self { seen: SeenSet::new(config.dedup_capacity), config, sessions: user_map(), campaigns: user_map(), stats }
+    pub fn new(config: Config, stats: Shared<Stats>, catalog: LiveCatalog) -> Self {
+        Self {
+            seen: SeenSet::new(config.dedup_capacity),
+            config,
+            sessions: user_map(),
+            campaigns: user_map(),
+            stats,
+            catalog,
+        }
+    }
+
+    /// The catalog's data for a product, or an unknown product's placeholder (counted).
+    fn product_info(&self, id: &str) -> ProductInfo {
+        let info = ProductInfo::from_catalog(&self.catalog.read(), id);
+        if info.unknown {
+            metrics::counter!("processor_unknown_products_total").increment(1);
+            self.stats().unknown_products += 1;
+        }
+        info
     }
 
     fn stats(&self) -> std::sync::RwLockWriteGuard<'_, Stats> {
@@ -170,7 +192,7 @@ impl Processor {
     }
 
     fn activity(&mut self, e: ActivityEvent, rec: &Record<'_>, out: &mut Outbox, now: DateTime<Utc>) -> ProcessedEvent {
-        let product = e.product_id.as_deref().and_then(product_info);
+        let product = e.product_id.as_deref().map(|id| self.product_info(id));
         ProcessedEvent {
             schema_version: events::SCHEMA_VERSION,
             session_id: self.session(&e.user_id, &e.event_id, e.session_id.as_deref(), e.timestamp),
@@ -193,12 +215,12 @@ impl Processor {
         let items = o
             .items
             .iter()
-            .filter_map(|i| {
-                product_info(&i.product_id).map(|product| ProcessedItem {
-                    product,
-                    quantity: i.quantity,
-                    unit_price: i.unit_price,
-                })
+            .map(|i| {
+                let mut product = self.product_info(&i.product_id);
+                if product.unknown {
+                    product.price = i.unit_price;
+                }
+                ProcessedItem { product, quantity: i.quantity, unit_price: i.unit_price }
             })
             .collect();
         ProcessedEvent {
@@ -232,15 +254,6 @@ fn correlation(out: &mut Outbox) -> String {
         out.set_correlation_id(uuid::Uuid::new_v4().to_string());
     }
     out.correlation_id().unwrap_or_default().to_owned()
-}
-
-fn product_info(id: &str) -> Option<ProductInfo> {
-    catalog::Catalog::global().get(id).map(|p| ProductInfo {
-        product_id: p.id.clone(),
-        name: p.name.clone(),
-        category: p.category.to_owned(),
-        price: p.price,
-    })
 }
 
 impl Handler for Processor {
@@ -367,7 +380,7 @@ mod tests {
     }
 
     fn processor() -> Processor {
-        Processor::new(Config::default(), Shared::default())
+        Processor::new(Config::default(), Shared::default(), kit::catalog::demo())
     }
 
     fn run(p: &mut Processor, topic: Topic, payload: &[u8]) -> Result<Vec<ProcessedEvent>, HandlerError> {
@@ -389,8 +402,8 @@ mod tests {
         assert_eq!(out.len(), 1);
         let first = &out[0];
         let product = first.product.as_ref().expect("enriched");
-        let catalog_product = catalog::Catalog::global().get("P00001").expect("in catalog");
-        assert_eq!((product.category.as_str(), product.price), (catalog_product.category, catalog_product.price));
+        let catalog_product = catalog::Catalog::demo().get("P00001").expect("in catalog");
+        assert_eq!((&product.category, product.price), (&catalog_product.category, catalog_product.price));
         assert!(first.session_id.starts_with("s-"));
         assert!(!first.correlation_id.is_empty());
         assert_eq!(first.source.offset, 5);
@@ -414,9 +427,44 @@ mod tests {
     }
 
     #[test]
-    fn a_new_session_after_the_gap() {
+    fn unknown_products_are_accepted_and_enriched_once_they_arrive() {
+        let catalog = kit::catalog::LiveCatalog::default();
+        let stats = Shared::default();
         let mut p =
-            Processor::new(Config { session_gap: Duration::seconds(60), ..Config::default() }, Shared::default());
+            Processor::new(Config::default(), Shared::clone(&stats), kit::catalog::LiveCatalog::clone(&catalog));
+        let view = |id: &str| {
+            let mut e = Generator::seeded(4).activity(Utc::now());
+            e.event_type = EventType::ProductView;
+            e.event_id = id.to_owned();
+            e.product_id = Some("SKU-RED-SHOE-42".into());
+            serde_json::to_vec(&e).expect("json")
+        };
+        let first = run(&mut p, Topic::UserActivity, &view("e1")).expect("accepted");
+        let product = first[0].product.as_ref().expect("the product is named");
+        assert!(product.unknown && product.product_id == "SKU-RED-SHOE-42" && product.known_category().is_none());
+        assert_eq!(stats.read().unknown_products, 1);
+        catalog.write().upsert(catalog::Product {
+            id: "SKU-RED-SHOE-42".into(),
+            name: "Red shoe".into(),
+            category: "shoes".into(),
+            price: 59.9,
+            brand: None,
+            available: true,
+            popularity: 0.0,
+        });
+        let later = run(&mut p, Topic::UserActivity, &view("e2")).expect("accepted");
+        let product = later[0].product.as_ref().expect("enriched");
+        assert_eq!((product.unknown, product.category.as_str(), product.price), (false, "shoes", 59.9));
+        assert_eq!(stats.read().unknown_products, 1);
+    }
+
+    #[test]
+    fn a_new_session_after_the_gap() {
+        let mut p = Processor::new(
+            Config { session_gap: Duration::seconds(60), ..Config::default() },
+            Shared::default(),
+            kit::catalog::demo(),
+        );
         let t0 = Utc::now() - Duration::hours(1);
         let a = p.session("u", "e1", None, t0);
         assert_eq!(a, "s-e1");
@@ -461,11 +509,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let bad_product = br#"{"eventId":"e","userId":"u","eventType":"click","productId":"NOPE","timestamp":"2026-01-01T00:00:00Z"}"#;
+        let bad_product = br#"{"eventId":"e","userId":"u","eventType":"click","productId":"NO PE","timestamp":"2026-01-01T00:00:00Z"}"#;
         match run(&mut p, Topic::UserActivity, bad_product) {
             Err(HandlerError::Reject { field, reason, .. }) => {
                 assert_eq!(field.as_deref(), Some("productId"));
-                assert!(reason.contains("NOPE"), "{reason}");
+                assert!(reason.contains("NO PE"), "{reason}");
             }
             other => panic!("{other:?}"),
         }

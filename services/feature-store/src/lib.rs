@@ -22,6 +22,7 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use events::{EventCounts, EventType, ProcessedEvent, Topic, UserFeatures, WindowedCounts};
+use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, OpsToken, found};
@@ -66,7 +67,8 @@ impl Service for FeatureStore {
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
         let token = config.ops_token.clone();
-        let store = Shared::new(Store::new(config));
+        let catalog = ctx.follow_catalog(&producer).await;
+        let store = Shared::new(Store::new(config, catalog));
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec::group("processed-events", [Topic::ProcessedEvents], "feature-store").restoring(),
@@ -151,11 +153,13 @@ struct UserState {
 pub struct Store {
     config: Config,
     users: UserMap<UserState>,
+    /// For the cart's value at current prices.
+    catalog: LiveCatalog,
 }
 
 impl Store {
-    pub fn new(config: Config) -> Self {
-        Self { config, users: user_map() }
+    pub fn new(config: Config, catalog: LiveCatalog) -> Self {
+        Self { config, users: user_map(), catalog }
     }
 
     pub fn get(&self, user_id: &str) -> Option<&UserFeatures> {
@@ -200,10 +204,10 @@ impl Store {
         }
         f.category_affinity.retain(|_, v| *v > 1e-3);
         let weight = e.event_type.engagement_weight();
-        if let Some(p) = &e.product
+        if let Some(category) = e.product.as_ref().and_then(|p| p.known_category())
             && weight > 0.0
         {
-            *f.category_affinity.entry(p.category.clone()).or_default() += weight;
+            *f.category_affinity.entry(category.to_owned()).or_default() += weight;
         }
 
         f.counts.add(e.event_type);
@@ -240,8 +244,10 @@ impl Store {
             for item in &order.items {
                 f.cart.retain(|p| *p != item.product.product_id);
                 move_to_front(&mut f.purchased, item.product.product_id.clone(), PURCHASES_KEPT);
-                *f.category_affinity.entry(item.product.category.clone()).or_default() +=
-                    EventType::Purchase.engagement_weight();
+                if let Some(category) = item.product.known_category() {
+                    *f.category_affinity.entry(category.to_owned()).or_default() +=
+                        EventType::Purchase.engagement_weight();
+                }
             }
             f.order_count += 1;
             f.total_spend += order.amount;
@@ -249,7 +255,7 @@ impl Store {
             user.views_since_purchase = 0;
             user.clicks_since_purchase = 0;
         }
-        let catalog = catalog::Catalog::global();
+        let catalog = self.catalog.read();
         f.cart_value = f.cart.iter().filter_map(|id| catalog.get(id)).map(|p| p.price).fold(0.0, |a, b| a + b);
         f.preferred_category =
             f.category_affinity.iter().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0))).map(|(c, _)| c.clone());
@@ -334,8 +340,7 @@ mod tests {
     use super::*;
 
     fn product(id: &str) -> ProductInfo {
-        let p = catalog::Catalog::global().get(id).expect("in catalog");
-        ProductInfo { product_id: p.id.clone(), name: p.name.clone(), category: p.category.to_owned(), price: p.price }
+        ProductInfo::from_catalog(catalog::Catalog::demo(), id)
     }
 
     fn event(id: &str, t: EventType, product_id: Option<&str>, at: DateTime<Utc>) -> ProcessedEvent {
@@ -358,7 +363,7 @@ mod tests {
     }
 
     fn store() -> Store {
-        Store::new(Config { affinity_half_life_hours: 72.0, ops_token: OpsToken::default() })
+        Store::new(Config { affinity_half_life_hours: 72.0, ops_token: OpsToken::default() }, kit::catalog::demo())
     }
 
     #[test]
@@ -408,8 +413,8 @@ mod tests {
     fn affinity_decays_with_time() {
         let mut s = store();
         let t0 = Utc::now() - Duration::hours(144);
-        let books = catalog::Catalog::global().in_category("books").next().expect("a book").id.clone();
-        let toys = catalog::Catalog::global().in_category("toys").next().expect("a toy").id.clone();
+        let books = catalog::Catalog::demo().in_category("books").next().expect("a book").id.clone();
+        let toys = catalog::Catalog::demo().in_category("toys").next().expect("a toy").id.clone();
         s.apply(&event("1", EventType::ProductView, Some(&books), t0), t0);
         // 144 h later (two half-lives) the book view weighs a quarter.
         let t1 = t0 + Duration::hours(144);

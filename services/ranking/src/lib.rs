@@ -37,6 +37,7 @@ use axum::routing::get;
 use catalog::Catalog;
 use chrono::{DateTime, Utc};
 use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedRecommendations, Topic};
+use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
@@ -100,7 +101,8 @@ impl Service for Ranking {
         let producer = ctx.pipeline_producer()?;
         let model = restore_model(&ctx.kafka.bootstrap_servers).await;
         tracing::info!(updates = model.updates, "ranking model ready");
-        let ranker = Ranker::new(model, config);
+        let catalog = ctx.follow_catalog(&producer).await;
+        let ranker = Ranker::new(model, config, catalog);
         let state = RankState { latest: Shared::clone(&ranker.latest), model: Shared::clone(&ranker.model) };
         ctx.spawn_consumer(
             &producer,
@@ -216,13 +218,23 @@ fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
 }
 
-/// Ranks one user's candidates; returns the list and the features of each ranked item.
-pub fn rank_with_features(model: &LinearModel, c: &Candidates) -> (RankedRecommendations, Vec<Features>) {
-    let catalog = Catalog::global();
+/// Ranks one user's candidates; returns the list and the features of each ranked item. Only
+/// products the catalog has and offers are ranked (a product not in the catalog yet has no
+/// name or price to show).
+pub fn rank_with_features(
+    model: &LinearModel,
+    catalog: &Catalog,
+    c: &Candidates,
+) -> (RankedRecommendations, Vec<Features>) {
     let f = &c.features;
     let max_affinity = f.category_affinity.values().copied().fold(0.0, f64::max);
-    let viewed_prices: Vec<f64> =
-        f.recently_viewed.iter().filter_map(|id| catalog.get(id)).map(|p| p.price.ln()).collect();
+    let viewed_prices: Vec<f64> = f
+        .recently_viewed
+        .iter()
+        .filter_map(|id| catalog.get(id))
+        .filter(|p| p.price > 0.0)
+        .map(|p| p.price.ln())
+        .collect();
     let mean_log_price =
         (!viewed_prices.is_empty()).then(|| viewed_prices.iter().sum::<f64>() / viewed_prices.len() as f64);
 
@@ -236,9 +248,9 @@ pub fn rank_with_features(model: &LinearModel, c: &Candidates) -> (RankedRecomme
     let mut items: Vec<(RankedItem, Features)> = merged
         .into_iter()
         .filter_map(|(id, sources)| {
-            let product = catalog.get(id)?;
+            let product = catalog.available(id)?;
             let source = |s| sources.get(&s).copied().unwrap_or(0.0);
-            let affinity = f.category_affinity.get(product.category).copied().unwrap_or(0.0);
+            let affinity = f.category_affinity.get(&product.category).copied().unwrap_or(0.0);
             let features = Features::from([
                 ("bias", 1.0),
                 ("retargeting", source(CandidateSource::Retargeting)),
@@ -247,7 +259,7 @@ pub fn rank_with_features(model: &LinearModel, c: &Candidates) -> (RankedRecomme
                 ("popularity", source(CandidateSource::PopularInCategory).max(source(CandidateSource::ColdStart))),
                 ("trending", source(CandidateSource::Trending)),
                 ("category_affinity", if max_affinity > 0.0 { affinity / max_affinity } else { 0.0 }),
-                ("price_fit", mean_log_price.map_or(0.0, |m| (1.0 - (product.price.ln() - m).abs() / 2.0).max(0.0))),
+                ("price_fit", price_fit(product.price, mean_log_price)),
             ]);
             let (score, contributions) = model.score(&features);
             let item = RankedItem {
@@ -277,9 +289,17 @@ pub fn rank_with_features(model: &LinearModel, c: &Candidates) -> (RankedRecomme
     (ranked, features)
 }
 
+/// How close a price is to the (log-)mean price of what the user viewed, in [0, 1].
+fn price_fit(price: f64, mean_log_price: Option<f64>) -> f64 {
+    match mean_log_price {
+        Some(m) if price > 0.0 => (1.0 - (price.ln() - m).abs() / 2.0).max(0.0),
+        _ => 0.0,
+    }
+}
+
 /// Ranks one user's candidates.
-pub fn rank(model: &LinearModel, c: &Candidates) -> RankedRecommendations {
-    rank_with_features(model, c).0
+pub fn rank(model: &LinearModel, catalog: &Catalog, c: &Candidates) -> RankedRecommendations {
+    rank_with_features(model, catalog, c).0
 }
 
 type Latest = Shared<UserMap<RankedRecommendations>>;
@@ -301,11 +321,13 @@ pub struct Ranker {
     /// user -> products engaged with lately, and when.
     engaged: UserMap<VecDeque<(String, DateTime<Utc>)>>,
     seen: SeenSet,
+    catalog: LiveCatalog,
 }
 
 impl Ranker {
-    pub fn new(model: LinearModel, config: Config) -> Self {
+    pub fn new(model: LinearModel, config: Config, catalog: LiveCatalog) -> Self {
         Self {
+            catalog,
             config,
             model: Shared::new(model),
             latest: Shared::new(user_map()),
@@ -317,7 +339,7 @@ impl Ranker {
 
     /// Ranks and remembers what is shown.
     pub fn rank(&mut self, c: &Candidates) -> RankedRecommendations {
-        let (ranked, features) = rank_with_features(&self.model.read(), c);
+        let (ranked, features) = rank_with_features(&self.model.read(), &self.catalog.read(), c);
         let shown = ranked.items.iter().zip(features).take(SERVED).map(|(i, f)| (i.item_id.clone(), f)).collect();
         self.served.put(ranked.user_id.clone(), shown);
         self.latest.write().put(ranked.user_id.clone(), ranked.clone());
@@ -412,7 +434,7 @@ mod tests {
 
     #[test]
     fn scores_are_explained_and_ordered() {
-        let catalog = Catalog::global();
+        let catalog = Catalog::demo();
         let viewed = catalog.in_category("books").next().expect("book").id.clone();
         let other_book = catalog.in_category("books").nth(3).expect("book").id.clone();
         let toy = catalog.in_category("toys").next().expect("toy").id.clone();
@@ -435,7 +457,7 @@ mod tests {
             ],
         };
         let model = LinearModel::initial();
-        let ranked = rank(&model, &c);
+        let ranked = rank(&model, Catalog::demo(), &c);
         assert_eq!(ranked.items.len(), 3, "one item per product");
         let ids: Vec<_> = ranked.items.iter().map(|i| i.item_id.as_str()).collect();
         assert_eq!(ids.last(), Some(&toy.as_str()), "the unrelated cold-start toy ranks last: {ids:?}");
@@ -450,7 +472,7 @@ mod tests {
     }
 
     fn click(id: &str, user: &str, product: &str) -> ProcessedEvent {
-        let p = Catalog::global().get(product).expect("in catalog");
+        let p = Catalog::demo().get(product).expect("in catalog");
         ProcessedEvent {
             schema_version: 1,
             event_id: id.into(),
@@ -460,12 +482,7 @@ mod tests {
             occurred_at: Utc::now(),
             processed_at: Utc::now(),
             correlation_id: "c".into(),
-            product: Some(events::ProductInfo {
-                product_id: p.id.clone(),
-                name: p.name.clone(),
-                category: p.category.to_owned(),
-                price: p.price,
-            }),
+            product: Some(events::ProductInfo::from_catalog(catalog::Catalog::demo(), &p.id)),
             campaign_id: None,
             query: None,
             recommendation_id: None,
@@ -478,10 +495,10 @@ mod tests {
     /// one, and always click the trending one: the model must learn to put it first.
     #[test]
     fn feedback_moves_the_weights_towards_what_users_choose() {
-        let catalog = Catalog::global();
+        let catalog = Catalog::demo();
         let popular = catalog.in_category("books").next().expect("book").id.clone();
         let rising = catalog.in_category("books").nth(40).expect("book").id.clone();
-        let mut ranker = Ranker::new(LinearModel::initial(), Config::default());
+        let mut ranker = Ranker::new(LinearModel::initial(), Config::default(), kit::catalog::demo());
         let before = ranker.model.read().clone();
         let candidates = |user: &str| Candidates {
             schema_version: 1,

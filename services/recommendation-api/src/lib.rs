@@ -17,9 +17,9 @@ use std::collections::HashSet;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::routing::get;
-use catalog::Catalog;
 use chrono::{DateTime, Utc};
 use events::{CandidateSource, OfferDecision, RankedRecommendations, Topic};
+use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::http::ApiError;
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
@@ -45,7 +45,8 @@ impl Service for RecommendationApi {
 
     async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let views: Views = Shared::default();
+        let catalog = ctx.follow_catalog(&producer).await;
+        let views: Views = Shared::new(ViewState { catalog, ..ViewState::default() });
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec::replica("ranked-view", [Topic::RankedRecommendations]),
@@ -65,13 +66,19 @@ impl Service for RecommendationApi {
 pub struct ViewState {
     pub ranked: UserMap<RankedRecommendations>,
     pub offers: UserMap<OfferDecision>,
+    /// Products are shown as the catalog has them now: a price changed since the list was
+    /// ranked shows the new price, and a withdrawn product is left out.
+    pub catalog: LiveCatalog,
 }
 
 impl Default for ViewState {
     fn default() -> Self {
-        Self { ranked: user_map(), offers: user_map() }
+        Self { ranked: user_map(), offers: user_map(), catalog: LiveCatalog::default() }
     }
 }
+
+/// Most categories an error message lists.
+const CATEGORIES_LISTED: usize = 20;
 
 type Views = Shared<ViewState>;
 
@@ -145,13 +152,14 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
             .filter(|k| (1..=MAX_K).contains(k))
             .ok_or_else(|| invalid("k", format!("must be a whole number from 1 to {MAX_K}, got {raw:?}")))?,
     };
-    let catalog = Catalog::global();
+    let catalog = views.catalog.read();
     let category = params.category.as_deref().map(str::trim).filter(|c| !c.is_empty());
     if let Some(c) = category
         && !catalog.is_category(c)
     {
-        let known: Vec<_> = catalog.categories().collect();
-        return Err(invalid("category", format!("unknown category {c:?}; expected one of {}", known.join(", "))));
+        let known: Vec<_> = catalog.categories().take(CATEGORIES_LISTED).collect();
+        let more = if catalog.categories().count() > CATEGORIES_LISTED { ", ..." } else { "" };
+        return Err(invalid("category", format!("unknown category {c:?}; known: {}{more}", known.join(", "))));
     }
     let exclude: HashSet<&str> =
         params.exclude.as_deref().unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
@@ -162,14 +170,15 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
             Some(r) => (
                 r.items
                     .iter()
-                    .filter(|i| keep(&i.item_id, &i.category))
-                    .map(|i| Item {
-                        item_id: i.item_id.clone(),
+                    .filter_map(|i| Some((i, catalog.available(&i.item_id)?)))
+                    .filter(|(_, p)| keep(&p.id, &p.category))
+                    .map(|(i, p)| Item {
+                        item_id: p.id.clone(),
                         score: i.score,
                         rank: 0,
-                        name: i.name.clone(),
-                        category: i.category.clone(),
-                        price: i.price,
+                        name: p.name.clone(),
+                        category: p.category.clone(),
+                        price: p.price,
                         sources: i.sources.clone(),
                     })
                     .collect(),
@@ -185,14 +194,14 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
         let have: HashSet<String> = items.iter().map(|i| i.item_id.clone()).collect();
         let fill = catalog
             .by_popularity()
-            .filter(|p| keep(&p.id, p.category) && !have.contains(&p.id))
+            .filter(|p| keep(&p.id, &p.category) && !have.contains(&p.id))
             .take(k - items.len())
             .map(|p| Item {
                 item_id: p.id.clone(),
                 score: (p.popularity * 0.5 * 10_000.0).round() / 10_000.0,
                 rank: 0,
                 name: p.name.clone(),
-                category: p.category.to_owned(),
+                category: p.category.clone(),
                 price: p.price,
                 sources: vec![CandidateSource::ColdStart],
             })
@@ -233,12 +242,13 @@ async fn recommend(
 mod tests {
     use std::collections::BTreeMap;
 
+    use catalog::Catalog;
     use events::RankedItem;
 
     use super::*;
 
     fn views() -> ViewState {
-        let catalog = Catalog::global();
+        let catalog = Catalog::demo();
         let items = ["P00001", "P00700", "P00002"]
             .iter()
             .enumerate()
@@ -255,7 +265,7 @@ mod tests {
                 }
             })
             .collect();
-        let mut v = ViewState::default();
+        let mut v = ViewState { catalog: kit::catalog::demo(), ..ViewState::default() };
         v.ranked.put(
             "u".into(),
             RankedRecommendations {
@@ -288,13 +298,28 @@ mod tests {
     #[test]
     fn filters_and_cold_start() {
         let v = views();
-        let cat = Catalog::global().get("P00700").expect("known").category;
+        let cat = Catalog::demo().get("P00700").expect("known").category.as_str();
         let r = answer(&v, "u", &params(Some("3"), Some(cat), Some("P00700"))).expect("answer");
         assert!(r.recommendations.iter().all(|i| i.category == cat && i.item_id != "P00700"));
         let r = answer(&v, "stranger", &params(None, None, None)).expect("answer");
         assert!(r.cold_start);
         assert_eq!(r.recommendations.len(), DEFAULT_K);
         assert!(r.offer.is_none());
+    }
+
+    #[test]
+    fn products_are_shown_as_the_catalog_has_them_now() {
+        let v = views();
+        let first = answer(&v, "u", &params(Some("3"), None, None)).expect("answer");
+        let top = first.recommendations[0].item_id.clone();
+        let mut changed = Catalog::demo().get(&top).expect("known").clone();
+        changed.price = 1.25;
+        v.catalog.write().upsert(changed.clone());
+        let r = answer(&v, "u", &params(Some("3"), None, None)).expect("answer");
+        assert_eq!((r.recommendations[0].item_id.as_str(), r.recommendations[0].price), (top.as_str(), 1.25));
+        v.catalog.write().upsert(catalog::Product { available: false, ..changed });
+        let r = answer(&v, "u", &params(Some("3"), None, None)).expect("answer");
+        assert!(r.recommendations.iter().all(|i| i.item_id != top), "a withdrawn product is not shown");
     }
 
     #[test]

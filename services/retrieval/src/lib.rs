@@ -28,6 +28,7 @@ use axum::routing::get;
 use catalog::Catalog;
 use chrono::{DateTime, Utc};
 use events::{Candidate, CandidateSource, Candidates, EventType, ProcessedEvent, Topic, UserFeatures};
+use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
@@ -68,7 +69,8 @@ impl Service for Retrieval {
 
     async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let state = Shared::new(RetrievalState::default());
+        let catalog = ctx.follow_catalog(&producer).await;
+        let state = Shared::new(RetrievalState { catalog, ..RetrievalState::default() });
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec::replica("model", [Topic::ProcessedEvents]),
@@ -88,11 +90,12 @@ impl Service for Retrieval {
 pub struct RetrievalState {
     pub model: Model,
     pub latest: UserMap<Candidates>,
+    pub catalog: LiveCatalog,
 }
 
 impl Default for RetrievalState {
     fn default() -> Self {
-        Self { model: Model::default(), latest: user_map() }
+        Self { model: Model::default(), latest: user_map(), catalog: LiveCatalog::default() }
     }
 }
 
@@ -226,11 +229,10 @@ impl Model {
 
     /// The products of a category rising fastest: short-term engagement over the long-term
     /// level it would have at a steady rate, scored in [0, 1].
-    pub fn trending(&self, category: &str, n: usize, now: DateTime<Utc>) -> Vec<(String, f64)> {
+    pub fn trending(&self, catalog: &Catalog, category: &str, n: usize, now: DateTime<Utc>) -> Vec<(String, f64)> {
         // At a steady rate r per hour the two counters settle at r·h/ln 2 for half-life h, so
         // their ratio is short/long = 2/24: a trend is a ratio well above that.
         let steady = TRENDING_HALF_LIFE_HOURS / POPULARITY_HALF_LIFE_HOURS;
-        let catalog = Catalog::global();
         let mut scored: Vec<(String, f64)> = catalog
             .in_category(category)
             .filter_map(|p| {
@@ -250,11 +252,17 @@ impl Model {
 
     /// The most popular products of a category (or of the whole catalog), with scores;
     /// `max_live` is [`Model::max_live`] at `now`, computed once by the caller.
-    fn popular(&self, category: Option<&str>, n: usize, max_live: f64, now: DateTime<Utc>) -> Vec<(String, f64)> {
-        let catalog = Catalog::global();
+    fn popular(
+        &self,
+        catalog: &Catalog,
+        category: Option<&str>,
+        n: usize,
+        max_live: f64,
+        now: DateTime<Utc>,
+    ) -> Vec<(String, f64)> {
         let mut scored: Vec<(String, f64)> = match category {
             Some(c) => catalog.in_category(c).map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
-            None => catalog.products().iter().map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
+            None => catalog.by_popularity().map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
         };
         scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         scored.truncate(n);
@@ -278,19 +286,20 @@ fn prune(neighbours: &mut HashMap<String, f64>) {
     }
 }
 
-/// The candidates for a user's features.
-pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Candidate> {
+/// The candidates for a user's features. Products the catalog has withdrawn are left out;
+/// products it does not know yet may be retargeted or co-visited.
+pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Candidate> {
     let max_live = model.max_live(now);
-    let catalog = Catalog::global();
     let bought: HashSet<&str> = f
         .purchased
         .iter()
-        .filter(|id| catalog.get(id).is_none_or(|p| !REPURCHASABLE.contains(&p.category)))
+        .filter(|id| catalog.get(id).is_none_or(|p| !REPURCHASABLE.contains(&p.category.as_str())))
         .map(String::as_str)
         .collect();
     let mut out: Vec<Candidate> = Vec::new();
     let push = |out: &mut Vec<Candidate>, id: &str, source, score: f64| {
-        if !bought.contains(id) && !out.iter().any(|c| c.product_id == id && c.source == source) {
+        let withdrawn = catalog.get(id).is_some_and(|p| !p.available);
+        if !withdrawn && !bought.contains(id) && !out.iter().any(|c| c.product_id == id && c.source == source) {
             out.push(Candidate { product_id: id.to_owned(), source, source_score: score.clamp(0.0, 1.0) });
         }
     };
@@ -328,10 +337,10 @@ pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Cand
     for (cat, aff) in cats.into_iter().take(3) {
         let share = if total > 0.0 { aff / total } else { 0.0 };
         let n = ((PER_SOURCE as f64 * share).ceil() as usize).max(3);
-        for (id, score) in model.popular(Some(cat), n, max_live, now) {
+        for (id, score) in model.popular(catalog, Some(cat), n, max_live, now) {
             push(&mut out, &id, CandidateSource::PopularInCategory, score * share.sqrt());
         }
-        for (id, score) in model.trending(cat, n.min(5), now) {
+        for (id, score) in model.trending(catalog, cat, n.min(5), now) {
             push(&mut out, &id, CandidateSource::Trending, score);
         }
     }
@@ -339,7 +348,7 @@ pub fn generate(model: &Model, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Cand
     // Cold start: too little history to fill a page.
     let distinct: HashSet<&str> = out.iter().map(|c| c.product_id.as_str()).collect();
     if distinct.len() < PER_SOURCE {
-        for (id, score) in model.popular(None, PER_SOURCE, max_live, now) {
+        for (id, score) in model.popular(catalog, None, PER_SOURCE, max_live, now) {
             push(&mut out, &id, CandidateSource::ColdStart, score);
         }
     }
@@ -363,7 +372,7 @@ impl Handler for Retriever {
         let features: UserFeatures = rec.json()?;
         let now = Utc::now();
         let mut state = self.0.write();
-        let candidates = generate(&state.model, &features, now);
+        let candidates = generate(&state.model, &state.catalog.read(), &features, now);
         metrics::histogram!("retrieval_candidates").record(candidates.len() as f64);
         let msg = Candidates {
             schema_version: events::SCHEMA_VERSION,
@@ -394,7 +403,7 @@ mod tests {
     use super::*;
 
     fn view(id: &str, session: &str, product: &str) -> ProcessedEvent {
-        let p = Catalog::global().get(product).expect("in catalog");
+        let p = Catalog::demo().get(product).expect("in catalog");
         ProcessedEvent {
             schema_version: 1,
             event_id: id.into(),
@@ -404,12 +413,7 @@ mod tests {
             occurred_at: Utc::now(),
             processed_at: Utc::now(),
             correlation_id: "c".into(),
-            product: Some(ProductInfo {
-                product_id: p.id.clone(),
-                name: p.name.clone(),
-                category: p.category.to_owned(),
-                price: p.price,
-            }),
+            product: Some(ProductInfo::from_catalog(catalog::Catalog::demo(), &p.id)),
             campaign_id: None,
             query: None,
             recommendation_id: None,
@@ -434,7 +438,7 @@ mod tests {
         assert_eq!(m.co_visits("P00500", "P00010"), 2.0);
 
         let f = UserFeatures { user_id: "u".into(), recently_viewed: vec!["P00010".into()], ..Default::default() };
-        let c = generate(&m, &f, Utc::now());
+        let c = generate(&m, Catalog::demo(), &f, Utc::now());
         assert!(sources_of(&c, "P00500").contains(&CandidateSource::CoVisitation), "{c:?}");
         assert!(sources_of(&c, "P00010").contains(&CandidateSource::Retargeting));
     }
@@ -442,7 +446,7 @@ mod tests {
     #[test]
     fn purchases_are_excluded_and_categories_drive_popularity() {
         let m = Model::default();
-        let toy = Catalog::global().in_category("toys").next().expect("toy").id.clone();
+        let toy = Catalog::demo().in_category("toys").next().expect("toy").id.clone();
         let f = UserFeatures {
             user_id: "u".into(),
             cart: vec!["P00020".into()],
@@ -451,18 +455,18 @@ mod tests {
             category_affinity: BTreeMap::from([("toys".to_owned(), 5.0)]),
             ..Default::default()
         };
-        let c = generate(&m, &f, Utc::now());
+        let c = generate(&m, Catalog::demo(), &f, Utc::now());
         assert!(sources_of(&c, &toy).is_empty(), "bought items are not proposed");
         assert_eq!(c[0].product_id, "P00020");
         assert_eq!(c[0].source_score, 1.0);
         let popular: Vec<_> = c.iter().filter(|c| c.source == CandidateSource::PopularInCategory).collect();
         assert!(!popular.is_empty());
-        assert!(popular.iter().all(|c| Catalog::global().get(&c.product_id).expect("known").category == "toys"));
+        assert!(popular.iter().all(|c| Catalog::demo().get(&c.product_id).expect("known").category == "toys"));
     }
 
     #[test]
     fn new_users_get_cold_start_candidates() {
-        let c = generate(&Model::default(), &UserFeatures::default(), Utc::now());
+        let c = generate(&Model::default(), Catalog::demo(), &UserFeatures::default(), Utc::now());
         assert_eq!(c.len(), PER_SOURCE);
         assert!(c.iter().all(|c| c.source == CandidateSource::ColdStart));
     }
@@ -470,7 +474,7 @@ mod tests {
     #[test]
     fn trending_is_a_recent_rise_not_a_steady_best_seller() {
         let mut m = Model::default();
-        let toys: Vec<String> = Catalog::global().in_category("toys").take(2).map(|p| p.id.clone()).collect();
+        let toys: Vec<String> = Catalog::demo().in_category("toys").take(2).map(|p| p.id.clone()).collect();
         let (steady, rising) = (&toys[0], &toys[1]);
         let now = Utc::now();
         // The steady seller: viewed every hour for two days.
@@ -485,22 +489,22 @@ mod tests {
             e.occurred_at = now - chrono::Duration::minutes(30 - i);
             m.learn(&e);
         }
-        let trending = m.trending("toys", 5, now);
+        let trending = m.trending(Catalog::demo(), "toys", 5, now);
         assert_eq!(trending.first().map(|t| t.0.as_str()), Some(rising.as_str()), "{trending:?}");
         assert!(trending.iter().all(|t| t.0 != *steady), "{trending:?}");
-        assert!(m.trending("books", 5, now).is_empty());
+        assert!(m.trending(Catalog::demo(), "books", 5, now).is_empty());
 
         let f = UserFeatures {
             user_id: "u".into(),
             category_affinity: BTreeMap::from([("toys".to_owned(), 1.0)]),
             ..Default::default()
         };
-        assert!(sources_of(&generate(&m, &f, now), rising).contains(&CandidateSource::Trending));
+        assert!(sources_of(&generate(&m, Catalog::demo(), &f, now), rising).contains(&CandidateSource::Trending));
     }
 
     #[test]
     fn groceries_can_be_bought_again() {
-        let catalog = Catalog::global();
+        let catalog = Catalog::demo();
         let milk = catalog.in_category("grocery").next().expect("grocery").id.clone();
         let book = catalog.in_category("books").next().expect("book").id.clone();
         let f = UserFeatures {
@@ -509,7 +513,7 @@ mod tests {
             purchased: vec![milk.clone(), book.clone()],
             ..Default::default()
         };
-        let c = generate(&Model::default(), &f, Utc::now());
+        let c = generate(&Model::default(), Catalog::demo(), &f, Utc::now());
         assert!(sources_of(&c, &milk).contains(&CandidateSource::Retargeting), "{c:?}");
         assert!(sources_of(&c, &book).is_empty());
     }

@@ -203,9 +203,20 @@ async fn read_history(ctx: &Context) -> anyhow::Result<(Vec<OfferDecision>, Vec<
     Ok((decisions, orders))
 }
 
-/// Preferred categories the context knows (one indicator each).
-fn categories() -> Vec<&'static str> {
-    catalog::Catalog::global().categories().collect()
+/// Indicators the context's category is hashed into. Categories are open-ended (each shop
+/// has its own), so the bandit cannot have one indicator per category: each category sets two
+/// of these, chosen by two hash functions, so that two categories that share one indicator
+/// (as `books` and `beauty` of the demo catalog do) are still told apart by the other.
+pub const CATEGORY_BUCKETS: usize = 32;
+
+/// The two indicators of a category (FNV-1a with two seeds: stable across processes).
+fn category_buckets(category: &str) -> [usize; 2] {
+    let hash = |seed: u64| {
+        category
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64 ^ seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    };
+    [(hash(0) % CATEGORY_BUCKETS as u64) as usize, (hash(0x9e37_79b9_7f4a_7c15) % CATEGORY_BUCKETS as u64) as usize]
 }
 
 /// What the policy looks at.
@@ -273,7 +284,7 @@ impl OfferContext {
 
     /// The features the bandit's regressions use, each in [0, 1]: a bias, intent, recency,
     /// activity, cart value (1 − e^(−value/100 EUR)), lapse (days since the last visit / 30,
-    /// capped at 1), and one indicator per category.
+    /// capped at 1), and the category's indicators (see [`CATEGORY_BUCKETS`]).
     pub fn vector(&self) -> Vec<f64> {
         let mut x = vec![
             1.0,
@@ -283,14 +294,20 @@ impl OfferContext {
             1.0 - (-self.cart_value.max(0.0) / 100.0).exp(),
             (self.days_since_last_visit / 30.0).clamp(0.0, 1.0),
         ];
-        x.extend(categories().into_iter().map(|c| if self.category.as_deref() == Some(c) { 1.0 } else { 0.0 }));
+        let mut buckets = [0.0; CATEGORY_BUCKETS];
+        if let Some(c) = &self.category {
+            for b in category_buckets(c) {
+                buckets[b] = 1.0;
+            }
+        }
+        x.extend(buckets);
         x
     }
 }
 
 /// Length of [`OfferContext::vector`].
 pub fn dimensions() -> usize {
-    6 + categories().len()
+    6 + CATEGORY_BUCKETS
 }
 
 /// The original project's rule engine, kept as the baseline the bandit is measured against:
@@ -618,10 +635,14 @@ pub fn parse_select(
             }
         }
         if let Some(v) = c.get("category") {
+            let max = events::validate::MAX_NAME_LEN;
             let cat = v
                 .as_str()
-                .filter(|c| catalog::Catalog::global().is_category(c))
-                .ok_or_else(|| invalid("context.category", &format!("must be one of {}", categories().join(", "))))?;
+                .map(str::trim)
+                .filter(|c| !c.is_empty() && c.chars().count() <= max && !c.chars().any(char::is_control))
+                .ok_or_else(|| {
+                    invalid("context.category", &format!("must be a category name (1 to {max} characters)"))
+                })?;
             ctx.category = Some(cat.to_owned());
         }
     }
@@ -670,7 +691,7 @@ mod tests {
     }
 
     fn order(id: &str, user: &str, amount: f64, at: DateTime<Utc>, decision: Option<&str>) -> ProcessedEvent {
-        let p = catalog::Catalog::global().products()[0].clone();
+        let p = catalog::Catalog::demo().products()[0].clone();
         ProcessedEvent {
             schema_version: 1,
             event_id: id.into(),
@@ -689,12 +710,7 @@ mod tests {
                 amount,
                 currency: "EUR".into(),
                 items: vec![ProcessedItem {
-                    product: events::ProductInfo {
-                        product_id: p.id.clone(),
-                        name: p.name.clone(),
-                        category: p.category.into(),
-                        price: p.price,
-                    },
+                    product: events::ProductInfo::from_catalog(catalog::Catalog::demo(), &p.id),
                     quantity: 1,
                     unit_price: amount,
                 }],
@@ -736,7 +752,11 @@ mod tests {
         let x = c.vector();
         assert_eq!(x.len(), dimensions());
         assert!(x.iter().all(|v| (0.0..=1.0).contains(v)), "{x:?}");
-        assert_eq!(x.iter().skip(6).sum::<f64>(), 1.0, "one category indicator");
+        assert_eq!(x.iter().skip(6).sum::<f64>(), 2.0, "two category indicators");
+        let demo: Vec<[usize; 2]> = catalog::Catalog::demo().categories().map(category_buckets).collect();
+        for (i, a) in demo.iter().enumerate() {
+            assert!(demo[i + 1..].iter().all(|b| b != a), "the demo categories are told apart");
+        }
     }
 
     #[test]
@@ -846,7 +866,8 @@ mod tests {
         assert_eq!(field(json!({})), "userId");
         assert_eq!(field(json!({"userId": 3})), "userId");
         assert_eq!(field(json!({"userId": "u", "context": {"recency": 2}})), "context.recency");
-        assert_eq!(field(json!({"userId": "u", "context": {"category": "weapons"}})), "context.category");
+        assert_eq!(field(json!({"userId": "u", "context": {"category": " "}})), "context.category");
+        assert_eq!(field(json!({"userId": "u", "context": {"category": 7}})), "context.category");
         assert_eq!(field(json!({"userId": "u", "context": []})), "context");
         assert_eq!(field(json!([])), "$");
     }

@@ -1,4 +1,6 @@
-//! `user-activity` (8081): takes user activity over REST and publishes it to `user-activity-topic`.
+//! `user-activity` (8081): takes user activity over REST and publishes it to
+//! `user-activity-topic` (`POST /api/users/activity`), and the shop's products to the
+//! compacted `catalog-topic` (`PUT /api/catalog/products`): the platform's ways in.
 //!
 //! The endpoint's behaviour (random event on an empty body, object, batch, `202` only after
 //! the broker's acknowledgement, field-naming `4xx` errors, `503` when the broker is down) is
@@ -6,7 +8,7 @@
 
 use std::sync::Arc;
 
-use events::ActivityEvent;
+use events::{ActivityEvent, CatalogProduct};
 use kit::config::{ConfigError, Env};
 use kit::ingest::{self, IngestState};
 use kit::{Context, Service};
@@ -24,9 +26,11 @@ impl Service for UserActivity {
     }
 
     async fn run((): (), mut ctx: Context) -> anyhow::Result<()> {
-        let producer = ctx.request_producer()?;
-        let routes =
-            ingest::router::<ActivityEvent>(Self::NAME, "/api/users/activity", Arc::new(IngestState::new(producer)));
+        let state = Arc::new(IngestState::new(ctx.request_producer()?));
+        let routes = ingest::Api::new(Self::NAME)
+            .endpoint::<ActivityEvent>("/api/users/activity", Arc::clone(&state))
+            .endpoint::<CatalogProduct>("/api/catalog/products", state)
+            .into_router();
         ctx.serve(routes).await
     }
 }

@@ -13,14 +13,29 @@ use rdkafka::types::RDKafkaErrorCode;
 /// Creates every topic of the platform that does not exist yet. Retries until the broker
 /// answers or `patience` runs out.
 pub async fn ensure_topics(bootstrap_servers: &str, replication_factor: i32, patience: Duration) -> anyhow::Result<()> {
-    let topics: Vec<(String, i32)> = Topic::ALL.iter().map(|t| (t.name().to_owned(), t.default_partitions())).collect();
-    ensure_named_topics(bootstrap_servers, &topics, replication_factor, patience).await
+    let topics: Vec<TopicSpec<'_>> =
+        Topic::ALL.iter().map(|t| (t.name().to_owned(), t.default_partitions(), t.configs())).collect();
+    create_topics(bootstrap_servers, &topics, replication_factor, patience).await
 }
+
+/// A topic to create: name, partitions, configuration (key, value).
+type TopicSpec<'a> = (String, i32, &'a [(&'a str, &'a str)]);
 
 /// Creates the named topics (name, partitions) that do not exist yet.
 pub async fn ensure_named_topics(
     bootstrap_servers: &str,
     topics: &[(String, i32)],
+    replication_factor: i32,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    let topics: Vec<TopicSpec<'_>> = topics.iter().map(|(n, p)| (n.clone(), *p, &[][..])).collect();
+    create_topics(bootstrap_servers, &topics, replication_factor, patience).await
+}
+
+/// Creates the topics (name, partitions, configuration) that do not exist yet.
+async fn create_topics(
+    bootstrap_servers: &str,
+    topics: &[TopicSpec<'_>],
     replication_factor: i32,
     patience: Duration,
 ) -> anyhow::Result<()> {
@@ -30,7 +45,12 @@ pub async fn ensure_named_topics(
         .context("creating the Kafka admin client")?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(replication_factor)))
+        .map(|(name, partitions, configs)| {
+            configs.iter().fold(
+                NewTopic::new(name, *partitions, TopicReplication::Fixed(replication_factor)),
+                |topic, (key, value)| topic.set(key, value),
+            )
+        })
         .collect();
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
     let deadline = tokio::time::Instant::now() + patience;
@@ -58,6 +78,26 @@ pub async fn ensure_named_topics(
         tracing::debug!(error = %last_error, "broker not ready for topic creation yet; retrying");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// How many messages `topic` holds now (end minus start offset, summed over its partitions).
+pub async fn message_count(bootstrap_servers: &str, topic: events::Topic) -> anyhow::Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("group.id", format!("retargetiq-counter-{}", uuid::Uuid::new_v4()))
+        .create()
+        .context("creating a reader")?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+        let metadata = consumer.fetch_metadata(Some(topic.name()), Duration::from_secs(10))?;
+        let mut total = 0;
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (low, high) = consumer.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(10))?;
+            total += (high - low).max(0);
+        }
+        Ok(total)
+    })
+    .await?
 }
 
 /// Every message of `topic` as it is now (all partitions, from the beginning up to the end
