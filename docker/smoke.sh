@@ -10,8 +10,8 @@
 # 3. Builds every image with the real Dockerfile and Compose file, plus the embedded broker's
 #    image that docker/compose.embedded-broker.yml puts in place of Apache Kafka (which cannot
 #    be had here: that override replaces the `kafka` and `kafka-init` services, nothing else).
-# 4. Brings the stack up and does what a user does, through the published ports: posts
-#    activity and an order, asks for a recommendation, opens the UI, finds the event's
+# 4. Brings the stack up and does what a user does, through the published ports: puts the
+#    shop's products into the catalog, posts activity and an order, asks for a recommendation, opens the UI, finds the event's
 #    correlation id in `docker-compose logs event-processor`, restarts analytics and checks
 #    that its counts are unchanged.
 # 5. Prints each image's size and the idle stack's memory, then stops the stack.
@@ -82,9 +82,20 @@ if ! $DOCKER image inspect "debian:$DEBIAN-slim" >/dev/null 2>&1; then
   mirror=${mirror:-http://deb.debian.org/debian}
   debootstrap --variant=minbase "$DEBIAN" "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
     || { tail -n 20 "$work/debootstrap.log"; fail "debootstrap $DEBIAN from $mirror"; }
-  # What Docker Hub's -slim images leave out: downloaded packages, package lists, docs.
-  rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/lib/apt/lists/* \
-    "$work"/rootfs/usr/share/doc/* "$work"/rootfs/usr/share/man/* "$work"/rootfs/usr/share/locale/*
+  # What Docker Hub's -slim images leave out (downloaded packages, package lists, docs) and
+  # how they keep later `apt-get install`s small: no package caches, no docs.
+  rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/cache/apt/*.bin \
+    "$work"/rootfs/var/lib/apt/lists/* "$work"/rootfs/usr/share/doc/* "$work"/rootfs/usr/share/man/* \
+    "$work"/rootfs/usr/share/locale/*
+  cat >"$work/rootfs/etc/apt/apt.conf.d/docker-clean" <<'APT'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+APT
+  printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+    'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
+    >"$work/rootfs/etc/dpkg/dpkg.cfg.d/docker"
   tar -C "$work/rootfs" -c . | $DOCKER import - "debian:$DEBIAN-slim" >/dev/null
   rm -rf "$work/rootfs"
 fi
@@ -152,16 +163,23 @@ http() { # METHOD URL [BODY] -> prints the body; fails unless 2xx
 }
 
 user="smoke-$(date +%s)"
+step "putting the shop's products into the catalog"
+http PUT localhost:8081/api/catalog/products '[
+  {"productId":"SMOKE-SHOE-1","name":"Trail shoe","category":"shoes","price":89.0,"brand":"Acme"},
+  {"productId":"SMOKE-SHOE-2","name":"Road shoe","category":"shoes","price":79.5},
+  {"productId":"SMOKE-SOCK-1","name":"Wool socks","category":"shoes","price":12.0}]'
+echo
+
 step "posting activity and an order for $user"
 answer=$(http POST localhost:8081/api/users/activity "[
-  {\"eventId\":\"1\",\"userId\":\"$user\",\"eventType\":\"product_view\",\"productId\":\"P00301\"},
-  {\"eventId\":\"2\",\"userId\":\"$user\",\"eventType\":\"product_view\",\"productId\":\"P00302\"},
-  {\"eventId\":\"3\",\"userId\":\"$user\",\"eventType\":\"add_to_cart\",\"productId\":\"P00302\"}]")
+  {\"eventId\":\"1\",\"userId\":\"$user\",\"eventType\":\"product_view\",\"productId\":\"SMOKE-SHOE-1\"},
+  {\"eventId\":\"2\",\"userId\":\"$user\",\"eventType\":\"product_view\",\"productId\":\"SMOKE-SHOE-2\"},
+  {\"eventId\":\"3\",\"userId\":\"$user\",\"eventType\":\"add_to_cart\",\"productId\":\"SMOKE-SHOE-2\"}]")
 echo "$answer"
 correlation=$(jq -r .correlationId <<<"$answer")
 [[ "$(jq -r .accepted <<<"$answer")" == 3 ]] || fail "activity: expected 3 accepted, got $answer"
 http POST localhost:8082/api/orders/place "{\"orderId\":\"o-1\",\"userId\":\"$user\",\"currency\":\"EUR\",
-  \"items\":[{\"productId\":\"P00302\",\"quantity\":2,\"unitPrice\":10.5}],\"amount\":21.0}"
+  \"items\":[{\"productId\":\"SMOKE-SOCK-1\",\"quantity\":2,\"unitPrice\":12.0}],\"amount\":24.0}"
 echo
 
 step "waiting for analytics to count them"
@@ -181,7 +199,19 @@ until reco=$(http GET "localhost:8089/recommend/$user?k=5") && [[ "$(jq .coldSta
   sleep 1
 done
 jq -c '{items: [.recommendations[].itemId], coldStart, requestId}' <<<"$reco"
-[[ "$(jq '.recommendations | length' <<<"$reco")" -ge 1 ]] || fail "the recommendation is empty: $reco"
+jq -e '[.recommendations[].itemId] | index("SMOKE-SHOE-1")' <<<"$reco" >/dev/null \
+  || fail "the viewed, unbought SMOKE-SHOE-1 is not recommended: $reco"
+
+step "changing a price: the recommendation shows it"
+http PUT localhost:8081/api/catalog/products \
+  '[{"productId":"SMOKE-SHOE-1","name":"Trail shoe","category":"shoes","price":99.0,"brand":"Acme"}]'
+echo
+deadline=$(($(date +%s) + 30))
+until [[ "$(http GET "localhost:8089/recommend/$user?k=5" | jq '.recommendations[] | select(.itemId == "SMOKE-SHOE-1") | .price == 99')" == true ]]; do
+  (($(date +%s) > deadline)) && fail "the new price of SMOKE-SHOE-1 did not reach the recommendation within 30 s"
+  sleep 1
+done
+echo "the recommendation shows the new price"
 
 step "opening the UI"
 page=$(http GET localhost:3000/)

@@ -323,3 +323,141 @@ async fn two_users_may_send_the_same_client_event_id() -> anyhow::Result<()> {
     assert_eq!(summary["totals"]["productViews"], 2, "{summary}");
     fleet.stop().await
 }
+
+async fn put_products(fleet: &Fleet, products: Value) -> anyhow::Result<()> {
+    let resp = fleet.http().put(fleet.url("user-activity", "/api/catalog/products")).json(&products).send().await?;
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    anyhow::ensure!(status == 202, "PUT /api/catalog/products answered {status}: {body}");
+    Ok(())
+}
+
+/// A shop's own catalog: its product ids are accepted, a product that arrives after its first
+/// events is enriched from then on, and price changes and withdrawals reach the recommendation
+/// response live, with no restart and no new event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shops_own_catalog_flows_live_through_the_pipeline() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let user = "shop-customer";
+    put_products(
+        &fleet,
+        json!([{"productId": "SKU-RED-SHOE-42", "name": "Red shoe", "category": "shoes", "price": 59.9, "brand": "Acme"},
+               {"productId": "SKU-BLUE-SHOE-43", "name": "Blue shoe", "category": "shoes", "price": 20.0}]),
+    )
+    .await?;
+    let view = |id: &str, product: &str| json!({"eventId": id, "userId": user, "eventType": "product_view", "productId": product});
+
+    // A product the catalog does not have yet: accepted, enriched as unknown, counted.
+    let (status, body) = post(&fleet, "user-activity", "/api/users/activity", &view("v1", "SKU-LATE-BOOT")).await?;
+    assert_eq!(status, 202, "{body}");
+    eventually("the unknown product counted", PATIENCE, || async {
+        let stats = get_json(&fleet, "event-processor", "/api/processor/stats").await?;
+        (stats["unknownProducts"].as_u64() >= Some(1)).then_some(())
+    })
+    .await?;
+    let features = eventually("the first view in the features", PATIENCE, || async {
+        get_json(&fleet, "feature-store", &format!("/features/{user}"))
+            .await
+            .filter(|f| f["counts"]["productViews"] == 1)
+    })
+    .await?;
+    assert_eq!(features["categoryAffinity"], json!({}), "an unknown product has no category: {features}");
+
+    // The product arrives; the next events are enriched from it.
+    put_products(
+        &fleet,
+        json!([{"productId": "SKU-LATE-BOOT", "name": "Late boot", "category": "boots", "price": 80.0}]),
+    )
+    .await?;
+    let (status, body) = post(
+        &fleet,
+        "user-activity",
+        "/api/users/activity",
+        &json!([view("v2", "SKU-LATE-BOOT"), view("v3", "SKU-RED-SHOE-42")]),
+    )
+    .await?;
+    assert_eq!(status, 202, "{body}");
+    eventually("boots and shoes in the affinities", PATIENCE, || async {
+        let f = get_json(&fleet, "feature-store", &format!("/features/{user}")).await?;
+        (f["categoryAffinity"].get("boots").is_some() && f["categoryAffinity"].get("shoes").is_some()).then_some(())
+    })
+    .await?;
+
+    // Retrieval and the recommendation response know the shop's products.
+    eventually("the shop's products among the candidates", PATIENCE, || async {
+        let c = get_json(&fleet, "retrieval", &format!("/retrieve/{user}")).await?;
+        let ids: Vec<&str> = c["candidates"].as_array()?.iter().filter_map(|c| c["productId"].as_str()).collect();
+        (ids.contains(&"SKU-RED-SHOE-42") && ids.contains(&"SKU-LATE-BOOT")).then_some(())
+    })
+    .await?;
+    let shown = |price: Option<f64>| {
+        let fleet = &fleet;
+        async move {
+            let r = get_json(fleet, "recommendation-api", &format!("/recommend/{user}?k=5")).await?;
+            let red = r["recommendations"].as_array()?.iter().find(|i| i["itemId"] == "SKU-RED-SHOE-42").cloned();
+            match (price, red) {
+                (Some(p), Some(item)) if item["price"].as_f64() == Some(p) && item["name"] == "Red shoe" => Some(()),
+                (None, None) if r["coldStart"] == false => Some(()),
+                _ => None,
+            }
+        }
+    };
+    eventually("the red shoe recommended at its price", PATIENCE, || shown(Some(59.9))).await?;
+
+    // A price change reaches the response with no new event; a withdrawn product leaves it.
+    put_products(
+        &fleet,
+        json!([{"productId": "SKU-RED-SHOE-42", "name": "Red shoe", "category": "shoes", "price": 49.9}]),
+    )
+    .await?;
+    eventually("the new price in the response", PATIENCE, || shown(Some(49.9))).await?;
+    put_products(
+        &fleet,
+        json!([{"productId": "SKU-RED-SHOE-42", "name": "Red shoe", "category": "shoes", "price": 49.9, "available": false}]),
+    )
+    .await?;
+    eventually("the withdrawn product out of the response", PATIENCE, || shown(None)).await?;
+
+    // Bad products are a 400 naming the element and the field; nothing reaches the topic.
+    let resp = fleet
+        .http()
+        .put(fleet.url("user-activity", "/api/catalog/products"))
+        .json(&json!([{"productId": "ok", "name": "n", "category": "c", "price": 1}, {"productId": "x", "name": "n", "category": "c", "price": -3}]))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(resp.json::<Value>().await?["field"], "[1].price");
+
+    // `retargetiq catalog import`: good lines go in (in batches), bad ones are reported by
+    // line number, and the imported products reach the services.
+    let file = std::env::temp_dir().join(format!("catalog-import-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &file,
+        [
+            r#"{"productId":"IMP-1","name":"Imported one","category":"imports","price":10}"#,
+            "",
+            r#"{"productId":"IMP-2","name":"Imported two","category":"imports","price":-1}"#,
+            "not json",
+            r#"{"productId":"IMP-3","name":"Imported three","category":"imports","price":12.5}"#,
+            r#"{"productId":"IMP-4","name":"Imported four","category":"imports","price":13}"#,
+        ]
+        .join("\n"),
+    )?;
+    let args = retargetiq::catalog_import::ImportArgs {
+        file: file.clone(),
+        url: format!("http://{}", fleet.addrs["user-activity"]),
+        batch: 2,
+    };
+    let summary = retargetiq::catalog_import::run(&args).await?;
+    std::fs::remove_file(&file)?;
+    assert_eq!((summary.lines, summary.accepted), (5, 3), "{}", summary.report());
+    let lines: Vec<usize> = summary.rejected.iter().map(|(line, _)| *line).collect();
+    assert_eq!(lines, [3, 4], "{}", summary.report());
+    assert!(summary.rejected[0].1.contains("price"), "{}", summary.report());
+    eventually("the imported category in the recommendation API", PATIENCE, || async {
+        let r = get_json(&fleet, "recommendation-api", "/recommend/someone-new?category=imports").await?;
+        (r["recommendations"].as_array()?.len() == 3).then_some(())
+    })
+    .await?;
+    fleet.stop().await
+}

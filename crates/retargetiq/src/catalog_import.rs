@@ -61,8 +61,8 @@ impl Summary {
 
 /// Reads `args.file` and sends its products.
 pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
-    let file = std::fs::File::open(&args.file)
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", args.file.display()))?;
+    let file =
+        std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", args.file.display()))?;
     let endpoint = format!("{}/api/catalog/products", args.url.trim_end_matches('/'));
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let started = Instant::now();

@@ -9,11 +9,13 @@
 //! - `retargetiq broker`: only the broker, in the foreground.
 //! - `retargetiq service <name>`: one service in the foreground (what `up` runs).
 //! - `retargetiq topics create`: creates the platform's topics on a broker.
+//! - `retargetiq catalog import FILE`: sends a shop's products to the catalog API.
 //! - `retargetiq evaluate`: recommendation quality against baselines (see [`evaluate`]).
 //! - `retargetiq evaluate-offers`: the offer bandit against the rule engine (see [`offers_eval`]).
 
 pub mod bench;
 mod bench_stack;
+pub mod catalog_import;
 pub mod dead_letters;
 pub mod evaluate;
 pub mod offers_eval;
@@ -113,6 +115,11 @@ enum Command {
         /// ranking, rl-offer, recommendation-api, frontend-ui.
         name: String,
     },
+    /// Bring a shop's products in.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
     /// Manage the platform's topics.
     Topics {
         #[command(subcommand)]
@@ -148,6 +155,12 @@ enum DeadLettersCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CatalogCommand {
+    /// Send products from a JSON-lines file to `PUT /api/catalog/products`, in batches.
+    Import(catalog_import::ImportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +216,12 @@ pub fn main() -> ExitCode {
                     println!("replayed {n} dead letter(s)");
                 }
             }
+            Ok(())
+        }),
+        Command::Catalog { command: CatalogCommand::Import(args) } => block_on(async move {
+            let summary = catalog_import::run(&args).await?;
+            println!("{}", summary.report());
+            anyhow::ensure!(summary.accepted > 0 || summary.lines == 0, "no product was accepted");
             Ok(())
         }),
         Command::Topics { command: TopicsCommand::Create { bootstrap_servers, replication_factor } } => {

@@ -279,7 +279,18 @@ impl Handler for Processor {
             }
             other => return Err(HandlerError::malformed(format!("the processor does not read {other}"))),
         };
-        tracing::debug!(event_id = %processed.event_id, user_id = %processed.user_id, correlation_id = %processed.correlation_id, "processed");
+        if !out.is_replay() {
+            // One line per event, as the original project's users read it with `docker logs`.
+            let product = processed.product.as_ref().map_or("", |p| p.product_id.as_str());
+            tracing::info!(
+                event_id = %processed.event_id,
+                user_id = %processed.user_id,
+                event_type = processed.event_type.as_str(),
+                product,
+                correlation_id = %processed.correlation_id,
+                "processed"
+            );
+        }
         metrics::counter!("processor_events_total", "type" => processed.event_type.as_str()).increment(1);
         metrics::histogram!("processor_event_age_seconds")
             .record((now - processed.occurred_at).num_milliseconds().max(0) as f64 / 1000.0);

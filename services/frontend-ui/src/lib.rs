@@ -135,6 +135,7 @@ impl FeedItem {
     fn of(e: &ProcessedEvent) -> Self {
         let detail = match (&e.product, &e.order) {
             (_, Some(o)) => format!("order €{:.2}, {} item(s)", o.amount, o.items.len()),
+            (Some(p), None) if p.unknown => format!("{} (not in the catalog yet)", p.product_id),
             (Some(p), None) => format!("{} ({})", p.name, p.category),
             (None, None) => e.query.clone().map(|q| format!("\"{q}\"")).unwrap_or_default(),
         };
