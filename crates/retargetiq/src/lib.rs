@@ -10,15 +10,14 @@
 //! - `retargetiq service <name>`: one service in the foreground (what `up` runs).
 //! - `retargetiq topics create`: creates the platform's topics on a broker.
 //! - `retargetiq catalog import FILE`: sends a shop's products to the catalog API.
-//! - `retargetiq evaluate`: recommendation quality against baselines (see [`evaluate`]).
-//! - `retargetiq evaluate-offers`: the offer bandit against the rule engine (see [`offers_eval`]).
+//! - `retargetiq evaluate`: recommendation quality against baselines, on a shopping history or
+//!   on simulated shoppers (`evaluation::history`, `evaluation::simulated`).
+//! - `retargetiq evaluate-offers`: the offer bandit against the rule engine (`evaluation::offers`).
 
 pub mod bench;
 mod bench_stack;
 pub mod catalog_import;
 pub mod dead_letters;
-pub mod evaluate;
-pub mod offers_eval;
 pub mod simulate;
 mod up;
 
@@ -130,10 +129,11 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
-    /// Measure recommendation quality offline (hit rate and NDCG against baselines).
-    Evaluate(evaluate::EvaluateArgs),
+    /// Measure recommendation quality offline against baselines: on a shopping history
+    /// (`--events FILE --format rees46|taobao|platform`) or on simulated shoppers.
+    Evaluate(EvaluateCommand),
     /// Measure the offer bandit against the original rule engine on simulated traffic.
-    EvaluateOffers(offers_eval::OffersArgs),
+    EvaluateOffers(evaluation::offers::OffersArgs),
     /// Play realistic shopper sessions against the ingestion APIs.
     Simulate(Box<simulate::SimulateArgs>),
     /// List rejected messages, or send them back to their source topic after a fix.
@@ -155,6 +155,29 @@ enum DeadLettersCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct EvaluateCommand {
+    /// A shopping history to evaluate on; without it, simulated shoppers.
+    #[arg(long)]
+    events: Option<std::path::PathBuf>,
+    /// How the history is written.
+    #[arg(long, value_enum, default_value = "platform")]
+    format: evaluation::history::Format,
+    /// The held-out period at the end of the history, in hours (fractions allowed).
+    #[arg(long, default_value_t = 24.0)]
+    holdout_hours: f64,
+    #[arg(long, value_enum, default_value = "markdown")]
+    output: Output,
+    #[command(flatten)]
+    simulated: evaluation::simulated::EvaluateArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Markdown,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,12 +216,12 @@ pub fn main() -> ExitCode {
             Ok(())
         }),
         Command::Evaluate(args) => block_on(async move {
-            let report = tokio::task::spawn_blocking(move || evaluate::run(&args)).await??;
-            println!("{}", report.table());
+            let text = tokio::task::spawn_blocking(move || evaluate(&args)).await??;
+            println!("{text}");
             Ok(())
         }),
         Command::EvaluateOffers(args) => block_on(async move {
-            let report = tokio::task::spawn_blocking(move || offers_eval::run(&args)).await??;
+            let report = tokio::task::spawn_blocking(move || evaluation::offers::run(&args)).await??;
             println!("{}", report.table());
             Ok(())
         }),
@@ -228,6 +251,26 @@ pub fn main() -> ExitCode {
             block_on(async move {
                 kit::kafka::admin::ensure_topics(&bootstrap_servers, replication_factor, Duration::from_secs(30)).await
             })
+        }
+    }
+}
+
+/// `retargetiq evaluate`: the report as text.
+fn evaluate(args: &EvaluateCommand) -> anyhow::Result<String> {
+    match &args.events {
+        Some(events) => {
+            let options = evaluation::history::Options {
+                events: events.clone(),
+                format: args.format,
+                holdout_hours: args.holdout_hours,
+                k: args.simulated.k,
+            };
+            let report = evaluation::history::run(&options)?;
+            Ok(if args.output == Output::Json { report.json() } else { report.markdown() })
+        }
+        None => {
+            let report = evaluation::simulated::run(&args.simulated)?;
+            Ok(if args.output == Output::Json { report.json() } else { report.table() })
         }
     }
 }

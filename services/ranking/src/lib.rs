@@ -29,7 +29,7 @@
 //! instance learns from its own users; a new instance starts from the best-trained peer).
 //! `GET /api/ranking/model` shows the current weights.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -359,6 +359,10 @@ impl Ranker {
         // A product the user engaged with in the last half hour is the same engagement going
         // on (view, then click, then cart): only its start is a choice among what was shown.
         let engaged = self.engaged.get_or_insert_mut(e.user_id.clone(), VecDeque::new);
+        // For the same reason, a product the user is still engaged with was not passed over
+        // when they turned to another one: it is no negative example either.
+        let ongoing: HashSet<String> =
+            engaged.iter().filter(|(_, at)| e.occurred_at - *at < ENGAGEMENT_SPAN).map(|(id, _)| id.clone()).collect();
         let fresh: Vec<&str> = products
             .into_iter()
             .filter(|p| {
@@ -377,7 +381,8 @@ impl Ranker {
         for product in fresh {
             let Some(pos) = shown.iter().position(|(id, _)| id == product) else { continue };
             model.learn(&shown[pos].1, 1.0, weight, &self.config);
-            let passed_over = shown[..pos].iter().chain(shown.get(pos + 1));
+            let passed_over =
+                shown[..pos].iter().chain(shown.get(pos + 1)).filter(|(id, _)| !ongoing.contains(id.as_str()));
             let mut negatives = 0;
             for (_, features) in passed_over {
                 model.learn(features, 0.0, weight / (pos as f64 + 1.0), &self.config);

@@ -15,8 +15,9 @@
 //! `popular_in_category` (the user's top categories by affinity), `trending` (in those
 //! categories, the products whose short-term popularity is furthest above their long-term
 //! level) and `cold_start` (popular overall, for users with little history). Purchased
-//! products are excluded except in [`REPURCHASABLE`] categories (people rebuy groceries; they
-//! do not rebuy the same book).
+//! products are retargeted at half strength (shoppers come back to what they bought: to
+//! reorder, compare, review) and proposed by no other source, except in [`REPURCHASABLE`]
+//! categories of the demo catalog, which are retargeted in full (people rebuy groceries).
 //!
 //! `GET /retrieve/{userId}` shows the latest candidates (404 before the first).
 
@@ -299,7 +300,14 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     let mut out: Vec<Candidate> = Vec::new();
     let push = |out: &mut Vec<Candidate>, id: &str, source, score: f64| {
         let withdrawn = catalog.get(id).is_some_and(|p| !p.available);
-        if !withdrawn && !bought.contains(id) && !out.iter().any(|c| c.product_id == id && c.source == source) {
+        // What the user bought is retargeted at half strength (they often come back to it:
+        // to reorder, compare or review) and never suggested by the other sources.
+        let score = match (bought.contains(id), source) {
+            (false, _) => score,
+            (true, CandidateSource::Retargeting) => score * 0.5,
+            (true, _) => return,
+        };
+        if !withdrawn && !out.iter().any(|c| c.product_id == id && c.source == source) {
             out.push(Candidate { product_id: id.to_owned(), source, source_score: score.clamp(0.0, 1.0) });
         }
     };
@@ -456,7 +464,10 @@ mod tests {
             ..Default::default()
         };
         let c = generate(&m, Catalog::demo(), &f, Utc::now());
-        assert!(sources_of(&c, &toy).is_empty(), "bought items are not proposed");
+        // A bought product is only retargeted, at half strength: no other source proposes it.
+        assert_eq!(sources_of(&c, &toy), [CandidateSource::Retargeting]);
+        let score = c.iter().find(|c| c.product_id == toy).expect("retargeted").source_score;
+        assert!((score - 0.5 * 0.9 * 0.85).abs() < 1e-9, "{score}");
         assert_eq!(c[0].product_id, "P00020");
         assert_eq!(c[0].source_score, 1.0);
         let popular: Vec<_> = c.iter().filter(|c| c.source == CandidateSource::PopularInCategory).collect();
@@ -514,8 +525,9 @@ mod tests {
             ..Default::default()
         };
         let c = generate(&Model::default(), Catalog::demo(), &f, Utc::now());
-        assert!(sources_of(&c, &milk).contains(&CandidateSource::Retargeting), "{c:?}");
-        assert!(sources_of(&c, &book).is_empty());
+        let score = |id: &str| c.iter().find(|c| c.product_id == id).map(|c| c.source_score);
+        assert_eq!(score(&milk), Some(0.9), "groceries are rebought: full strength");
+        assert_eq!(score(&book), Some(0.5 * 0.9 * 0.85), "{c:?}");
     }
 
     #[test]

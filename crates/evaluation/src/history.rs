@@ -1,0 +1,664 @@
+//! `retargetiq evaluate --events FILE --format F`: recommendation quality on a real shopping
+//! history.
+//!
+//! The history is split at `--holdout-hours` before its last event. Everything before is
+//! replayed through the services' own code ([`crate::replay`]), with a catalog built from the
+//! history's products; then each *returning* user (active before and during the held-out
+//! period) gets the recommendation API's list, scored against what they viewed, carted,
+//! favoured or bought in the held-out period: hit rate@k (at least one of them in the list),
+//! MRR@k (one over the rank of the first) and NDCG@k (binary relevance). Baselines are computed
+//! in the same run, on the same users, from the same training events: most popular, most
+//! popular in the user's categories, recently viewed (the user's own last items), item
+//! co-visitation (item-kNN over sessions) and session-kNN.
+//!
+//! Formats: `rees46` (the REES46 eCommerce CSV: `event_time,event_type,product_id,category_id,
+//! category_code,brand,price,user_id,user_session`), `taobao` (Taobao UserBehavior CSV without
+//! header: `user_id,item_id,category_id,behavior,timestamp`) and `platform` (JSON lines in the
+//! ingestion APIs' shapes: activity events and orders with their `timestamp`s, and catalog
+//! products, which make the catalog).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Duration, TimeZone as _, Utc};
+use events::generate::Step;
+use events::{ActivityEvent, EventType, OrderEvent, OrderItem};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::replay::Platform;
+
+/// How a history file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// JSON lines in the ingestion APIs' shapes (activity, orders) and catalog products.
+    Platform,
+    /// The REES46 eCommerce behaviour CSV (with its header).
+    Rees46,
+    /// Taobao's UserBehavior CSV (no header).
+    Taobao,
+}
+
+/// What a user did with a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    View,
+    Favourite,
+    Cart,
+    Purchase,
+}
+
+/// One interaction of a history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interaction {
+    pub user: String,
+    pub session: Option<String>,
+    pub kind: Kind,
+    pub product: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A history: interactions in time order, and the products they name.
+#[derive(Debug, Default)]
+pub struct History {
+    pub interactions: Vec<Interaction>,
+    pub products: BTreeMap<String, catalog::Product>,
+    /// Lines that could not be read (malformed, unknown kinds).
+    pub skipped: usize,
+}
+
+/// Reads a history file.
+pub fn read(path: &Path, format: Format) -> anyhow::Result<History> {
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let mut history = History::default();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let line = line.trim();
+        if line.is_empty() || (format == Format::Rees46 && i == 0 && line.starts_with("event_time")) {
+            continue;
+        }
+        let read = match format {
+            Format::Rees46 => rees46(line, &mut history),
+            Format::Taobao => taobao(line, &mut history),
+            Format::Platform => platform(line, &mut history),
+        };
+        if read.is_none() {
+            history.skipped += 1;
+        }
+    }
+    history.interactions.sort_by_key(|x| x.at);
+    Ok(history)
+}
+
+fn product(history: &mut History, id: &str, category: &str, price: Option<f64>, brand: Option<&str>) {
+    let entry = history.products.entry(id.to_owned()).or_insert_with(|| catalog::Product {
+        id: id.to_owned(),
+        name: format!("{category} {id}"),
+        category: category.to_owned(),
+        price: 0.0,
+        brand: None,
+        available: true,
+        popularity: 0.0,
+    });
+    if let Some(p) = price.filter(|p| p.is_finite() && *p >= 0.0) {
+        entry.price = p;
+    }
+    if let Some(b) = brand.filter(|b| !b.is_empty()) {
+        entry.brand = Some(b.to_owned());
+    }
+}
+
+fn rees46(line: &str, history: &mut History) -> Option<()> {
+    let f: Vec<&str> = line.split(',').collect();
+    let [time, kind, product_id, category_id, category_code, brand, price, user, session] = f.as_slice() else {
+        return None;
+    };
+    let at = Utc.from_utc_datetime(
+        &chrono::NaiveDateTime::parse_from_str(time.trim_end_matches(" UTC"), "%Y-%m-%d %H:%M:%S").ok()?,
+    );
+    let kind = match *kind {
+        "view" => Kind::View,
+        "cart" => Kind::Cart,
+        "purchase" => Kind::Purchase,
+        _ => return None,
+    };
+    let category = if category_code.is_empty() { category_id } else { category_code };
+    product(history, product_id, category, price.parse().ok(), Some(brand));
+    history.interactions.push(Interaction {
+        user: (*user).to_owned(),
+        session: (!session.is_empty()).then(|| (*session).to_owned()),
+        kind,
+        product: (*product_id).to_owned(),
+        at,
+    });
+    Some(())
+}
+
+fn taobao(line: &str, history: &mut History) -> Option<()> {
+    let f: Vec<&str> = line.split(',').collect();
+    let [user, item, category, behaviour, timestamp] = f.as_slice() else { return None };
+    let kind = match *behaviour {
+        "pv" => Kind::View,
+        "fav" => Kind::Favourite,
+        "cart" => Kind::Cart,
+        "buy" => Kind::Purchase,
+        _ => return None,
+    };
+    let at = Utc.timestamp_opt(timestamp.parse().ok()?, 0).single()?;
+    product(history, item, category, None, None);
+    history.interactions.push(Interaction {
+        user: (*user).to_owned(),
+        session: None,
+        kind,
+        product: (*item).to_owned(),
+        at,
+    });
+    Some(())
+}
+
+fn platform(line: &str, history: &mut History) -> Option<()> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let far_future = Utc::now() + Duration::days(36_500);
+    if v.get("userId").is_none() {
+        let p = events::validate::catalog_product(&v, Utc::now()).ok()?;
+        history.products.insert(p.product_id.clone(), p.to_product());
+        return Some(());
+    }
+    if v.get("items").is_some() {
+        let o = events::validate::order(&v, far_future, events::validate::Strictness::Api).ok()?;
+        for item in &o.items {
+            history.interactions.push(Interaction {
+                user: o.user_id.clone(),
+                session: o.session_id.clone(),
+                kind: Kind::Purchase,
+                product: item.product_id.clone(),
+                at: o.timestamp,
+            });
+        }
+        return Some(());
+    }
+    let a = events::validate::activity(&v, far_future, events::validate::Strictness::Api).ok()?;
+    let kind = match a.event_type {
+        EventType::ProductView | EventType::Click => Kind::View,
+        EventType::AddToCart => Kind::Cart,
+        _ => return Some(()),
+    };
+    history.interactions.push(Interaction {
+        user: a.user_id,
+        session: a.session_id,
+        kind,
+        product: a.product_id?,
+        at: a.timestamp,
+    });
+    Some(())
+}
+
+/// The interactions as the ingestion APIs would have received them.
+pub fn steps(interactions: &[Interaction], products: &BTreeMap<String, catalog::Product>) -> Vec<Step> {
+    interactions
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let event_id = format!("h{i}");
+            match x.kind {
+                Kind::Purchase => {
+                    let price = products.get(&x.product).map_or(0.0, |p| p.price);
+                    Step::Order(OrderEvent {
+                        schema_version: events::SCHEMA_VERSION,
+                        order_id: format!("o{i}"),
+                        user_id: x.user.clone(),
+                        session_id: x.session.clone(),
+                        items: vec![OrderItem { product_id: x.product.clone(), quantity: 1, unit_price: price }],
+                        amount: price,
+                        currency: "EUR".into(),
+                        campaign_id: None,
+                        offer_decision_id: None,
+                        timestamp: x.at,
+                        event_id,
+                    })
+                }
+                kind => Step::Activity(ActivityEvent {
+                    schema_version: events::SCHEMA_VERSION,
+                    event_id,
+                    user_id: x.user.clone(),
+                    session_id: x.session.clone(),
+                    event_type: match kind {
+                        Kind::Cart => EventType::AddToCart,
+                        Kind::Favourite => EventType::Click,
+                        _ => EventType::ProductView,
+                    },
+                    product_id: Some(x.product.clone()),
+                    campaign_id: None,
+                    query: None,
+                    recommendation_id: None,
+                    timestamp: x.at,
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Options of `retargetiq evaluate --events`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub events: PathBuf,
+    pub format: Format,
+    pub holdout_hours: f64,
+    pub k: usize,
+}
+
+/// Hit rate, MRR and NDCG at k of one method.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metrics {
+    pub hit_rate: f64,
+    pub mrr: f64,
+    pub ndcg: f64,
+}
+
+/// The result: one row per method, the platform first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// (method, metrics), in display order.
+    #[serde(skip)]
+    pub rows: Vec<(&'static str, Metrics)>,
+    pub methods: BTreeMap<&'static str, Metrics>,
+    pub users: usize,
+    #[serde(rename = "trainingEvents")]
+    pub training_events: usize,
+    #[serde(rename = "heldOutEvents")]
+    pub held_out_events: usize,
+    pub products: usize,
+    pub k: usize,
+}
+
+pub const PLATFORM: &str = "platform";
+pub const PLATFORM_INITIAL: &str = "platform, initial ranking weights (no online learning)";
+pub const MOST_POPULAR: &str = "most popular";
+pub const POPULAR_IN_CATEGORIES: &str = "most popular in the user's categories";
+pub const RECENTLY_VIEWED: &str = "recently viewed";
+pub const ITEM_KNN: &str = "item co-visitation (item-kNN)";
+pub const SESSION_KNN: &str = "session-kNN";
+
+impl Report {
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn markdown(&self) -> String {
+        let k = self.k;
+        let mut out = format!(
+            "{} returning users scored; {} training events, {} held-out events, {} products\n\n\
+             | method | hit rate@{k} | MRR@{k} | NDCG@{k} |\n|---|---:|---:|---:|\n",
+            self.users, self.training_events, self.held_out_events, self.products
+        );
+        for (name, m) in &self.rows {
+            out += &format!("| {name} | {:.3} | {:.3} | {:.3} |\n", m.hit_rate, m.mrr, m.ndcg);
+        }
+        out
+    }
+}
+
+/// Gap of inactivity that ends a session when the history has none (the processor's default).
+const SESSION_GAP_MINUTES: i64 = 30;
+
+/// Runs the evaluation of a history file.
+pub fn run(options: &Options) -> anyhow::Result<Report> {
+    let history = read(&options.events, options.format)?;
+    evaluate(&history, options.holdout_hours, options.k)
+}
+
+/// Evaluates a history already read.
+pub fn evaluate(history: &History, holdout_hours: f64, k: usize) -> anyhow::Result<Report> {
+    anyhow::ensure!((1..=ranking::MAX_RANKED).contains(&k), "k must be from 1 to {}", ranking::MAX_RANKED);
+    anyhow::ensure!(holdout_hours.is_finite() && holdout_hours > 0.0, "the held-out period must be positive");
+    let last = history.interactions.last().ok_or_else(|| anyhow::anyhow!("the history holds no interaction"))?.at;
+    let cutoff = last - Duration::milliseconds((holdout_hours * 3_600_000.0) as i64);
+    let split = history.interactions.partition_point(|x| x.at < cutoff);
+    let (train, test) = history.interactions.split_at(split);
+    anyhow::ensure!(!train.is_empty(), "nothing before the held-out period: shorten --holdout-hours");
+
+    let trained: HashSet<&str> = train.iter().map(|x| x.user.as_str()).collect();
+    let mut truth: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+    for x in test.iter().filter(|x| trained.contains(x.user.as_str())) {
+        truth.entry(x.user.as_str()).or_default().insert(x.product.as_str());
+    }
+    anyhow::ensure!(!truth.is_empty(), "no user is active both before and during the held-out period");
+
+    let catalog = kit::state::Shared::new(catalog::Catalog::from_products(history.products.values().cloned()));
+    let training = steps(train, &history.products);
+    let platform = Platform::replay(&training, kit::state::Shared::clone(&catalog), ranking::Config::default())?;
+    let initial =
+        Platform::replay(&training, catalog, ranking::Config { learning_rate: 0.0, ..ranking::Config::default() })?;
+    let baselines = Baselines::new(train, &history.products);
+
+    let users: Vec<&str> = truth.keys().copied().collect();
+    let mut rows: Vec<(&'static str, Metrics)> = Vec::new();
+    let lists = |f: &dyn Fn(&str) -> Vec<String>| users.iter().map(|u| f(u)).collect::<Vec<_>>();
+    let platform_lists: Vec<Vec<String>> =
+        users.iter().map(|u| platform.recommend(u, k)).collect::<anyhow::Result<_>>()?;
+    let initial_lists: Vec<Vec<String>> =
+        users.iter().map(|u| initial.recommend(u, k)).collect::<anyhow::Result<_>>()?;
+    let methods: Vec<(&'static str, Vec<Vec<String>>)> = vec![
+        (PLATFORM, platform_lists),
+        (PLATFORM_INITIAL, initial_lists),
+        (MOST_POPULAR, lists(&|_| baselines.popular(k))),
+        (POPULAR_IN_CATEGORIES, lists(&|u| baselines.popular_in_categories(u, k))),
+        (RECENTLY_VIEWED, lists(&|u| baselines.recently_viewed(u, k))),
+        (ITEM_KNN, lists(&|u| baselines.item_knn(u, k))),
+        (SESSION_KNN, lists(&|u| baselines.session_knn(u, k))),
+    ];
+    for (name, lists) in methods {
+        rows.push((name, metrics(users.iter().zip(&lists).map(|(u, l)| (l.as_slice(), &truth[u])), k)));
+    }
+    Ok(Report {
+        methods: rows.iter().copied().collect(),
+        rows,
+        users: users.len(),
+        training_events: train.len(),
+        held_out_events: test.len(),
+        products: history.products.len(),
+        k,
+    })
+}
+
+/// Hit rate, MRR and NDCG at `k` over (list, relevant items).
+pub fn metrics<'a>(cases: impl Iterator<Item = (&'a [String], &'a HashSet<&'a str>)>, k: usize) -> Metrics {
+    let (mut hits, mut rr, mut ndcg, mut n) = (0.0, 0.0, 0.0, 0usize);
+    for (list, relevant) in cases {
+        n += 1;
+        let top = &list[..list.len().min(k)];
+        if let Some(first) = top.iter().position(|p| relevant.contains(p.as_str())) {
+            hits += 1.0;
+            rr += 1.0 / (first as f64 + 1.0);
+        }
+        let dcg: f64 = top
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| relevant.contains(p.as_str()))
+            .map(|(i, _)| 1.0 / (i as f64 + 2.0).log2())
+            .sum();
+        let ideal: f64 = (0..relevant.len().min(k)).map(|i| 1.0 / (i as f64 + 2.0).log2()).sum();
+        if ideal > 0.0 {
+            ndcg += dcg / ideal;
+        }
+    }
+    if n == 0 {
+        return Metrics::default();
+    }
+    let n = n as f64;
+    Metrics { hit_rate: hits / n, mrr: rr / n, ndcg: ndcg / n }
+}
+
+/// The baselines' models, learned from the training interactions.
+struct Baselines {
+    /// Products by interaction count, most first (ties by id).
+    popular: Vec<String>,
+    /// Per category, its products by interaction count.
+    popular_by_category: HashMap<String, Vec<String>>,
+    category_of: HashMap<String, String>,
+    /// Per user, their interactions in time order.
+    by_user: HashMap<String, Vec<(String, DateTime<Utc>)>>,
+    /// Sessions: products in order of first interaction.
+    sessions: Vec<Vec<String>>,
+    /// Per product, the sessions it is in.
+    sessions_of: HashMap<String, Vec<usize>>,
+    /// Per user, their last session.
+    last_session: HashMap<String, usize>,
+    /// Per product, co-visitation counts with other products (same session).
+    covis: HashMap<String, HashMap<String, f64>>,
+}
+
+/// Most neighbours session-kNN sums over.
+const SESSION_NEIGHBOURS: usize = 100;
+/// Most sessions of one product session-kNN looks at (the most recent).
+const SESSIONS_PER_PRODUCT: usize = 500;
+/// Most distinct products of a session that co-visitation pairs up.
+const COVIS_SESSION_LEN: usize = 50;
+
+impl Baselines {
+    fn new(train: &[Interaction], products: &BTreeMap<String, catalog::Product>) -> Self {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        let mut by_user: HashMap<String, Vec<(String, DateTime<Utc>)>> = HashMap::new();
+        let mut session_ids: HashMap<(String, String), usize> = HashMap::new();
+        let mut sessions: Vec<Vec<String>> = Vec::new();
+        let mut last_session: HashMap<String, usize> = HashMap::new();
+        // Per user: when they were last seen, and how many sessions were derived for them.
+        let mut derived: HashMap<&str, (DateTime<Utc>, usize)> = HashMap::new();
+        for x in train {
+            *counts.entry(&x.product).or_default() += 1;
+            by_user.entry(x.user.clone()).or_default().push((x.product.clone(), x.at));
+            // The history's session, or one derived from gaps of inactivity.
+            let key = match &x.session {
+                Some(s) => s.clone(),
+                None => {
+                    let (last, n) = derived.entry(&x.user).or_insert((x.at, 0));
+                    if x.at - *last > Duration::minutes(SESSION_GAP_MINUTES) {
+                        *n += 1;
+                    }
+                    *last = x.at;
+                    format!("derived-{n}")
+                }
+            };
+            let id = *session_ids.entry((x.user.clone(), key)).or_insert_with(|| {
+                sessions.push(Vec::new());
+                sessions.len() - 1
+            });
+            if !sessions[id].contains(&x.product) {
+                sessions[id].push(x.product.clone());
+            }
+            last_session.insert(x.user.clone(), id);
+        }
+        let order = |v: &mut Vec<String>| {
+            v.sort_by(|a, b| counts[b.as_str()].cmp(&counts[a.as_str()]).then_with(|| a.cmp(b)));
+        };
+        let mut popular: Vec<String> = counts.keys().map(|p| (*p).to_owned()).collect();
+        order(&mut popular);
+        let category_of: HashMap<String, String> =
+            counts.keys().filter_map(|p| Some(((*p).to_owned(), products.get(*p)?.category.clone()))).collect();
+        let mut popular_by_category: HashMap<String, Vec<String>> = HashMap::new();
+        for p in &popular {
+            if let Some(c) = category_of.get(p) {
+                popular_by_category.entry(c.clone()).or_default().push(p.clone());
+            }
+        }
+        let mut sessions_of: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut covis: HashMap<String, HashMap<String, f64>> = HashMap::new();
+        for (id, s) in sessions.iter().enumerate() {
+            for p in s {
+                sessions_of.entry(p.clone()).or_default().push(id);
+            }
+            let s = &s[..s.len().min(COVIS_SESSION_LEN)];
+            for a in s {
+                for b in s.iter().filter(|b| *b != a) {
+                    *covis.entry(a.clone()).or_default().entry(b.clone()).or_default() += 1.0;
+                }
+            }
+        }
+        Self { popular, popular_by_category, category_of, by_user, sessions, sessions_of, last_session, covis }
+    }
+
+    fn popular(&self, k: usize) -> Vec<String> {
+        self.popular.iter().take(k).cloned().collect()
+    }
+
+    /// Fills `list` up to `k` with the most popular products it does not hold yet.
+    fn fill(&self, mut list: Vec<String>, k: usize) -> Vec<String> {
+        let have: HashSet<String> = list.iter().cloned().collect();
+        list.extend(self.popular.iter().filter(|p| !have.contains(*p)).take(k.saturating_sub(list.len())).cloned());
+        list.truncate(k);
+        list
+    }
+
+    fn popular_in_categories(&self, user: &str, k: usize) -> Vec<String> {
+        let mut categories: HashMap<&str, usize> = HashMap::new();
+        for (p, _) in self.by_user.get(user).into_iter().flatten() {
+            if let Some(c) = self.category_of.get(p) {
+                *categories.entry(c).or_default() += 1;
+            }
+        }
+        let mut categories: Vec<(&str, usize)> = categories.into_iter().collect();
+        categories.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let mut list: Vec<String> = Vec::new();
+        for (c, _) in categories {
+            for p in self.popular_by_category.get(c).into_iter().flatten() {
+                if list.len() < k && !list.contains(p) {
+                    list.push(p.clone());
+                }
+            }
+        }
+        self.fill(list, k)
+    }
+
+    /// The user's own distinct products, most recent first.
+    fn recent(&self, user: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (p, _) in self.by_user.get(user).into_iter().flatten().rev() {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+
+    fn recently_viewed(&self, user: &str, k: usize) -> Vec<String> {
+        self.fill(self.recent(user).into_iter().take(k).collect(), k)
+    }
+
+    /// Products co-visited with the user's five most recent ones, nearer ones weighing more.
+    fn item_knn(&self, user: &str, k: usize) -> Vec<String> {
+        let mut scores: HashMap<&str, f64> = HashMap::new();
+        for (i, seed) in self.recent(user).iter().take(5).enumerate() {
+            for (q, c) in self.covis.get(seed).into_iter().flatten() {
+                *scores.entry(q).or_default() += c / (1.0 + i as f64);
+            }
+        }
+        self.fill(ranked(scores, k), k)
+    }
+
+    /// Products of the past sessions most similar (cosine) to the user's last session.
+    fn session_knn(&self, user: &str, k: usize) -> Vec<String> {
+        let Some(&current) = self.last_session.get(user) else { return self.popular(k) };
+        let query: HashSet<&str> = self.sessions[current].iter().map(String::as_str).collect();
+        let mut overlap: HashMap<usize, f64> = HashMap::new();
+        for p in &query {
+            for &s in self.sessions_of.get(*p).into_iter().flatten().rev().take(SESSIONS_PER_PRODUCT) {
+                if s != current {
+                    *overlap.entry(s).or_default() += 1.0;
+                }
+            }
+        }
+        let mut neighbours: Vec<(usize, f64)> = overlap
+            .into_iter()
+            .map(|(s, common)| (s, common / ((self.sessions[s].len() * query.len()) as f64).sqrt()))
+            .collect();
+        neighbours.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut scores: HashMap<&str, f64> = HashMap::new();
+        for (s, similarity) in neighbours.into_iter().take(SESSION_NEIGHBOURS) {
+            for p in &self.sessions[s] {
+                *scores.entry(p).or_default() += similarity;
+            }
+        }
+        self.fill(ranked(scores, k), k)
+    }
+}
+
+/// The `k` best-scored products, ties by id.
+fn ranked(scores: HashMap<&str, f64>, k: usize) -> Vec<String> {
+    let mut scored: Vec<(&str, f64)> = scores.into_iter().collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    scored.into_iter().take(k).map(|(p, _)| p.to_owned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_computed_as_defined() {
+        let list: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let relevant: HashSet<&str> = ["b", "z"].into();
+        let m = metrics([(list.as_slice(), &relevant)].into_iter(), 3);
+        assert_eq!((m.hit_rate, m.mrr), (1.0, 0.5));
+        let expected = (1.0 / 3f64.log2()) / (1.0 + 1.0 / 3f64.log2());
+        assert!((m.ndcg - expected).abs() < 1e-12, "{}", m.ndcg);
+        let none: HashSet<&str> = ["z"].into();
+        assert_eq!(metrics([(list.as_slice(), &none)].into_iter(), 3), Metrics::default());
+    }
+
+    /// A small REES46-style history: shoppers who view a few phones in one session come back
+    /// to one of them later; one buys. Every method is scored on the same returning users.
+    fn small_history(dir: &Path) -> PathBuf {
+        let mut lines = vec![
+            "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session".to_owned(),
+        ];
+        for u in 0..40 {
+            let (user, session) = (1000 + u, format!("s-{u}"));
+            for (m, p) in [(0, 10 + u % 7), (1, 20 + u % 5), (2, 30 + u % 3)] {
+                lines.push(format!(
+                    "2019-10-01 02:{m:02}:00 UTC,view,{p},1,electronics.smartphone,acme,{}.5,{user},{session}",
+                    100 + p
+                ));
+            }
+            if u % 4 == 0 {
+                lines.push(format!(
+                    "2019-10-01 02:05:00 UTC,purchase,{},1,electronics.smartphone,acme,130.5,{user},{session}",
+                    30 + u % 3
+                ));
+            }
+            lines.push(format!(
+                "2019-10-01 02:50:00 UTC,view,{},1,electronics.smartphone,acme,110.5,{user},{session}",
+                10 + u % 7
+            ));
+        }
+        lines.push("not,a,valid,line".to_owned());
+        let path = dir.join("history.csv");
+        std::fs::write(&path, lines.join("\n")).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_small_history_is_read_replayed_and_scored() {
+        let dir = std::env::temp_dir().join(format!("history-eval-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let history = read(&small_history(&dir), Format::Rees46).expect("read");
+        assert_eq!(history.skipped, 1);
+        assert_eq!(history.products.len(), 15);
+        assert!(history.interactions.windows(2).all(|w| w[0].at <= w[1].at));
+        let report = evaluate(&history, 0.5, 10).expect("evaluates");
+        assert_eq!(report.users, 40);
+        assert_eq!(report.methods.len(), 7);
+        // Everyone came back to the first phone they viewed: recently viewed finds it.
+        assert_eq!(report.methods[RECENTLY_VIEWED].hit_rate, 1.0, "{}", report.markdown());
+        assert!(report.methods[PLATFORM].hit_rate >= 0.9, "{}", report.markdown());
+        let json: Value = serde_json::from_str(&report.json()).expect("JSON");
+        assert_eq!(json["users"], 40);
+        assert!(
+            json["methods"]["platform"]["hitRate"].is_number() && json["methods"]["session-kNN"]["ndcg"].is_number()
+        );
+        assert!(evaluate(&history, 10.0, 10).is_err(), "nothing before the held-out period");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn taobao_and_platform_lines_are_read() {
+        let mut h = History::default();
+        assert!(taobao("1,2,3,pv,1511544070", &mut h).is_some());
+        assert!(taobao("1,2,3,buy,1511544071", &mut h).is_some());
+        assert!(taobao("1,2,3,teleport,1511544071", &mut h).is_none());
+        assert_eq!(h.interactions.iter().map(|x| x.kind).collect::<Vec<_>>(), [Kind::View, Kind::Purchase]);
+        let mut p = History::default();
+        assert!(platform(r#"{"productId":"SKU-1","name":"Shoe","category":"shoes","price":5}"#, &mut p).is_some());
+        assert!(
+            platform(
+                r#"{"userId":"u","eventType":"product_view","productId":"SKU-1","timestamp":"2024-01-01T00:00:00Z"}"#,
+                &mut p
+            )
+            .is_some()
+        );
+        assert!(platform(r#"{"userId":"u","items":[{"productId":"SKU-1","quantity":1,"unitPrice":5}],"amount":5,"timestamp":"2024-01-02T00:00:00Z"}"#, &mut p).is_some());
+        assert_eq!(p.products["SKU-1"].category, "shoes");
+        assert_eq!(p.interactions.iter().map(|x| x.kind).collect::<Vec<_>>(), [Kind::View, Kind::Purchase]);
+    }
+}

@@ -1,0 +1,16 @@
+//! Offline evaluations, run by `retargetiq evaluate` and `retargetiq evaluate-offers` (the CLI
+//! only wires the commands):
+//!
+//! - [`history`]: recommendation quality on a real shopping history (REES46, Taobao, or the
+//!   platform's own event format): the history before a held-out period is replayed through
+//!   the services' own code, and each returning user's list is scored against what they went
+//!   on to do, next to baselines computed in the same run.
+//! - [`simulated`]: the same on simulated shoppers whose preferences are known.
+//! - [`offers`]: the offer bandit against the original rule engine.
+//! - [`replay`]: the services' logic wired together in memory, which both recommendation
+//!   evaluations replay through.
+
+pub mod history;
+pub mod offers;
+pub mod replay;
+pub mod simulated;
