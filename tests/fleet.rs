@@ -459,5 +459,46 @@ async fn a_shops_own_catalog_flows_live_through_the_pipeline() -> anyhow::Result
         (r["recommendations"].as_array()?.len() == 3).then_some(())
     })
     .await?;
+
+    // `retargetiq events import` of a REES46 file: its products go to the catalog, its views,
+    // carts and purchases through the ingestion APIs; a second import stores nothing twice.
+    let history = std::env::temp_dir().join(format!("events-import-{}.csv", std::process::id()));
+    std::fs::write(
+        &history,
+        "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n\
+         2019-10-01 02:00:00 UTC,view,5001,7,appliances.kettle,acme,30.50,r46-user,s1\n\
+         2019-10-01 02:01:00 UTC,cart,5001,7,appliances.kettle,acme,30.50,r46-user,s1\n\
+         2019-10-01 02:02:00 UTC,purchase,5001,7,appliances.kettle,acme,30.50,r46-user,s1\n\
+         2019-10-01 02:03:00 UTC,view,5002,7,appliances.kettle,,12.00,r46-user,s1\n\
+         garbage line\n",
+    )?;
+    let args = retargetiq::events_import::ImportArgs {
+        file: history.clone(),
+        format: evaluation::history::Format::Rees46,
+        rate: 0.0,
+        batch: 500,
+        user_activity_url: format!("http://{}", fleet.addrs["user-activity"]),
+        order_url: format!("http://{}", fleet.addrs["order"]),
+    };
+    for _ in 0..2 {
+        let summary = retargetiq::events_import::run(&args).await?;
+        assert_eq!(
+            (summary.products, summary.activity, summary.orders, summary.skipped),
+            (2, 3, 1, 1),
+            "{}",
+            summary.report()
+        );
+    }
+    std::fs::remove_file(&history)?;
+    let stats = eventually("the imported history in analytics", PATIENCE, || async {
+        get_json(&fleet, "analytics", "/api/analytics/user/r46-user").await.filter(|u| u["orders"] == 1)
+    })
+    .await?;
+    assert_eq!(
+        (stats["counts"]["productViews"].as_u64(), stats["counts"]["addToCart"].as_u64()),
+        (Some(2), Some(1)),
+        "{stats}"
+    );
+    assert!((stats["revenue"].as_f64().unwrap_or(0.0) - 30.5).abs() < 1e-9, "{stats}");
     fleet.stop().await
 }

@@ -83,7 +83,7 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
             Err(reason) => summary.rejected.push((i + 1, reason)),
         }
         if batch.len() == usize::from(args.batch) {
-            summary.accepted += send(&http, &endpoint, &batch).await?;
+            summary.accepted += send(&http, reqwest::Method::PUT, &endpoint, &batch).await?;
             batch.clear();
         }
         if last_progress.elapsed() >= Duration::from_secs(2) {
@@ -92,18 +92,24 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
         }
     }
     if !batch.is_empty() {
-        summary.accepted += send(&http, &endpoint, &batch).await?;
+        summary.accepted += send(&http, reqwest::Method::PUT, &endpoint, &batch).await?;
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
 }
 
-/// Sends one batch, retrying while the service answers `503` or cannot be reached (for at
-/// most a minute); returns how many products it accepted.
-async fn send(http: &reqwest::Client, endpoint: &str, batch: &[Value]) -> anyhow::Result<usize> {
+/// Sends one batch to an ingestion endpoint, retrying while the service answers `503` or
+/// cannot be reached (for at most a minute; messages keep their ids, so a retry stores each
+/// once); returns how many it accepted.
+pub(crate) async fn send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    endpoint: &str,
+    batch: &[Value],
+) -> anyhow::Result<usize> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let problem = match http.put(endpoint).json(batch).send().await {
+        let problem = match http.request(method.clone(), endpoint).json(batch).send().await {
             Ok(r) if r.status().is_success() => {
                 let body: Value = r.json().await?;
                 return Ok(body["accepted"].as_u64().unwrap_or(0) as usize);

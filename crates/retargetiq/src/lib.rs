@@ -10,6 +10,7 @@
 //! - `retargetiq service <name>`: one service in the foreground (what `up` runs).
 //! - `retargetiq topics create`: creates the platform's topics on a broker.
 //! - `retargetiq catalog import FILE`: sends a shop's products to the catalog API.
+//! - `retargetiq events import FILE`: sends a shopping history through the ingestion APIs.
 //! - `retargetiq evaluate`: recommendation quality against baselines, on a shopping history or
 //!   on simulated shoppers (`evaluation::history`, `evaluation::simulated`).
 //! - `retargetiq evaluate-offers`: the offer bandit against the rule engine (`evaluation::offers`).
@@ -18,6 +19,7 @@ pub mod bench;
 mod bench_stack;
 pub mod catalog_import;
 pub mod dead_letters;
+pub mod events_import;
 pub mod simulate;
 mod up;
 
@@ -119,6 +121,11 @@ enum Command {
         #[command(subcommand)]
         command: CatalogCommand,
     },
+    /// Send a shopping history through the ingestion APIs.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
     /// Manage the platform's topics.
     Topics {
         #[command(subcommand)]
@@ -178,6 +185,12 @@ struct EvaluateCommand {
 enum Output {
     Markdown,
     Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Send a history file (platform JSON lines, rees46 or taobao CSV) in batches.
+    Import(events_import::ImportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,6 +258,11 @@ pub fn main() -> ExitCode {
             let summary = catalog_import::run(&args).await?;
             println!("{}", summary.report());
             anyhow::ensure!(summary.accepted > 0 || summary.lines == 0, "no product was accepted");
+            Ok(())
+        }),
+        Command::Events { command: EventsCommand::Import(args) } => block_on(async move {
+            let summary = events_import::run(&args).await?;
+            println!("{}", summary.report());
             Ok(())
         }),
         Command::Topics { command: TopicsCommand::Create { bootstrap_servers, replication_factor } } => {

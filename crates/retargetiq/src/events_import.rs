@@ -1,0 +1,149 @@
+//! `retargetiq events import FILE [--format F] [--rate R]`: a shopping history sent through
+//! the ingestion APIs in batches, with progress and a summary.
+//!
+//! - `platform`: JSON lines in the APIs' own shapes: activity events and orders (with their
+//!   past `timestamp`s) and catalog products; each line goes to its endpoint as written.
+//! - `rees46`, `taobao`: the two public datasets, mapped to the platform's event types (views,
+//!   carts, favourites as clicks, purchases as orders); their products go to the catalog first.
+//!
+//! Events keep their ids (the datasets' get `h<line>`), so importing the same file twice stores
+//! every event once. Lines that cannot be read are reported by number and skipped.
+
+use std::io::BufRead as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use evaluation::history::{self, Format};
+use events::generate::Step;
+use serde_json::Value;
+
+use crate::catalog_import::send;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImportArgs {
+    pub file: PathBuf,
+    #[arg(long, value_enum, default_value = "platform")]
+    pub format: Format,
+    /// Events per second at most (0: as fast as the services take them).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Events per request.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=500))]
+    pub batch: u16,
+    #[arg(long, env = "USER_ACTIVITY_URL", default_value = "http://127.0.0.1:8081")]
+    pub user_activity_url: String,
+    #[arg(long, env = "ORDER_URL", default_value = "http://127.0.0.1:8082")]
+    pub order_url: String,
+}
+
+/// What an import did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub products: usize,
+    pub activity: usize,
+    pub orders: usize,
+    /// Lines that could not be read.
+    pub skipped: usize,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    pub fn report(&self) -> String {
+        let secs = self.elapsed.as_secs_f64().max(1e-3);
+        format!(
+            "events import: {} activity events and {} orders accepted, {} products to the catalog, {} lines skipped, \
+             in {secs:.1} s ({:.0} events/s)",
+            self.activity,
+            self.orders,
+            self.products,
+            self.skipped,
+            (self.activity + self.orders) as f64 / secs
+        )
+    }
+}
+
+/// The messages to send, in the file's order (the datasets': in time order).
+struct Plan {
+    products: Vec<Value>,
+    /// (is an order, the JSON the API takes).
+    events: Vec<(bool, Value)>,
+    skipped: usize,
+}
+
+fn plan(args: &ImportArgs) -> anyhow::Result<Plan> {
+    if args.format != Format::Platform {
+        let h = history::read(&args.file, args.format)?;
+        let now = chrono::Utc::now();
+        let products = h
+            .products
+            .values()
+            .map(|p| serde_json::to_value(events::CatalogProduct::of(p, now)))
+            .collect::<Result<_, _>>()?;
+        let events = history::steps(&h.interactions, &h.products)
+            .into_iter()
+            .map(|s| match s {
+                Step::Activity(a) => serde_json::to_value(a).map(|v| (false, v)),
+                Step::Order(o) => serde_json::to_value(o).map(|v| (true, v)),
+            })
+            .collect::<Result<_, _>>()?;
+        return Ok(Plan { products, events, skipped: h.skipped });
+    }
+    let file =
+        std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", args.file.display()))?;
+    let mut plan = Plan { products: Vec::new(), events: Vec::new(), skipped: 0 };
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(&line) {
+            Ok(v) if v.get("userId").is_none() && v.get("productId").is_some() => plan.products.push(v),
+            Ok(v) if v.get("userId").is_some() => plan.events.push((v.get("items").is_some(), v)),
+            _ => {
+                tracing::warn!(line = i + 1, "skipped: neither an event, an order nor a product");
+                plan.skipped += 1;
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Reads the file and sends it.
+pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
+    let plan = plan(args)?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let started = Instant::now();
+    let mut summary = Summary { skipped: plan.skipped, ..Summary::default() };
+    let catalog = format!("{}/api/catalog/products", args.user_activity_url.trim_end_matches('/'));
+    for chunk in plan.products.chunks(events::validate::MAX_CATALOG_BATCH) {
+        summary.products += send(&http, reqwest::Method::PUT, &catalog, chunk).await?;
+    }
+    let activity = format!("{}/api/users/activity", args.user_activity_url.trim_end_matches('/'));
+    let orders = format!("{}/api/orders/place", args.order_url.trim_end_matches('/'));
+    let mut last_progress = Instant::now();
+    let mut sent = 0usize;
+    // Consecutive events of one kind go together, so the order of the file is kept.
+    for run in plan.events.chunk_by(|a, b| a.0 == b.0) {
+        for batch in run.chunks(usize::from(args.batch)) {
+            let values: Vec<Value> = batch.iter().map(|(_, v)| v.clone()).collect();
+            if batch[0].0 {
+                summary.orders += send(&http, reqwest::Method::POST, &orders, &values).await?;
+            } else {
+                summary.activity += send(&http, reqwest::Method::POST, &activity, &values).await?;
+            }
+            sent += values.len();
+            if args.rate > 0.0 {
+                let due = Duration::from_secs_f64(sent as f64 / args.rate);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            if last_progress.elapsed() >= Duration::from_secs(2) {
+                eprintln!("events import: {sent} of {} events sent", plan.events.len());
+                last_progress = Instant::now();
+            }
+        }
+    }
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
