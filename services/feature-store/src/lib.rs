@@ -175,7 +175,8 @@ impl Store {
         self.users.pop(user_id).is_some()
     }
 
-    /// Applies one event; returns the new snapshot, or `None` for a redelivered event.
+    /// Applies one event; returns the new snapshot, or `None` for a redelivered event. Every
+    /// time-based feature advances by event time; `now` only stamps `updatedAt`.
     pub fn apply(&mut self, e: &ProcessedEvent, now: DateTime<Utc>) -> Option<UserFeatures> {
         let half_life = self.config.affinity_half_life_hours;
         let user = self.users.get_or_insert_mut(e.user_id.clone(), || UserState {
@@ -262,10 +263,12 @@ impl Store {
         f.first_seen = f.first_seen.min(e.occurred_at);
         f.last_seen = f.last_seen.max(e.occurred_at);
         f.updated_at = now;
-        f.windows = user.windows.at(now);
+        // Windows and scores as of the user's latest event, not the wall clock: an imported
+        // history gives the features it gave live.
+        f.windows = user.windows.at(f.last_seen);
         f.last_event_id.clone_from(&e.event_id);
         f.last_event_type = Some(e.event_type);
-        derive_scores(f, user.views_since_purchase, user.clicks_since_purchase, now);
+        derive_scores(f, user.views_since_purchase, user.clicks_since_purchase, f.last_seen);
         Some(f.clone())
     }
 }
@@ -364,6 +367,52 @@ mod tests {
 
     fn store() -> Store {
         Store::new(Config { affinity_half_life_hours: 72.0, ops_token: OpsToken::default() }, kit::catalog::demo())
+    }
+
+    /// A week of history imported today gives the features the same week gave live: every
+    /// window, decay, session and score runs on event time.
+    #[test]
+    fn an_imported_history_gives_the_features_it_gave_live() {
+        let live_start = Utc::now() - Duration::days(7);
+        let week: Vec<(EventType, &str, i64)> = vec![
+            (EventType::ProductView, "P00001", 0),
+            (EventType::ProductView, "P00302", 20),
+            (EventType::AddToCart, "P00302", 25),
+            (EventType::ProductView, "P00700", 60 * 24),
+            (EventType::Click, "P00700", 60 * 24 + 3),
+            (EventType::ProductView, "P00001", 60 * 24 * 6),
+            (EventType::ProductView, "P00002", 60 * 24 * 6 + 50),
+        ];
+        let replay = |start: DateTime<Utc>, applied_at: &dyn Fn(DateTime<Utc>) -> DateTime<Utc>| {
+            let mut s = store();
+            let mut last = None;
+            for (i, (t, p, minutes)) in week.iter().enumerate() {
+                let at = start + Duration::minutes(*minutes);
+                let mut e = event(&i.to_string(), *t, Some(p), at);
+                e.session_id = format!("s{}", minutes / (60 * 24));
+                last = s.apply(&e, applied_at(at));
+            }
+            last.expect("features")
+        };
+        // Live: each event applied as it happens. Imported: the same events a year later, all
+        // applied now.
+        let live = replay(live_start, &|at| at + Duration::seconds(1));
+        let imported = replay(live_start - Duration::days(365), &|_| Utc::now());
+        assert_eq!(live.windows, imported.windows);
+        assert_eq!(live.counts, imported.counts);
+        assert_eq!(live.category_affinity, imported.category_affinity);
+        assert_eq!(
+            (live.sessions, &live.session.current_events),
+            (imported.sessions, &imported.session.current_events)
+        );
+        assert_eq!(live.session.current_duration_seconds, imported.session.current_duration_seconds);
+        assert_eq!((live.recency_score, live.purchase_intent), (imported.recency_score, imported.purchase_intent));
+        assert_eq!((&live.cart, &live.recently_viewed), (&imported.cart, &imported.recently_viewed));
+        assert!(
+            live.windows.last_24h.product_views >= 1 && live.windows.last_7d.product_views == 5,
+            "{:?}",
+            live.windows
+        );
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub struct Model {
     session_order: VecDeque<String>,
     popularity: HashMap<String, Popularity>,
     seen: SeenSet,
+    /// The latest event time learned: the model's clock (see [`Model::as_of`]).
+    latest: Option<DateTime<Utc>>,
 }
 
 impl Default for Model {
@@ -154,6 +156,7 @@ impl Default for Model {
             session_order: VecDeque::new(),
             popularity: HashMap::new(),
             seen: SeenSet::new(200_000),
+            latest: None,
         }
     }
 }
@@ -164,6 +167,7 @@ impl Model {
         if !self.seen.insert(&e.idempotency_key()) {
             return;
         }
+        self.latest = self.latest.max(Some(e.occurred_at));
         let weight = e.event_type.engagement_weight();
         if let Some(p) = &e.product
             && weight > 0.0
@@ -210,6 +214,13 @@ impl Model {
         if recent.len() > SESSION_WINDOW {
             recent.pop_front();
         }
+    }
+
+    /// The time popularity and trends are measured at for a user whose latest event happened
+    /// at `user_time`: the latest event time the model or the user has seen. Event time, not
+    /// the wall clock, so an imported history gives the candidates it gave live.
+    pub fn as_of(&self, user_time: DateTime<Utc>) -> DateTime<Utc> {
+        self.latest.map_or(user_time, |t| t.max(user_time))
     }
 
     /// How often `a` and `b` were viewed together.
@@ -380,7 +391,8 @@ impl Handler for Retriever {
         let features: UserFeatures = rec.json()?;
         let now = Utc::now();
         let mut state = self.0.write();
-        let candidates = generate(&state.model, &state.catalog.read(), &features, now);
+        let as_of = state.model.as_of(features.last_seen);
+        let candidates = generate(&state.model, &state.catalog.read(), &features, as_of);
         metrics::histogram!("retrieval_candidates").record(candidates.len() as f64);
         let msg = Candidates {
             schema_version: events::SCHEMA_VERSION,
