@@ -36,6 +36,8 @@ struct Stack {
 impl Stack {
     async fn start() -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
+        // `up`'s output, to show when the stack does not come up.
+        let log = std::fs::File::create(data.path().join("up.log"))?;
         let broker_port = free_port()?;
         let offset = 21_000 + (broker_port % 9_000);
         let up = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
@@ -43,13 +45,20 @@ impl Stack {
             .arg("--data-dir")
             .arg(data.path())
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()?;
         let stack =
             Self { up, offset, http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?, _data: data };
-        stack.all_ready().await?;
+        if let Err(e) = stack.all_ready().await {
+            let out = std::fs::read_to_string(stack._data.path().join("up.log")).unwrap_or_default();
+            let tail: Vec<&str> = out.lines().rev().take(40).collect();
+            anyhow::bail!(
+                "{e}; the last lines of up's output:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         Ok(stack)
     }
 
@@ -71,7 +80,8 @@ impl Stack {
 
     async fn all_ready(&self) -> anyhow::Result<()> {
         for (name, _) in PORTS {
-            eventually(&format!("{name} ready"), Duration::from_secs(120), || async {
+            // A cold start on a busy two-core machine: broker, topics, the demo catalog, ten services.
+            eventually(&format!("{name} ready"), Duration::from_secs(240), || async {
                 self.ready(name).await.then_some(())
             })
             .await?;
