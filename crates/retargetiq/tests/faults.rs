@@ -39,7 +39,7 @@ impl Stack {
         // `up`'s output, to show when the stack does not come up.
         let log = std::fs::File::create(data.path().join("up.log"))?;
         let broker_port = free_port()?;
-        let offset = 21_000 + (broker_port % 9_000);
+        let offset = testkit::stack_port_offset(0)?;
         let up = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
             .args(["up", "--broker-listen", &format!("127.0.0.1:{broker_port}"), "--port-offset", &offset.to_string()])
             .arg("--data-dir")

@@ -57,7 +57,7 @@ async fn extra_instances_wait_as_standbys_and_take_over() -> anyhow::Result<()> 
     let locks = tempfile::tempdir()?;
     let broker_port = free_port()?;
     let broker = format!("127.0.0.1:{broker_port}");
-    let offset = 20_000 + (broker_port % 10_000);
+    let offset = testkit::stack_port_offset(3_000)?;
     let mut up = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
         .args(["up", "--broker-listen", &broker, "--port-offset", &offset.to_string()])
         .arg("--data-dir")

@@ -24,7 +24,7 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let broker_port = free_port()?;
     // Ports are the contract ports plus an offset, so a stack already running is not disturbed.
-    let offset = 20_000 + (broker_port % 10_000);
+    let offset = testkit::stack_port_offset(0)?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
         .args(["up", "--broker-listen", &format!("127.0.0.1:{broker_port}"), "--port-offset", &offset.to_string()])
         .arg("--data-dir")

@@ -71,6 +71,25 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A port offset for a whole stack (`retargetiq up --port-offset`): the contract ports (3000
+/// to 8089) plus the offset, and up to `spread` above them, stay below the start of the
+/// machine's ephemeral port range, where the system picks the local ports of outgoing
+/// connections — a service port in that range can be held by any other process's connection
+/// (which once kept a test's user-activity from starting). Random within the allowed range,
+/// so stacks of different test runs rarely meet.
+pub fn stack_port_offset(spread: u16) -> std::io::Result<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let lowest = 10_000;
+    let highest = ephemeral_start.saturating_sub(8_090 + spread);
+    if highest <= lowest {
+        return Err(std::io::Error::other(format!("no room for a stack below port {ephemeral_start}")));
+    }
+    Ok(lowest + free_port()? % (highest - lowest))
+}
+
 /// Polls `probe` every 100 ms until it returns `Some`, or fails after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
 where
