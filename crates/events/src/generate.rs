@@ -21,9 +21,7 @@ pub fn user_id(n: u32) -> String {
 
 /// The favourite category of a user id: stable for the same id in every process.
 pub fn favourite_category(user_id: &str) -> &'static str {
-    // FNV-1a: stable across runs and platforms, unlike the standard library's hasher.
-    let hash =
-        user_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = crate::stable_hash(user_id, 0);
     let categories: Vec<_> = Catalog::demo().categories().collect();
     categories[(hash % categories.len() as u64) as usize]
 }

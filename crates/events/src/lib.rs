@@ -29,5 +29,12 @@ pub fn idempotency_key(user_id: &str, event_id: &str) -> String {
     format!("{user_id}\u{1f}{event_id}")
 }
 
+/// FNV-1a of `text`, its offset basis XORed with `seed`: a hash that is the same in every
+/// process and on every platform (the standard library's is not), for choices that must agree
+/// across services and restarts.
+pub fn stable_hash(text: &str, seed: u64) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64 ^ seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// Kafka header that carries the correlation id from topic to topic.
 pub const CORRELATION_HEADER: &str = "correlation-id";

@@ -209,14 +209,10 @@ async fn read_history(ctx: &Context) -> anyhow::Result<(Vec<OfferDecision>, Vec<
 /// (as `books` and `beauty` of the demo catalog do) are still told apart by the other.
 pub const CATEGORY_BUCKETS: usize = 32;
 
-/// The two indicators of a category (FNV-1a with two seeds: stable across processes).
+/// The two indicators of a category (a stable hash with two seeds).
 fn category_buckets(category: &str) -> [usize; 2] {
-    let hash = |seed: u64| {
-        category
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64 ^ seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-    };
-    [(hash(0) % CATEGORY_BUCKETS as u64) as usize, (hash(0x9e37_79b9_7f4a_7c15) % CATEGORY_BUCKETS as u64) as usize]
+    let bucket = |seed: u64| (events::stable_hash(category, seed) % CATEGORY_BUCKETS as u64) as usize;
+    [bucket(0), bucket(0x9e37_79b9_7f4a_7c15)]
 }
 
 /// What the policy looks at.
