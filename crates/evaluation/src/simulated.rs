@@ -225,24 +225,14 @@ pub(crate) fn score<'a>(
     cases: impl Iterator<Item = (&'a [String], &'a HashSet<String>, Option<&'a HashSet<String>>)>,
     k: usize,
 ) -> Scores {
-    let (mut hits, mut ndcg, mut n) = (0.0, 0.0, 0usize);
-    for (list, relevant, filter) in cases {
-        if relevant.is_empty() {
-            continue;
-        }
-        n += 1;
-        let top: Vec<&String> = list.iter().filter(|p| filter.is_none_or(|f| !f.contains(*p))).take(k).collect();
-        let dcg: f64 = top
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| relevant.contains(**p))
-            .map(|(i, _)| 1.0 / (i as f64 + 2.0).log2())
-            .sum();
-        let ideal: f64 = (0..relevant.len().min(k)).map(|i| 1.0 / (i as f64 + 2.0).log2()).sum();
-        hits += if dcg > 0.0 { 1.0 } else { 0.0 };
-        ndcg += dcg / ideal;
+    let mut lists: Vec<Vec<String>> = Vec::new();
+    let mut relevant: Vec<HashSet<&str>> = Vec::new();
+    for (list, wanted, filter) in cases.filter(|(_, wanted, _)| !wanted.is_empty()) {
+        lists.push(list.iter().filter(|p| filter.is_none_or(|f| !f.contains(*p))).take(k).cloned().collect());
+        relevant.push(wanted.iter().map(String::as_str).collect());
     }
-    if n == 0 { Scores::default() } else { Scores { hit_rate: hits / n as f64, ndcg: ndcg / n as f64 } }
+    let m = crate::history::metrics(lists.iter().map(Vec::as_slice).zip(&relevant), k);
+    Scores { hit_rate: m.hit_rate, ndcg: m.ndcg }
 }
 
 /// The simulated traffic: training events in time order, and per shopper what they did.
