@@ -27,7 +27,7 @@ use events::{ActivityEvent, EventType, OrderEvent, OrderItem};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::replay::Platform;
+use crate::replay::{Attribution, Platform};
 
 /// How a history file is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -57,6 +57,8 @@ pub struct Interaction {
     pub kind: Kind,
     pub product: String,
     pub at: DateTime<Utc>,
+    /// The recommendation response the interaction came from (`recommendationId`), if any.
+    pub recommendation: Option<String>,
 }
 
 /// A history: interactions in time order, and the products they name.
@@ -131,6 +133,7 @@ fn rees46(line: &str, history: &mut History) -> Option<()> {
         kind,
         product: (*product_id).to_owned(),
         at,
+        recommendation: None,
     });
     Some(())
 }
@@ -153,6 +156,7 @@ fn taobao(line: &str, history: &mut History) -> Option<()> {
         kind,
         product: (*item).to_owned(),
         at,
+        recommendation: None,
     });
     Some(())
 }
@@ -174,6 +178,7 @@ fn platform(line: &str, history: &mut History) -> Option<()> {
                 kind: Kind::Purchase,
                 product: item.product_id.clone(),
                 at: o.timestamp,
+                recommendation: None,
             });
         }
         return Some(());
@@ -190,6 +195,7 @@ fn platform(line: &str, history: &mut History) -> Option<()> {
         kind,
         product: a.product_id?,
         at: a.timestamp,
+        recommendation: a.recommendation_id,
     });
     Some(())
 }
@@ -231,7 +237,7 @@ pub fn steps(interactions: &[Interaction], products: &BTreeMap<String, catalog::
                     product_id: Some(x.product.clone()),
                     campaign_id: None,
                     query: None,
-                    recommendation_id: None,
+                    recommendation_id: x.recommendation.clone(),
                     timestamp: x.at,
                 }),
             }
@@ -246,6 +252,9 @@ pub struct Options {
     pub format: Format,
     pub holdout_hours: f64,
     pub k: usize,
+    /// Tune on this: leave the held-out period out entirely and hold out the period of the
+    /// same length before it instead, so the figures reported on the real split stay unseen.
+    pub validation: bool,
 }
 
 /// Hit rate, MRR and NDCG at k of one method.
@@ -269,6 +278,9 @@ pub struct Report {
     pub training_events: usize,
     #[serde(rename = "heldOutEvents")]
     pub held_out_events: usize,
+    /// Training events attributed to a shown list (`recommendationId`): what ranking learns from.
+    #[serde(rename = "attributedEvents")]
+    pub attributed_events: usize,
     pub products: usize,
     pub k: usize,
 }
@@ -293,6 +305,13 @@ impl Report {
              | method | hit rate@{k} | MRR@{k} | NDCG@{k} |\n|---|---:|---:|---:|\n",
             self.users, self.training_events, self.held_out_events, self.products
         );
+        if self.attributed_events == 0 {
+            out = out.replacen(
+                "\n\n",
+                "; no training event came from a shown list (`recommendationId`), so ranking kept its initial weights\n\n",
+                1,
+            );
+        }
         for (name, m) in &self.rows {
             out += &format!("| {name} | {:.3} | {:.3} | {:.3} |\n", m.hit_rate, m.mrr, m.ndcg);
         }
@@ -305,16 +324,25 @@ const SESSION_GAP_MINUTES: i64 = 30;
 
 /// Runs the evaluation of a history file.
 pub fn run(options: &Options) -> anyhow::Result<Report> {
-    let history = read(&options.events, options.format)?;
+    let mut history = read(&options.events, options.format)?;
+    if options.validation {
+        let cutoff = cutoff(&history, options.holdout_hours)?;
+        history.interactions.truncate(history.interactions.partition_point(|x| x.at < cutoff));
+    }
     evaluate(&history, options.holdout_hours, options.k)
+}
+
+/// The start of the held-out period: `holdout_hours` before the history's last interaction.
+fn cutoff(history: &History, holdout_hours: f64) -> anyhow::Result<DateTime<Utc>> {
+    anyhow::ensure!(holdout_hours.is_finite() && holdout_hours > 0.0, "the held-out period must be positive");
+    let last = history.interactions.last().ok_or_else(|| anyhow::anyhow!("the history holds no interaction"))?.at;
+    Ok(last - Duration::milliseconds((holdout_hours * 3_600_000.0) as i64))
 }
 
 /// Evaluates a history already read.
 pub fn evaluate(history: &History, holdout_hours: f64, k: usize) -> anyhow::Result<Report> {
     anyhow::ensure!((1..=ranking::MAX_RANKED).contains(&k), "k must be from 1 to {}", ranking::MAX_RANKED);
-    anyhow::ensure!(holdout_hours.is_finite() && holdout_hours > 0.0, "the held-out period must be positive");
-    let last = history.interactions.last().ok_or_else(|| anyhow::anyhow!("the history holds no interaction"))?.at;
-    let cutoff = last - Duration::milliseconds((holdout_hours * 3_600_000.0) as i64);
+    let cutoff = cutoff(history, holdout_hours)?;
     let split = history.interactions.partition_point(|x| x.at < cutoff);
     let (train, test) = history.interactions.split_at(split);
     anyhow::ensure!(!train.is_empty(), "nothing before the held-out period: shorten --holdout-hours");
@@ -328,9 +356,25 @@ pub fn evaluate(history: &History, holdout_hours: f64, k: usize) -> anyhow::Resu
 
     let catalog = kit::state::Shared::new(catalog::Catalog::from_products(history.products.values().cloned()));
     let training = steps(train, &history.products);
-    let platform = Platform::replay(&training, kit::state::Shared::clone(&catalog), ranking::Config::default())?;
-    let initial =
-        Platform::replay(&training, catalog, ranking::Config { learning_rate: 0.0, ..ranking::Config::default() })?;
+    let platform = Platform::replay(
+        &training,
+        kit::state::Shared::clone(&catalog),
+        ranking::Config::default(),
+        Attribution::AsRecorded,
+    )?;
+    // Ranking learns only from events attributed to a shown list; without any, the platform
+    // runs on its initial weights and a second replay would only repeat it.
+    let attributed = train.iter().filter(|x| x.recommendation.is_some()).count();
+    let initial = (attributed > 0)
+        .then(|| {
+            Platform::replay(
+                &training,
+                catalog,
+                ranking::Config { learning_rate: 0.0, ..ranking::Config::default() },
+                Attribution::AsRecorded,
+            )
+        })
+        .transpose()?;
     let baselines = Baselines::new(train, &history.products);
 
     let users: Vec<&str> = truth.keys().copied().collect();
@@ -338,17 +382,17 @@ pub fn evaluate(history: &History, holdout_hours: f64, k: usize) -> anyhow::Resu
     let lists = |f: &dyn Fn(&str) -> Vec<String>| users.iter().map(|u| f(u)).collect::<Vec<_>>();
     let platform_lists: Vec<Vec<String>> =
         users.iter().map(|u| platform.recommend(u, k)).collect::<anyhow::Result<_>>()?;
-    let initial_lists: Vec<Vec<String>> =
-        users.iter().map(|u| initial.recommend(u, k)).collect::<anyhow::Result<_>>()?;
-    let methods: Vec<(&'static str, Vec<Vec<String>>)> = vec![
-        (PLATFORM, platform_lists),
-        (PLATFORM_INITIAL, initial_lists),
+    let mut methods: Vec<(&'static str, Vec<Vec<String>>)> = vec![(PLATFORM, platform_lists)];
+    if let Some(initial) = &initial {
+        methods.push((PLATFORM_INITIAL, users.iter().map(|u| initial.recommend(u, k)).collect::<anyhow::Result<_>>()?));
+    }
+    methods.extend([
         (MOST_POPULAR, lists(&|_| baselines.popular(k))),
         (POPULAR_IN_CATEGORIES, lists(&|u| baselines.popular_in_categories(u, k))),
         (RECENTLY_VIEWED, lists(&|u| baselines.recently_viewed(u, k))),
         (ITEM_KNN, lists(&|u| baselines.item_knn(u, k))),
         (SESSION_KNN, lists(&|u| baselines.session_knn(u, k))),
-    ];
+    ]);
     for (name, lists) in methods {
         rows.push((name, metrics(users.iter().zip(&lists).map(|(u, l)| (l.as_slice(), &truth[u])), k)));
     }
@@ -358,6 +402,7 @@ pub fn evaluate(history: &History, holdout_hours: f64, k: usize) -> anyhow::Resu
         users: users.len(),
         training_events: train.len(),
         held_out_events: test.len(),
+        attributed_events: attributed,
         products: history.products.len(),
         k,
     })
@@ -628,7 +673,9 @@ mod tests {
         assert!(history.interactions.windows(2).all(|w| w[0].at <= w[1].at));
         let report = evaluate(&history, 0.5, 10).expect("evaluates");
         assert_eq!(report.users, 40);
-        assert_eq!(report.methods.len(), 7);
+        // Nothing in the history came from a shown list, so there is no separate row for the
+        // initial ranking weights: ranking kept them.
+        assert_eq!((report.methods.len(), report.attributed_events), (6, 0));
         // Everyone came back to the first phone they viewed: recently viewed finds it.
         assert_eq!(report.methods[RECENTLY_VIEWED].hit_rate, 1.0, "{}", report.markdown());
         assert!(report.methods[PLATFORM].hit_rate >= 0.9, "{}", report.markdown());
@@ -638,6 +685,20 @@ mod tests {
             json["methods"]["platform"]["hitRate"].is_number() && json["methods"]["session-kNN"]["ndcg"].is_number()
         );
         assert!(evaluate(&history, 10.0, 10).is_err(), "nothing before the held-out period");
+
+        // The validation split leaves the held-out period (here the last 3 minutes: the views
+        // at 02:50) out and holds out the 3 minutes before the kept part's end (02:02–02:05).
+        let options = |validation| Options {
+            events: dir.join("history.csv"),
+            format: Format::Rees46,
+            holdout_hours: 0.05,
+            k: 10,
+            validation,
+        };
+        let test = run(&options(false)).expect("evaluates");
+        let validation = run(&options(true)).expect("evaluates");
+        assert_eq!((test.training_events, test.held_out_events), (130, 40), "{}", test.markdown());
+        assert_eq!((validation.training_events, validation.held_out_events), (80, 50), "{}", validation.markdown());
         std::fs::remove_dir_all(&dir).ok();
     }
 

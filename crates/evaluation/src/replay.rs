@@ -5,9 +5,19 @@
 //! Kafka. Every time-based feature advances by the events' own time.
 
 use events::generate::Step;
-use events::{ProcessedEvent, Topic};
+use events::{ActivityEvent, ProcessedEvent, Topic};
 use kit::kafka::{Handler, Outbox, Record};
 use kit::state::Shared;
+
+/// Which events count as coming from a shown recommendation list (what ranking learns from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attribution {
+    /// Those that carry a `recommendationId`, as recorded: a real history.
+    AsRecorded,
+    /// An activity on a product the user's list shows at that moment: simulated shoppers,
+    /// who are taken to reach a product through the list whenever the list holds it.
+    ShownList,
+}
 
 /// The services' logic wired together in memory.
 pub struct Platform {
@@ -23,10 +33,11 @@ impl Platform {
         training: &[Step],
         catalog: kit::catalog::LiveCatalog,
         ranking_config: ranking::Config,
+        attribution: Attribution,
     ) -> anyhow::Result<Self> {
         // The services log every event; a replay of a whole history would only drown the report.
         tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
-            Self::replay_quietly(training, catalog, ranking_config)
+            Self::replay_quietly(training, catalog, ranking_config, attribution)
         })
     }
 
@@ -34,6 +45,7 @@ impl Platform {
         training: &[Step],
         catalog: kit::catalog::LiveCatalog,
         ranking_config: ranking::Config,
+        attribution: Attribution,
     ) -> anyhow::Result<Self> {
         let mut processor = event_processor::Processor::new(
             event_processor::Config::default(),
@@ -49,6 +61,14 @@ impl Platform {
         let mut processed = Vec::with_capacity(training.len());
         for (offset, step) in training.iter().enumerate() {
             let (topic, payload, at) = match step {
+                Step::Activity(a)
+                    if attribution == Attribution::ShownList
+                        && a.recommendation_id.is_none()
+                        && a.product_id.as_deref().is_some_and(|p| ranker.shows(&a.user_id, p)) =>
+                {
+                    let attributed = ActivityEvent { recommendation_id: Some(format!("shown-{offset}")), ..a.clone() };
+                    (Topic::UserActivity, serde_json::to_vec(&attributed)?, a.timestamp)
+                }
                 Step::Activity(a) => (Topic::UserActivity, serde_json::to_vec(a)?, a.timestamp),
                 Step::Order(o) => (Topic::Order, serde_json::to_vec(o)?, o.timestamp),
             };

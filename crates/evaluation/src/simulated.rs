@@ -27,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::replay::Platform;
+use crate::replay::{Attribution, Platform};
 
 /// Options of `retargetiq evaluate`.
 #[derive(Debug, Clone, clap::Args)]
@@ -154,11 +154,13 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<Report> {
     anyhow::ensure!((1..=ranking::MAX_RANKED).contains(&args.k), "k must be from 1 to {}", ranking::MAX_RANKED);
     let (training, truth) = simulate(args);
 
-    let learned = Platform::replay(&training, kit::catalog::demo(), ranking::Config::default())?;
+    let learned =
+        Platform::replay(&training, kit::catalog::demo(), ranking::Config::default(), Attribution::ShownList)?;
     let initial = Platform::replay(
         &training,
         kit::catalog::demo(),
         ranking::Config { learning_rate: 0.0, ..Default::default() },
+        Attribution::ShownList,
     )?;
 
     // Most popular in training, by engagement.
@@ -177,7 +179,8 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<Report> {
     let list_len = ranking::MAX_RANKED;
     let mut lists: Vec<(&'static str, Vec<Vec<String>>)> =
         vec![(PLATFORM, vec![]), (PLATFORM_INITIAL, vec![]), (POPULARITY, vec![]), (RANDOM, vec![]), (ORACLE, vec![])];
-    let users: Vec<&String> = truth.keys().collect();
+    let mut users: Vec<&String> = truth.keys().collect();
+    users.sort();
     for user in &users {
         lists[0].1.push(learned.recommend(user, list_len)?);
         lists[1].1.push(initial.recommend(user, list_len)?);

@@ -452,6 +452,11 @@ pub struct UserFeatures {
     pub preferred_category: Option<String>,
     /// Most recent first.
     pub recently_viewed: Vec<String>,
+    /// Product -> how much the user engaged with it (views 1, clicks 1.5, carts 3, purchases 5),
+    /// decayed like `categoryAffinity`; kept for the products of `recentlyViewed`, `cart` and
+    /// `purchased`. Shoppers come back to what they engaged with often, not only lately.
+    #[serde(default)]
+    pub product_engagement: BTreeMap<String, f64>,
     /// Products in the cart now, most recently added first.
     pub cart: Vec<String>,
     pub cart_value: f64,

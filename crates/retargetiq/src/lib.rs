@@ -175,6 +175,10 @@ struct EvaluateCommand {
     /// The held-out period at the end of the history, in hours (fractions allowed).
     #[arg(long, default_value_t = 24.0)]
     holdout_hours: f64,
+    /// For tuning: leave the held-out period out and hold out the one before it instead, so
+    /// the figures on the real split stay unseen while you tune.
+    #[arg(long)]
+    validation: bool,
     #[arg(long, value_enum, default_value = "markdown")]
     output: Output,
     #[command(flatten)]
@@ -282,6 +286,7 @@ fn evaluate(args: &EvaluateCommand) -> anyhow::Result<String> {
                 format: args.format,
                 holdout_hours: args.holdout_hours,
                 k: args.simulated.k,
+                validation: args.validation,
             };
             let report = evaluation::history::run(&options)?;
             Ok(if args.output == Output::Json { report.json() } else { report.markdown() })

@@ -15,7 +15,7 @@
 //! Redeliveries are recognised by event id (the last 256 per user), so a snapshot is never
 //! counted twice.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -31,9 +31,11 @@ use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 
 /// Recently viewed products kept per user.
-pub const RECENT_VIEWS: usize = 20;
+pub const RECENT_VIEWS: usize = 50;
 /// Purchased products kept per user.
 pub const PURCHASES_KEPT: usize = 50;
+/// Products kept in a cart (the oldest added drops out beyond it).
+pub const CART_KEPT: usize = 100;
 /// Event ids remembered per user for de-duplication.
 pub const SEEN_PER_USER: usize = 256;
 
@@ -200,7 +202,7 @@ impl Store {
         // Decay affinities to the time of this event, then add its weight.
         let hours = (e.occurred_at - f.last_seen).num_milliseconds().max(0) as f64 / 3_600_000.0;
         let decay = 0.5_f64.powf(hours / half_life);
-        for v in f.category_affinity.values_mut() {
+        for v in f.category_affinity.values_mut().chain(f.product_engagement.values_mut()) {
             *v *= decay;
         }
         f.category_affinity.retain(|_, v| *v > 1e-3);
@@ -227,6 +229,11 @@ impl Store {
         f.session.current_duration_seconds =
             (e.occurred_at.max(f.last_seen) - started).num_milliseconds().max(0) as f64 / 1000.0;
         f.session.average_events_per_session = f.counts.total() as f64 / f.sessions as f64;
+        if let Some(p) = &e.product
+            && weight > 0.0
+        {
+            *f.product_engagement.entry(p.product_id.clone()).or_default() += weight;
+        }
         let product_id = e.product.as_ref().map(|p| p.product_id.clone());
         match (e.event_type, product_id) {
             (EventType::ProductView | EventType::Click, Some(id)) => {
@@ -237,7 +244,7 @@ impl Store {
                 }
                 move_to_front(&mut f.recently_viewed, id, RECENT_VIEWS);
             }
-            (EventType::AddToCart, Some(id)) => move_to_front(&mut f.cart, id, usize::MAX),
+            (EventType::AddToCart, Some(id)) => move_to_front(&mut f.cart, id, CART_KEPT),
             (EventType::RemoveFromCart, Some(id)) => f.cart.retain(|p| *p != id),
             _ => {}
         }
@@ -245,6 +252,8 @@ impl Store {
             for item in &order.items {
                 f.cart.retain(|p| *p != item.product.product_id);
                 move_to_front(&mut f.purchased, item.product.product_id.clone(), PURCHASES_KEPT);
+                *f.product_engagement.entry(item.product.product_id.clone()).or_default() +=
+                    EventType::Purchase.engagement_weight();
                 if let Some(category) = item.product.known_category() {
                     *f.category_affinity.entry(category.to_owned()).or_default() +=
                         EventType::Purchase.engagement_weight();
@@ -256,6 +265,9 @@ impl Store {
             user.views_since_purchase = 0;
             user.clicks_since_purchase = 0;
         }
+        // Engagement is kept for the products the lists keep (all of them bounded).
+        let kept: HashSet<&String> = f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).collect();
+        f.product_engagement.retain(|p, _| kept.contains(p));
         let catalog = self.catalog.read();
         f.cart_value = f.cart.iter().filter_map(|id| catalog.get(id)).map(|p| p.price).fold(0.0, |a, b| a + b);
         f.preferred_category =
