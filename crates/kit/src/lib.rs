@@ -11,6 +11,7 @@
 //!   together and drains in-flight work on SIGINT/SIGTERM within a time limit.
 
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod dead_letters;
 pub mod dedup;

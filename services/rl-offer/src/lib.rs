@@ -14,6 +14,13 @@
 //! The first two and the third are found by a sweep every `OFFER_SWEEP_SECONDS` over the
 //! users this instance holds; repeated views on each features snapshot.
 //!
+//! **Time** is event time ([`kit::clock::EventClock`]): the latest event time seen, running on
+//! with the wall clock while no newer event arrives. Idle periods, reward windows and decision
+//! times are measured on it, so an imported history (`retargetiq events import`) gets its
+//! abandoned carts and rewards as it had them live, not "everything abandoned years ago". Events
+//! older than the clock (an old history imported into a stack already running live) do not
+//! move it back; their carts are then as old as they look.
+//!
 //! **Context** ([`OfferContext`]) from the user's latest features: purchase intent, recency,
 //! activity, cart value, days since the previous visit, preferred category.
 //!
@@ -46,6 +53,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Duration, Utc};
 use events::{EventType, OfferAction, OfferDecision, ProcessedEvent, Topic, UserFeatures};
+use kit::clock::EventClock;
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
@@ -151,7 +159,7 @@ impl Service for RlOffer {
         let sweep_every = config.sweep;
         let mut policy = Policy::new(config, StdRng::from_os_rng());
         let (decisions, orders) = read_history(&ctx).await?;
-        policy.restore(decisions, orders, Utc::now());
+        policy.restore(decisions, orders);
         let stats = policy.stats();
         tracing::info!(open = stats.open_decisions, learned = stats.learned, "offer policy restored");
         let state = Shared::new(policy);
@@ -169,7 +177,11 @@ impl Service for RlOffer {
                     () = shutdown.cancelled() => return Ok(()),
                     _ = tick.tick() => {}
                 }
-                let decisions = sweeper.write().sweep(Utc::now());
+                let decisions = {
+                    let mut policy = sweeper.write();
+                    let now = policy.now();
+                    policy.sweep(now)
+                };
                 for d in decisions {
                     metrics::counter!("offers_decisions_total", "action" => d.action.as_str(), "trigger" => d.trigger.clone()).increment(1);
                     if let Err(e) = producer.send(&d, None).await {
@@ -359,6 +371,8 @@ pub struct Policy {
     orders_seen: SeenSet,
     learned: u64,
     converted: u64,
+    /// Event time: what sweeps, reward windows and decisions are timed by.
+    clock: EventClock,
 }
 
 impl Policy {
@@ -374,7 +388,19 @@ impl Policy {
             orders_seen: SeenSet::new(100_000),
             learned: 0,
             converted: 0,
+            clock: EventClock::default(),
         }
+    }
+
+    /// The policy's event time ([`EventClock`]): the latest event time seen, running on with
+    /// the wall clock while no newer event arrives.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Takes the time of an event (a features snapshot's latest event, an order).
+    pub fn observe(&mut self, at: DateTime<Utc>) {
+        self.clock.observe(at);
     }
 
     pub fn bandit(&self) -> &Bandit {
@@ -536,9 +562,12 @@ impl Policy {
 
     /// Rebuilds the model, the open decisions and the current offers from the decision log
     /// and the orders, replayed in time order.
-    pub fn restore(&mut self, mut decisions: Vec<OfferDecision>, mut orders: Vec<ProcessedEvent>, now: DateTime<Utc>) {
+    pub fn restore(&mut self, mut decisions: Vec<OfferDecision>, mut orders: Vec<ProcessedEvent>) {
         decisions.sort_by_key(|d| d.decided_at);
         orders.sort_by_key(|o| o.occurred_at);
+        for at in decisions.iter().map(|d| d.decided_at).chain(orders.iter().map(|o| o.occurred_at)) {
+            self.clock.observe(at);
+        }
         let mut orders = orders.into_iter().peekable();
         for d in &decisions {
             while let Some(o) = orders.next_if(|o| o.occurred_at < d.decided_at) {
@@ -552,7 +581,7 @@ impl Policy {
             self.expire(o.occurred_at);
             self.on_order(&o);
         }
-        self.expire(now);
+        self.expire(self.now());
     }
 }
 
@@ -563,16 +592,22 @@ impl Handler for Decider {
         match rec.topic {
             Topic::UserFeatures => {
                 let f: UserFeatures = rec.json()?;
-                if let Some(d) = self.0.write().on_features(f, Utc::now(), out.is_replay()) {
+                let mut policy = self.0.write();
+                policy.observe(f.last_seen);
+                let now = policy.now();
+                if let Some(d) = policy.on_features(f, now, out.is_replay()) {
                     metrics::counter!("offers_decisions_total", "action" => d.action.as_str(), "trigger" => d.trigger.clone()).increment(1);
                     out.send(&d);
                 }
             }
             Topic::ProcessedEvents => {
-                // Rewards are relearned from the logs at start, not during the replay.
+                // Rewards are relearned from the logs at start, not during the replay (whose
+                // snapshots set the clock).
                 if !out.is_replay() {
                     let e: ProcessedEvent = rec.json()?;
-                    self.0.write().on_order(&e);
+                    let mut policy = self.0.write();
+                    policy.observe(e.occurred_at);
+                    policy.on_order(&e);
                 }
             }
             other => return Err(HandlerError::malformed(format!("rl-offer does not read {other}"))),
@@ -650,9 +685,9 @@ async fn select(
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<OfferDecision>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::Invalid { field: "$".into(), reason: e.body_text() })?;
-    let now = Utc::now();
     let decision = {
         let mut state = s.state.write();
+        let now = state.now();
         let known = body.get("userId").and_then(Value::as_str).and_then(|u| state.features.peek(u.trim()));
         let (user_id, context) = parse_select(&body, known, now)?;
         state.decide(&user_id, &context, "api", now)
@@ -792,6 +827,29 @@ mod tests {
         assert!(p.sweep(now).is_empty(), "decided since the last activity");
     }
 
+    /// An imported history is years old: its carts are abandoned when event time says so,
+    /// not because the wall clock is far ahead of it.
+    #[test]
+    fn an_imported_history_is_swept_by_event_time() {
+        let mut p = policy();
+        let t0 = DateTime::parse_from_rfc3339("2019-10-01T10:00:00Z").expect("time").to_utc();
+        let mut carted = features("carted", t0);
+        carted.cart = vec!["P00001".into()];
+        for f in [carted, features("other", t0 + Duration::minutes(10))] {
+            p.observe(f.last_seen);
+            let now = p.now();
+            p.on_features(f, now, false);
+        }
+        assert!(p.sweep(p.now()).is_empty(), "10 minutes of event time: not abandoned yet");
+        let later = features("other", t0 + Duration::minutes(35));
+        p.observe(later.last_seen);
+        p.on_features(later, t0 + Duration::minutes(35), false);
+        let due: Vec<_> = p.sweep(p.now()).into_iter().map(|d| (d.user_id, d.trigger, d.decided_at)).collect();
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!((due[0].0.as_str(), due[0].1.as_str()), ("carted", "cart_abandoned"));
+        assert!(due[0].2 - (t0 + Duration::minutes(35)) < Duration::seconds(5), "decided in event time: {due:?}");
+    }
+
     #[test]
     fn orders_in_the_window_are_rewards_and_silence_is_a_zero() {
         let mut p = policy();
@@ -836,7 +894,9 @@ mod tests {
         live.sweep(now);
         let mut restored = policy();
         decisions.reverse(); // the log's order does not matter
-        restored.restore(decisions, orders, now);
+        restored.restore(decisions, orders);
+        // The restored clock stands at the log's last event; the live one was swept now.
+        restored.sweep(now);
         let (a, b) = (live.stats(), restored.stats());
         assert_eq!((a.learned, a.converted, a.open_decisions), (b.learned, b.converted, b.open_decisions));
         assert_eq!(a.learned, 200);
