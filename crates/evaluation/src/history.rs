@@ -322,14 +322,19 @@ impl Report {
 /// Gap of inactivity that ends a session when the history has none (the processor's default).
 const SESSION_GAP_MINUTES: i64 = 30;
 
-/// Runs the evaluation of a history file.
-pub fn run(options: &Options) -> anyhow::Result<Report> {
+/// Reads the history file of `options`, cut short for a validation split.
+pub fn load(options: &Options) -> anyhow::Result<History> {
     let mut history = read(&options.events, options.format)?;
     if options.validation {
         let cutoff = cutoff(&history, options.holdout_hours)?;
         history.interactions.truncate(history.interactions.partition_point(|x| x.at < cutoff));
     }
-    evaluate(&history, options.holdout_hours, options.k)
+    Ok(history)
+}
+
+/// Runs the evaluation of a history file.
+pub fn run(options: &Options) -> anyhow::Result<Report> {
+    evaluate(&load(options)?, options.holdout_hours, options.k)
 }
 
 /// The start of the held-out period: `holdout_hours` before the history's last interaction.
@@ -339,73 +344,102 @@ fn cutoff(history: &History, holdout_hours: f64) -> anyhow::Result<DateTime<Utc>
     Ok(last - Duration::milliseconds((holdout_hours * 3_600_000.0) as i64))
 }
 
+/// Named recommendation lists: (method, one list per user of [`Split::users`]).
+pub type Lists = Vec<(&'static str, Vec<Vec<String>>)>;
+
+/// A history split at its held-out period.
+pub struct Split<'h> {
+    pub history: &'h History,
+    /// Interactions before the held-out period (what the platform learns from).
+    pub train: &'h [Interaction],
+    pub test: &'h [Interaction],
+    /// Each returning user (active in both) -> the products they engaged with while held out.
+    pub truth: BTreeMap<&'h str, HashSet<&'h str>>,
+    pub k: usize,
+}
+
+impl<'h> Split<'h> {
+    pub fn new(history: &'h History, holdout_hours: f64, k: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!((1..=ranking::MAX_RANKED).contains(&k), "k must be from 1 to {}", ranking::MAX_RANKED);
+        let cutoff = cutoff(history, holdout_hours)?;
+        let split = history.interactions.partition_point(|x| x.at < cutoff);
+        let (train, test) = history.interactions.split_at(split);
+        anyhow::ensure!(!train.is_empty(), "nothing before the held-out period: shorten --holdout-hours");
+        let trained: HashSet<&str> = train.iter().map(|x| x.user.as_str()).collect();
+        let mut truth: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+        for x in test.iter().filter(|x| trained.contains(x.user.as_str())) {
+            truth.entry(x.user.as_str()).or_default().insert(x.product.as_str());
+        }
+        anyhow::ensure!(!truth.is_empty(), "no user is active both before and during the held-out period");
+        Ok(Self { history, train, test, truth, k })
+    }
+
+    /// The returning users, in a fixed order.
+    pub fn users(&self) -> Vec<&'h str> {
+        self.truth.keys().copied().collect()
+    }
+
+    /// Training interactions attributed to a shown list.
+    pub fn attributed(&self) -> usize {
+        self.train.iter().filter(|x| x.recommendation.is_some()).count()
+    }
+
+    /// The platform's lists from the in-memory replay of the training part: (method, one list
+    /// per user of [`Split::users`]); a second row with the initial ranking weights when some
+    /// training event was attributed to a shown list (otherwise ranking learns nothing).
+    pub fn replayed(&self) -> anyhow::Result<Lists> {
+        let catalog = kit::state::Shared::new(catalog::Catalog::from_products(self.history.products.values().cloned()));
+        let training = steps(self.train, &self.history.products);
+        let users = self.users();
+        let lists = |config: ranking::Config| -> anyhow::Result<Vec<Vec<String>>> {
+            let platform =
+                Platform::replay(&training, kit::state::Shared::clone(&catalog), config, Attribution::AsRecorded)?;
+            users.iter().map(|u| platform.recommend(u, self.k)).collect()
+        };
+        let mut rows = vec![(PLATFORM, lists(ranking::Config::default())?)];
+        if self.attributed() > 0 {
+            rows.push((PLATFORM_INITIAL, lists(ranking::Config { learning_rate: 0.0, ..Default::default() })?));
+        }
+        Ok(rows)
+    }
+
+    /// The report: the given platform rows, then the baselines computed on the same users.
+    pub fn report(&self, platform: Lists) -> Report {
+        let k = self.k;
+        let baselines = Baselines::new(self.train, &self.history.products);
+        let users = self.users();
+        let lists = |f: &dyn Fn(&str) -> Vec<String>| users.iter().map(|u| f(u)).collect::<Vec<_>>();
+        let mut methods = platform;
+        methods.extend([
+            (MOST_POPULAR, lists(&|_| baselines.popular(k))),
+            (POPULAR_IN_CATEGORIES, lists(&|u| baselines.popular_in_categories(u, k))),
+            (RECENTLY_VIEWED, lists(&|u| baselines.recently_viewed(u, k))),
+            (ITEM_KNN, lists(&|u| baselines.item_knn(u, k))),
+            (SESSION_KNN, lists(&|u| baselines.session_knn(u, k))),
+        ]);
+        let rows: Vec<(&'static str, Metrics)> = methods
+            .into_iter()
+            .map(|(name, lists)| {
+                (name, metrics(users.iter().zip(&lists).map(|(u, l)| (l.as_slice(), &self.truth[u])), k))
+            })
+            .collect();
+        Report {
+            methods: rows.iter().copied().collect(),
+            rows,
+            users: users.len(),
+            training_events: self.train.len(),
+            held_out_events: self.test.len(),
+            attributed_events: self.attributed(),
+            products: self.history.products.len(),
+            k,
+        }
+    }
+}
+
 /// Evaluates a history already read.
 pub fn evaluate(history: &History, holdout_hours: f64, k: usize) -> anyhow::Result<Report> {
-    anyhow::ensure!((1..=ranking::MAX_RANKED).contains(&k), "k must be from 1 to {}", ranking::MAX_RANKED);
-    let cutoff = cutoff(history, holdout_hours)?;
-    let split = history.interactions.partition_point(|x| x.at < cutoff);
-    let (train, test) = history.interactions.split_at(split);
-    anyhow::ensure!(!train.is_empty(), "nothing before the held-out period: shorten --holdout-hours");
-
-    let trained: HashSet<&str> = train.iter().map(|x| x.user.as_str()).collect();
-    let mut truth: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
-    for x in test.iter().filter(|x| trained.contains(x.user.as_str())) {
-        truth.entry(x.user.as_str()).or_default().insert(x.product.as_str());
-    }
-    anyhow::ensure!(!truth.is_empty(), "no user is active both before and during the held-out period");
-
-    let catalog = kit::state::Shared::new(catalog::Catalog::from_products(history.products.values().cloned()));
-    let training = steps(train, &history.products);
-    let platform = Platform::replay(
-        &training,
-        kit::state::Shared::clone(&catalog),
-        ranking::Config::default(),
-        Attribution::AsRecorded,
-    )?;
-    // Ranking learns only from events attributed to a shown list; without any, the platform
-    // runs on its initial weights and a second replay would only repeat it.
-    let attributed = train.iter().filter(|x| x.recommendation.is_some()).count();
-    let initial = (attributed > 0)
-        .then(|| {
-            Platform::replay(
-                &training,
-                catalog,
-                ranking::Config { learning_rate: 0.0, ..ranking::Config::default() },
-                Attribution::AsRecorded,
-            )
-        })
-        .transpose()?;
-    let baselines = Baselines::new(train, &history.products);
-
-    let users: Vec<&str> = truth.keys().copied().collect();
-    let mut rows: Vec<(&'static str, Metrics)> = Vec::new();
-    let lists = |f: &dyn Fn(&str) -> Vec<String>| users.iter().map(|u| f(u)).collect::<Vec<_>>();
-    let platform_lists: Vec<Vec<String>> =
-        users.iter().map(|u| platform.recommend(u, k)).collect::<anyhow::Result<_>>()?;
-    let mut methods: Vec<(&'static str, Vec<Vec<String>>)> = vec![(PLATFORM, platform_lists)];
-    if let Some(initial) = &initial {
-        methods.push((PLATFORM_INITIAL, users.iter().map(|u| initial.recommend(u, k)).collect::<anyhow::Result<_>>()?));
-    }
-    methods.extend([
-        (MOST_POPULAR, lists(&|_| baselines.popular(k))),
-        (POPULAR_IN_CATEGORIES, lists(&|u| baselines.popular_in_categories(u, k))),
-        (RECENTLY_VIEWED, lists(&|u| baselines.recently_viewed(u, k))),
-        (ITEM_KNN, lists(&|u| baselines.item_knn(u, k))),
-        (SESSION_KNN, lists(&|u| baselines.session_knn(u, k))),
-    ]);
-    for (name, lists) in methods {
-        rows.push((name, metrics(users.iter().zip(&lists).map(|(u, l)| (l.as_slice(), &truth[u])), k)));
-    }
-    Ok(Report {
-        methods: rows.iter().copied().collect(),
-        rows,
-        users: users.len(),
-        training_events: train.len(),
-        held_out_events: test.len(),
-        attributed_events: attributed,
-        products: history.products.len(),
-        k,
-    })
+    let split = Split::new(history, holdout_hours, k)?;
+    Ok(split.report(split.replayed()?))
 }
 
 /// Hit rate, MRR and NDCG at `k` over (list, relevant items).

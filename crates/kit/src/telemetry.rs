@@ -66,3 +66,14 @@ fn init_to(format: LogFormat, stderr: bool) {
     // Already installed: keep the first one.
     drop(result);
 }
+
+/// The summed `kafka_consumer_lag` gauges of one service's Prometheus text (0 when it reports
+/// none): how far its consumers are behind.
+pub fn consumer_lag(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kafka_consumer_lag"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .sum()
+}

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use evaluation::import::send;
 use serde_json::Value;
 
 /// Most line errors the summary lists.
@@ -96,34 +97,4 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
-}
-
-/// Sends one batch to an ingestion endpoint, retrying while the service answers `503` or
-/// cannot be reached (for at most a minute; messages keep their ids, so a retry stores each
-/// once); returns how many it accepted.
-pub(crate) async fn send(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    endpoint: &str,
-    batch: &[Value],
-) -> anyhow::Result<usize> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let problem = match http.request(method.clone(), endpoint).json(batch).send().await {
-            Ok(r) if r.status().is_success() => {
-                let body: Value = r.json().await?;
-                return Ok(body["accepted"].as_u64().unwrap_or(0) as usize);
-            }
-            Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => format!("{endpoint} answered 503"),
-            Ok(r) => {
-                let status = r.status();
-                let body = r.text().await.unwrap_or_default();
-                anyhow::bail!("{endpoint} answered {status}: {body}");
-            }
-            Err(e) => format!("{endpoint}: {e}"),
-        };
-        anyhow::ensure!(Instant::now() < deadline, "giving up after a minute: {problem}");
-        tracing::warn!(%problem, "retrying the batch in 2 s");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
 }

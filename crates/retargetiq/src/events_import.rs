@@ -14,10 +14,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use evaluation::history::{self, Format};
-use events::generate::Step;
+use evaluation::import::{self, Endpoints};
 use serde_json::Value;
-
-use crate::catalog_import::send;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ImportArgs {
@@ -73,19 +71,7 @@ struct Plan {
 fn plan(args: &ImportArgs) -> anyhow::Result<Plan> {
     if args.format != Format::Platform {
         let h = history::read(&args.file, args.format)?;
-        let now = chrono::Utc::now();
-        let products = h
-            .products
-            .values()
-            .map(|p| serde_json::to_value(events::CatalogProduct::of(p, now)))
-            .collect::<Result<_, _>>()?;
-        let events = history::steps(&h.interactions, &h.products)
-            .into_iter()
-            .map(|s| match s {
-                Step::Activity(a) => serde_json::to_value(a).map(|v| (false, v)),
-                Step::Order(o) => serde_json::to_value(o).map(|v| (true, v)),
-            })
-            .collect::<Result<_, _>>()?;
+        let (products, events) = import::messages(&h, &h.interactions)?;
         return Ok(Plan { products, events, skipped: h.skipped });
     }
     let file =
@@ -113,37 +99,14 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
     let plan = plan(args)?;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let started = Instant::now();
-    let mut summary = Summary { skipped: plan.skipped, ..Summary::default() };
-    let catalog = format!("{}/api/catalog/products", args.user_activity_url.trim_end_matches('/'));
-    for chunk in plan.products.chunks(events::validate::MAX_CATALOG_BATCH) {
-        summary.products += send(&http, reqwest::Method::PUT, &catalog, chunk).await?;
-    }
-    let activity = format!("{}/api/users/activity", args.user_activity_url.trim_end_matches('/'));
-    let orders = format!("{}/api/orders/place", args.order_url.trim_end_matches('/'));
-    let mut last_progress = Instant::now();
-    let mut sent = 0usize;
-    // Consecutive events of one kind go together, so the order of the file is kept.
-    for run in plan.events.chunk_by(|a, b| a.0 == b.0) {
-        for batch in run.chunks(usize::from(args.batch)) {
-            let values: Vec<Value> = batch.iter().map(|(_, v)| v.clone()).collect();
-            if batch[0].0 {
-                summary.orders += send(&http, reqwest::Method::POST, &orders, &values).await?;
-            } else {
-                summary.activity += send(&http, reqwest::Method::POST, &activity, &values).await?;
-            }
-            sent += values.len();
-            if args.rate > 0.0 {
-                let due = Duration::from_secs_f64(sent as f64 / args.rate);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-            }
-            if last_progress.elapsed() >= Duration::from_secs(2) {
-                eprintln!("events import: {sent} of {} events sent", plan.events.len());
-                last_progress = Instant::now();
-            }
-        }
-    }
-    summary.elapsed = started.elapsed();
-    Ok(summary)
+    let endpoints = Endpoints { user_activity: args.user_activity_url.clone(), order: args.order_url.clone() };
+    let sent =
+        import::send_all(&http, &endpoints, &plan.products, &plan.events, usize::from(args.batch), args.rate).await?;
+    Ok(Summary {
+        products: sent.products,
+        activity: sent.activity,
+        orders: sent.orders,
+        skipped: plan.skipped,
+        elapsed: started.elapsed(),
+    })
 }

@@ -42,16 +42,7 @@ pub const PORTS: [(&str, u16); 10] = [
     ("frontend-ui", 3000),
 ];
 
-/// The summed `kafka_consumer_lag` gauges of one service's Prometheus text (0 when it reports
-/// none): how far its consumers are behind.
-pub fn consumer_lag(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("kafka_consumer_lag"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .sum()
-}
+pub use kit::telemetry::consumer_lag;
 
 /// (pid, command line) of the running direct children of `parent` (Linux `/proc`): how the
 /// tests and benchmarks find the processes `retargetiq up` started.
@@ -179,6 +170,17 @@ struct EvaluateCommand {
     /// the figures on the real split stay unseen while you tune.
     #[arg(long)]
     validation: bool,
+    /// Score a running stack instead of the in-memory replay: send the history before the
+    /// held-out period through the ingestion APIs, wait until every consumer caught up, then
+    /// ask `GET /recommend/{userId}` for each returning user (use a fresh stack).
+    #[arg(long, requires = "events")]
+    live: bool,
+    /// With `--live`: the host the services listen on (at the contract's ports).
+    #[arg(long, default_value = "127.0.0.1", requires = "live")]
+    host: String,
+    /// With `--live`: how long to wait for the stack to catch up after the import.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration, requires = "live")]
+    patience: std::time::Duration,
     #[arg(long, value_enum, default_value = "markdown")]
     output: Output,
     #[command(flatten)]
@@ -232,6 +234,25 @@ pub fn main() -> ExitCode {
             );
             Ok(())
         }),
+        Command::Evaluate(args) if args.live => block_on(async move {
+            let options = history_options(&args).ok_or_else(|| anyhow::anyhow!("--live needs --events FILE"))?;
+            let url = |service: &str, path: &str| {
+                let port = PORTS.iter().find(|(name, _)| *name == service).map_or(0, |(_, p)| *p);
+                format!("http://{}:{port}{path}", args.host)
+            };
+            let stack = evaluation::live::Stack {
+                endpoints: evaluation::import::Endpoints {
+                    user_activity: url("user-activity", ""),
+                    order: url("order", ""),
+                },
+                recommend: url("recommendation-api", ""),
+                metrics: PORTS.iter().map(|(name, _)| url(name, "/metrics")).collect(),
+                patience: args.patience,
+            };
+            let report = evaluation::live::run(&options, &stack).await?;
+            println!("{}", if args.output == Output::Json { report.json() } else { report.markdown() });
+            Ok(())
+        }),
         Command::Evaluate(args) => block_on(async move {
             let text = tokio::task::spawn_blocking(move || evaluate(&args)).await??;
             println!("{text}");
@@ -278,16 +299,19 @@ pub fn main() -> ExitCode {
 }
 
 /// `retargetiq evaluate`: the report as text.
+fn history_options(args: &EvaluateCommand) -> Option<evaluation::history::Options> {
+    Some(evaluation::history::Options {
+        events: args.events.clone()?,
+        format: args.format,
+        holdout_hours: args.holdout_hours,
+        k: args.simulated.k,
+        validation: args.validation,
+    })
+}
+
 fn evaluate(args: &EvaluateCommand) -> anyhow::Result<String> {
-    match &args.events {
-        Some(events) => {
-            let options = evaluation::history::Options {
-                events: events.clone(),
-                format: args.format,
-                holdout_hours: args.holdout_hours,
-                k: args.simulated.k,
-                validation: args.validation,
-            };
+    match history_options(args) {
+        Some(options) => {
             let report = evaluation::history::run(&options)?;
             Ok(if args.output == Output::Json { report.json() } else { report.markdown() })
         }

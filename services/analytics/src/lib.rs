@@ -108,6 +108,8 @@ pub struct Figures {
     pub sessions_converted: u64,
     pub recommendations_shown: u64,
     pub recommendations_clicked: u64,
+    /// Events about a product the catalog did not hold yet when the event was processed.
+    pub unknown_product_events: u64,
     /// By action: decisions, attributed orders, attributed revenue.
     pub offers: BTreeMap<OfferAction, (u64, u64, f64)>,
     /// Sum and count of event ages (seconds) and processing delays, for the pipeline's lag.
@@ -124,6 +126,7 @@ impl Figures {
         self.sessions_converted += o.sessions_converted;
         self.recommendations_shown += o.recommendations_shown;
         self.recommendations_clicked += o.recommendations_clicked;
+        self.unknown_product_events += o.unknown_product_events;
         for (a, (d, n, r)) in &o.offers {
             let slot = self.offers.entry(*a).or_default();
             slot.0 += d;
@@ -209,6 +212,8 @@ pub struct WindowSummary {
     pub recommendations_shown: u64,
     pub recommendations_clicked: u64,
     pub recommendation_ctr: f64,
+    /// Events about products not in the catalog yet when processed (catalog feeds lag).
+    pub unknown_product_events: u64,
     pub offers: Vec<OfferPerformance>,
 }
 
@@ -286,6 +291,7 @@ fn window_summary(f: &Figures) -> WindowSummary {
         recommendations_shown: f.recommendations_shown,
         recommendations_clicked: f.recommendations_clicked,
         recommendation_ctr: ratio(f.recommendations_clicked, f.recommendations_shown),
+        unknown_product_events: f.unknown_product_events,
         offers: OfferAction::ALL
             .iter()
             .map(|a| {
@@ -365,7 +371,10 @@ impl Kpis {
         let age = (now - e.occurred_at).num_milliseconds() as f64 / 1000.0;
         let delay = (e.processed_at - e.occurred_at).num_milliseconds() as f64 / 1000.0;
         let amount = purchase.map_or(0.0, |o| o.amount);
+        let unknown = e.product.as_ref().is_some_and(|p| p.unknown)
+            || e.order.as_ref().is_some_and(|o| o.items.iter().any(|i| i.product.unknown));
         self.add(at, now, |f| {
+            f.unknown_product_events += u64::from(unknown);
             f.counts.add(e.event_type);
             f.sessions_started += u64::from(new_session);
             f.sessions_converted += u64::from(converted);
@@ -670,6 +679,20 @@ mod tests {
         assert_eq!((s.windows["1h"].orders, s.windows["1d"].orders, s.windows["1d"].revenue), (0, 1, 25.5));
         assert_eq!(s.windows["all"].sessions, 3);
         assert_eq!(s.windows["1d"].conversion_rate, 0.5, "s2 converted of s1, s2");
+    }
+
+    #[test]
+    fn events_for_products_not_in_the_catalog_are_counted() {
+        let mut k = Kpis::new(100);
+        let now = Utc::now();
+        let mut unknown = event("1", "a", "s", EventType::ProductView);
+        unknown.product = Some(events::ProductInfo::unknown("SKU-NEW"));
+        k.record_event(&unknown, now, true);
+        k.record_event(&unknown, now, true); // redelivery
+        k.record_event(&event("2", "a", "s", EventType::ProductView), now, true);
+        let s = k.summary(now);
+        assert_eq!((s.windows["5m"].unknown_product_events, s.windows["all"].unknown_product_events), (1, 1));
+        assert_eq!(s.windows["all"].events, 2);
     }
 
     #[test]

@@ -299,6 +299,7 @@ struct SummaryView {
     ctr_pct: f64,
     recs_shown: u64,
     recs_clicked: u64,
+    unknown_product_events: u64,
     lag_seconds: f64,
     funnel: Vec<Step>,
     minute_heights: Vec<(u64, u64)>,
@@ -363,6 +364,7 @@ fn summary_view(s: &Value, window: &'static str) -> SummaryView {
         ctr_pct: f(&w["recommendationCtr"]) * 100.0,
         recs_shown: n(&w["recommendationsShown"]),
         recs_clicked: n(&w["recommendationsClicked"]),
+        unknown_product_events: n(&w["unknownProductEvents"]),
         lag_seconds: f(&s["pipeline"]["meanEventAgeSeconds"]),
         funnel: steps
             .iter()
