@@ -551,6 +551,10 @@ pub struct RankedItem {
     pub price: f64,
     pub score: f64,
     pub sources: Vec<CandidateSource>,
+    /// Each feature's contribution to the item's logit. Shown by ranking's `GET /rank/{userId}`
+    /// and left out of the messages on `ranked-recommendations-topic` (most of their bytes),
+    /// where nothing reads it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub contributions: BTreeMap<String, f64>,
 }
 

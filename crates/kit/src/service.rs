@@ -303,6 +303,29 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// The environment variable a supervisor (`retargetiq up`) sets to its process id, so that
+/// its children end with it even when it is killed with `kill -9`.
+pub const SUPERVISOR_PID_ENV: &str = "RETARGETIQ_SUPERVISOR_PID";
+
+/// When started by a supervisor that set [`SUPERVISOR_PID_ENV`]: asks the kernel to kill this
+/// process when the supervisor dies, and fails if it already has. Without it, a supervisor
+/// killed with `kill -9` leaves its children running, holding their ports. `SIGKILL`, not a
+/// graceful `SIGTERM`: the broker, a sibling, dies at the same moment, so a graceful stop could
+/// not commit anything and would hang on the missing broker; every service is built to be
+/// killed (at-least-once delivery, state rebuilt from Kafka). (Linux; elsewhere a no-op.)
+pub fn end_with_supervisor() -> anyhow::Result<()> {
+    let Some(pid) = std::env::var(SUPERVISOR_PID_ENV).ok().and_then(|v| v.trim().parse::<i32>().ok()) else {
+        return Ok(());
+    };
+    #[cfg(target_os = "linux")]
+    {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+        // The supervisor may have died before the line above: then nobody would signal us.
+        anyhow::ensure!(nix::unistd::getppid().as_raw() == pid, "the supervisor (process {pid}) is gone; not starting");
+    }
+    Ok(())
+}
+
 /// The whole `main` of a service binary. `<binary> healthcheck` instead asks the running
 /// service's `/ready` on `HTTP_PORT` and exits 0 when it answers 200 (for container health
 /// checks: the runtime image needs no curl).
@@ -318,6 +341,10 @@ pub fn main<S: Service>() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = end_with_supervisor() {
+        eprintln!("{}: {e:#}", S::NAME);
+        return ExitCode::FAILURE;
+    }
     telemetry::init(common.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -359,6 +359,7 @@ pub fn run_service(name: &str) -> ExitCode {
 pub const BROKER_PANIC_EXIT: i32 = broker::cli::PANIC_EXIT;
 
 async fn run_broker(args: broker::cli::Args) -> anyhow::Result<()> {
+    kit::service::end_with_supervisor()?;
     broker::cli::serve(args, kit::service::shutdown_on_signal()).await
 }
 

@@ -89,9 +89,12 @@ fn supervise(
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_secs(1);
         loop {
+            // The child ends with us even if we are killed with `kill -9` (it asks the kernel
+            // to kill it when its parent thread dies: a runtime worker, alive as long as we are).
             let spawned = Command::new(&program)
                 .args(&args)
                 .envs(env.iter().map(|(k, v)| (k, v)))
+                .env(kit::service::SUPERVISOR_PID_ENV, std::process::id().to_string())
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

@@ -156,3 +156,62 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     assert!(data.path().join("broker").join("tansu.db").exists(), "the broker's data stays on disk");
     Ok(())
 }
+
+/// `up` killed with `kill -9` cannot stop its children itself: they end with it anyway (each
+/// asked the kernel to kill it when its parent dies), instead of living on holding the ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_up_takes_its_children_with_it() -> anyhow::Result<()> {
+    let broker_port = free_port()?;
+    let offset = testkit::stack_port_offset(1)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
+        .args(["up", "--memory", "--broker-listen", &format!("127.0.0.1:{broker_port}")])
+        .args(["--port-offset", &offset.to_string()])
+        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let ready = Arc::new(Mutex::new(false));
+    let flag = Arc::clone(&ready);
+    let _reader = tokio::spawn(async move {
+        let mut out = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = out.next_line().await {
+            if line.contains("all ten services ready") {
+                *flag.lock().expect("lock") = true;
+            }
+        }
+    });
+    eventually("all services ready", Duration::from_secs(90), || {
+        let ready = *ready.lock().expect("lock");
+        async move { ready.then_some(()) }
+    })
+    .await?;
+    let up_pid = child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    let children: Vec<u32> = retargetiq::child_processes(up_pid).into_iter().map(|(pid, _)| pid).collect();
+    assert_eq!(children.len(), 11, "the broker and ten services");
+    kill(Pid::from_raw(i32::try_from(up_pid)?), Signal::SIGKILL)?;
+    child.wait().await?;
+    // Running, not a zombie waiting for whoever adopted it to reap it.
+    let running = |pid: &u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+    };
+    let alive = || children.iter().copied().filter(running);
+    eventually("every child gone with up", Duration::from_secs(30), || {
+        let left: Vec<u32> = alive().collect();
+        async move { left.is_empty().then_some(()) }
+    })
+    .await
+    .map_err(|e| {
+        let left: Vec<String> = alive()
+            .map(|pid| {
+                let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                format!("{pid}: {}", cmd.replace('\0', " "))
+            })
+            .collect();
+        e.context(format!("still running: {left:?}"))
+    })?;
+    Ok(())
+}

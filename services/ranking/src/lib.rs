@@ -4,9 +4,9 @@
 //! One consumer (group `ranking`, partitioned by user) reads two topics:
 //! - `candidates-topic`: each product's candidate sources are merged into one feature vector,
 //!   scored with a logistic model, and the ranked list (top [`MAX_RANKED`]) is published to
-//!   `ranked-recommendations-topic`. Each item carries the contribution of every feature to
-//!   its logit (`weight × value`), so `GET /rank/{userId}` shows why an item ranks where it
-//!   does. The top [`SERVED`] items are remembered as what the user is being shown.
+//!   `ranked-recommendations-topic`. Each item's contribution of every feature to its logit
+//!   (`weight × value`) is kept here, so `GET /rank/{userId}` shows why an item ranks where it
+//!   does; the published lists leave it out. The top [`SERVED`] items are remembered as what the user is being shown.
 //! - `processed-events-topic`: feedback. Only events *attributed to a shown list* teach: those
 //!   carrying the `recommendationId` of a recommendation response (the shop sends it with a
 //!   view or click that came from the list, as the UI does). An organic view says nothing about
@@ -413,9 +413,14 @@ impl Handler for Ranker {
         match rec.topic {
             Topic::Candidates => {
                 let candidates: Candidates = rec.json()?;
-                let ranked = self.rank(&candidates);
+                let mut ranked = self.rank(&candidates);
                 metrics::counter!("ranking_lists_total").increment(1);
                 metrics::gauge!("ranking_model_updates").set(ranked.model_updates as f64);
+                // The explanations stay here (`GET /rank/{userId}`): they were most of each
+                // message's bytes, and no consumer of the topic reads them.
+                for item in &mut ranked.items {
+                    item.contributions.clear();
+                }
                 out.send(&ranked);
             }
             Topic::ProcessedEvents => {
@@ -487,6 +492,40 @@ mod tests {
         assert!((1.0 / (1.0 + (-logit).exp()) - book.score).abs() < 1e-3);
         assert_eq!(book.contributions["co_visitation"], 1.5);
         assert_eq!(book.contributions["category_affinity"], 1.5);
+    }
+
+    /// The published list leaves the explanations out (most of its bytes); the service keeps
+    /// them for `GET /rank/{userId}`.
+    #[test]
+    fn published_lists_carry_no_explanations() {
+        let catalog = Catalog::demo();
+        let book = catalog.in_category("books").next().expect("book").id.clone();
+        let c = Candidates {
+            schema_version: 1,
+            user_id: "u".into(),
+            generated_at: Utc::now(),
+            features: UserFeatures { user_id: "u".into(), ..Default::default() },
+            candidates: vec![cand(&book, CandidateSource::PopularInCategory, 0.8)],
+        };
+        let payload = serde_json::to_vec(&c).expect("json");
+        let rec = Record {
+            topic: Topic::Candidates,
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: &payload,
+            correlation_id: None,
+            timestamp_ms: None,
+        };
+        let mut ranker = Ranker::new(LinearModel::initial(), Config::default(), kit::catalog::demo());
+        let mut out = Outbox::new(None);
+        ranker.handle(&rec, &mut out).expect("ranks");
+        let published: Vec<RankedRecommendations> = out.decoded();
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].items[0].item_id, book);
+        assert!(published[0].items[0].contributions.is_empty(), "{:?}", published[0]);
+        let kept = ranker.latest.read().peek("u").cloned().expect("kept");
+        assert_eq!(kept.items[0].contributions["popularity"], 0.8, "{kept:?}");
     }
 
     fn click(id: &str, user: &str, product: &str) -> ProcessedEvent {

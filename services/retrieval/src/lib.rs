@@ -403,12 +403,14 @@ struct Retriever(Shared<RetrievalState>);
 
 impl Handler for Retriever {
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
-        let features: UserFeatures = rec.json()?;
+        let mut features: UserFeatures = rec.json()?;
         let now = Utc::now();
         let mut state = self.0.write();
         let as_of = state.model.as_of(features.last_seen);
         let candidates = generate(&state.model, &state.catalog.read(), &features, as_of);
         metrics::histogram!("retrieval_candidates").record(candidates.len() as f64);
+        // Ranking does not read the per-product engagement (it is in the retargeting scores).
+        features.product_engagement.clear();
         let msg = Candidates {
             schema_version: events::SCHEMA_VERSION,
             user_id: features.user_id.clone(),
