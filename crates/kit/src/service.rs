@@ -439,7 +439,9 @@ pub async fn standby(
 
 async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -> ExitCode {
     let shutdown = shutdown_on_signal();
-    let _share = if S::PARTITIONED {
+    // Under the group protocol the group coordinator shares the partitions among however many
+    // instances run: no lock, every instance works.
+    let _share = if S::PARTITIONED && common.kafka.assignment == crate::kafka::Assignment::Static {
         match standby(S::NAME, &common.kafka, &shutdown).await {
             Ok(Some(lock)) => Some(lock),
             Ok(None) => return ExitCode::SUCCESS,

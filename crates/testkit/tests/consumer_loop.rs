@@ -250,3 +250,102 @@ async fn a_waiting_fetch_is_answered_when_a_message_arrives() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// Counts every message it holds: state that must hold exactly its partitions' messages.
+#[derive(Clone, Default)]
+struct Tally(Arc<Mutex<std::collections::HashMap<Vec<u8>, u32>>>);
+
+impl Handler for Tally {
+    fn handle(&mut self, record: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        *self.0.lock().expect("lock").entry(record.payload.to_vec()).or_default() += 1;
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.0.lock().expect("lock").clear();
+        true
+    }
+}
+
+impl Tally {
+    fn snapshot(&self) -> std::collections::HashMap<Vec<u8>, u32> {
+        self.0.lock().expect("lock").clone()
+    }
+}
+
+/// Under the group protocol (`KAFKA_ASSIGNMENT=group`) a restoring consumer's state follows its
+/// partitions: a second member takes a share and the first drops that share's state; when the
+/// second leaves, the first rebuilds the whole — every message held exactly once throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_members_hold_exactly_the_state_of_their_partitions() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut settings = broker.settings();
+    settings.assignment = kit::kafka::Assignment::Group;
+    let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+    let send = |from: usize, to: usize| {
+        let raw = raw.clone();
+        async move {
+            for i in from..to {
+                let (key, payload) = (format!("user-{i}"), format!("message-{i}"));
+                raw.send(
+                    FutureRecord::to(Topic::UserActivity.name()).key(&key).payload(&payload),
+                    Duration::from_secs(5),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    send(0, 40).await?;
+    let producer = Producer::for_pipeline(&settings)?;
+    let member = |tally: &Tally, stop: &CancellationToken| {
+        let env = ConsumerEnv {
+            settings: settings.clone(),
+            service: "test",
+            producer: producer.clone(),
+            shutdown: stop.clone(),
+            ready: kit::http::Health::default().condition("tally"),
+        };
+        let spec = ConsumerSpec::group("tally", [Topic::UserActivity], "test-tally").restoring();
+        tokio::spawn(run_consumer(env, spec, tally.clone()))
+    };
+    let exactly_once = |maps: &[std::collections::HashMap<Vec<u8>, u32>], n: usize| {
+        let total: usize = maps.iter().map(|m| m.len()).sum();
+        let mut all: Vec<&Vec<u8>> = maps.iter().flat_map(|m| m.keys()).collect();
+        all.sort();
+        all.dedup();
+        total == n && all.len() == n && maps.iter().all(|m| m.values().all(|c| *c == 1))
+    };
+
+    let (a, b) = (Tally::default(), Tally::default());
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let first = member(&a, &stop_a);
+    eventually("the first member holds everything", Duration::from_secs(60), || {
+        let ok = exactly_once(&[a.snapshot()], 40);
+        async move { ok.then_some(()) }
+    })
+    .await?;
+
+    let second = member(&b, &stop_b);
+    eventually("the two members share the messages, each once", Duration::from_secs(90), || {
+        let (sa, sb) = (a.snapshot(), b.snapshot());
+        let ok = !sa.is_empty() && !sb.is_empty() && exactly_once(&[sa, sb], 40);
+        async move { ok.then_some(()) }
+    })
+    .await
+    .map_err(|e| e.context(format!("first holds {}, second {}", a.snapshot().len(), b.snapshot().len())))?;
+
+    stop_b.cancel();
+    second.await??;
+    send(40, 50).await?;
+    eventually("the first member holds everything again, once", Duration::from_secs(90), || {
+        let ok = exactly_once(&[a.snapshot()], 50);
+        async move { ok.then_some(()) }
+    })
+    .await
+    .map_err(|e| e.context(format!("first holds {:?}", a.snapshot().values().sum::<u32>())))?;
+    stop_a.cancel();
+    first.await??;
+    Ok(())
+}

@@ -180,6 +180,7 @@ pub struct CampaignStats {
 
 /// All figures.
 pub struct Kpis {
+    dedup_capacity: usize,
     seen: SeenSet,
     all: Figures,
     minutes: BTreeMap<i64, Figures>,
@@ -311,6 +312,7 @@ fn window_summary(f: &Figures) -> WindowSummary {
 impl Kpis {
     pub fn new(dedup_capacity: usize) -> Self {
         Self {
+            dedup_capacity,
             seen: SeenSet::new(dedup_capacity),
             all: Figures::default(),
             minutes: BTreeMap::new(),
@@ -565,6 +567,12 @@ pub const CAMPAIGN_LABELS: usize = 20;
 struct Counter(Shared<Kpis>);
 
 impl Handler for Counter {
+    fn reset(&mut self) -> bool {
+        let mut k = self.0.write();
+        *k = Kpis::new(k.dedup_capacity);
+        true
+    }
+
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let mut k = self.0.write();
         match rec.topic {

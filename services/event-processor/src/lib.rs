@@ -257,6 +257,16 @@ fn correlation(out: &mut Outbox) -> String {
 }
 
 impl Handler for Processor {
+    /// Forgets the ids, sessions and campaigns of every user (and this instance's counts) before
+    /// the partitions it holds now are replayed into it.
+    fn reset(&mut self) -> bool {
+        self.seen = SeenSet::new(self.config.dedup_capacity);
+        self.sessions = user_map();
+        self.campaigns = user_map();
+        *self.stats() = Stats::default();
+        true
+    }
+
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let now = Utc::now();
         let value = rec.value()?;

@@ -306,6 +306,11 @@ pub fn derive_scores(f: &mut UserFeatures, views: u64, clicks: u64, now: DateTim
 struct Updater(Shared<Store>);
 
 impl Handler for Updater {
+    fn reset(&mut self) -> bool {
+        self.0.write().users = user_map();
+        true
+    }
+
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let event: ProcessedEvent = rec.json()?;
         let snapshot = self.0.write().apply(&event, Utc::now());

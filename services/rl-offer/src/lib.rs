@@ -588,6 +588,16 @@ impl Policy {
 struct Decider(Shared<Policy>);
 
 impl Handler for Decider {
+    /// Forgets what it knows per user from the snapshots (replayed for the partitions held
+    /// now). The bandit, the open decisions and the current offers are read from the whole
+    /// decision log at start and stay: they are not per partition.
+    fn reset(&mut self) -> bool {
+        let mut policy = self.0.write();
+        policy.features = user_map();
+        policy.views = user_map();
+        true
+    }
+
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         match rec.topic {
             Topic::UserFeatures => {

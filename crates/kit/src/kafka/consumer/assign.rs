@@ -1,5 +1,7 @@
 //! Which partitions a consumer reads, from where, and the checks on its topics.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::*;
 
 /// The librdkafka consumer for `spec`, and whether it reads a partitioned share (a group) rather
@@ -37,16 +39,30 @@ pub(super) fn create(
     };
     let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
         config
-            .create_with_context(GroupContext { ready: env.ready.clone(), name: spec.name })
+            .create_with_context(GroupContext {
+                ready: env.ready.clone(),
+                name: spec.name,
+                generation: AtomicU64::new(0),
+            })
             .context("creating the Kafka consumer")?,
     );
     Ok((consumer, is_group))
 }
 
-/// Flips the ready flag when the group assigns partitions.
+/// Flips the ready flag when the group assigns partitions, and counts the assignments.
 pub(super) struct GroupContext {
     ready: ReadyFlag,
     name: &'static str,
+    /// Assignments received from the group coordinator so far.
+    generation: AtomicU64,
+}
+
+impl GroupContext {
+    /// Assignments received from the group coordinator so far: a change means the partitions
+    /// this consumer holds may have changed.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
 }
 
 impl ClientContext for GroupContext {
@@ -69,6 +85,7 @@ impl ConsumerContext for GroupContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(consumer = self.name, partitions = tpl.count(), "partitions assigned");
+                self.generation.fetch_add(1, Ordering::SeqCst);
                 self.ready.set(true);
             }
             Rebalance::Revoke(tpl) => {

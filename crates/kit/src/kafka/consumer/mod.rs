@@ -79,7 +79,9 @@ pub struct ConsumerSpec {
     pub subscription: Subscription,
     /// Rebuild the handler's state on start: replay this instance's partitions from the
     /// beginning up to the committed offsets, outputs discarded, before consuming for real.
-    /// For handlers whose state is a function of their input (static assignment only).
+    /// For handlers whose state is a function of their input. Under the group protocol the
+    /// state is rebuilt the same way whenever the group moves partitions (see
+    /// [`Handler::reset`]).
     pub restore: bool,
 }
 
@@ -175,6 +177,12 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         tracing::info!(consumer = spec.name, partitions = tpl.count(), behind = catch_up.len(), "replica assigned");
     }
 
+    // Under the group protocol a restoring consumer rebuilds its state whenever the group
+    // changes its partitions (see `rebuild`); `restored` holds, per partition, the offset below
+    // which messages are already in that state.
+    let rebuilds = is_group && env.settings.assignment == Assignment::Group && spec.restore;
+    let (mut generation, mut restored) = (0_u64, HashMap::new());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
     loop {
         tokio::select! {
@@ -182,6 +190,11 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
             () = env.shutdown.cancelled() => break,
             Some((done, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 complete(env, spec, &consumer, is_group, done, result).await?;
+            }
+            _ = tick.tick(), if rebuilds => {
+                if consumer.context().generation() != generation {
+                    generation = rebuild(env, spec, handler, &consumer, &mut in_flight, &mut restored).await?;
+                }
             }
             received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let msg = match received {
@@ -191,6 +204,15 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
                         continue;
                     }
                 };
+                if rebuilds {
+                    if consumer.context().generation() != generation {
+                        generation = rebuild(env, spec, handler, &consumer, &mut in_flight, &mut restored).await?;
+                    }
+                    let end = restored.get(&(msg.topic().to_owned(), msg.partition()));
+                    if end.is_some_and(|end| msg.offset() < *end) {
+                        continue; // already in the rebuilt state
+                    }
+                }
                 let (topic, partition, pending) = process(env, spec, handler, &msg).await?;
                 if !catch_up.is_empty() {
                     let tp = (topic, partition);
@@ -207,10 +229,58 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         }
     }
 
-    // Drain: wait (bounded) for outputs in flight, store their offsets, commit.
+    drain_and_commit(env, spec, &consumer, is_group, in_flight).await
+}
+
+/// After the group moved partitions: settles the outputs in flight, commits, forgets the
+/// handler's state and replays the partitions now assigned up to their committed offsets, so
+/// the state is exactly that of the partitions this instance holds — what it lost is gone,
+/// what it gained is rebuilt, nothing is counted twice. Returns the generation it rebuilt for.
+async fn rebuild<H: Handler>(
+    env: &ConsumerEnv,
+    spec: &ConsumerSpec,
+    handler: &mut H,
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    in_flight: &mut FuturesOrdered<Pending>,
+    restored: &mut HashMap<(String, i32), i64>,
+) -> anyhow::Result<u64> {
+    let generation = consumer.context().generation();
+    while let Some((done, result)) = in_flight.next().await {
+        complete(env, spec, consumer, true, done, result).await?;
+    }
+    let c = Arc::clone(consumer);
+    if let Err(e) = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await? {
+        tracing::debug!(consumer = spec.name, error = %e, "commit before rebuilding");
+    }
+    anyhow::ensure!(
+        handler.reset(),
+        "{}: the group moved partitions and this handler cannot rebuild its state in place; ending so that the service restarts afresh",
+        spec.name
+    );
+    let assigned = consumer.assignment().context("reading the assignment")?;
+    env.ready.set(false);
+    *restored = restore(env, spec, handler, Arc::clone(consumer), &assigned).await?;
+    env.ready.set(true);
+    tracing::info!(
+        consumer = spec.name,
+        partitions = assigned.count(),
+        generation,
+        "state rebuilt for the partitions now held"
+    );
+    Ok(generation)
+}
+
+/// Shutdown: waits (bounded) for outputs in flight, stores their offsets, commits.
+async fn drain_and_commit(
+    env: &ConsumerEnv,
+    spec: &ConsumerSpec,
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    is_group: bool,
+    mut in_flight: FuturesOrdered<Pending>,
+) -> anyhow::Result<()> {
     let drain = async {
         while let Some((done, result)) = in_flight.next().await {
-            complete(env, spec, &consumer, is_group, done, result).await?;
+            complete(env, spec, consumer, is_group, done, result).await?;
         }
         anyhow::Ok(())
     };
@@ -222,7 +292,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
         ),
     }
     if is_group {
-        let c = Arc::clone(&consumer);
+        let c = Arc::clone(consumer);
         match tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await? {
             Ok(()) => tracing::info!(consumer = spec.name, "offsets committed on shutdown"),
             // Nothing stored since the last commit is reported as an error by librdkafka.

@@ -153,8 +153,14 @@ pub(super) async fn complete(
         }
         Err(e) => return Err(e).context("an output was not acknowledged"),
     }
-    if is_group {
-        consumer.store_offset(done.topic.name(), done.partition, done.offset).context("storing the offset")?;
+    if is_group && let Err(e) = consumer.store_offset(done.topic.name(), done.partition, done.offset) {
+        // A partition the group moved to another instance while the message's outputs were in
+        // flight: its new owner reads the message again (downstream de-duplicates the outputs).
+        let held = consumer.assignment().is_ok_and(|a| a.find_partition(done.topic.name(), done.partition).is_some());
+        if held {
+            return Err(e).context("storing the offset");
+        }
+        tracing::debug!(consumer = spec.name, topic = %done.topic, partition = done.partition, "partition moved away; offset not stored");
     }
     Ok(())
 }

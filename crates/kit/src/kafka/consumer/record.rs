@@ -140,4 +140,13 @@ impl Outbox {
 pub trait Handler: Send + 'static {
     /// Processes one record, queueing outputs in `out`. Must be idempotent (see module docs).
     fn handle(&mut self, record: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError>;
+
+    /// Forgets everything this handler learned from its partitions, so that a restoring
+    /// consumer can rebuild its state for the partitions it holds after a rebalance
+    /// (`KAFKA_ASSIGNMENT=group`): the state of partitions it lost goes, that of partitions it
+    /// gained is replayed from Kafka. `false` (the default) for a handler that cannot: the
+    /// consumer then ends, and its service with it, to be restarted afresh by its supervisor.
+    fn reset(&mut self) -> bool {
+        false
+    }
 }

@@ -4,7 +4,8 @@ use super::*;
 
 /// Replays `tpl`'s partitions from the beginning up to the offsets committed for the group,
 /// through the handler, discarding its outputs: the handler's state is then what it was when
-/// those offsets were committed. Stops early (with a warning) if the broker sends nothing
+/// those offsets were committed. Returns those offsets (per topic and partition; partitions
+/// with nothing committed are absent). Stops early (with a warning) if the broker sends nothing
 /// for 10 s, so a gap in the log cannot hang a start.
 pub(super) async fn restore<H: Handler>(
     env: &ConsumerEnv,
@@ -12,7 +13,7 @@ pub(super) async fn restore<H: Handler>(
     handler: &mut H,
     group: Arc<StreamConsumer<GroupContext>>,
     tpl: &TopicPartitionList,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<HashMap<(String, i32), i64>> {
     let query = tpl.clone();
     let committed = tokio::task::spawn_blocking(move || group.committed_offsets(query, Duration::from_secs(10)))
         .await?
@@ -27,8 +28,9 @@ pub(super) async fn restore<H: Handler>(
             replay_tpl.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)?;
         }
     }
+    let restored = ends.clone();
     if ends.is_empty() {
-        return Ok(());
+        return Ok(restored);
     }
     let replay: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &env.settings.bootstrap_servers)
@@ -68,5 +70,5 @@ pub(super) async fn restore<H: Handler>(
     }
     metrics::counter!("consumer_restored_messages_total", "consumer" => spec.name).increment(count);
     tracing::info!(consumer = spec.name, messages = count, elapsed = ?started.elapsed(), "state restored");
-    Ok(())
+    Ok(restored)
 }
