@@ -75,15 +75,7 @@ proptest! {
         prop::collection::vec(any::<u8>(), 0..400),
         json().prop_map(|v| serde_json::to_vec(&v).expect("serializable")),
     ]) {
-        let rec = Record {
-            topic: Topic::ProcessedEvents,
-            partition: 0,
-            offset: 0,
-            key: None,
-            payload: &payload,
-            correlation_id: None,
-            timestamp_ms: None,
-        };
+        let rec = Record::bare(Topic::ProcessedEvents, &payload);
         let decoded = [
             rec.value().is_ok(),
             rec.json::<ActivityEvent>().is_ok(),

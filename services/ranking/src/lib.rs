@@ -508,15 +508,7 @@ mod tests {
             candidates: vec![cand(&book, CandidateSource::PopularInCategory, 0.8)],
         };
         let payload = serde_json::to_vec(&c).expect("json");
-        let rec = Record {
-            topic: Topic::Candidates,
-            partition: 0,
-            offset: 0,
-            key: None,
-            payload: &payload,
-            correlation_id: None,
-            timestamp_ms: None,
-        };
+        let rec = Record::bare(Topic::Candidates, &payload);
         let mut ranker = Ranker::new(LinearModel::initial(), Config::default(), kit::catalog::demo());
         let mut out = Outbox::new(None);
         ranker.handle(&rec, &mut out).expect("ranks");

@@ -17,6 +17,12 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
+    /// A record of `topic` with `payload` at partition 0, offset 0, with no key, correlation id
+    /// or timestamp: for handlers driven without a broker (tests).
+    pub fn bare(topic: Topic, payload: &'a [u8]) -> Self {
+        Record { topic, partition: 0, offset: 0, key: None, payload, correlation_id: None, timestamp_ms: None }
+    }
+
     /// The record of a consumed message of `topic`.
     pub(super) fn of(msg: &'a BorrowedMessage<'_>, topic: Topic) -> Self {
         Record {
