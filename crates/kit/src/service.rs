@@ -177,8 +177,14 @@ impl Context {
         let shutdown = self.shutdown.clone();
         self.producers.push(producer.clone());
         crate::spawn(async move {
+            // A broker busy under load may take seconds to answer a metadata request while it
+            // still takes every message: only two probes in a row that get no answer within 5 s
+            // each (and no acknowledgement meanwhile) make it unreachable. Ingestion answers
+            // 503 at once while it is, so a hasty verdict would refuse traffic the broker takes.
+            let mut watch = BrokerWatch::new(producer.acknowledged());
             loop {
-                let ok = producer.probe(Duration::from_secs(2)).await;
+                let answered = producer.probe(Duration::from_secs(5)).await;
+                let ok = watch.observe(answered, producer.acknowledged());
                 if ok != flag.get() {
                     if ok {
                         tracing::info!("broker reachable");
@@ -186,6 +192,7 @@ impl Context {
                         tracing::warn!("broker unreachable");
                     }
                 }
+                producer.set_connected(ok);
                 flag.set(ok);
                 let pause = if ok { Duration::from_secs(3) } else { Duration::from_millis(500) };
                 tokio::select! {
@@ -301,6 +308,32 @@ pub fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// The verdict on the broker from its probes and the acknowledgements its producer receives.
+#[derive(Debug)]
+struct BrokerWatch {
+    /// Probes in a row with no answer and no acknowledgement meanwhile.
+    failures: u32,
+    /// Whether a probe was ever answered (before that, the broker is not taken as reachable).
+    ever: bool,
+    acks: u64,
+}
+
+impl BrokerWatch {
+    fn new(acks: u64) -> Self {
+        Self { failures: 0, ever: false, acks }
+    }
+
+    /// Takes one probe's outcome and the acknowledgements counted so far; returns whether the
+    /// broker is reachable: answered, or acknowledging messages, or silent for one probe only.
+    fn observe(&mut self, answered: bool, acks: u64) -> bool {
+        let acked = acks != self.acks;
+        self.acks = acks;
+        self.failures = if answered || acked { 0 } else { self.failures + 1 };
+        self.ever |= answered;
+        answered || acked || (self.ever && self.failures < 2)
+    }
 }
 
 /// The environment variable a supervisor (`retargetiq up`) sets to its process id, so that
@@ -484,5 +517,27 @@ async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -
             tracing::error!(service = S::NAME, error = %e, "service panicked");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BrokerWatch;
+
+    /// A broker slow to answer one probe under load, or taking messages while its probes time
+    /// out, stays reachable (ingestion keeps accepting); one silent for two probes in a row is
+    /// not; one never answered is not reachable yet.
+    #[test]
+    fn one_slow_probe_does_not_make_the_broker_unreachable() {
+        let mut w = BrokerWatch::new(0);
+        assert!(!w.observe(false, 0), "never answered yet");
+        assert!(w.observe(true, 0));
+        assert!(w.observe(false, 0), "one probe without an answer: busy, not gone");
+        assert!(!w.observe(false, 0), "two in a row, and no acknowledgement: unreachable");
+        assert!(w.observe(false, 5), "messages acknowledged meanwhile: reachable");
+        assert!(w.observe(false, 9));
+        assert!(w.observe(false, 9), "one silent probe again");
+        assert!(!w.observe(false, 9));
+        assert!(w.observe(true, 9), "back");
     }
 }

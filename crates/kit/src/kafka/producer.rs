@@ -13,7 +13,7 @@
 //! at-least-once, made exact downstream by event-id de-duplication.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use events::{CORRELATION_HEADER, Message, Topic};
@@ -168,6 +168,8 @@ impl Drop for Client {
 pub struct Producer {
     inner: Arc<Client>,
     connected: Arc<AtomicBool>,
+    /// Messages acknowledged so far.
+    acks: Arc<AtomicU64>,
     /// How long [`Producer::send`] waits for the acknowledgement; `None`: as long as it takes.
     deadline: Option<Duration>,
 }
@@ -186,22 +188,31 @@ impl Producer {
 
     fn create(settings: &KafkaSettings, deadline: Option<Duration>) -> anyhow::Result<Self> {
         let inner = Arc::new(Client::new(&client_config(settings))?);
-        Ok(Self { inner, connected: Arc::new(AtomicBool::new(false)), deadline })
+        Ok(Self { inner, connected: Arc::new(AtomicBool::new(false)), acks: Arc::new(AtomicU64::new(0)), deadline })
     }
 
-    /// Whether the last broker probe succeeded (see [`Producer::probe`]).
+    /// Whether the broker is taken to be reachable: set by the service's broker watch (see
+    /// [`Producer::probe`]) and by every acknowledged message.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// Asks the broker for metadata; records and returns whether it answered.
+    /// Messages acknowledged by the broker so far.
+    pub fn acknowledged(&self) -> u64 {
+        self.acks.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the broker is reachable.
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Asks the broker for metadata; returns whether it answered within `timeout`.
     pub async fn probe(&self, timeout: Duration) -> bool {
         let producer = Arc::clone(&self.inner.producer);
-        let ok = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok())
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok())
             .await
-            .unwrap_or(false);
-        self.connected.store(ok, Ordering::Relaxed);
-        ok
+            .unwrap_or(false)
     }
 
     /// Produces a typed message and waits for the broker's acknowledgement.
@@ -223,7 +234,12 @@ impl Producer {
             })?,
         };
         match result {
-            Ok(Ok(delivery)) => Ok(delivery),
+            Ok(Ok(delivery)) => {
+                // An acknowledgement proves the broker reachable, whatever a slow probe said.
+                self.acks.fetch_add(1, Ordering::Relaxed);
+                self.set_connected(true);
+                Ok(delivery)
+            }
             Ok(Err(e)) => Err(ProduceError::from_kafka(&e)),
             Err(_) => Err(ProduceError::Unavailable("the producer was dropped".to_owned())),
         }
