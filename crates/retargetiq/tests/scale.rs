@@ -171,3 +171,141 @@ async fn extra_instances_wait_as_standbys_and_take_over() -> anyhow::Result<()> 
     tokio::time::timeout(Duration::from_secs(60), up.wait()).await??;
     Ok(())
 }
+
+/// Under the group protocol (`KAFKA_ASSIGNMENT=group`, for Apache Kafka) a second instance of
+/// the feature store and of analytics, started with nothing but another `HTTP_PORT`, takes a
+/// share of the partitions: each user's state is then held by exactly one instance, counted
+/// once; when the extra instances stop, the first ones take their partitions back and rebuild
+/// those users. (Members leave gracefully here: the embedded broker's groups do not survive a
+/// member killed during a rebalance, see docs/broker.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_the_partitions_under_the_group_protocol() -> anyhow::Result<()> {
+    const SHARED: [(&str, u16, &str); 2] =
+        [("feature-store", 8085, "/features/"), ("analytics", 8084, "/api/analytics/user/")];
+    let data = tempfile::tempdir()?;
+    let locks = tempfile::tempdir()?;
+    let broker_port = free_port()?;
+    let broker = format!("127.0.0.1:{broker_port}");
+    let offset = testkit::stack_port_offset(5_000)?;
+    let mut up = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
+        .args(["up", "--broker-listen", &broker, "--port-offset", &offset.to_string()])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+        .env("KAFKA_ASSIGNMENT", "group")
+        .env("RETARGETIQ_LOCK_DIR", locks.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let ready = |port: u16| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("http://127.0.0.1:{port}/ready")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        }
+    };
+    for port in [8081, 8083, 8084, 8085] {
+        eventually(&format!("the service on {}", port + offset), Duration::from_secs(90), || ready(port + offset))
+            .await?;
+    }
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let mut extras = Vec::new();
+    for (name, port, _) in SHARED {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
+            .args(["service", name])
+            .env("KAFKA_BOOTSTRAP_SERVERS", &broker)
+            .env("KAFKA_ASSIGNMENT", "group")
+            .env("HTTP_PORT", (port + offset + 1000).to_string())
+            .env("RETARGETIQ_LOCK_DIR", locks.path())
+            .envs(kit::kafka::EMBEDDED_BROKER_ENV)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let sink = Arc::clone(&lines);
+        tokio::spawn(async move {
+            let mut out = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = out.next_line().await {
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        extras.push(child);
+        eventually(&format!("the extra {name}"), Duration::from_secs(90), || ready(port + offset + 1000)).await?;
+    }
+
+    let ingest = format!("http://127.0.0.1:{}/api/users/activity", 8081 + offset);
+    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
+    for round in 0..3 {
+        for u in 0..USERS {
+            let user = format!("group-{u}");
+            let body = serde_json::json!({"eventId": format!("g{round}"), "userId": user,
+                "eventType": "product_view", "productId": "P00042"});
+            let r = http.post(&ingest).json(&body).send().await?;
+            anyhow::ensure!(r.status().as_u16() == 202, "ingestion answered {}", r.status());
+            *acked.entry(user).or_default() += 1;
+        }
+    }
+
+    // Each user's views on exactly one instance of each service, counted once.
+    let holders = |path: String, port: u16| {
+        let http = http.clone();
+        async move {
+            let mut found = Vec::new();
+            for k in 0..=1_usize {
+                // A 404 (the user is not this instance's) has no counts.
+                if let Some(views) = get_json(&http, port + offset + 1000 * k as u16, &path)
+                    .await
+                    .and_then(|v| v["counts"]["productViews"].as_u64())
+                {
+                    found.push((k, views));
+                }
+            }
+            found
+        }
+    };
+    let shared_once = |after_leaving: bool| {
+        let (acked, holders) = (&acked, &holders);
+        async move {
+            // Per service, users held by each instance.
+            let mut per_instance = [[0usize; 2]; SHARED.len()];
+            for (user, n) in acked {
+                for (s, (_, port, path)) in SHARED.iter().enumerate() {
+                    let found = holders(format!("{path}{user}"), *port).await;
+                    match found.as_slice() {
+                        [(k, views)] if *views == *n => per_instance[s][*k] += 1,
+                        other => {
+                            eprintln!("{path}{user}: expected {n} views on one instance, found {other:?}");
+                            return None;
+                        }
+                    }
+                }
+            }
+            // While both run, both hold users; after the extras left, the first holds all.
+            let sharing =
+                |counts: &[usize; 2]| if after_leaving { counts[1] == 0 } else { counts.iter().all(|c| *c > 0) };
+            per_instance.iter().all(sharing).then_some(per_instance)
+        }
+    };
+    let shares = eventually("every user held by exactly one instance, counted once", Duration::from_secs(120), || {
+        shared_once(false)
+    })
+    .await?;
+    eprintln!("users per instance while both run (feature store, analytics): {shares:?}");
+
+    for child in &mut extras {
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+        }
+        tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+    }
+    eventually("the first instances hold every user again, once", Duration::from_secs(120), || shared_once(true))
+        .await?;
+
+    let up_pid = up.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    kill(Pid::from_raw(i32::try_from(up_pid)?), Signal::SIGTERM)?;
+    tokio::time::timeout(Duration::from_secs(60), up.wait()).await??;
+    Ok(())
+}
