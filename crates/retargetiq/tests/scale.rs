@@ -22,17 +22,20 @@ async fn get_json(http: &reqwest::Client, port: u16, path: &str) -> Option<serde
     http.get(format!("http://127.0.0.1:{port}{path}")).send().await.ok()?.json().await.ok()
 }
 
-/// Starts `retargetiq service <name>` against `broker` on `port`, collecting its output lines.
+/// Starts `retargetiq service <name>` against `broker` on `port` with `KAFKA_ASSIGNMENT` =
+/// `assignment`, collecting its output lines.
 fn extra_instance(
     name: &str,
     broker: &str,
     port: u16,
+    assignment: &str,
     locks: &std::path::Path,
     lines: &Arc<Mutex<Vec<String>>>,
 ) -> anyhow::Result<Child> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
         .args(["service", name])
         .env("KAFKA_BOOTSTRAP_SERVERS", broker)
+        .env("KAFKA_ASSIGNMENT", assignment)
         .env("HTTP_PORT", port.to_string())
         .env("RETARGETIQ_LOCK_DIR", locks)
         .envs(kit::kafka::EMBEDDED_BROKER_ENV)
@@ -51,23 +54,48 @@ fn extra_instance(
     Ok(child)
 }
 
+/// A running `retargetiq up` on a durable broker in a temporary directory, its ports shifted.
+struct Up {
+    child: Child,
+    broker: String,
+    offset: u16,
+    locks: tempfile::TempDir,
+    _data: tempfile::TempDir,
+}
+
+impl Up {
+    /// Starts `up` with `KAFKA_ASSIGNMENT` = `assignment` (inherited by its services).
+    fn start(spread: u16, assignment: &str) -> anyhow::Result<Self> {
+        let (data, locks) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let broker = format!("127.0.0.1:{}", free_port()?);
+        let offset = testkit::stack_port_offset(spread)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
+            .args(["up", "--broker-listen", &broker, "--port-offset", &offset.to_string()])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+            .env("KAFKA_ASSIGNMENT", assignment)
+            .env("RETARGETIQ_LOCK_DIR", locks.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self { child, broker, offset, locks, _data: data })
+    }
+
+    /// Stops it with SIGTERM and waits for it.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+        kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGTERM)?;
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await??;
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extra_instances_wait_as_standbys_and_take_over() -> anyhow::Result<()> {
-    let data = tempfile::tempdir()?;
-    let locks = tempfile::tempdir()?;
-    let broker_port = free_port()?;
-    let broker = format!("127.0.0.1:{broker_port}");
-    let offset = testkit::stack_port_offset(3_000)?;
-    let mut up = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
-        .args(["up", "--broker-listen", &broker, "--port-offset", &offset.to_string()])
-        .arg("--data-dir")
-        .arg(data.path())
-        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-        .env("RETARGETIQ_LOCK_DIR", locks.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
+    let stack = Up::start(3_000, "static")?;
+    let (broker, offset, locks) = (stack.broker.clone(), stack.offset, stack.locks.path().to_owned());
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     for port in [3000, 8081, 8082, 8083, 8084, 8085, 8086, 8087, 8088, 8089] {
         eventually(&format!("the service on {}", port + offset), Duration::from_secs(90), || {
@@ -85,7 +113,7 @@ async fn extra_instances_wait_as_standbys_and_take_over() -> anyhow::Result<()> 
     let mut extras = Vec::new();
     for (name, port) in STATEFUL {
         for k in 1..=2 {
-            extras.push(extra_instance(name, &broker, port + offset + 1000 * k, locks.path(), &lines)?);
+            extras.push(extra_instance(name, &broker, port + offset + 1000 * k, "static", &locks, &lines)?);
         }
     }
     eventually("every extra instance waiting as a standby", Duration::from_secs(30), || {
@@ -124,7 +152,7 @@ async fn extra_instances_wait_as_standbys_and_take_over() -> anyhow::Result<()> 
 
     // Mid-traffic, kill -9 the instances that `up` started.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let up_pid = up.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    let up_pid = stack.child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
     for (name, _) in STATEFUL {
         let victim = retargetiq::child_process(up_pid, name).ok_or_else(|| anyhow::anyhow!("no {name} child"))?;
         kill(Pid::from_raw(victim), Signal::SIGKILL)?;
@@ -167,9 +195,7 @@ async fn extra_instances_wait_as_standbys_and_take_over() -> anyhow::Result<()> 
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
     }
-    kill(Pid::from_raw(i32::try_from(up_pid)?), Signal::SIGTERM)?;
-    tokio::time::timeout(Duration::from_secs(60), up.wait()).await??;
-    Ok(())
+    stack.stop().await
 }
 
 /// Under the group protocol (`KAFKA_ASSIGNMENT=group`, for Apache Kafka) a second instance of
@@ -182,22 +208,8 @@ async fn extra_instances_wait_as_standbys_and_take_over() -> anyhow::Result<()> 
 async fn instances_share_the_partitions_under_the_group_protocol() -> anyhow::Result<()> {
     const SHARED: [(&str, u16, &str); 2] =
         [("feature-store", 8085, "/features/"), ("analytics", 8084, "/api/analytics/user/")];
-    let data = tempfile::tempdir()?;
-    let locks = tempfile::tempdir()?;
-    let broker_port = free_port()?;
-    let broker = format!("127.0.0.1:{broker_port}");
-    let offset = testkit::stack_port_offset(5_000)?;
-    let mut up = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
-        .args(["up", "--broker-listen", &broker, "--port-offset", &offset.to_string()])
-        .arg("--data-dir")
-        .arg(data.path())
-        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-        .env("KAFKA_ASSIGNMENT", "group")
-        .env("RETARGETIQ_LOCK_DIR", locks.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
+    let stack = Up::start(5_000, "group")?;
+    let (broker, offset, locks) = (stack.broker.clone(), stack.offset, stack.locks.path().to_owned());
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let ready = |port: u16| {
         let http = http.clone();
@@ -213,25 +225,7 @@ async fn instances_share_the_partitions_under_the_group_protocol() -> anyhow::Re
     let lines = Arc::new(Mutex::new(Vec::new()));
     let mut extras = Vec::new();
     for (name, port, _) in SHARED {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
-            .args(["service", name])
-            .env("KAFKA_BOOTSTRAP_SERVERS", &broker)
-            .env("KAFKA_ASSIGNMENT", "group")
-            .env("HTTP_PORT", (port + offset + 1000).to_string())
-            .env("RETARGETIQ_LOCK_DIR", locks.path())
-            .envs(kit::kafka::EMBEDDED_BROKER_ENV)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let sink = Arc::clone(&lines);
-        tokio::spawn(async move {
-            let mut out = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = out.next_line().await {
-                sink.lock().expect("lock").push(line);
-            }
-        });
+        let child = extra_instance(name, &broker, port + offset + 1000, "group", &locks, &lines)?;
         extras.push(child);
         eventually(&format!("the extra {name}"), Duration::from_secs(90), || ready(port + offset + 1000)).await?;
     }
@@ -304,8 +298,5 @@ async fn instances_share_the_partitions_under_the_group_protocol() -> anyhow::Re
     eventually("the first instances hold every user again, once", Duration::from_secs(120), || shared_once(true))
         .await?;
 
-    let up_pid = up.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-    kill(Pid::from_raw(i32::try_from(up_pid)?), Signal::SIGTERM)?;
-    tokio::time::timeout(Duration::from_secs(60), up.wait()).await??;
-    Ok(())
+    stack.stop().await
 }
