@@ -573,6 +573,9 @@ pub struct RankedRecommendations {
     /// The weights the list was scored with (a restarted ranking resumes from them).
     #[serde(default)]
     pub model_weights: BTreeMap<String, f64>,
+    /// The ranking instance that published the list: its peers fold its weights into theirs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model_instance: String,
     pub items: Vec<RankedItem>,
 }
 
@@ -737,6 +740,7 @@ mod tests {
             model_version: "linear-v1".into(),
             model_updates: 0,
             model_weights: BTreeMap::new(),
+            model_instance: String::new(),
             items: vec![RankedItem {
                 item_id: "P00001".into(),
                 name: "Thing".into(),

@@ -29,12 +29,15 @@
 //! log scale), and a constant `bias`.
 //!
 //! The model starts from hand-set weights ([`LinearModel::initial`]). Every published list
-//! carries the weights and the number of updates behind them, so a restarted instance resumes
-//! from the most-trained model it finds at the tail of `ranked-recommendations-topic` (each
-//! instance learns from its own users; a new instance starts from the best-trained peer).
+//! carries the weights, the number of updates behind them and the instance that learned them,
+//! so a restarted instance resumes from the most-trained model it finds at the tail of
+//! `ranked-recommendations-topic`. Several instances (group assignment, or more than one
+//! `INSTANCE_COUNT`) each learn from their own users and stay one model: each follows the
+//! topic's new lists and folds a peer's weights into its own every [`FOLD_EVERY`]
+//! ([`LinearModel::fold`], averaging weighted by the updates behind each).
 //! `GET /api/ranking/model` shows the current weights.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -46,7 +49,7 @@ use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
+use kit::kafka::{Assignment, ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use serde::Serialize;
@@ -104,11 +107,21 @@ impl Service for Ranking {
 
     async fn run(config: Config, mut ctx: Context) -> anyhow::Result<()> {
         let producer = ctx.pipeline_producer()?;
-        let model = restore_model(&ctx.kafka.bootstrap_servers).await;
-        tracing::info!(updates = model.updates, "ranking model ready");
+        let mut model = restore_model(&ctx.kafka.bootstrap_servers).await;
+        model.instance = uuid::Uuid::new_v4().to_string();
+        tracing::info!(updates = model.updates, instance = %model.instance, "ranking model ready");
         let catalog = ctx.follow_catalog(&producer).await;
         let ranker = Ranker::new(model, config, catalog);
         let state = RankState { latest: Shared::clone(&ranker.latest), model: Shared::clone(&ranker.model) };
+        // Several instances (each learning from its own users) stay one model: each folds in
+        // the weights its peers publish with their lists. One instance alone skips the reading.
+        if ctx.kafka.assignment == Assignment::Group || ctx.kafka.instance_count > 1 {
+            ctx.spawn_consumer(
+                &producer,
+                ConsumerSpec::live("peer-models", [Topic::RankedRecommendations]),
+                PeerModels::new(Shared::clone(&ranker.model)),
+            );
+        }
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec::group("candidates", [Topic::Candidates, Topic::ProcessedEvents], "ranking"),
@@ -149,6 +162,8 @@ pub struct LinearModel {
     pub weights: BTreeMap<&'static str, f64>,
     /// SGD steps taken since the initial weights.
     pub updates: u64,
+    /// The instance that learns this model (empty outside a running service).
+    pub instance: String,
 }
 
 impl LinearModel {
@@ -167,7 +182,25 @@ impl LinearModel {
                 ("price_fit", 0.5),
             ]),
             updates: 0,
+            instance: String::new(),
         }
+    }
+
+    /// Folds a peer instance's model into this one: each weight becomes the average of the two,
+    /// weighted by the SGD steps behind each (periodic model averaging), so instances that
+    /// learn from different users stay one model. Names it does not know are ignored.
+    pub fn fold(&mut self, weights: &BTreeMap<String, f64>, updates: u64) {
+        let total = self.updates + updates;
+        if updates == 0 || total == 0 {
+            return;
+        }
+        let (mine, theirs) = (self.updates as f64 / total as f64, updates as f64 / total as f64);
+        for (name, w) in &mut self.weights {
+            if let Some(peer) = weights.get(*name).filter(|p| p.is_finite()) {
+                *w = mine * *w + theirs * peer;
+            }
+        }
+        self.updates = self.updates.max(updates);
     }
 
     /// The model a ranked list was scored with, if it names known features.
@@ -288,6 +321,7 @@ pub fn rank_with_features(
         ranked_at: Utc::now(),
         model_version: model.version.clone(),
         model_updates: model.updates,
+        model_instance: model.instance.clone(),
         model_weights: model.weights.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         items,
     };
@@ -433,6 +467,60 @@ impl Handler for Ranker {
     }
 }
 
+/// Folds the models that other ranking instances publish with their lists into this one's
+/// (see [`LinearModel::fold`]), each peer at most once per [`FOLD_EVERY`] of its list times.
+pub struct PeerModels {
+    model: Shared<LinearModel>,
+    /// Peer instance -> the list time of its model last folded.
+    folded: HashMap<String, DateTime<Utc>>,
+}
+
+/// How often one peer's model is folded in.
+pub const FOLD_EVERY: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
+
+/// The parts of a published list that carry its model.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PublishedModel {
+    #[serde(default)]
+    model_instance: String,
+    ranked_at: DateTime<Utc>,
+    #[serde(default)]
+    model_updates: u64,
+    #[serde(default)]
+    model_weights: BTreeMap<String, f64>,
+}
+
+impl PeerModels {
+    pub fn new(model: Shared<LinearModel>) -> Self {
+        Self { model, folded: HashMap::new() }
+    }
+}
+
+impl Handler for PeerModels {
+    fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        let peer: PublishedModel = rec.json()?;
+        let mut model = self.model.write();
+        if peer.model_instance.is_empty() || peer.model_instance == model.instance {
+            return Ok(());
+        }
+        let last = self.folded.get(&peer.model_instance);
+        if last.is_some_and(|t| peer.ranked_at - *t < FOLD_EVERY) {
+            return Ok(());
+        }
+        if self.folded.len() >= MAX_PEERS && last.is_none() {
+            self.folded.clear(); // instances come and go; forgetting them only folds sooner
+        }
+        self.folded.insert(peer.model_instance, peer.ranked_at);
+        model.fold(&peer.model_weights, peer.model_updates);
+        metrics::counter!("ranking_peer_models_folded_total").increment(1);
+        Ok(())
+    }
+}
+
+/// Most peer instances remembered by [`PeerModels`].
+const MAX_PEERS: usize = 1_000;
+
 async fn get_ranked(
     State(state): State<RankState>,
     Path(user_id): Path<String>,
@@ -518,6 +606,46 @@ mod tests {
         assert!(published[0].items[0].contributions.is_empty(), "{:?}", published[0]);
         let kept = ranker.latest.read().peek("u").cloned().expect("kept");
         assert_eq!(kept.items[0].contributions["popularity"], 0.8, "{kept:?}");
+    }
+
+    /// Two instances that learned apart become one model: a peer's weights are folded in,
+    /// weighted by the steps behind each; one's own lists and a peer's lists within
+    /// [`FOLD_EVERY`] of the last fold are not folded again.
+    #[test]
+    fn peer_models_are_folded_in_by_the_steps_behind_them() {
+        let mut mine = LinearModel::initial();
+        mine.instance = "me".into();
+        mine.updates = 100;
+        let model = Shared::new(mine);
+        let mut peers = PeerModels::new(Shared::clone(&model));
+        let list = |instance: &str, seconds: i64, trending: f64, updates: u64| {
+            let r = RankedRecommendations {
+                schema_version: 1,
+                user_id: "u".into(),
+                ranked_at: DateTime::UNIX_EPOCH + chrono::TimeDelta::seconds(seconds),
+                model_version: "linear-online".into(),
+                model_updates: updates,
+                model_weights: BTreeMap::from([("trending".to_owned(), trending), ("mystery".to_owned(), 9.0)]),
+                model_instance: instance.into(),
+                items: vec![],
+            };
+            serde_json::to_vec(&r).expect("json")
+        };
+        let mut fold = |payload: Vec<u8>| {
+            peers.handle(&Record::bare(Topic::RankedRecommendations, &payload), &mut Outbox::new(None)).expect("read")
+        };
+        fold(list("me", 0, 9.0, 1_000));
+        assert_eq!(model.read().weights["trending"], 0.5, "its own lists are not folded");
+        fold(list("peer", 0, 2.0, 300));
+        // (100 × 0.5 + 300 × 2.0) / 400
+        let after = model.read().clone();
+        assert!((after.weights["trending"] - 1.625).abs() < 1e-12, "{after:?}");
+        assert_eq!((after.updates, after.weights["bias"], after.weights.len()), (300, -2.0, FEATURES.len()));
+        fold(list("peer", 5, 9.0, 310));
+        assert!((model.read().weights["trending"] - 1.625).abs() < 1e-12, "within 10 s: not again");
+        fold(list("peer", 10, 1.625, 400));
+        assert!((model.read().weights["trending"] - 1.625).abs() < 1e-12, "agreeing models stay put");
+        assert_eq!(model.read().updates, 400);
     }
 
     fn click(id: &str, user: &str, product: &str) -> ProcessedEvent {

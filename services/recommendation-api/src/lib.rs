@@ -275,6 +275,7 @@ mod tests {
                 model_version: "linear-v1".into(),
                 model_updates: 0,
                 model_weights: BTreeMap::new(),
+                model_instance: String::new(),
                 items,
             },
         );
