@@ -632,7 +632,7 @@ mod tests {
             serde_json::to_vec(&r).expect("json")
         };
         let mut fold = |payload: Vec<u8>| {
-            peers.handle(&Record::bare(Topic::RankedRecommendations, &payload), &mut Outbox::new(None)).expect("read")
+            peers.handle(&Record::bare(Topic::RankedRecommendations, &payload), &mut Outbox::new(None)).expect("read");
         };
         fold(list("me", 0, 9.0, 1_000));
         assert_eq!(model.read().weights["trending"], 0.5, "its own lists are not folded");
