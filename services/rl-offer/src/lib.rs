@@ -57,7 +57,7 @@ use kit::clock::EventClock;
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
-use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
+use kit::kafka::{Assignment, ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use rand::SeedableRng;
@@ -157,17 +157,31 @@ impl Service for RlOffer {
         let pipeline = ctx.pipeline_producer()?;
         let requests = ctx.request_producer()?;
         let sweep_every = config.sweep;
-        let mut policy = Policy::new(config, StdRng::from_os_rng());
-        let (decisions, orders) = read_history(&ctx).await?;
-        policy.restore(decisions, orders);
-        let stats = policy.stats();
-        tracing::info!(open = stats.open_decisions, learned = stats.learned, "offer policy restored");
-        let state = Shared::new(policy);
+        let state = Shared::new(Policy::new(config, StdRng::from_os_rng()));
+        // Several instances (group assignment, or more than one INSTANCE_COUNT) keep one bandit:
+        // each learns from every instance's decisions and every order, read live from the
+        // whole topics (started before the log is read back, so nothing falls between the two;
+        // what both deliver is learned once).
+        let shared = ctx.kafka.assignment == Assignment::Group || ctx.kafka.instance_count > 1;
+        if shared {
+            ctx.spawn_consumer(
+                &pipeline,
+                ConsumerSpec::live("all-decisions-and-orders", [Topic::Offers, Topic::ProcessedEvents]),
+                Learner(Shared::clone(&state)),
+            );
+        }
+        let (decisions, orders) = read_history(&ctx, shared).await?;
+        let stats = {
+            let mut policy = state.write();
+            policy.restore(decisions, orders);
+            policy.stats()
+        };
+        tracing::info!(open = stats.open_decisions, learned = stats.learned, shared, "offer policy restored");
         ctx.spawn_consumer(
             &pipeline,
             ConsumerSpec::group("features-and-orders", [Topic::UserFeatures, Topic::ProcessedEvents], "rl-offer")
                 .restoring(),
-            Decider(Shared::clone(&state)),
+            Decider { policy: Shared::clone(&state), learns_orders: !shared },
         );
         let (sweeper, producer, shutdown) = (Shared::clone(&state), requests.clone(), ctx.shutdown.clone());
         ctx.spawn_task(async move {
@@ -199,13 +213,14 @@ impl Service for RlOffer {
     }
 }
 
-/// This instance's logged decisions and orders, for [`Policy::restore`].
-async fn read_history(ctx: &Context) -> anyhow::Result<(Vec<OfferDecision>, Vec<ProcessedEvent>)> {
+/// The logged decisions and orders of this instance's partitions (of all of them when the
+/// bandit is `shared` among instances), for [`Policy::restore`].
+async fn read_history(ctx: &Context, shared: bool) -> anyhow::Result<(Vec<OfferDecision>, Vec<ProcessedEvent>)> {
     use kit::kafka::admin::read_partitions;
     let servers = &ctx.kafka.bootstrap_servers;
     let (a, b) = (ctx.kafka.clone(), ctx.kafka.clone());
-    let decisions = read_partitions(servers, Topic::Offers, move |p| a.owns(p)).await?;
-    let events = read_partitions(servers, Topic::ProcessedEvents, move |p| b.owns(p)).await?;
+    let decisions = read_partitions(servers, Topic::Offers, move |p| shared || a.owns(p)).await?;
+    let events = read_partitions(servers, Topic::ProcessedEvents, move |p| shared || b.owns(p)).await?;
     let decisions = decisions.iter().filter_map(|raw| serde_json::from_slice(raw).ok()).collect();
     let orders = events
         .iter()
@@ -369,6 +384,9 @@ pub struct Policy {
     /// user -> (product, views) for the repeated-views trigger.
     views: UserMap<VecDeque<(String, u32)>>,
     orders_seen: SeenSet,
+    /// Decisions whose reward was learned: never opened again (a decision read twice, from the
+    /// log at start and from the live topic, learns once).
+    closed: SeenSet,
     learned: u64,
     converted: u64,
     /// Event time: what sweeps, reward windows and decisions are timed by.
@@ -386,6 +404,7 @@ impl Policy {
             open: HashMap::new(),
             views: user_map(),
             orders_seen: SeenSet::new(100_000),
+            closed: SeenSet::new(100_000),
             learned: 0,
             converted: 0,
             clock: EventClock::default(),
@@ -445,6 +464,9 @@ impl Policy {
 
     /// Remembers a decision (made now, or read back from the log) as current and open.
     fn record(&mut self, d: &OfferDecision) {
+        if self.closed.contains(&d.decision_id) {
+            return;
+        }
         let x = OfferContext::from_map(&d.context).vector();
         let open = self.open.entry(d.user_id.clone()).or_default();
         if open.iter().any(|o| o.decision_id == d.decision_id) {
@@ -457,6 +479,7 @@ impl Policy {
     }
 
     fn learn(&mut self, open: &Open, order_amount: Option<f64>) {
+        self.closed.insert(&open.decision_id);
         self.bandit.learn(&open.x, open.action, net_reward(open.action, order_amount));
         self.learned += 1;
         self.converted += u64::from(order_amount.is_some());
@@ -585,14 +608,43 @@ impl Policy {
     }
 }
 
-struct Decider(Shared<Policy>);
+/// Decides on the snapshots of this instance's users, and learns from their orders unless a
+/// [`Learner`] learns from every order.
+struct Decider {
+    policy: Shared<Policy>,
+    learns_orders: bool,
+}
+
+/// With several instances: learns from every instance's decisions and every order, so each
+/// instance's bandit is the one model all of them make.
+pub struct Learner(pub Shared<Policy>);
+
+impl Handler for Learner {
+    fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        let mut policy = self.0.write();
+        match rec.topic {
+            Topic::Offers => {
+                let d: OfferDecision = rec.json()?;
+                policy.observe(d.decided_at);
+                policy.record(&d);
+            }
+            Topic::ProcessedEvents => {
+                let e: ProcessedEvent = rec.json()?;
+                policy.observe(e.occurred_at);
+                policy.on_order(&e);
+            }
+            other => return Err(HandlerError::malformed(format!("rl-offer does not learn from {other}"))),
+        }
+        Ok(())
+    }
+}
 
 impl Handler for Decider {
     /// Forgets what it knows per user from the snapshots (replayed for the partitions held
     /// now). The bandit, the open decisions and the current offers are read from the whole
     /// decision log at start and stay: they are not per partition.
     fn reset(&mut self) -> bool {
-        let mut policy = self.0.write();
+        let mut policy = self.policy.write();
         policy.features = user_map();
         policy.views = user_map();
         true
@@ -602,7 +654,7 @@ impl Handler for Decider {
         match rec.topic {
             Topic::UserFeatures => {
                 let f: UserFeatures = rec.json()?;
-                let mut policy = self.0.write();
+                let mut policy = self.policy.write();
                 policy.observe(f.last_seen);
                 let now = policy.now();
                 if let Some(d) = policy.on_features(f, now, out.is_replay()) {
@@ -613,9 +665,9 @@ impl Handler for Decider {
             Topic::ProcessedEvents => {
                 // Rewards are relearned from the logs at start, not during the replay (whose
                 // snapshots set the clock).
-                if !out.is_replay() {
+                if self.learns_orders && !out.is_replay() {
                     let e: ProcessedEvent = rec.json()?;
-                    let mut policy = self.0.write();
+                    let mut policy = self.policy.write();
                     policy.observe(e.occurred_at);
                     policy.on_order(&e);
                 }
@@ -876,6 +928,52 @@ mod tests {
         assert_eq!((stats.open_decisions, stats.learned, stats.converted), (0, 2, 1));
         // Too late for b.
         assert!(p.on_order(&order("o3", "b", 10.0, t0 + Duration::hours(26), Some(&b.decision_id))).is_none());
+    }
+
+    /// Two instances decide for their own users; each learns from both instances' decisions
+    /// and from every order (a `Learner` reading the whole topics), so both hold the same
+    /// bandit. A decision or order read twice (from the log and live) is learned once.
+    #[test]
+    fn instances_learn_one_bandit_from_every_decision_and_order() {
+        let (mut a, mut b) = (policy(), policy());
+        let start = Utc::now() - Duration::days(2);
+        let (mut decisions, mut orders) = (Vec::new(), Vec::new());
+        for n in 0..60 {
+            let at = start + Duration::minutes(10 * n);
+            let ctx = OfferContext { purchase_intent: (n % 10) as f64 / 10.0, ..Default::default() };
+            let user = format!("u{n}");
+            // Even users are instance a's, odd ones b's.
+            let d = if n % 2 == 0 { a.decide(&user, &ctx, "api", at) } else { b.decide(&user, &ctx, "api", at) };
+            decisions.push(d);
+            if n % 3 == 0 {
+                orders.push(order(&format!("o{n}"), &user, 40.0, at + Duration::minutes(5), None));
+            }
+        }
+        let (shared_a, shared_b) = (Shared::new(a), Shared::new(b));
+        for shared in [&shared_a, &shared_b] {
+            let mut learner = Learner(Shared::clone(shared));
+            let mut feed = |topic: Topic, payload: Vec<u8>| {
+                learner.handle(&Record::bare(topic, &payload), &mut Outbox::new(None)).expect("learns");
+            };
+            // Everything twice: the log read at start and the live topics overlap.
+            for _ in 0..2 {
+                for d in &decisions {
+                    feed(Topic::Offers, serde_json::to_vec(d).expect("json"));
+                }
+                for o in &orders {
+                    feed(Topic::ProcessedEvents, serde_json::to_vec(o).expect("json"));
+                }
+            }
+            shared.write().sweep(Utc::now());
+        }
+        let (a, b) = (shared_a.read(), shared_b.read());
+        let (sa, sb) = (a.stats(), b.stats());
+        assert_eq!((sa.learned, sa.converted), (60, 20), "every decision learned once, every order once");
+        assert_eq!((sa.learned, sa.converted, sa.open_decisions), (sb.learned, sb.converted, sb.open_decisions));
+        let x = OfferContext { purchase_intent: 0.5, ..Default::default() }.vector();
+        for (pa, pb) in a.bandit().scores(&x).iter().zip(b.bandit().scores(&x)) {
+            assert!((pa.expected - pb.expected).abs() < 1e-9 && (pa.bonus - pb.bonus).abs() < 1e-9, "{pa:?} {pb:?}");
+        }
     }
 
     #[test]
