@@ -546,8 +546,14 @@ impl Message for Candidates {
 #[serde(rename_all = "camelCase")]
 pub struct RankedItem {
     pub item_id: String,
+    /// The catalog's name, category and price when ranked: shown by ranking's
+    /// `GET /rank/{userId}`, left out of the topic's messages (the recommendation API answers
+    /// with the live catalog's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub category: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub price: f64,
     pub score: f64,
     pub sources: Vec<CandidateSource>,
@@ -556,6 +562,10 @@ pub struct RankedItem {
     /// where nothing reads it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub contributions: BTreeMap<String, f64>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// The ranked list for one user on `ranked-recommendations-topic`.

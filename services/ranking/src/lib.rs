@@ -450,10 +450,14 @@ impl Handler for Ranker {
                 let mut ranked = self.rank(&candidates);
                 metrics::counter!("ranking_lists_total").increment(1);
                 metrics::gauge!("ranking_model_updates").set(ranked.model_updates as f64);
-                // The explanations stay here (`GET /rank/{userId}`): they were most of each
-                // message's bytes, and no consumer of the topic reads them.
+                // The explanations and the catalog's data stay here (`GET /rank/{userId}`): they
+                // were most of each message's bytes, and no consumer of the topic reads them
+                // (the recommendation API answers with the live catalog's).
                 for item in &mut ranked.items {
                     item.contributions.clear();
+                    item.name.clear();
+                    item.category.clear();
+                    item.price = 0.0;
                 }
                 out.send(&ranked);
             }
@@ -604,7 +608,10 @@ mod tests {
         assert_eq!(published.len(), 1);
         assert_eq!(published[0].items[0].item_id, book);
         assert!(published[0].items[0].contributions.is_empty(), "{:?}", published[0]);
+        let bytes = String::from_utf8(out.messages()[0].payload.to_vec()).expect("utf-8");
+        assert!(!bytes.contains("\"name\"") && !bytes.contains("\"price\""), "{bytes}");
         let kept = ranker.latest.read().peek("u").cloned().expect("kept");
+        assert_eq!((kept.items[0].name.as_str(), kept.items[0].category.as_str()), ("Complete Cookbook Pro", "books"));
         assert_eq!(kept.items[0].contributions["popularity"], 0.8, "{kept:?}");
     }
 
