@@ -125,8 +125,7 @@ impl Stack {
     }
 
     fn url(&self, service: &str, path: &str) -> String {
-        let port = SERVICES.iter().find(|(n, _)| *n == service).map_or(0, |(_, p)| p + self.offset);
-        format!("http://127.0.0.1:{port}{path}")
+        format!("http://127.0.0.1:{}{path}", crate::port_of(service) + self.offset)
     }
 
     /// Resident memory of each service process (and the broker), in bytes.

@@ -42,6 +42,11 @@ pub const PORTS: [(&str, u16); 10] = [
     ("frontend-ui", 3000),
 ];
 
+/// The contract port of `service` (0 for a name not in [`PORTS`]).
+pub fn port_of(service: &str) -> u16 {
+    PORTS.iter().find(|(name, _)| *name == service).map_or(0, |(_, port)| *port)
+}
+
 pub use kit::telemetry::consumer_lag;
 
 /// (pid, command line) of the running direct children of `parent` (Linux `/proc`): how the
@@ -236,10 +241,7 @@ pub fn main() -> ExitCode {
         }),
         Command::Evaluate(args) if args.live => block_on(async move {
             let options = history_options(&args).ok_or_else(|| anyhow::anyhow!("--live needs --events FILE"))?;
-            let url = |service: &str, path: &str| {
-                let port = PORTS.iter().find(|(name, _)| *name == service).map_or(0, |(_, p)| *p);
-                format!("http://{}:{port}{path}", args.host)
-            };
+            let url = |service: &str, path: &str| format!("http://{}:{}{path}", args.host, port_of(service));
             let stack = evaluation::live::Stack {
                 endpoints: evaluation::import::Endpoints {
                     user_activity: url("user-activity", ""),
@@ -298,7 +300,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// `retargetiq evaluate`: the report as text.
+/// The options of a history evaluation (`None` without `--events`: the simulated one).
 fn history_options(args: &EvaluateCommand) -> Option<evaluation::history::Options> {
     Some(evaluation::history::Options {
         events: args.events.clone()?,
@@ -309,6 +311,7 @@ fn history_options(args: &EvaluateCommand) -> Option<evaluation::history::Option
     })
 }
 
+/// `retargetiq evaluate`: the report as text.
 fn evaluate(args: &EvaluateCommand) -> anyhow::Result<String> {
     match history_options(args) {
         Some(options) => {

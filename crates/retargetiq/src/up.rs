@@ -5,7 +5,7 @@
 //! work and commits its offsets), the broker last. A child that exits while `up` is running is
 //! restarted with exponential backoff, like `restart: unless-stopped` in Compose.
 
-use crate::PORTS;
+use crate::{PORTS, port_of};
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -259,10 +259,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// Says once when every service answers `/ready`.
-fn port_of(service: &str) -> u16 {
-    PORTS.iter().find(|(name, _)| *name == service).map_or(0, |(_, port)| *port)
-}
-
 async fn announce_ready(shutdown: CancellationToken, offset: u16) {
     let Ok(http) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return };
     let started = Instant::now();

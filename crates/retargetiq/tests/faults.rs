@@ -63,7 +63,7 @@ impl Stack {
     }
 
     fn port(&self, service: &str) -> u16 {
-        PORTS.iter().find(|(n, _)| *n == service).map_or(0, |(_, p)| p + self.offset)
+        retargetiq::port_of(service) + self.offset
     }
 
     async fn get(&self, service: &str, path: &str) -> Option<Value> {
