@@ -5,8 +5,9 @@
 //! - `candidates-topic`: each product's candidate sources are merged into one feature vector,
 //!   scored with a logistic model, and the ranked list (top [`MAX_RANKED`]) is published to
 //!   `ranked-recommendations-topic`. Each item's contribution of every feature to its logit
-//!   (`weight × value`) is kept here, so `GET /rank/{userId}` shows why an item ranks where it
-//!   does; the published lists leave it out. The top [`SERVED`] items are remembered as what the user is being shown.
+//!   (`weight × value`) and its catalog data are kept here, so `GET /rank/{userId}` shows why
+//!   an item ranks where it does; the published lists leave both out. The top [`SERVED`] items
+//!   are remembered as what the user is being shown.
 //! - `processed-events-topic`: feedback. Only events *attributed to a shown list* teach: those
 //!   carrying the `recommendationId` of a recommendation response (the shop sends it with a
 //!   view or click that came from the list, as the UI does). An organic view says nothing about
@@ -49,7 +50,7 @@ use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
-use kit::kafka::{Assignment, ConsumerSpec, Handler, HandlerError, Outbox, Record};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use serde::Serialize;
@@ -115,7 +116,7 @@ impl Service for Ranking {
         let state = RankState { latest: Shared::clone(&ranker.latest), model: Shared::clone(&ranker.model) };
         // Several instances (each learning from its own users) stay one model: each folds in
         // the weights its peers publish with their lists. One instance alone skips the reading.
-        if ctx.kafka.assignment == Assignment::Group || ctx.kafka.instance_count > 1 {
+        if ctx.kafka.shares_partitions() {
             ctx.spawn_consumer(
                 &producer,
                 ConsumerSpec::live("peer-models", [Topic::RankedRecommendations]),
@@ -190,10 +191,10 @@ impl LinearModel {
     /// weighted by the SGD steps behind each (periodic model averaging), so instances that
     /// learn from different users stay one model. Names it does not know are ignored.
     pub fn fold(&mut self, weights: &BTreeMap<String, f64>, updates: u64) {
-        let total = self.updates + updates;
-        if updates == 0 || total == 0 {
+        if updates == 0 {
             return;
         }
+        let total = self.updates + updates;
         let (mine, theirs) = (self.updates as f64 / total as f64, updates as f64 / total as f64);
         for (name, w) in &mut self.weights {
             if let Some(peer) = weights.get(*name).filter(|p| p.is_finite()) {

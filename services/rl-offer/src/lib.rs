@@ -57,7 +57,7 @@ use kit::clock::EventClock;
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, found};
-use kit::kafka::{Assignment, ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
+use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
 use rand::SeedableRng;
@@ -162,7 +162,7 @@ impl Service for RlOffer {
         // each learns from every instance's decisions and every order, read live from the
         // whole topics (started before the log is read back, so nothing falls between the two;
         // what both deliver is learned once).
-        let shared = ctx.kafka.assignment == Assignment::Group || ctx.kafka.instance_count > 1;
+        let shared = ctx.kafka.shares_partitions();
         if shared {
             ctx.spawn_consumer(
                 &pipeline,

@@ -134,6 +134,13 @@ impl KafkaSettings {
         u32::try_from(partition).is_ok_and(|p| p % self.instance_count == self.instance_index)
     }
 
+    /// Whether other instances of the service may share its partitions (the group protocol, or
+    /// more than one `INSTANCE_COUNT`): then models meant to be global must be kept one model
+    /// across instances.
+    pub fn shares_partitions(&self) -> bool {
+        self.assignment == Assignment::Group || self.instance_count > 1
+    }
+
     /// Settings for a broker at `bootstrap_servers`, everything else at its default.
     pub fn for_broker(bootstrap_servers: impl Into<String>) -> Self {
         let mut s =
