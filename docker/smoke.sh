@@ -13,7 +13,9 @@
 # 4. Brings the stack up and does what a user does, through the published ports: puts the
 #    shop's products into the catalog, posts activity and an order, asks for a recommendation, opens the UI, finds the event's
 #    correlation id in `docker-compose logs event-processor`, restarts analytics and checks
-#    that its counts are unchanged.
+#    that its counts are unchanged, scales analytics to two replicas (`--scale`), kills the
+#    working one with SIGKILL and checks that the other took over with every event counted
+#    once.
 # 5. Prints each image's size and the idle stack's memory, then stops the stack.
 #
 # Exits non-zero, naming what failed, on any failure. Environment:
@@ -184,7 +186,8 @@ http POST localhost:8082/api/orders/place "{\"orderId\":\"o-1\",\"userId\":\"$us
 echo
 
 step "waiting for analytics to count them"
-counted() { http GET "localhost:8084/api/analytics/user/$user" 2>/dev/null | jq -c '{counts, orders, revenue}'; }
+# The counts of $user on the analytics at host port ${1:-8084}.
+counted() { http GET "localhost:${1:-8084}/api/analytics/user/$user" 2>/dev/null | jq -c '{counts, orders, revenue}'; }
 deadline=$(($(date +%s) + 60))
 until [[ "$(counted | jq '.orders')" == 1 ]] && [[ "$(counted | jq '[.counts[]] | add')" -ge 3 ]]; do
   (($(date +%s) > deadline)) && fail "analytics did not count the events within 60 s: $(counted || true)"
@@ -235,6 +238,67 @@ after=$(counted)
 echo "$after"
 [[ "$after" == "$before" ]] || fail "analytics' counts changed across its restart: before $before, after $after"
 echo "counts unchanged"
+
+step "scaling analytics out: the second replica waits as a standby"
+# With the embedded broker the replicas share the partitions statically: the second waits on
+# the lock in the shared volume (on Apache Kafka they would split the partitions instead).
+export ANALYTICS_PORT=18084-18093
+compose up -d --scale analytics=2 analytics || fail "scaling analytics to two replicas"
+health() { $DOCKER inspect -f '{{.State.Health.Status}}' "$1" 2>/dev/null || echo missing; }
+replicas() { compose ps -q analytics; }
+host_port() { $DOCKER port "$1" 8084/tcp | head -n1 | sed 's/.*://'; }
+deadline=$(($(date +%s) + 180))
+while :; do
+  mapfile -t ids < <(replicas)
+  working=() standby=()
+  for id in "${ids[@]}"; do
+    if [[ "$(health "$id")" == healthy ]]; then working+=("$id"); else standby+=("$id"); fi
+  done
+  if ((${#ids[@]} == 2 && ${#working[@]} == 1)) \
+    && $DOCKER logs "${standby[0]}" 2>&1 | grep -q "waiting as a standby"; then
+    break
+  fi
+  (($(date +%s) > deadline)) && { compose ps; fail "expected one working analytics and one standby, got ${#working[@]} of ${#ids[@]} healthy"; }
+  sleep 2
+done
+port=$(host_port "${working[0]}")
+echo "working replica on host port $port; the other waits as a standby"
+[[ "$(counted "$port")" == "$before" ]] || fail "the scaled-out analytics counts $(counted "$port"), not $before"
+views() { # N FIRST-ID: N more product views of $user
+  local events=() i
+  for ((i = $2; i < $2 + $1; i++)); do
+    events+=("{\"eventId\":\"scale-$i\",\"userId\":\"$user\",\"eventType\":\"product_view\",\"productId\":\"SMOKE-SOCK-1\"}")
+  done
+  http POST localhost:8081/api/users/activity "[$(IFS=,; echo "${events[*]}")]" >/dev/null
+}
+total() { counted "$1" | jq '[.counts[]] | add'; }
+base=$(total "$port")
+views 3 1
+deadline=$(($(date +%s) + 60))
+until [[ "$(total "$port")" == $((base + 3)) ]]; do
+  (($(date +%s) > deadline)) && fail "the working replica did not count 3 more views: $(total "$port")"
+  sleep 1
+done
+
+step "killing the working analytics with SIGKILL: the standby takes over"
+$DOCKER kill -s KILL "${working[0]}" >/dev/null
+views 2 4 # sent while no replica consumes
+deadline=$(($(date +%s) + 180))
+until [[ "$(health "${standby[0]}")" == healthy ]]; do
+  (($(date +%s) > deadline)) && { $DOCKER logs --tail 20 "${standby[0]}"; fail "the standby did not take over within 180 s"; }
+  sleep 2
+done
+port=$(host_port "${standby[0]}")
+deadline=$(($(date +%s) + 60))
+until [[ "$(total "$port")" == $((base + 5)) ]]; do
+  (($(date +%s) > deadline)) && fail "after the takeover $user has $(total "$port") events counted, expected $((base + 5))"
+  sleep 1
+done
+sleep 5
+[[ "$(total "$port")" == $((base + 5)) ]] || fail "counted twice after the takeover: $(total "$port"), expected $((base + 5))"
+echo "the former standby (host port $port) counts every event once: $(counted "$port")"
+unset ANALYTICS_PORT
+compose up -d --scale analytics=1 analytics >/dev/null 2>&1 || fail "scaling analytics back to one"
 
 # --- 5. figures -----------------------------------------------------------------------------
 step "image sizes"

@@ -151,7 +151,7 @@ pub async fn run_with(
     Ok(())
 }
 
-const CLUSTER_ID: &str = "retargetiq";
+const CLUSTER_ID: &str = events::topic::EMBEDDED_BROKER_CLUSTER_ID;
 
 /// Creates those of `topics` (name, partitions) that the storage does not have yet.
 async fn create_missing_topics(engine: &StorageContainer, topics: &[TopicSpec]) -> anyhow::Result<()> {

@@ -17,6 +17,12 @@ pub enum Topic {
     Catalog,
 }
 
+/// The cluster id of the embedded broker (`retargetiq broker`, what `retargetiq up` starts).
+/// Services ask the broker for its cluster id to choose how their instances share partitions
+/// (`KAFKA_ASSIGNMENT=auto`): the embedded broker's group coordinator cannot be trusted with
+/// members that die during a rebalance.
+pub const EMBEDDED_BROKER_CLUSTER_ID: &str = "retargetiq";
+
 /// (topic, name on the broker, default partition count).
 ///
 /// Every topic but the catalog is keyed by user id, and all have the same partition count so

@@ -470,11 +470,14 @@ pub async fn standby(
     }
 }
 
-async fn run_until_signal<S: Service>(common: CommonConfig, config: S::Config) -> ExitCode {
+async fn run_until_signal<S: Service>(mut common: CommonConfig, config: S::Config) -> ExitCode {
     let shutdown = shutdown_on_signal();
+    if S::PARTITIONED && common.kafka.settle_assignment(&shutdown).await.is_none() {
+        return ExitCode::SUCCESS;
+    }
     // Under the group protocol the group coordinator shares the partitions among however many
     // instances run: no lock, every instance works.
-    let _share = if S::PARTITIONED && common.kafka.assignment == crate::kafka::Assignment::Static {
+    let _share = if S::PARTITIONED && !common.kafka.uses_group_protocol() {
         match standby(S::NAME, &common.kafka, &shutdown).await {
             Ok(Some(lock)) => Some(lock),
             Ok(None) => return ExitCode::SUCCESS,

@@ -98,7 +98,17 @@ fn every_service_runs_on_its_contract_port_from_its_own_target() {
         assert!(dockerfile.contains(&format!("FROM runtime AS {name}\n")), "docker/Dockerfile has no target {name}");
         assert!(dockerfile.contains(&format!("EXPOSE {port}\n")), "docker/Dockerfile does not expose {port}");
         let mapped: Vec<&str> = get(svc, "ports").as_vec().expect("ports").iter().filter_map(Yaml::as_str).collect();
-        assert_eq!(mapped, vec![format!("{port}:{port}")], "{name}: port mapping");
+        // The contract port on the host, or a range of them to scale out (`--scale`).
+        let var = format!("{}_PORT", name.to_uppercase().replace('-', "_"));
+        assert_eq!(mapped, vec![format!("${{{var}:-{port}}}:{port}")], "{name}: port mapping");
+        let volumes: Vec<&str> =
+            get(svc, "volumes").as_vec().expect("volumes").iter().filter_map(Yaml::as_str).collect();
+        let lock_dir = get(get(svc, "environment"), "RETARGETIQ_LOCK_DIR").as_str().expect("RETARGETIQ_LOCK_DIR");
+        assert_eq!(volumes, vec![format!("locks:{lock_dir}")], "{name}: one standby-lock directory for every replica");
+        assert!(
+            dockerfile.contains(&format!("mkdir -p {lock_dir} && chown retargetiq {lock_dir}")),
+            "the lock directory"
+        );
         let env = get(svc, "environment");
         assert_eq!(get(env, "HTTP_PORT").as_i64(), Some(i64::from(port)), "{name}: HTTP_PORT");
         assert_eq!(get(env, "KAFKA_BOOTSTRAP_SERVERS").as_str(), Some("kafka:19092"), "{name}: broker address");

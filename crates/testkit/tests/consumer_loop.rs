@@ -349,3 +349,18 @@ async fn group_members_hold_exactly_the_state_of_their_partitions() -> anyhow::R
     first.await??;
     Ok(())
 }
+
+/// `KAFKA_ASSIGNMENT=auto` (the default) asks the broker who it is: the embedded broker gets
+/// static assignment with its standby lock, since its group coordinator cannot be trusted with
+/// a member that dies during a rebalance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_assignment_is_static_on_the_embedded_broker() -> anyhow::Result<()> {
+    let broker = TestBroker::bare().await?;
+    let mut settings = kit::kafka::KafkaSettings::for_broker(broker.bootstrap());
+    assert_eq!(settings.assignment, kit::kafka::Assignment::Auto);
+    let settled =
+        tokio::time::timeout(Duration::from_secs(30), settings.settle_assignment(&CancellationToken::new())).await?;
+    assert_eq!(settled, Some(kit::kafka::Assignment::Static));
+    assert!(!settings.uses_group_protocol());
+    Ok(())
+}

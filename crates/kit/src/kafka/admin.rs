@@ -177,3 +177,35 @@ async fn read_range(
     }
     Ok(out)
 }
+
+/// The broker's cluster id, asked until it answers (a warning every 30 s while it does not);
+/// `None` if `shutdown` comes first.
+pub async fn cluster_id(bootstrap_servers: &str, shutdown: &tokio_util::sync::CancellationToken) -> Option<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let started = std::time::Instant::now();
+    let mut warned = Duration::ZERO;
+    loop {
+        let servers = bootstrap_servers.to_owned();
+        let asked = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<String>> {
+            let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &servers).create()?;
+            Ok(client.client().fetch_cluster_id(Duration::from_secs(5)))
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            asked = asked => match asked {
+                Ok(Ok(Some(id))) => return Some(id),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "cannot create a Kafka client"),
+                Err(e) => tracing::warn!(error = %e, "asking the broker for its cluster id"),
+            },
+        }
+        if started.elapsed() >= warned + Duration::from_secs(30) {
+            warned = started.elapsed();
+            tracing::warn!(bootstrap_servers, "the broker does not answer yet (asking for its cluster id)");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

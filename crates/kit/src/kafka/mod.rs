@@ -53,7 +53,8 @@ pub struct KafkaSettings {
     pub handler_max_attempts: u32,
     /// `KAFKA_DEBUG`: librdkafka debug contexts (`cgrp`, `broker`, `all`, ...), off by default.
     pub debug: Option<String>,
-    /// `KAFKA_ASSIGNMENT`: how the instances of a service share partitions (default `static`).
+    /// `KAFKA_ASSIGNMENT`: how the instances of a service share partitions (default `auto`:
+    /// see [`KafkaSettings::settle_assignment`]).
     pub assignment: Assignment,
     /// `INSTANCE_INDEX` (default 0) and `INSTANCE_COUNT` (default 1): this instance's place
     /// among the instances of its service, for static assignment.
@@ -64,24 +65,37 @@ pub struct KafkaSettings {
 /// How the instances of a service share the partitions of the topics they consume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Assignment {
+    /// The default: [`Assignment::Static`] when `INSTANCE_COUNT` is set above 1 or the broker
+    /// is the embedded one, [`Assignment::Group`] otherwise (Apache Kafka), decided at start
+    /// by [`KafkaSettings::settle_assignment`].
+    Auto,
     /// Instance `i` of `n` reads the partitions `p` with `p % n == i`, resuming from the
     /// offsets committed under the service's group id. It needs nothing from the broker's group
-    /// coordinator, so a crashed instance that restarts simply resumes. The default: the
-    /// embedded broker (Tansu 0.6) does not rebalance a group whose member died without
-    /// leaving, which would stop the pipeline after a crash.
+    /// coordinator, so a crashed instance that restarts simply resumes; a second instance with
+    /// the same share waits as a standby (`crate::service::standby`). What the embedded broker
+    /// gets: Tansu 0.6 leaves a group stuck when a member dies during a rebalance.
     Static,
-    /// Kafka's consumer-group protocol: partitions move between instances automatically. For
-    /// Apache Kafka clusters whose instances come and go.
+    /// Kafka's consumer-group protocol: partitions move between instances automatically as
+    /// they come and go, each rebuilding the state of the partitions it holds.
     Group,
+}
+
+impl Assignment {
+    /// What `auto` means on the broker with this cluster id: static on the embedded broker,
+    /// the group protocol on any other.
+    pub fn for_cluster(cluster_id: &str) -> Assignment {
+        if cluster_id == events::topic::EMBEDDED_BROKER_CLUSTER_ID { Assignment::Static } else { Assignment::Group }
+    }
 }
 
 impl std::str::FromStr for Assignment {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(Assignment::Auto),
             "static" => Ok(Assignment::Static),
             "group" => Ok(Assignment::Group),
-            _ => Err("expected `static` or `group`".to_owned()),
+            _ => Err("expected `auto`, `static` or `group`".to_owned()),
         }
     }
 }
@@ -89,6 +103,7 @@ impl std::str::FromStr for Assignment {
 impl std::fmt::Display for Assignment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Assignment::Auto => "auto",
             Assignment::Static => "static",
             Assignment::Group => "group",
         })
@@ -122,7 +137,7 @@ impl KafkaSettings {
             fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(500))?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
             debug: env.raw("KAFKA_DEBUG"),
-            assignment: env.get("KAFKA_ASSIGNMENT", Assignment::Static)?,
+            assignment: env.get("KAFKA_ASSIGNMENT", Assignment::Auto)?,
             instance_index,
             instance_count,
         })
@@ -141,6 +156,33 @@ impl KafkaSettings {
         self.assignment == Assignment::Group || self.instance_count > 1
     }
 
+    /// Whether this instance's partitioned consumers use Kafka's group protocol (after
+    /// [`KafkaSettings::settle_assignment`]).
+    pub fn uses_group_protocol(&self) -> bool {
+        self.assignment == Assignment::Group
+    }
+
+    /// Decides `KAFKA_ASSIGNMENT=auto`: static when `INSTANCE_COUNT` or `INSTANCE_INDEX` was
+    /// set (the instances were given their shares), static on the embedded broker (known by its
+    /// cluster id, [`events::topic::EMBEDDED_BROKER_CLUSTER_ID`]: its group coordinator leaves a
+    /// group stuck when a member dies during a rebalance, so there a second instance waits as a
+    /// standby), and the group protocol on any other broker, so that on Apache Kafka a second
+    /// instance started with nothing but another `HTTP_PORT` takes a share of the partitions.
+    /// Waits for the broker to answer; `None` if shut down meanwhile.
+    pub async fn settle_assignment(&mut self, shutdown: &tokio_util::sync::CancellationToken) -> Option<Assignment> {
+        if self.assignment == Assignment::Auto {
+            self.assignment = if self.instance_count > 1 || self.instance_index > 0 {
+                Assignment::Static
+            } else {
+                let cluster = admin::cluster_id(&self.bootstrap_servers, shutdown).await?;
+                let assignment = Assignment::for_cluster(&cluster);
+                tracing::info!(cluster, %assignment, "KAFKA_ASSIGNMENT=auto: chose by the broker's cluster id");
+                assignment
+            };
+        }
+        Some(self.assignment)
+    }
+
     /// Settings for a broker at `bootstrap_servers`, everything else at its default.
     pub fn for_broker(bootstrap_servers: impl Into<String>) -> Self {
         let mut s =
@@ -151,6 +193,33 @@ impl KafkaSettings {
 
     /// Settings for the embedded broker at `bootstrap_servers` (see [`EMBEDDED_BROKER_ENV`]).
     pub fn for_embedded_broker(bootstrap_servers: impl Into<String>) -> Self {
-        Self { message_timeout: Duration::ZERO, compression: "none".to_owned(), ..Self::for_broker(bootstrap_servers) }
+        Self {
+            message_timeout: Duration::ZERO,
+            compression: "none".to_owned(),
+            assignment: Assignment::Static,
+            ..Self::for_broker(bootstrap_servers)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Assignment, KafkaSettings};
+    use crate::config::Env;
+
+    #[test]
+    fn auto_is_the_default_and_static_where_shares_were_given() {
+        let settings = |pairs: &[(&str, &str)]| KafkaSettings::from_env(&Env::from_pairs(pairs.iter().copied()));
+        assert_eq!(settings(&[]).expect("defaults").assignment, Assignment::Auto);
+        assert_eq!(Assignment::for_cluster("retargetiq"), Assignment::Static, "the embedded broker");
+        assert_eq!(Assignment::for_cluster("MkU3OEVBNTcwNTJENDM2Qk"), Assignment::Group, "an Apache Kafka cluster");
+        assert!(settings(&[("KAFKA_ASSIGNMENT", "sometimes")]).is_err());
+        // Given shares, no broker is asked (nothing listens on port 9): static at once.
+        let mut shared =
+            settings(&[("INSTANCE_COUNT", "2"), ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")]).expect("valid");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let settled = runtime.block_on(shared.settle_assignment(&tokio_util::sync::CancellationToken::new()));
+        assert_eq!(settled, Some(Assignment::Static));
+        assert!(shared.shares_partitions());
     }
 }

@@ -25,7 +25,7 @@ pub(super) fn create(
     let is_group = match &spec.subscription {
         Subscription::Group { group_id } => {
             config.set("group.id", group_id).set("enable.auto.commit", "true").set("auto.commit.interval.ms", "1000");
-            if env.settings.assignment == Assignment::Group {
+            if env.settings.uses_group_protocol() {
                 config.set("session.timeout.ms", "10000");
             }
             true

@@ -38,8 +38,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use super::KafkaSettings;
 use super::producer::{Outgoing, ProduceError, Producer};
-use super::{Assignment, KafkaSettings};
 use crate::http::ReadyFlag;
 
 mod assign;
@@ -123,7 +123,12 @@ pub struct ConsumerEnv {
 }
 
 /// Runs a consumer until shutdown; an error ends it (and its service: see `crate::service`).
-pub async fn run_consumer<H: Handler>(env: ConsumerEnv, spec: ConsumerSpec, mut handler: H) -> anyhow::Result<()> {
+pub async fn run_consumer<H: Handler>(mut env: ConsumerEnv, spec: ConsumerSpec, mut handler: H) -> anyhow::Result<()> {
+    // A service settles `KAFKA_ASSIGNMENT=auto` before it starts its consumers; this is for
+    // consumers run on their own (tools, tests).
+    if env.settings.settle_assignment(&env.shutdown).await.is_none() {
+        return Ok(());
+    }
     // No restart here: the handler's state holds what it has seen, and replaying the
     // partitions from the committed offsets into that state would count messages twice (or,
     // for ids marked seen before their outputs were acknowledged, drop them). The service
@@ -143,7 +148,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     if is_group && spec.topics.len() > 1 {
         check_co_partitioned(&consumer, &spec.topics, &env.shutdown).await?;
     }
-    if is_group && env.settings.assignment == Assignment::Group {
+    if is_group && env.settings.uses_group_protocol() {
         consumer.subscribe(&names).context("subscribing")?;
     } else if is_group {
         let mine = |p: i32| env.settings.owns(p);
@@ -180,7 +185,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     // Under the group protocol a restoring consumer rebuilds its state whenever the group
     // changes its partitions (see `rebuild`); `restored` holds, per partition, the offset below
     // which messages are already in that state.
-    let rebuilds = is_group && env.settings.assignment == Assignment::Group && spec.restore;
+    let rebuilds = is_group && env.settings.uses_group_protocol() && spec.restore;
     let (mut generation, mut restored) = (0_u64, HashMap::new());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
