@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod long_poll;
+pub mod tail;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use rama::layer::{MapErrLayer, MapStateLayer};
 use rama::{Layer as _, Service as _};
 use tansu_broker::coordinator::group::administrator::Controller;
 use tansu_sans_io::create_topics_request::{CreatableTopic, CreatableTopicConfig};
-use tansu_sans_io::{ApiKey as _, FetchRequest, ProduceRequest};
+use tansu_sans_io::{ApiKey as _, DeleteRecordsRequest, DeleteTopicsRequest, FetchRequest, ProduceRequest};
 use tansu_service::{
     BytesFrameLayer, FrameRequestLayer, FrameRouteBuilder, FrameRouteService, TcpBytesLayer, TcpContext,
     TcpContextLayer,
@@ -112,6 +113,7 @@ pub async fn run_with(
     let coordinator =
         Controller::with_storage(engine.clone()).map_err(|e| anyhow::anyhow!("group coordinator: {e:?}"))?;
     let wakeups = Arc::new(long_poll::Wakeups::default());
+    let tails = Arc::new(tail::Tails::default());
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, ?storage, "broker listening");
 
@@ -128,7 +130,7 @@ pub async fn run_with(
                     }
                 };
                 stream.set_nodelay(true)?;
-                let service = routes(engine.clone(), coordinator.clone(), &wakeups)?;
+                let service = routes(engine.clone(), coordinator.clone(), &wakeups, &tails)?;
                 connections.spawn(async move {
                     if let Err(e) = service.serve(rama::Context::default(), stream).await {
                         tracing::debug!(%peer, error = ?e, "connection ended");
@@ -199,14 +201,16 @@ fn routes(
     engine: StorageContainer,
     coordinator: Controller<StorageContainer>,
     wakeups: &Arc<long_poll::Wakeups>,
+    tails: &Arc<tail::Tails>,
 ) -> anyhow::Result<impl rama::Service<(), tokio::net::TcpStream, Error = tansu_broker::Error>> {
     use tansu_broker::service::{auth, coordinator as groups, storage as handlers};
     type Route = fn(
         FrameRouteBuilder<(), tansu_broker::Error>,
         StorageContainer,
     ) -> Result<FrameRouteBuilder<(), tansu_broker::Error>, tansu_broker::Error>;
-    // Every storage handler of `tansu_broker::service::storage::services` but fetch and produce.
-    let tansus: [Route; 24] = [
+    // Every storage handler of `tansu_broker::service::storage::services` but fetch, produce
+    // and the two that delete data (which must also empty the tails).
+    let tansus: [Route; 22] = [
         handlers::add_offsets_to_txn,
         handlers::add_partitions_to_txn,
         handlers::alter_user_scram_credentials,
@@ -214,8 +218,6 @@ fn routes(
         handlers::create_acls,
         handlers::create_topics,
         handlers::delete_groups,
-        handlers::delete_records,
-        handlers::delete_topics,
         handlers::describe_acls,
         handlers::describe_cluster,
         handlers::describe_configs,
@@ -246,19 +248,41 @@ fn routes(
             MapStateLayer::new(move |()| engine),
             FrameRequestLayer::<FetchRequest>::new(),
         )
-            .into_layer(long_poll::LongPollFetch::new(wakeups.clone()))
+            .into_layer(long_poll::LongPollFetch::new(wakeups.clone(), tails.clone()))
             .boxed()
     };
+    let delete_records = (
+        MapErrLayer::new(tansu_broker::Error::from),
+        MapStateLayer::new({
+            let engine = engine.clone();
+            move |()| engine
+        }),
+        FrameRequestLayer::<DeleteRecordsRequest>::new(),
+    )
+        .into_layer(tail::Forgetting { inner: tansu_storage::DeleteRecordsService, tails: tails.clone() })
+        .boxed();
+    let delete_topics = (
+        MapErrLayer::new(tansu_broker::Error::from),
+        MapStateLayer::new({
+            let engine = engine.clone();
+            move |()| engine
+        }),
+        FrameRequestLayer::<DeleteTopicsRequest>::new(),
+    )
+        .into_layer(tail::Forgetting { inner: tansu_storage::DeleteTopicsService, tails: tails.clone() })
+        .boxed();
     let produce = (
         MapErrLayer::new(tansu_broker::Error::from),
         MapStateLayer::new(move |()| engine),
         FrameRequestLayer::<ProduceRequest>::new(),
     )
-        .into_layer(long_poll::NotifyingProduce { wakeups: wakeups.clone() })
+        .into_layer(long_poll::NotifyingProduce { wakeups: wakeups.clone(), tails: tails.clone() })
         .boxed();
     let route = builder
         .with_route(FetchRequest::KEY, fetch)
         .and_then(|b| b.with_route(ProduceRequest::KEY, produce))
+        .and_then(|b| b.with_route(DeleteRecordsRequest::KEY, delete_records))
+        .and_then(|b| b.with_route(DeleteTopicsRequest::KEY, delete_topics))
         .map_err(|e| anyhow::anyhow!("broker routes: {e:?}"))
         .and_then(|b| groups::services(b, coordinator).map_err(error))
         .and_then(|b| auth::services(b).map_err(error))

@@ -28,9 +28,11 @@ use futures::future::select_all;
 use rama::{Context, Service};
 use tansu_sans_io::fetch_response::{FetchableTopicResponse, PartitionData};
 use tansu_sans_io::{ErrorCode, FetchRequest, FetchResponse, ProduceRequest, ProduceResponse};
-use tansu_storage::{Error, FetchService, ProduceService, Storage, TopicId};
+use tansu_storage::{Error, FetchService, Storage, TopicId};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::tail::Tails;
 
 /// A topic (by name) and a partition.
 type Partition = (String, i32);
@@ -63,10 +65,12 @@ impl Wakeups {
     }
 }
 
-/// Tansu's produce handler, then a wake-up of the fetches waiting on the produced partitions.
+/// Tansu's produce handler (through the [`Tails`], which keep what it wrote), then a wake-up
+/// of the fetches waiting on the produced partitions.
 #[derive(Debug, Clone)]
 pub struct NotifyingProduce {
     pub wakeups: Arc<Wakeups>,
+    pub tails: Arc<Tails>,
 }
 
 impl<G: Storage> Service<G, ProduceRequest> for NotifyingProduce {
@@ -80,7 +84,7 @@ impl<G: Storage> Service<G, ProduceRequest> for NotifyingProduce {
             .flatten()
             .flat_map(|t| t.partition_data.iter().flatten().map(|p| (t.name.clone(), p.index)))
             .collect();
-        let response = ProduceService.serve(ctx, req).await?;
+        let response = self.tails.produce(ctx, req).await?;
         for (topic, partition) in &produced {
             self.wakeups.produced(topic, *partition);
         }
@@ -98,7 +102,10 @@ pub const REVALIDATE: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct LongPollFetch {
     wakeups: Arc<Wakeups>,
+    tails: Arc<Tails>,
     memory: Mutex<Memory>,
+    /// Topic names by id, for requests that name topics by id, as of a [`Tails::forgotten`].
+    names: Mutex<(u64, HashMap<[u8; 16], String>)>,
 }
 
 /// What a connection remembers of its empty answers.
@@ -130,11 +137,13 @@ struct Wanted {
     name: String,
     partition: i32,
     offset: i64,
+    /// The most record bytes the client takes from this partition.
+    max_bytes: i32,
 }
 
 impl LongPollFetch {
-    pub fn new(wakeups: Arc<Wakeups>) -> Self {
-        Self { wakeups, memory: Mutex::default() }
+    pub fn new(wakeups: Arc<Wakeups>, tails: Arc<Tails>) -> Self {
+        Self { wakeups, tails, memory: Mutex::default(), names: Mutex::default() }
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
@@ -150,16 +159,23 @@ impl LongPollFetch {
         wanted: &[Wanted],
         generations: &[u64],
     ) -> Result<FetchResponse, Error> {
+        // Partitions whose tail covers the offset are answered from it (see `crate::tail`).
+        let from_tail: Vec<Option<PartitionData>> = wanted
+            .iter()
+            .map(|w| self.tails.read(&w.name, w.partition, w.offset, usize::try_from(w.max_bytes).unwrap_or(0)))
+            .collect();
         let stale: Vec<bool> = {
             let memory = self.memory();
             wanted
                 .iter()
                 .zip(generations)
-                .map(|(w, g)| {
-                    !memory
-                        .partitions
-                        .get(&(w.name.clone(), w.partition))
-                        .is_some_and(|e| e.offset == w.offset && e.generation == *g && e.at.elapsed() < REVALIDATE)
+                .zip(&from_tail)
+                .map(|((w, g), tail)| {
+                    tail.is_none()
+                        && !memory
+                            .partitions
+                            .get(&(w.name.clone(), w.partition))
+                            .is_some_and(|e| e.offset == w.offset && e.generation == *g && e.at.elapsed() < REVALIDATE)
                 })
                 .collect()
         };
@@ -171,7 +187,7 @@ impl LongPollFetch {
         } else {
             None
         };
-        Ok(self.assemble(req, wanted, &stale, fresh.as_ref()))
+        Ok(self.assemble(req, wanted, &stale, fresh.as_ref(), from_tail))
     }
 
     /// Remembers the empty partitions of a fresh answer, and forgets the others.
@@ -185,6 +201,9 @@ impl LongPollFetch {
                 let Some(i) = wanted.iter().position(|w| w.name == name && w.partition == data.partition_index) else {
                     continue;
                 };
+                if let Some(log_start) = data.log_start_offset.filter(|l| *l >= 0) {
+                    self.tails.saw_log_start(&name, data.partition_index, log_start);
+                }
                 let (bytes, errors) = summary([data]);
                 if bytes == 0 && !errors {
                     let entry =
@@ -203,16 +222,25 @@ impl LongPollFetch {
         memory.response = Some(top);
     }
 
-    /// The answer to the whole request: fresh partitions, and remembered ones for the rest.
+    /// The answer to the whole request: fresh partitions, those from the tails, and remembered
+    /// ones for the rest.
     fn assemble(
         &self,
         req: &FetchRequest,
         wanted: &[Wanted],
         stale: &[bool],
         fresh: Option<&FetchResponse>,
+        mut from_tail: Vec<Option<PartitionData>>,
     ) -> FetchResponse {
         let memory = self.memory();
-        let mut response = fresh.cloned().or_else(|| memory.response.clone()).unwrap_or_default();
+        let mut response = fresh.cloned().or_else(|| memory.response.clone()).unwrap_or_else(|| {
+            // The top-level fields as Tansu's fetch fills them.
+            FetchResponse::default()
+                .throttle_time_ms(Some(0))
+                .error_code(Some(ErrorCode::None.into()))
+                .session_id(Some(0))
+                .node_endpoints(Some([].into()))
+        });
         let mut topics = Vec::new();
         for (index, asked) in req.topics.iter().flatten().enumerate() {
             let name = wanted.iter().find(|w| w.topic == index).map(|w| w.name.clone());
@@ -227,8 +255,10 @@ impl LongPollFetch {
                 (None, None) => continue,
             };
             let mut partitions = topic.partitions.take().unwrap_or_default();
-            for (w, _) in wanted.iter().zip(stale).filter(|(w, s)| w.topic == index && !**s) {
-                if let Some(e) = memory.partitions.get(&(w.name.clone(), w.partition)) {
+            for (i, w) in wanted.iter().enumerate().filter(|(i, w)| w.topic == index && !stale[*i]) {
+                if let Some(data) = from_tail[i].take() {
+                    partitions.push(data);
+                } else if let Some(e) = memory.partitions.get(&(w.name.clone(), w.partition)) {
                     partitions.push(e.data.clone());
                 }
             }
@@ -248,7 +278,7 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
         let deadline = Instant::now() + Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
         let min_bytes = usize::try_from(req.min_bytes).unwrap_or(0).max(1);
         let req = req.max_wait_ms(0);
-        let wanted = wanted(&ctx, &req).await?;
+        let wanted = wanted(&ctx, &req, &self.names, &self.tails).await?;
         // Subscribe before the first look, so that a produce between the look and the wait
         // is not missed.
         let mut signals: Vec<watch::Receiver<u64>> =
@@ -281,15 +311,35 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
 }
 
 /// The partitions a fetch asks about, with their topics by name (a request may name a topic
-/// by id only).
-async fn wanted<G: Storage>(ctx: &Context<G>, req: &FetchRequest) -> Result<Vec<Wanted>, Error> {
+/// by id only: the names of ids are asked of the storage once per connection and kept, as a
+/// topic's id never changes — a topic made again gets a new one).
+async fn wanted<G: Storage>(
+    ctx: &Context<G>,
+    req: &FetchRequest,
+    names: &Mutex<(u64, HashMap<[u8; 16], String>)>,
+    tails: &Tails,
+) -> Result<Vec<Wanted>, Error> {
+    let names_of = || {
+        let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
+        // Topics were deleted since: an id may name nothing now.
+        if names.0 != tails.forgotten() {
+            *names = (tails.forgotten(), HashMap::new());
+        }
+        names
+    };
     let mut wanted = Vec::new();
     for (index, topic) in req.topics.iter().flatten().enumerate() {
-        let name = match &topic.topic {
-            Some(name) => Some(name.clone()),
-            None => {
+        let known = topic.topic_id.and_then(|id| names_of().1.get(&id).cloned());
+        let name = match (&topic.topic, known) {
+            (Some(name), _) => Some(name.clone()),
+            (None, Some(name)) => Some(name),
+            (None, None) => {
                 let metadata = ctx.state().metadata(Some(&[TopicId::from(topic)])).await?;
-                metadata.topics().first().and_then(|t| t.name.clone())
+                let name = metadata.topics().first().and_then(|t| t.name.clone());
+                if let (Some(id), Some(name)) = (topic.topic_id, &name) {
+                    names_of().1.insert(id, name.clone());
+                }
+                name
             }
         };
         let Some(name) = name else { continue };
@@ -300,6 +350,7 @@ async fn wanted<G: Storage>(ctx: &Context<G>, req: &FetchRequest) -> Result<Vec<
                 name: name.clone(),
                 partition: p.partition,
                 offset: p.fetch_offset,
+                max_bytes: p.partition_max_bytes,
             });
         }
     }
