@@ -31,6 +31,10 @@ pub struct Args {
     /// before accepting clients.
     #[arg(long, env = "BROKER_CREATE_TOPICS")]
     pub create_topics: bool,
+    /// Record bytes kept in memory per partition, in KiB, so that fetches near the end of a
+    /// partition need no storage query (0 turns it off; see `crates/broker/src/tail.rs`).
+    #[arg(long, env = "BROKER_TAIL_KB", default_value_t = crate::tail::TAIL_BYTES / 1024)]
+    pub tail_kb: usize,
 }
 
 /// Runs the broker as this process's only work, until `shutdown`.
@@ -62,5 +66,6 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     } else {
         Vec::new()
     };
-    crate::run_with(args.listen, storage, Options { advertised: args.advertise, topics }, shutdown).await
+    let options = Options { advertised: args.advertise, topics, tail_bytes: Some(args.tail_kb * 1024) };
+    crate::run_with(args.listen, storage, options, shutdown).await
 }

@@ -66,6 +66,9 @@ pub struct Options {
     /// Topics (name, partitions, configuration) created at start when missing, before clients
     /// are accepted.
     pub topics: Vec<TopicSpec>,
+    /// Record bytes kept per partition in memory for fetches near the end (default
+    /// [`tail::TAIL_BYTES`]; 0: none).
+    pub tail_bytes: Option<usize>,
 }
 
 /// Runs a broker listening on `addr` (also the advertised address) until `shutdown`.
@@ -113,7 +116,7 @@ pub async fn run_with(
     let coordinator =
         Controller::with_storage(engine.clone()).map_err(|e| anyhow::anyhow!("group coordinator: {e:?}"))?;
     let wakeups = Arc::new(long_poll::Wakeups::default());
-    let tails = Arc::new(tail::Tails::default());
+    let tails = Arc::new(tail::Tails::new(options.tail_bytes.unwrap_or(tail::TAIL_BYTES)));
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, ?storage, "broker listening");
 

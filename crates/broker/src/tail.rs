@@ -10,8 +10,8 @@
 //! pipeline is read by several consumer groups, so that cost came several times per message.
 //!
 //! Here every successful produce also appends its batch, with the offsets the storage gave
-//! it, to the partition's tail (up to [`TAIL_BYTES`] per partition, the oldest dropped first),
-//! and a fetch at an offset the tail covers is answered from it: the batches from that offset
+//! it, to the partition's tail (up to [`TAIL_BYTES`] per partition by default, the oldest
+//! dropped first), and a fetch at an offset the tail covers is answered from it: the batches from that offset
 //! on, or nothing when the offset is the end. Offsets outside the tail — a consumer far
 //! behind, a broker just started — go to the storage as before. The data is the same: a batch
 //! enters the tail only after the storage committed it, produces are appended in the order the
@@ -28,7 +28,7 @@ use tansu_sans_io::record::deflated::{Batch, Frame};
 use tansu_sans_io::{ErrorCode, ProduceRequest, ProduceResponse};
 use tansu_storage::{ProduceService, Storage};
 
-/// Record bytes kept per partition at most.
+/// Record bytes kept per partition at most, by default.
 pub const TAIL_BYTES: usize = 1 << 20;
 
 /// A topic (by name) and a partition.
@@ -40,6 +40,8 @@ const TRANSACTIONAL_OR_CONTROL: i16 = 0x10 | 0x20;
 /// The tails of every partition (see the module documentation).
 #[derive(Debug, Default)]
 pub struct Tails {
+    /// Record bytes kept per partition at most (0: nothing is kept).
+    capacity: usize,
     partitions: Mutex<HashMap<Partition, Tail>>,
     /// Held by a produce from before it reaches the storage until its batches are in the
     /// tails, so that tails grow in the order the storage committed the batches.
@@ -76,6 +78,11 @@ impl Tail {
 type Sent = Vec<(Partition, Vec<Batch>, bool)>;
 
 impl Tails {
+    /// Tails of at most `capacity` record bytes per partition.
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity, ..Self::default() }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Partition, Tail>> {
         self.partitions.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -131,7 +138,7 @@ impl Tails {
                 continue;
             };
             let plain = !transactional && batch.magic == 2 && batch.attributes & TRANSACTIONAL_OR_CONTROL == 0;
-            if !plain || batch.record_count == 0 {
+            if !plain || batch.record_count == 0 || self.capacity == 0 {
                 tails.remove(&key);
                 continue;
             }
@@ -147,7 +154,7 @@ impl Tails {
             batch.partition_leader_epoch = -1;
             tail.bytes += batch.record_data.len();
             tail.batches.push_back(batch);
-            while tail.bytes > TAIL_BYTES && tail.batches.len() > 1 {
+            while tail.bytes > self.capacity && tail.batches.len() > 1 {
                 if let Some(old) = tail.batches.pop_front() {
                     tail.bytes -= old.record_data.len();
                 }
