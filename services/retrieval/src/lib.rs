@@ -49,6 +49,11 @@ pub const POPULARITY_HALF_LIFE_HOURS: f64 = 24.0;
 pub const TRENDING_HALF_LIFE_HOURS: f64 = 2.0;
 /// Co-visited products kept per product (the strongest; pruned when twice as many).
 pub const NEIGHBOURS_KEPT: usize = 100;
+/// Products whose co-visits are kept (the most recently co-visited): product ids come from
+/// clients too (events about products the catalog does not hold), so the map is bounded.
+pub const COVISITED_PRODUCTS: usize = 200_000;
+/// Products whose popularity is kept (the most recently engaged with), for the same reason.
+pub const POPULAR_PRODUCTS: usize = 1_000_000;
 /// Candidates per source.
 pub const PER_SOURCE: usize = 20;
 /// Most products retargeted: the user's own products are the strongest signal there is.
@@ -148,10 +153,10 @@ impl Popularity {
 
 /// Co-visitation and popularity, learned from the processed stream.
 pub struct Model {
-    covis: HashMap<String, HashMap<String, f64>>,
+    covis: lru::LruCache<String, HashMap<String, f64>>,
     sessions: HashMap<String, VecDeque<String>>,
     session_order: VecDeque<String>,
-    popularity: HashMap<String, Popularity>,
+    popularity: lru::LruCache<String, Popularity>,
     seen: SeenSet,
     /// The latest event time learned: the model's clock (see [`Model::as_of`]).
     latest: Option<DateTime<Utc>>,
@@ -161,11 +166,19 @@ pub struct Model {
 
 impl Default for Model {
     fn default() -> Self {
+        Self::bounded(COVISITED_PRODUCTS, POPULAR_PRODUCTS)
+    }
+}
+
+impl Model {
+    /// A model keeping the co-visits of at most `covisited` products and the popularity of at
+    /// most `popular` (the most recently engaged with).
+    pub fn bounded(covisited: usize, popular: usize) -> Self {
         Self {
-            covis: HashMap::new(),
+            covis: lru::LruCache::new(bound(covisited)),
             sessions: HashMap::new(),
             session_order: VecDeque::new(),
-            popularity: HashMap::new(),
+            popularity: lru::LruCache::new(bound(popular)),
             seen: SeenSet::new(200_000),
             latest: None,
             lists: std::sync::Mutex::default(),
@@ -230,7 +243,7 @@ impl Model {
     }
 
     fn bump(&mut self, product: &str, weight: f64, at: DateTime<Utc>) {
-        let entry = self.popularity.entry(product.to_owned()).or_default();
+        let entry = self.popularity.get_or_insert_mut(product.to_owned(), Popularity::default);
         Decayed::bump(&mut entry.long, weight, at, POPULARITY_HALF_LIFE_HOURS);
         Decayed::bump(&mut entry.short, weight, at, TRENDING_HALF_LIFE_HOURS);
     }
@@ -247,7 +260,7 @@ impl Model {
         let recent = self.sessions.entry(session.to_owned()).or_default();
         for other in recent.iter().filter(|o| *o != product) {
             for (a, b) in [(product, other.as_str()), (other.as_str(), product)] {
-                let neighbours = self.covis.entry(a.to_owned()).or_default();
+                let neighbours = self.covis.get_or_insert_mut(a.to_owned(), HashMap::new);
                 *neighbours.entry(b.to_owned()).or_default() += 1.0;
                 if neighbours.len() > 2 * NEIGHBOURS_KEPT {
                     prune(neighbours);
@@ -270,18 +283,18 @@ impl Model {
 
     /// How often `a` and `b` were viewed together.
     pub fn co_visits(&self, a: &str, b: &str) -> f64 {
-        self.covis.get(a).and_then(|m| m.get(b)).copied().unwrap_or(0.0)
+        self.covis.peek(a).and_then(|m| m.get(b)).copied().unwrap_or(0.0)
     }
 
     /// Popularity in [0, 1]: half the catalog prior, half the live (decayed, normalised) signal.
     fn popularity_of(&self, product: &catalog::Product, max_live: f64, now: DateTime<Utc>) -> f64 {
-        let live = self.popularity.get(&product.id).map_or(0.0, |d| d.long_at(now));
+        let live = self.popularity.peek(&product.id).map_or(0.0, |d| d.long_at(now));
         let live = if max_live > 0.0 { live / max_live } else { 0.0 };
         0.5 * product.popularity + 0.5 * live
     }
 
     fn max_live(&self, now: DateTime<Utc>) -> f64 {
-        self.popularity.values().map(|d| d.long_at(now)).fold(0.0, f64::max)
+        self.popularity.iter().map(|(_, d)| d.long_at(now)).fold(0.0, f64::max)
     }
 
     /// The products of a category rising fastest: short-term engagement over the long-term
@@ -293,7 +306,7 @@ impl Model {
         let mut scored: Vec<(String, f64)> = catalog
             .in_category(category)
             .filter_map(|p| {
-                let pop = self.popularity.get(&p.id)?;
+                let pop = self.popularity.peek(&p.id)?;
                 let short = pop.short_at(now);
                 if short < TRENDING_MIN_SHORT {
                     return None;
@@ -325,6 +338,10 @@ impl Model {
         scored.truncate(n);
         scored
     }
+}
+
+fn bound(n: usize) -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(n).unwrap_or(std::num::NonZeroUsize::MIN)
 }
 
 /// Keeps the [`NEIGHBOURS_KEPT`] strongest co-visits.
@@ -396,7 +413,7 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     // Co-visitation of the five most recent views, nearer views weighing more.
     let mut covis: HashMap<&str, f64> = HashMap::new();
     for (i, seed) in f.recently_viewed.iter().take(5).enumerate() {
-        if let Some(neighbours) = model.covis.get(seed) {
+        if let Some(neighbours) = model.covis.peek(seed) {
             for (q, c) in neighbours {
                 if !f.recently_viewed.contains(q) {
                     *covis.entry(q.as_str()).or_default() += c / (1.0 + i as f64);
@@ -636,6 +653,25 @@ mod tests {
         let score = |id: &str| c.iter().find(|c| c.product_id == id).map(|c| c.source_score);
         assert_eq!(score(&milk), Some(0.9), "groceries are rebought: full strength");
         assert_eq!(score(&book), Some(0.5 * 0.9 * 0.85), "{c:?}");
+    }
+
+    /// Product ids come from clients too: however many distinct ones arrive, the model keeps
+    /// the most recently engaged with, up to its bounds.
+    #[test]
+    fn products_kept_are_bounded() {
+        let mut model = Model::bounded(10, 20);
+        let some_product = Catalog::demo().products()[0].id.clone();
+        for i in 0..100 {
+            let mut e = view(&format!("e{i}"), &format!("s{}", i / 2), &some_product);
+            if let Some(p) = e.product.as_mut() {
+                p.product_id = format!("CLIENT-{i:03}");
+            }
+            model.learn(&e);
+        }
+        assert_eq!(model.popularity.len(), 20);
+        assert_eq!(model.covis.len(), 10);
+        assert!(model.popularity.peek("CLIENT-099").is_some() && model.popularity.peek("CLIENT-000").is_none());
+        assert!(model.co_visits("CLIENT-099", "CLIENT-098") > 0.0, "the newest co-visits are kept");
     }
 
     #[test]
