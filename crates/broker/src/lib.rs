@@ -244,43 +244,29 @@ fn routes(
             route(builder, engine.clone())
         })
         .map_err(error)?;
-    let fetch = {
-        let engine = engine.clone();
-        (
-            MapErrLayer::new(tansu_broker::Error::from),
-            MapStateLayer::new(move |()| engine),
-            FrameRequestLayer::<FetchRequest>::new(),
-        )
-            .into_layer(long_poll::LongPollFetch::new(wakeups.clone(), tails.clone()))
-            .boxed()
-    };
-    let delete_records = (
-        MapErrLayer::new(tansu_broker::Error::from),
-        MapStateLayer::new({
+    // One of our handlers, for requests of type `$request`, over the storage.
+    macro_rules! ours {
+        ($request:ty, $service:expr) => {{
             let engine = engine.clone();
-            move |()| engine
-        }),
-        FrameRequestLayer::<DeleteRecordsRequest>::new(),
-    )
-        .into_layer(tail::Forgetting { inner: tansu_storage::DeleteRecordsService, tails: tails.clone() })
-        .boxed();
-    let delete_topics = (
-        MapErrLayer::new(tansu_broker::Error::from),
-        MapStateLayer::new({
-            let engine = engine.clone();
-            move |()| engine
-        }),
-        FrameRequestLayer::<DeleteTopicsRequest>::new(),
-    )
-        .into_layer(tail::Forgetting { inner: tansu_storage::DeleteTopicsService, tails: tails.clone() })
-        .boxed();
-    let produce = (
-        MapErrLayer::new(tansu_broker::Error::from),
-        MapStateLayer::new(move |()| engine),
-        FrameRequestLayer::<ProduceRequest>::new(),
-    )
-        .into_layer(long_poll::NotifyingProduce { wakeups: wakeups.clone(), tails: tails.clone() })
-        .boxed();
+            (
+                MapErrLayer::new(tansu_broker::Error::from),
+                MapStateLayer::new(move |()| engine),
+                FrameRequestLayer::<$request>::new(),
+            )
+                .into_layer($service)
+                .boxed()
+        }};
+    }
+    let fetch = ours!(FetchRequest, long_poll::LongPollFetch::new(wakeups.clone(), tails.clone()));
+    let produce = ours!(ProduceRequest, long_poll::NotifyingProduce { wakeups: wakeups.clone(), tails: tails.clone() });
+    let delete_records = ours!(
+        DeleteRecordsRequest,
+        tail::Forgetting { inner: tansu_storage::DeleteRecordsService, tails: tails.clone() }
+    );
+    let delete_topics = ours!(
+        DeleteTopicsRequest,
+        tail::Forgetting { inner: tansu_storage::DeleteTopicsService, tails: tails.clone() }
+    );
     let route = builder
         .with_route(FetchRequest::KEY, fetch)
         .and_then(|b| b.with_route(ProduceRequest::KEY, produce))
