@@ -133,7 +133,7 @@ pub async fn run_with(
                     }
                 };
                 stream.set_nodelay(true)?;
-                let service = routes(engine.clone(), coordinator.clone(), &wakeups, &tails)?;
+                let service = routes(&engine, coordinator.clone(), &wakeups, &tails)?;
                 connections.spawn(async move {
                     if let Err(e) = service.serve(rama::Context::default(), stream).await {
                         tracing::debug!(%peer, error = ?e, "connection ended");
@@ -199,9 +199,10 @@ async fn index_headers(file: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tansu's request handlers for one connection, with Fetch and Produce replaced.
+/// Tansu's request handlers for one connection, with Fetch, Produce and the two that delete
+/// data replaced by ours.
 fn routes(
-    engine: StorageContainer,
+    engine: &StorageContainer,
     coordinator: Controller<StorageContainer>,
     wakeups: &Arc<long_poll::Wakeups>,
     tails: &Arc<tail::Tails>,
