@@ -124,9 +124,12 @@ pub struct ConsumerEnv {
 
 /// Runs a consumer until shutdown; an error ends it (and its service: see `crate::service`).
 pub async fn run_consumer<H: Handler>(mut env: ConsumerEnv, spec: ConsumerSpec, mut handler: H) -> anyhow::Result<()> {
-    // A service settles `KAFKA_ASSIGNMENT=auto` before it starts its consumers; this is for
-    // consumers run on their own (tools, tests).
-    if env.settings.settle_assignment(&env.shutdown).await.is_none() {
+    // A partitioned service settles `KAFKA_ASSIGNMENT=auto` before it starts its consumers;
+    // this is for partitioned consumers run on their own (tools, tests). Replicas and live
+    // readers take every partition whatever the assignment.
+    if matches!(spec.subscription, Subscription::Group { .. })
+        && env.settings.settle_assignment(&env.shutdown).await.is_none()
+    {
         return Ok(());
     }
     // No restart here: the handler's state holds what it has seen, and replaying the
