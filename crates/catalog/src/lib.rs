@@ -106,8 +106,6 @@ pub struct Catalog {
     by_id: HashMap<String, usize>,
     /// Built on first use after a change.
     index: OnceLock<Index>,
-    /// Changes so far (see [`Catalog::revision`]).
-    revision: u64,
 }
 
 /// The orders the readers ask for, over available products only.
@@ -201,23 +199,15 @@ impl Catalog {
             Some(&i) => {
                 self.products[i] = product;
                 self.index = OnceLock::new();
-                self.revision += 1;
                 Change::Updated
             }
             None => {
                 self.by_id.insert(product.id.clone(), self.products.len());
                 self.products.push(product);
                 self.index = OnceLock::new();
-                self.revision += 1;
                 Change::Added
             }
         }
-    }
-
-    /// How many times the catalog changed since it was made: a reader that derives something
-    /// from every product recomputes it when this moves.
-    pub fn revision(&self) -> u64 {
-        self.revision
     }
 
     /// The product with this id, available or not.

@@ -23,7 +23,6 @@
 //! `GET /retrieve/{userId}` shows the latest candidates (404 before the first).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -60,11 +59,6 @@ pub const PER_SOURCE: usize = 20;
 pub const RETARGETED: usize = 50;
 /// Categories whose products people buy again: purchases there are not excluded.
 pub const REPURCHASABLE: &[&str] = &["grocery"];
-/// How long (in event time) the lists computed over every product — the most popular per
-/// category and overall, trending per category, the highest live popularity — are reused
-/// before they are computed again. Each list scans a category (or the whole catalog), so
-/// computing it per snapshot would cost every event time proportional to the catalog.
-pub const LISTS_REFRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 /// Trending needs at least this much short-term engagement (a few views), so one view of a
 /// product nobody looked at before is not a trend.
 const TRENDING_MIN_SHORT: f64 = 3.0;
@@ -160,8 +154,6 @@ pub struct Model {
     seen: SeenSet,
     /// The latest event time learned: the model's clock (see [`Model::as_of`]).
     latest: Option<DateTime<Utc>>,
-    /// Lists over every product, reused for [`LISTS_REFRESH`].
-    lists: std::sync::Mutex<Lists>,
 }
 
 impl Default for Model {
@@ -181,41 +173,7 @@ impl Model {
             popularity: lru::LruCache::new(bound(popular)),
             seen: SeenSet::new(200_000),
             latest: None,
-            lists: std::sync::Mutex::default(),
         }
-    }
-}
-
-/// The lists [`generate`] takes from every product, as of `at` for one catalog revision.
-#[derive(Default)]
-struct Lists {
-    /// (catalog identity, revision, time) they were computed for.
-    of: Option<(usize, u64, DateTime<Utc>)>,
-    max_live: f64,
-    /// The [`PER_SOURCE`] most popular per category (`None`: the whole catalog).
-    popular: HashMap<Option<String>, Arc<[(String, f64)]>>,
-    /// The [`TRENDING_PER_CATEGORY`] fastest rising per category.
-    trending: HashMap<String, Arc<[(String, f64)]>>,
-}
-
-/// Trending products proposed per category at most.
-const TRENDING_PER_CATEGORY: usize = 5;
-
-impl Lists {
-    fn at(&self) -> DateTime<Utc> {
-        self.of.map_or(DateTime::UNIX_EPOCH, |(_, _, at)| at)
-    }
-
-    fn popular(&mut self, model: &Model, catalog: &Catalog, category: Option<&str>) -> Arc<[(String, f64)]> {
-        let (max_live, at) = (self.max_live, self.at());
-        let list = self.popular.entry(category.map(str::to_owned));
-        Arc::clone(list.or_insert_with(|| model.popular(catalog, category, PER_SOURCE, max_live, at).into()))
-    }
-
-    fn trending(&mut self, model: &Model, catalog: &Catalog, category: &str) -> Arc<[(String, f64)]> {
-        let at = self.at();
-        let list = self.trending.entry(category.to_owned());
-        Arc::clone(list.or_insert_with(|| model.trending(catalog, category, TRENDING_PER_CATEGORY, at).into()))
     }
 }
 
@@ -363,12 +321,7 @@ fn prune(neighbours: &mut HashMap<String, f64>) {
 /// The candidates for a user's features. Products the catalog has withdrawn are left out;
 /// products it does not know yet may be retargeted or co-visited.
 pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Candidate> {
-    let mut lists = model.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let identity = (std::ptr::from_ref(catalog) as usize, catalog.revision());
-    let fresh = lists.of.is_some_and(|(c, r, at)| (c, r) == identity && now >= at && now - at < LISTS_REFRESH);
-    if !fresh {
-        *lists = Lists { of: Some((identity.0, identity.1, now)), max_live: model.max_live(now), ..Lists::default() };
-    }
+    let max_live = model.max_live(now);
     let bought: HashSet<&str> = f
         .purchased
         .iter()
@@ -435,19 +388,19 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     for (cat, aff) in cats.into_iter().take(3) {
         let share = if total > 0.0 { aff / total } else { 0.0 };
         let n = ((PER_SOURCE as f64 * share).ceil() as usize).max(3);
-        for (id, score) in lists.popular(model, catalog, Some(cat)).iter().take(n) {
-            push(&mut out, id, CandidateSource::PopularInCategory, score * share.sqrt());
+        for (id, score) in model.popular(catalog, Some(cat), n, max_live, now) {
+            push(&mut out, &id, CandidateSource::PopularInCategory, score * share.sqrt());
         }
-        for (id, score) in lists.trending(model, catalog, cat).iter().take(n.min(TRENDING_PER_CATEGORY)) {
-            push(&mut out, id, CandidateSource::Trending, *score);
+        for (id, score) in model.trending(catalog, cat, n.min(5), now) {
+            push(&mut out, &id, CandidateSource::Trending, score);
         }
     }
 
     // Cold start: too little history to fill a page.
     let distinct: HashSet<&str> = out.iter().map(|c| c.product_id.as_str()).collect();
     if distinct.len() < PER_SOURCE {
-        for (id, score) in lists.popular(model, catalog, None).iter() {
-            push(&mut out, id, CandidateSource::ColdStart, *score);
+        for (id, score) in model.popular(catalog, None, PER_SOURCE, max_live, now) {
+            push(&mut out, &id, CandidateSource::ColdStart, score);
         }
     }
     out
