@@ -78,15 +78,12 @@ impl<G: Storage> Service<G, ProduceRequest> for NotifyingProduce {
     type Error = Error;
 
     async fn serve(&self, ctx: Context<G>, req: ProduceRequest) -> Result<ProduceResponse, Error> {
-        let produced: Vec<Partition> = req
-            .topic_data
-            .iter()
-            .flatten()
-            .flat_map(|t| t.partition_data.iter().flatten().map(|p| (t.name.clone(), p.index)))
-            .collect();
         let response = self.tails.produce(ctx, req).await?;
-        for (topic, partition) in &produced {
-            self.wakeups.produced(topic, *partition);
+        // The answer names every partition of the request.
+        for topic in response.responses.iter().flatten() {
+            for partition in topic.partition_responses.iter().flatten() {
+                self.wakeups.produced(&topic.name, partition.index);
+            }
         }
         Ok(response)
     }
@@ -329,11 +326,10 @@ async fn wanted<G: Storage>(
     };
     let mut wanted = Vec::new();
     for (index, topic) in req.topics.iter().flatten().enumerate() {
-        let known = topic.topic_id.and_then(|id| names_of().1.get(&id).cloned());
-        let name = match (&topic.topic, known) {
-            (Some(name), _) => Some(name.clone()),
-            (None, Some(name)) => Some(name),
-            (None, None) => {
+        let known = || topic.topic_id.and_then(|id| names_of().1.get(&id).cloned());
+        let name = match topic.topic.clone().or_else(known) {
+            name @ Some(_) => name,
+            None => {
                 let metadata = ctx.state().metadata(Some(&[TopicId::from(topic)])).await?;
                 let name = metadata.topics().first().and_then(|t| t.name.clone());
                 if let (Some(id), Some(name)) = (topic.topic_id, &name) {

@@ -11,8 +11,8 @@
 //!
 //! Here every successful produce also appends its batch, with the offsets the storage gave
 //! it, to the partition's tail (up to [`TAIL_BYTES`] per partition by default, the oldest
-//! dropped first), and a fetch at an offset the tail covers is answered from it: the batches from that offset
-//! on, or nothing when the offset is the end. Offsets outside the tail — a consumer far
+//! dropped first), and a fetch at an offset the tail covers is answered from it: the batches
+//! from that offset on, or nothing when the offset is the end. Offsets outside the tail — a consumer far
 //! behind, a broker just started — go to the storage as before. The data is the same: a batch
 //! enters the tail only after the storage committed it, produces are appended in the order the
 //! storage committed them (they run one at a time, see [`Tails::produce_lock`]), and a deleted
@@ -75,7 +75,7 @@ impl Tail {
 }
 
 /// What a produce wrote, partition by partition: the batches it sent.
-type Sent = Vec<(Partition, Vec<Batch>, bool)>;
+type Sent = Vec<(Partition, Vec<Batch>)>;
 
 impl Tails {
     /// Tails of at most `capacity` record bytes per partition.
@@ -99,16 +99,16 @@ impl Tails {
             .iter()
             .flatten()
             .flat_map(|t| {
-                t.partition_data.iter().flatten().map(move |p| {
+                t.partition_data.iter().flatten().map(|p| {
                     let batches: Vec<Batch> = p.records.iter().flat_map(|f| f.batches.iter().cloned()).collect();
-                    ((t.name.clone(), p.index), batches, transactional)
+                    ((t.name.clone(), p.index), batches)
                 })
             })
             .collect();
         let _order = self.produce_lock.lock().await;
         let response = ProduceService.serve(ctx, req).await;
         match &response {
-            Ok(response) => self.appended(sent, response),
+            Ok(response) => self.appended(sent, transactional, response),
             // Whatever happened to the storage, the tails no longer know its end.
             Err(_) => self.clear(),
         }
@@ -116,9 +116,9 @@ impl Tails {
     }
 
     /// Appends the batches of a produce to the tails, at the offsets the storage gave them.
-    fn appended(&self, sent: Sent, response: &ProduceResponse) {
+    fn appended(&self, sent: Sent, transactional: bool, response: &ProduceResponse) {
         let mut tails = self.lock();
-        for ((topic, partition), batches, transactional) in sent {
+        for ((topic, partition), batches) in sent {
             let answer = response
                 .responses
                 .iter()
