@@ -111,6 +111,8 @@ pub struct Catalog {
 /// The orders the readers ask for, over available products only.
 #[derive(Debug, Default)]
 struct Index {
+    /// Unique in the process: see [`Catalog::revision`].
+    revision: u64,
     /// Categories in order of first appearance.
     categories: Vec<String>,
     /// Per category, most popular (by prior) first, ties by id.
@@ -235,7 +237,9 @@ impl Catalog {
 
     fn index(&self) -> &Index {
         self.index.get_or_init(|| {
-            let mut index = Index::default();
+            static REVISIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let mut index =
+                Index { revision: REVISIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed), ..Index::default() };
             for (i, p) in self.products.iter().enumerate().filter(|(_, p)| p.available) {
                 if !index.by_category.contains_key(&p.category) {
                     index.categories.push(p.category.clone());
@@ -254,6 +258,12 @@ impl Catalog {
             index.by_popularity.sort_by(order);
             index
         })
+    }
+
+    /// A number that changes whenever the catalog does and that no other catalog of this
+    /// process has had: what is derived from a catalog can be kept while this stays the same.
+    pub fn revision(&self) -> u64 {
+        self.index().revision
     }
 
     /// Categories with available products, in order of first appearance.
@@ -312,10 +322,15 @@ mod tests {
     #[test]
     fn updates_change_the_product_and_its_orders() {
         let mut c = Catalog::from_products(Catalog::demo().products()[..3].to_vec());
+        let twin = Catalog::from_products(Catalog::demo().products()[..3].to_vec());
+        assert_ne!(c.revision(), twin.revision(), "two catalogs never share a revision");
         let first = c.products()[0].clone();
+        let before = c.revision();
         assert_eq!(c.upsert(first.clone()), Change::Unchanged);
+        assert_eq!(c.revision(), before, "no change, same revision");
         let cheaper = Product { price: 1.0, ..first.clone() };
         assert_eq!(c.upsert(cheaper), Change::Updated);
+        assert_ne!(c.revision(), before);
         assert_eq!(c.get(&first.id).map(|p| p.price), Some(1.0));
         let gone = Product { available: false, ..first.clone() };
         c.upsert(gone);

@@ -116,6 +116,13 @@ struct Decayed {
 }
 
 impl Decayed {
+    /// `log2(value) + t / half-life` (t in hours since the epoch): of two counters with the
+    /// same half-life, the one with the larger key is the larger at every later time, by a
+    /// ratio of `2^(key difference)` that does not change as both decay.
+    fn key(&self, half_life_hours: f64) -> f64 {
+        self.value.log2() + self.at.timestamp_millis() as f64 / 3_600_000.0 / half_life_hours
+    }
+
     fn at(&self, t: DateTime<Utc>, half_life_hours: f64) -> f64 {
         let hours = (t - self.at).num_milliseconds().max(0) as f64 / 3_600_000.0;
         self.value * 0.5_f64.powf(hours / half_life_hours)
@@ -136,6 +143,11 @@ struct Popularity {
 }
 
 impl Popularity {
+    /// See [`Decayed::key`]: the order of long-term popularity, at any time.
+    fn long_key(&self) -> f64 {
+        self.long.map_or(f64::NEG_INFINITY, |d| d.key(POPULARITY_HALF_LIFE_HOURS))
+    }
+
     fn long_at(&self, t: DateTime<Utc>) -> f64 {
         self.long.map_or(0.0, |d| d.at(t, POPULARITY_HALF_LIFE_HOURS))
     }
@@ -151,9 +163,70 @@ pub struct Model {
     sessions: HashMap<String, VecDeque<String>>,
     session_order: VecDeque<String>,
     popularity: lru::LruCache<String, Popularity>,
+    /// The product with the largest long-term popularity ([`Popularity::long_key`]).
+    top: Option<(f64, String)>,
+    /// Per-category lists derived from popularity and the catalog, kept between snapshots.
+    lists: std::sync::Mutex<Lists>,
     seen: SeenSet,
     /// The latest event time learned: the model's clock (see [`Model::as_of`]).
     latest: Option<DateTime<Utc>>,
+}
+
+/// What [`generate`] reads of a category on every snapshot, computed once and then kept up
+/// to date product by product, so that a snapshot costs the products that changed since the
+/// last one rather than a scan of the category (with a shop's catalog, many thousands).
+///
+/// The lists are exactly what a fresh scan would give: a product's popular score depends
+/// only on its own counter, its prior and the top counter ([`Model::popularity_of`]), so
+/// when one product is learned or forgotten only its own place can change. A new top
+/// product, a catalog change or a long backlog of changes empties the lists instead.
+#[derive(Default)]
+struct Lists {
+    /// The catalog revision and top key the lists were computed with.
+    catalog: u64,
+    top: f64,
+    /// By category (`None`: the whole catalog).
+    by_category: HashMap<Option<String>, List>,
+    /// Products learned or forgotten since the lists were last brought up to date.
+    changed: HashSet<String>,
+}
+
+/// Past this many changed products, the lists are recomputed rather than updated.
+const CHANGES_KEPT: usize = 10_000;
+
+struct List {
+    /// The [`PER_SOURCE`] most popular available products, best first, ties by id.
+    popular: Vec<(String, f64)>,
+    /// The category's available products that have a popularity counter: the only ones
+    /// that can be trending.
+    engaged: HashSet<String>,
+}
+
+impl List {
+    /// Puts `id` in its place for its new `score` (`None`: no longer a member). False when
+    /// the list must be recomputed: a product in it fell, and one outside might now pass it.
+    fn update(&mut self, id: &str, score: Option<f64>) -> bool {
+        let better = |a: &(String, f64), b: (&str, f64)| a.1 > b.1 || (a.1 == b.1 && a.0.as_str() < b.0);
+        let at = self.popular.iter().position(|(p, _)| p == id);
+        match (at, score) {
+            (Some(i), Some(s)) if s >= self.popular[i].1 => {
+                self.popular.remove(i);
+            }
+            (Some(_), _) => return false,
+            (None, None) => return true,
+            (None, Some(s)) => {
+                if self.popular.len() >= PER_SOURCE && self.popular.last().is_some_and(|last| better(last, (id, s))) {
+                    return true;
+                }
+            }
+        }
+        if let Some(s) = score {
+            let place = self.popular.iter().position(|e| !better(e, (id, s))).unwrap_or(self.popular.len());
+            self.popular.insert(place, (id.to_owned(), s));
+            self.popular.truncate(PER_SOURCE);
+        }
+        true
+    }
 }
 
 impl Default for Model {
@@ -171,6 +244,8 @@ impl Model {
             sessions: HashMap::new(),
             session_order: VecDeque::new(),
             popularity: lru::LruCache::new(bound(popular)),
+            top: None,
+            lists: std::sync::Mutex::default(),
             seen: SeenSet::new(200_000),
             latest: None,
         }
@@ -201,9 +276,30 @@ impl Model {
     }
 
     fn bump(&mut self, product: &str, weight: f64, at: DateTime<Utc>) {
+        let changed = &mut self.lists.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).changed;
+        let mut top_forgotten = false;
+        if !self.popularity.contains(product)
+            && self.popularity.len() >= self.popularity.cap().get()
+            && let Some((old, _)) = self.popularity.pop_lru()
+        {
+            top_forgotten = self.top.as_ref().is_some_and(|(_, id)| *id == old);
+            changed.insert(old);
+        }
+        changed.insert(product.to_owned());
         let entry = self.popularity.get_or_insert_mut(product.to_owned(), Popularity::default);
         Decayed::bump(&mut entry.long, weight, at, POPULARITY_HALF_LIFE_HOURS);
         Decayed::bump(&mut entry.short, weight, at, TRENDING_HALF_LIFE_HOURS);
+        let key = entry.long_key();
+        if top_forgotten {
+            self.top = self
+                .popularity
+                .iter()
+                .map(|(id, p)| (p.long_key(), id))
+                .max_by(|a, b| a.0.total_cmp(&b.0).then_with(|| b.1.cmp(a.1)))
+                .map(|(key, id)| (key, id.clone()));
+        } else if self.top.as_ref().is_none_or(|(top, _)| key > *top) {
+            self.top = Some((key, product.to_owned()));
+        }
     }
 
     fn co_visit(&mut self, session: &str, product: &str) {
@@ -244,15 +340,68 @@ impl Model {
         self.covis.peek(a).and_then(|m| m.get(b)).copied().unwrap_or(0.0)
     }
 
-    /// Popularity in [0, 1]: half the catalog prior, half the live (decayed, normalised) signal.
-    fn popularity_of(&self, product: &catalog::Product, max_live: f64, now: DateTime<Utc>) -> f64 {
-        let live = self.popularity.peek(&product.id).map_or(0.0, |d| d.long_at(now));
-        let live = if max_live > 0.0 { live / max_live } else { 0.0 };
+    /// Popularity in [0, 1]: half the catalog prior, half the live signal — the product's
+    /// decayed engagement relative to the top product's, a ratio that does not change with
+    /// time as both decay.
+    fn popularity_of(&self, product: &catalog::Product) -> f64 {
+        let live = match (self.popularity.peek(&product.id), &self.top) {
+            (Some(p), Some((top, _))) => (p.long_key() - top).exp2(),
+            _ => 0.0,
+        };
         0.5 * product.popularity + 0.5 * live
     }
 
-    fn max_live(&self, now: DateTime<Utc>) -> f64 {
-        self.popularity.iter().map(|(_, d)| d.long_at(now)).fold(0.0, f64::max)
+    /// The lists of `category` (`None`: the whole catalog), brought up to date with
+    /// `catalog` and with what was learned since they were last read.
+    fn with_list<T>(&self, catalog: &Catalog, category: Option<&str>, read: impl FnOnce(&List) -> T) -> T {
+        let mut lists = self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lists = &mut *lists;
+        let top = self.top.as_ref().map_or(f64::NEG_INFINITY, |(key, _)| *key);
+        if lists.catalog != catalog.revision()
+            || lists.top.to_bits() != top.to_bits()
+            || lists.changed.len() > CHANGES_KEPT
+        {
+            lists.by_category.clear();
+            lists.changed.clear();
+            lists.catalog = catalog.revision();
+            lists.top = top;
+        }
+        for id in lists.changed.drain() {
+            let product = catalog.available(&id);
+            let engaged = self.popularity.contains(&id);
+            for key in [product.map(|p| Some(p.category.clone())), Some(None)].into_iter().flatten() {
+                let Some(list) = lists.by_category.get_mut(&key) else { continue };
+                let score = product.map(|p| self.popularity_of(p));
+                if !list.update(&id, score) {
+                    lists.by_category.remove(&key);
+                } else if engaged && key.is_some() {
+                    list.engaged.insert(id.clone());
+                } else {
+                    list.engaged.remove(&id);
+                }
+            }
+        }
+        let list = lists.by_category.entry(category.map(str::to_owned)).or_insert_with(|| self.list(catalog, category));
+        read(list)
+    }
+
+    /// The lists of `category`, computed from a scan of it.
+    fn list(&self, catalog: &Catalog, category: Option<&str>) -> List {
+        let members: Box<dyn Iterator<Item = &catalog::Product>> = match category {
+            Some(c) => Box::new(catalog.in_category(c)),
+            None => Box::new(catalog.by_popularity()),
+        };
+        let mut popular = Vec::new();
+        let mut engaged = HashSet::new();
+        for p in members {
+            if category.is_some() && self.popularity.contains(&p.id) {
+                engaged.insert(p.id.clone());
+            }
+            popular.push((p.id.clone(), self.popularity_of(p)));
+        }
+        popular.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        popular.truncate(PER_SOURCE);
+        List { popular, engaged }
     }
 
     /// The products of a category rising fastest: short-term engagement over the long-term
@@ -261,40 +410,29 @@ impl Model {
         // At a steady rate r per hour the two counters settle at r·h/ln 2 for half-life h, so
         // their ratio is short/long = 2/24: a trend is a ratio well above that.
         let steady = TRENDING_HALF_LIFE_HOURS / POPULARITY_HALF_LIFE_HOURS;
-        let mut scored: Vec<(String, f64)> = catalog
-            .in_category(category)
-            .filter_map(|p| {
-                let pop = self.popularity.peek(&p.id)?;
-                let short = pop.short_at(now);
-                if short < TRENDING_MIN_SHORT {
-                    return None;
-                }
-                let lift = short / (pop.long_at(now) * steady).max(1e-9);
-                (lift > 1.5).then(|| (p.id.clone(), 1.0 - 1.0 / lift))
-            })
-            .collect();
+        let mut scored: Vec<(String, f64)> = self.with_list(catalog, Some(category), |list| {
+            list.engaged
+                .iter()
+                .filter_map(|id| {
+                    let pop = self.popularity.peek(id)?;
+                    let short = pop.short_at(now);
+                    if short < TRENDING_MIN_SHORT {
+                        return None;
+                    }
+                    let lift = short / (pop.long_at(now) * steady).max(1e-9);
+                    (lift > 1.5).then(|| (id.clone(), 1.0 - 1.0 / lift))
+                })
+                .collect()
+        });
         scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         scored.truncate(n);
         scored
     }
 
-    /// The most popular products of a category (or of the whole catalog), with scores;
-    /// `max_live` is [`Model::max_live`] at `now`, computed once by the caller.
-    fn popular(
-        &self,
-        catalog: &Catalog,
-        category: Option<&str>,
-        n: usize,
-        max_live: f64,
-        now: DateTime<Utc>,
-    ) -> Vec<(String, f64)> {
-        let mut scored: Vec<(String, f64)> = match category {
-            Some(c) => catalog.in_category(c).map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
-            None => catalog.by_popularity().map(|p| (p.id.clone(), self.popularity_of(p, max_live, now))).collect(),
-        };
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        scored.truncate(n);
-        scored
+    /// The `n` (at most [`PER_SOURCE`]) most popular products of a category (or of the whole
+    /// catalog), with scores.
+    fn popular(&self, catalog: &Catalog, category: Option<&str>, n: usize) -> Vec<(String, f64)> {
+        self.with_list(catalog, category, |list| list.popular.iter().take(n).cloned().collect())
     }
 }
 
@@ -321,7 +459,6 @@ fn prune(neighbours: &mut HashMap<String, f64>) {
 /// The candidates for a user's features. Products the catalog has withdrawn are left out;
 /// products it does not know yet may be retargeted or co-visited.
 pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Candidate> {
-    let max_live = model.max_live(now);
     let bought: HashSet<&str> = f
         .purchased
         .iter()
@@ -387,8 +524,8 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     let total: f64 = cats.iter().take(3).map(|c| *c.1).sum();
     for (cat, aff) in cats.into_iter().take(3) {
         let share = if total > 0.0 { aff / total } else { 0.0 };
-        let n = ((PER_SOURCE as f64 * share).ceil() as usize).max(3);
-        for (id, score) in model.popular(catalog, Some(cat), n, max_live, now) {
+        let n = ((PER_SOURCE as f64 * share).ceil() as usize).clamp(3, PER_SOURCE);
+        for (id, score) in model.popular(catalog, Some(cat), n) {
             push(&mut out, &id, CandidateSource::PopularInCategory, score * share.sqrt());
         }
         for (id, score) in model.trending(catalog, cat, n.min(5), now) {
@@ -399,7 +536,7 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     // Cold start: too little history to fill a page.
     let distinct: HashSet<&str> = out.iter().map(|c| c.product_id.as_str()).collect();
     if distinct.len() < PER_SOURCE {
-        for (id, score) in model.popular(catalog, None, PER_SOURCE, max_live, now) {
+        for (id, score) in model.popular(catalog, None, PER_SOURCE) {
             push(&mut out, &id, CandidateSource::ColdStart, score);
         }
     }
@@ -589,6 +726,71 @@ mod tests {
             ..Default::default()
         };
         assert!(sources_of(&generate(&m, Catalog::demo(), &f, now), rising).contains(&CandidateSource::Trending));
+    }
+
+    /// The lists kept between snapshots are always those a fresh scan gives: under random
+    /// engagement, out-of-order times, a popularity memory small enough to forget products,
+    /// and catalog changes.
+    #[test]
+    fn kept_lists_match_a_fresh_scan() {
+        let demo = Catalog::demo();
+        let categories = ["toys", "books", "grocery"];
+        let products: Vec<catalog::Product> =
+            categories.iter().flat_map(|c| demo.in_category(c).take(40).cloned()).collect();
+        let mut catalog = Catalog::from_products(products.clone());
+        let mut m = Model::bounded(1_000, 60);
+        let mut seed = 0x2545_F491_4F6C_DD1D_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let start = Utc::now() - chrono::Duration::days(3);
+        let mut minutes = 0_i64;
+        let mut checks = 0;
+        for step in 0..3_000_u64 {
+            // Skewed towards the first products of the list, with a few unknown ones.
+            let i = next(120).min(next(130)) as usize;
+            let product = products.get(i).map_or_else(|| format!("UNKNOWN-{i}"), |p| p.id.clone());
+            minutes += next(4) as i64;
+            let mut e = view(&format!("e{step}"), &format!("s{}", next(50)), &products[0].id);
+            e.product = Some(ProductInfo { product_id: product, ..e.product.clone().expect("product") });
+            e.event_type = [EventType::ProductView, EventType::Click, EventType::AddToCart][next(3) as usize];
+            e.occurred_at = start + chrono::Duration::minutes(minutes - next(30) as i64);
+            m.learn(&e);
+            if step == 1_500 {
+                // One product withdrawn, one moved to another category.
+                catalog.upsert(catalog::Product { available: false, ..products[1].clone() });
+                catalog.upsert(catalog::Product { category: "books".into(), ..products[2].clone() });
+            }
+            if step % 7 != 0 {
+                continue;
+            }
+            let now = m.as_of(e.occurred_at);
+            for category in categories.iter().map(|c| Some(*c)).chain([None]) {
+                let kept = m.popular(&catalog, category, PER_SOURCE);
+                assert_eq!(kept, m.list(&catalog, category).popular, "step {step}, {category:?}");
+                if let Some(c) = category {
+                    let mut scanned: Vec<(String, f64)> = catalog
+                        .in_category(c)
+                        .filter_map(|p| {
+                            let pop = m.popularity.peek(&p.id)?;
+                            let steady = TRENDING_HALF_LIFE_HOURS / POPULARITY_HALF_LIFE_HOURS;
+                            let lift = pop.short_at(now) / (pop.long_at(now) * steady).max(1e-9);
+                            (pop.short_at(now) >= TRENDING_MIN_SHORT && lift > 1.5)
+                                .then(|| (p.id.clone(), 1.0 - 1.0 / lift))
+                        })
+                        .collect();
+                    scanned.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                    scanned.truncate(5);
+                    assert_eq!(m.trending(&catalog, c, 5, now), scanned, "step {step}, {c}");
+                    checks += usize::from(!scanned.is_empty());
+                }
+            }
+        }
+        assert!(checks > 0, "some products were trending");
+        assert!(m.popularity.len() == 60, "products were forgotten");
     }
 
     #[test]
