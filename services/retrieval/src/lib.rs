@@ -148,6 +148,10 @@ impl Popularity {
         self.long.map_or(f64::NEG_INFINITY, |d| d.key(POPULARITY_HALF_LIFE_HOURS))
     }
 
+    fn short_key(&self) -> f64 {
+        self.short.map_or(f64::NEG_INFINITY, |d| d.key(TRENDING_HALF_LIFE_HOURS))
+    }
+
     fn long_at(&self, t: DateTime<Utc>) -> f64 {
         self.long.map_or(0.0, |d| d.at(t, POPULARITY_HALF_LIFE_HOURS))
     }
@@ -197,12 +201,50 @@ const CHANGES_KEPT: usize = 10_000;
 struct List {
     /// The [`PER_SOURCE`] most popular available products, best first, ties by id.
     popular: Vec<(String, f64)>,
-    /// The category's available products that have a popularity counter: the only ones
-    /// that can be trending.
-    engaged: HashSet<String>,
+    /// The category's available products that have a popularity counter (the only ones that
+    /// can be trending), by short-term key ([`Popularity::short_key`]): a trend needs a
+    /// short-term count of [`TRENDING_MIN_SHORT`], which only those near the top still have.
+    engaged: std::collections::BTreeSet<(Key, String)>,
+    /// The key each member of `engaged` is filed under.
+    keys: HashMap<String, Key>,
+}
+
+/// An `f64` ordered by [`f64::total_cmp`].
+#[derive(Debug, Clone, Copy)]
+struct Key(f64);
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
 }
 
 impl List {
+    /// Files `id` under its short-term `key` (`None`: not engaged, or not a member).
+    fn engage(&mut self, id: &str, key: Option<f64>) {
+        if let Some(old) = self.keys.remove(id) {
+            self.engaged.remove(&(old, id.to_owned()));
+        }
+        if let Some(key) = key {
+            self.keys.insert(id.to_owned(), Key(key));
+            self.engaged.insert((Key(key), id.to_owned()));
+        }
+    }
+
     /// Puts `id` in its place for its new `score` (`None`: no longer a member). False when
     /// the list must be recomputed: a product in it fell, and one outside might now pass it.
     fn update(&mut self, id: &str, score: Option<f64>) -> bool {
@@ -368,16 +410,14 @@ impl Model {
         }
         for id in lists.changed.drain() {
             let product = catalog.available(&id);
-            let engaged = self.popularity.contains(&id);
+            let short_key = self.popularity.peek(&id).map(Popularity::short_key);
             for key in [product.map(|p| Some(p.category.clone())), Some(None)].into_iter().flatten() {
                 let Some(list) = lists.by_category.get_mut(&key) else { continue };
                 let score = product.map(|p| self.popularity_of(p));
                 if !list.update(&id, score) {
                     lists.by_category.remove(&key);
-                } else if engaged && key.is_some() {
-                    list.engaged.insert(id.clone());
-                } else {
-                    list.engaged.remove(&id);
+                } else if key.is_some() {
+                    list.engage(&id, short_key);
                 }
             }
         }
@@ -391,17 +431,18 @@ impl Model {
             Some(c) => Box::new(catalog.in_category(c)),
             None => Box::new(catalog.by_popularity()),
         };
-        let mut popular = Vec::new();
-        let mut engaged = HashSet::new();
+        let mut list = List { popular: Vec::new(), engaged: Default::default(), keys: HashMap::new() };
         for p in members {
-            if category.is_some() && self.popularity.contains(&p.id) {
-                engaged.insert(p.id.clone());
+            if category.is_some()
+                && let Some(pop) = self.popularity.peek(&p.id)
+            {
+                list.engage(&p.id, Some(pop.short_key()));
             }
-            popular.push((p.id.clone(), self.popularity_of(p)));
+            list.popular.push((p.id.clone(), self.popularity_of(p)));
         }
-        popular.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        popular.truncate(PER_SOURCE);
-        List { popular, engaged }
+        list.popular.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        list.popular.truncate(PER_SOURCE);
+        list
     }
 
     /// The products of a category rising fastest: short-term engagement over the long-term
@@ -410,10 +451,16 @@ impl Model {
         // At a steady rate r per hour the two counters settle at r·h/ln 2 for half-life h, so
         // their ratio is short/long = 2/24: a trend is a ratio well above that.
         let steady = TRENDING_HALF_LIFE_HOURS / POPULARITY_HALF_LIFE_HOURS;
+        // No product filed below this key has a short-term count of TRENDING_MIN_SHORT at `now`
+        // (the margin covers rounding; each one above is checked below as it is).
+        let hours = now.timestamp_millis() as f64 / 3_600_000.0;
+        let floor = TRENDING_MIN_SHORT.log2() + hours / TRENDING_HALF_LIFE_HOURS - 1e-6;
         let mut scored: Vec<(String, f64)> = self.with_list(catalog, Some(category), |list| {
             list.engaged
                 .iter()
-                .filter_map(|id| {
+                .rev()
+                .take_while(|(key, _)| key.0 >= floor)
+                .filter_map(|(_, id)| {
                     let pop = self.popularity.peek(id)?;
                     let short = pop.short_at(now);
                     if short < TRENDING_MIN_SHORT {
