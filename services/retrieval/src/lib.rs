@@ -148,8 +148,13 @@ impl Popularity {
         self.long.map_or(f64::NEG_INFINITY, |d| d.key(POPULARITY_HALF_LIFE_HOURS))
     }
 
-    fn short_key(&self) -> f64 {
-        self.short.map_or(f64::NEG_INFINITY, |d| d.key(TRENDING_HALF_LIFE_HOURS))
+    /// The order of the short-term count over the long-term one (the lift that makes a
+    /// trend), at any time: both counters are bumped together, and at a later time `t` the
+    /// log2 of their ratio is this key minus `t` times the difference of the inverse
+    /// half-lives, the same for every product (see [`Decayed::key`]).
+    fn lift_key(&self) -> f64 {
+        let short = self.short.map_or(f64::NEG_INFINITY, |d| d.key(TRENDING_HALF_LIFE_HOURS));
+        short - self.long_key()
     }
 
     fn long_at(&self, t: DateTime<Utc>) -> f64 {
@@ -202,8 +207,7 @@ struct List {
     /// The [`PER_SOURCE`] most popular available products, best first, ties by id.
     popular: Vec<(String, f64)>,
     /// The category's available products that have a popularity counter (the only ones that
-    /// can be trending), by short-term key ([`Popularity::short_key`]): a trend needs a
-    /// short-term count of [`TRENDING_MIN_SHORT`], which only those near the top still have.
+    /// can be trending), by [`Popularity::lift_key`]: trends are read from the top.
     engaged: std::collections::BTreeSet<(Key, String)>,
     /// The key each member of `engaged` is filed under.
     keys: HashMap<String, Key>,
@@ -234,7 +238,7 @@ impl Ord for Key {
 }
 
 impl List {
-    /// Files `id` under its short-term `key` (`None`: not engaged, or not a member).
+    /// Files `id` under its lift `key` (`None`: not engaged, or not a member).
     fn engage(&mut self, id: &str, key: Option<f64>) {
         if let Some(old) = self.keys.remove(id) {
             self.engaged.remove(&(old, id.to_owned()));
@@ -410,14 +414,14 @@ impl Model {
         }
         for id in lists.changed.drain() {
             let product = catalog.available(&id);
-            let short_key = self.popularity.peek(&id).map(Popularity::short_key);
+            let lift_key = self.popularity.peek(&id).map(Popularity::lift_key);
             for key in [product.map(|p| Some(p.category.clone())), Some(None)].into_iter().flatten() {
                 let Some(list) = lists.by_category.get_mut(&key) else { continue };
                 let score = product.map(|p| self.popularity_of(p));
                 if !list.update(&id, score) {
                     lists.by_category.remove(&key);
                 } else if key.is_some() {
-                    list.engage(&id, short_key);
+                    list.engage(&id, lift_key);
                 }
             }
         }
@@ -436,7 +440,7 @@ impl Model {
             if category.is_some()
                 && let Some(pop) = self.popularity.peek(&p.id)
             {
-                list.engage(&p.id, Some(pop.short_key()));
+                list.engage(&p.id, Some(pop.lift_key()));
             }
             list.popular.push((p.id.clone(), self.popularity_of(p)));
         }
@@ -451,25 +455,31 @@ impl Model {
         // At a steady rate r per hour the two counters settle at r·h/ln 2 for half-life h, so
         // their ratio is short/long = 2/24: a trend is a ratio well above that.
         let steady = TRENDING_HALF_LIFE_HOURS / POPULARITY_HALF_LIFE_HOURS;
-        // No product filed below this key has a short-term count of TRENDING_MIN_SHORT at `now`
-        // (the margin covers rounding; each one above is checked below as it is).
+        // The members come highest lift first (see `Popularity::lift_key`): the scan stops at
+        // the first whose lift at `now` is below 1.5, or, once `n` trends are found, at the
+        // first below the n-th. MARGIN covers rounding: each product read is checked as it is.
+        const MARGIN: f64 = 1e-6;
         let hours = now.timestamp_millis() as f64 / 3_600_000.0;
-        let floor = TRENDING_MIN_SHORT.log2() + hours / TRENDING_HALF_LIFE_HOURS - 1e-6;
-        let mut scored: Vec<(String, f64)> = self.with_list(catalog, Some(category), |list| {
-            list.engaged
-                .iter()
-                .rev()
-                .take_while(|(key, _)| key.0 >= floor)
-                .filter_map(|(_, id)| {
-                    let pop = self.popularity.peek(id)?;
-                    let short = pop.short_at(now);
-                    if short < TRENDING_MIN_SHORT {
-                        return None;
+        let log_lift = |key: f64| {
+            key - hours * (1.0 / TRENDING_HALF_LIFE_HOURS - 1.0 / POPULARITY_HALF_LIFE_HOURS) - steady.log2()
+        };
+        let mut scored: Vec<(String, f64)> = Vec::new();
+        self.with_list(catalog, Some(category), |list| {
+            let mut nth: Option<f64> = None;
+            for (key, id) in list.engaged.iter().rev() {
+                if log_lift(key.0) < 1.5_f64.log2() - MARGIN || nth.is_some_and(|nth| key.0 < nth - MARGIN) {
+                    break;
+                }
+                let Some(pop) = self.popularity.peek(id) else { continue };
+                let short = pop.short_at(now);
+                let lift = short / (pop.long_at(now) * steady).max(1e-9);
+                if short >= TRENDING_MIN_SHORT && lift > 1.5 {
+                    scored.push((id.clone(), 1.0 - 1.0 / lift));
+                    if scored.len() == n {
+                        nth = Some(key.0);
                     }
-                    let lift = short / (pop.long_at(now) * steady).max(1e-9);
-                    (lift > 1.5).then(|| (id.clone(), 1.0 - 1.0 / lift))
-                })
-                .collect()
+                }
+            }
         });
         scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         scored.truncate(n);
@@ -796,9 +806,19 @@ mod tests {
         let start = Utc::now() - chrono::Duration::days(3);
         let mut minutes = 0_i64;
         let mut checks = 0;
+        let mut burst = (0, 0);
         for step in 0..3_000_u64 {
-            // Skewed towards the first products of the list, with a few unknown ones.
-            let i = next(120).min(next(130)) as usize;
+            // Skewed towards the first products of the list, with a few unknown ones, and now
+            // and then a burst of views of one product: a trend.
+            if burst.1 == 0 && next(40) == 0 {
+                burst = (next(120) as usize, 5 + next(20));
+            }
+            let i = if burst.1 > 0 {
+                burst.1 -= 1;
+                burst.0
+            } else {
+                next(120).min(next(130)) as usize
+            };
             let product = products.get(i).map_or_else(|| format!("UNKNOWN-{i}"), |p| p.id.clone());
             minutes += next(4) as i64;
             let mut e = view(&format!("e{step}"), &format!("s{}", next(50)), &products[0].id);
@@ -830,14 +850,37 @@ mod tests {
                         })
                         .collect();
                     scanned.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-                    scanned.truncate(5);
-                    assert_eq!(m.trending(&catalog, c, 5, now), scanned, "step {step}, {c}");
-                    checks += usize::from(!scanned.is_empty());
+                    for n in [1, 3, 5] {
+                        let top: Vec<_> = scanned.iter().take(n).cloned().collect();
+                        assert_eq!(m.trending(&catalog, c, n, now), top, "step {step}, {c}, {n}");
+                    }
+                    checks += usize::from(scanned.len() > 3);
                 }
             }
         }
         assert!(checks > 0, "some products were trending");
         assert!(m.popularity.len() == 60, "products were forgotten");
+    }
+
+    #[test]
+    fn equal_trends_are_ordered_by_id() {
+        let mut m = Model::default();
+        let now = Utc::now();
+        let toys: Vec<String> = Catalog::demo().in_category("toys").take(3).map(|p| p.id.clone()).collect();
+        // The same burst for each: equal lifts.
+        for (k, toy) in toys.iter().enumerate() {
+            for i in 0..6 {
+                let mut e = view(&format!("{k}-{i}"), &format!("s{k}-{i}"), toy);
+                e.occurred_at = now - chrono::Duration::minutes(30 - i);
+                m.learn(&e);
+            }
+        }
+        let mut sorted = toys.clone();
+        sorted.sort();
+        for n in 1..=3 {
+            let ids: Vec<String> = m.trending(Catalog::demo(), "toys", n, now).into_iter().map(|t| t.0).collect();
+            assert_eq!(ids, sorted[..n], "n = {n}");
+        }
     }
 
     #[test]
