@@ -133,7 +133,7 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Vec<Row>> {
     let keyed: Vec<(&str, &[u8])> =
         generated.iter().zip(events.iter()).map(|(e, p)| (e.user_id.as_str(), p.as_slice())).collect();
 
-    let mut rows = vec![plain_producer(&settings, &keyed, args.duration).await?];
+    let mut rows = vec![plain_producer(&settings, Topic::UserActivity.name(), &keyed, args.duration).await?];
     let url = format!("http://{service}/api/users/activity");
     rows.push(
         http_load(&http, &url, &events, 1, args, format!("HTTP, 1 event/request, {} clients", args.concurrency))
@@ -159,6 +159,7 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Vec<Row>> {
 /// The same events, keyed by user as the service keys them, straight to the topic.
 pub(crate) async fn plain_producer(
     settings: &KafkaSettings,
+    topic: &str,
     events: &[(&str, &[u8])],
     duration: Duration,
 ) -> anyhow::Result<Row> {
@@ -171,7 +172,7 @@ pub(crate) async fn plain_producer(
         while in_flight.len() < 10_000 {
             let (key, payload) = events[i % events.len()];
             i += 1;
-            let record = FutureRecord::to(Topic::UserActivity.name()).key(key).payload(payload);
+            let record = FutureRecord::to(topic).key(key).payload(payload);
             match producer.send_result(record) {
                 Ok(delivery) => in_flight.push(delivery),
                 Err(_) => break, // the client queue is full: wait for acknowledgements

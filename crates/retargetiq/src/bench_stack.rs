@@ -616,17 +616,28 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
         },
     );
 
-    // The pipeline's highest sustained rate, against the broker's raw produce rate.
+    // The pipeline's highest sustained rate, against the broker's raw produce rate: the same
+    // events to a topic of the same partitions that nothing reads (written to the pipeline's
+    // input, a fast broker's few seconds of raw produce would still be queued in the pipeline
+    // when the first step starts).
     let raw = {
         let settings = kit::kafka::KafkaSettings::for_embedded_broker(stack.broker.clone());
+        let topic = "bench-raw-produce";
+        kit::kafka::admin::ensure_named_topics(
+            &stack.broker,
+            &[(topic.to_owned(), events::Topic::UserActivity.default_partitions())],
+            1,
+            Duration::from_secs(30),
+        )
+        .await?;
         let mut g = Generator::seeded(5);
         let generated: Vec<events::ActivityEvent> = (0..10_000).map(|_| g.activity(Utc::now())).collect();
         let payloads: Vec<Vec<u8>> = generated.iter().map(serde_json::to_vec).collect::<Result<_, _>>()?;
         let keyed: Vec<(&str, &[u8])> =
             generated.iter().zip(&payloads).map(|(e, p)| (e.user_id.as_str(), p.as_slice())).collect();
-        crate::bench::plain_producer(&settings, &keyed, Duration::from_secs(5)).await?.events_per_second
+        crate::bench::plain_producer(&settings, topic, &keyed, Duration::from_secs(5)).await?.events_per_second
     };
-    // Let what the raw producer wrote drain through the pipeline first.
+    // Let the end-to-end background traffic drain first.
     drain(stack, Duration::from_secs(120)).await;
     let mut peak = stack.rss();
     report += &format!(
