@@ -224,12 +224,21 @@ impl LinearModel {
 
     /// The score and each feature's contribution to the logit.
     pub fn score(&self, features: &Features) -> (f64, BTreeMap<String, f64>) {
-        let contributions: BTreeMap<String, f64> = features
+        (self.probability(features), self.contributions(features))
+    }
+
+    /// The score alone: the probability of engagement, rounded to four places.
+    fn probability(&self, features: &Features) -> f64 {
+        round4(sigmoid(self.logit(features)))
+    }
+
+    /// Each feature's contribution to the logit (those that are not zero).
+    fn contributions(&self, features: &Features) -> BTreeMap<String, f64> {
+        features
             .iter()
             .filter_map(|(name, x)| self.weights.get(name).map(|w| ((*name).to_owned(), round4(w * x))))
             .filter(|(_, c)| *c != 0.0)
-            .collect();
-        (round4(sigmoid(self.logit(features))), contributions)
+            .collect()
     }
 
     /// One step of stochastic gradient descent on the logistic loss of `(features, label)`,
@@ -284,7 +293,8 @@ pub fn rank_with_features(
         *slot = slot.max(cand.source_score);
     }
 
-    let mut items: Vec<(RankedItem, Features)> = merged
+    // Every candidate is scored; only the kept ones get an item (names, contributions).
+    let mut scored: Vec<(f64, &catalog::Product, BTreeMap<CandidateSource, f64>, Features)> = merged
         .into_iter()
         .filter_map(|(id, sources)| {
             let product = catalog.available(id)?;
@@ -300,7 +310,14 @@ pub fn rank_with_features(
                 ("category_affinity", if max_affinity > 0.0 { affinity / max_affinity } else { 0.0 }),
                 ("price_fit", price_fit(product.price, mean_log_price)),
             ]);
-            let (score, contributions) = model.score(&features);
+            Some((model.probability(&features), product, sources, features))
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    scored.truncate(MAX_RANKED);
+    let (items, features): (Vec<RankedItem>, Vec<Features>) = scored
+        .into_iter()
+        .map(|(score, product, sources, features)| {
             let item = RankedItem {
                 item_id: product.id.clone(),
                 name: product.name.clone(),
@@ -308,14 +325,11 @@ pub fn rank_with_features(
                 price: product.price,
                 score,
                 sources: sources.keys().copied().collect(),
-                contributions,
+                contributions: model.contributions(&features),
             };
-            Some((item, features))
+            (item, features)
         })
-        .collect();
-    items.sort_by(|a, b| b.0.score.total_cmp(&a.0.score).then_with(|| a.0.item_id.cmp(&b.0.item_id)));
-    items.truncate(MAX_RANKED);
-    let (items, features): (Vec<RankedItem>, Vec<Features>) = items.into_iter().unzip();
+        .unzip();
     let ranked = RankedRecommendations {
         schema_version: events::SCHEMA_VERSION,
         user_id: c.user_id.clone(),
@@ -585,6 +599,47 @@ mod tests {
         assert!((1.0 / (1.0 + (-logit).exp()) - book.score).abs() < 1e-3);
         assert_eq!(book.contributions["co_visitation"], 1.5);
         assert_eq!(book.contributions["category_affinity"], 1.5);
+    }
+
+    /// With more candidates than a list holds, the list is the best [`MAX_RANKED`] of all of
+    /// them by score (ties by id), each explained as if scored alone.
+    #[test]
+    fn long_candidate_lists_keep_the_best() {
+        let catalog = Catalog::demo();
+        let sources = [CandidateSource::PopularInCategory, CandidateSource::CoVisitation, CandidateSource::Trending];
+        let candidates: Vec<Candidate> = catalog
+            .products()
+            .iter()
+            .take(3 * MAX_RANKED)
+            .enumerate()
+            .map(|(i, p)| cand(&p.id, sources[i % 3], ((i * 37) % 100) as f64 / 100.0))
+            .collect();
+        let features = UserFeatures {
+            user_id: "u".into(),
+            category_affinity: BTreeMap::from([("books".to_owned(), 2.0), ("toys".to_owned(), 1.0)]),
+            ..Default::default()
+        };
+        let c = Candidates { schema_version: 1, user_id: "u".into(), generated_at: Utc::now(), features, candidates };
+        let model = LinearModel::initial();
+        let (ranked, features) = rank_with_features(&model, catalog, &c);
+        assert_eq!(ranked.items.len(), MAX_RANKED);
+        assert_eq!(features.len(), MAX_RANKED);
+        // Every candidate alone, scored and explained the one way.
+        let mut alone: Vec<(f64, String)> = c
+            .candidates
+            .iter()
+            .map(|cand| {
+                let one = Candidates { candidates: vec![cand.clone()], ..c.clone() };
+                let (one, _) = rank_with_features(&model, catalog, &one);
+                (one.items[0].score, one.items[0].item_id.clone())
+            })
+            .collect();
+        alone.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let kept: Vec<(f64, String)> = ranked.items.iter().map(|i| (i.score, i.item_id.clone())).collect();
+        assert_eq!(kept, alone[..MAX_RANKED]);
+        for (item, f) in ranked.items.iter().zip(&features) {
+            assert_eq!(model.score(f), (item.score, item.contributions.clone()), "{}", item.item_id);
+        }
     }
 
     /// The published list leaves the explanations out (most of its bytes); the service keeps
