@@ -224,21 +224,12 @@ impl LinearModel {
 
     /// The score and each feature's contribution to the logit.
     pub fn score(&self, features: &Features) -> (f64, BTreeMap<String, f64>) {
-        (self.probability(features), self.contributions(features))
-    }
-
-    /// The score alone: the probability of engagement, rounded to four places.
-    fn probability(&self, features: &Features) -> f64 {
-        round4(sigmoid(self.logit(features)))
-    }
-
-    /// Each feature's contribution to the logit (those that are not zero).
-    fn contributions(&self, features: &Features) -> BTreeMap<String, f64> {
-        features
+        let contributions: BTreeMap<String, f64> = features
             .iter()
             .filter_map(|(name, x)| self.weights.get(name).map(|w| ((*name).to_owned(), round4(w * x))))
             .filter(|(_, c)| *c != 0.0)
-            .collect()
+            .collect();
+        (round4(sigmoid(self.logit(features))), contributions)
     }
 
     /// One step of stochastic gradient descent on the logistic loss of `(features, label)`,
@@ -293,8 +284,7 @@ pub fn rank_with_features(
         *slot = slot.max(cand.source_score);
     }
 
-    // Every candidate is scored; only the kept ones get an item (names, contributions).
-    let mut scored: Vec<(f64, &catalog::Product, BTreeMap<CandidateSource, f64>, Features)> = merged
+    let mut items: Vec<(RankedItem, Features)> = merged
         .into_iter()
         .filter_map(|(id, sources)| {
             let product = catalog.available(id)?;
@@ -310,14 +300,7 @@ pub fn rank_with_features(
                 ("category_affinity", if max_affinity > 0.0 { affinity / max_affinity } else { 0.0 }),
                 ("price_fit", price_fit(product.price, mean_log_price)),
             ]);
-            Some((model.probability(&features), product, sources, features))
-        })
-        .collect();
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
-    scored.truncate(MAX_RANKED);
-    let (items, features): (Vec<RankedItem>, Vec<Features>) = scored
-        .into_iter()
-        .map(|(score, product, sources, features)| {
+            let (score, contributions) = model.score(&features);
             let item = RankedItem {
                 item_id: product.id.clone(),
                 name: product.name.clone(),
@@ -325,11 +308,14 @@ pub fn rank_with_features(
                 price: product.price,
                 score,
                 sources: sources.keys().copied().collect(),
-                contributions: model.contributions(&features),
+                contributions,
             };
-            (item, features)
+            Some((item, features))
         })
-        .unzip();
+        .collect();
+    items.sort_by(|a, b| b.0.score.total_cmp(&a.0.score).then_with(|| a.0.item_id.cmp(&b.0.item_id)));
+    items.truncate(MAX_RANKED);
+    let (items, features): (Vec<RankedItem>, Vec<Features>) = items.into_iter().unzip();
     let ranked = RankedRecommendations {
         schema_version: events::SCHEMA_VERSION,
         user_id: c.user_id.clone(),
