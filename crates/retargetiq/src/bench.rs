@@ -156,7 +156,7 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// The same events, keyed by user as the service keys them, straight to the topic.
+/// The same events, keyed by user as the service keys them, straight to `topic`.
 pub(crate) async fn plain_producer(
     settings: &KafkaSettings,
     topic: &str,

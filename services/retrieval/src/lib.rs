@@ -62,6 +62,20 @@ pub const REPURCHASABLE: &[&str] = &["grocery"];
 /// Trending needs at least this much short-term engagement (a few views), so one view of a
 /// product nobody looked at before is not a trend.
 const TRENDING_MIN_SHORT: f64 = 3.0;
+/// A trend: short-term engagement this many times the level a steady rate would give it.
+const TRENDING_LIFT: f64 = 1.5;
+/// Trending products proposed per category at most.
+const TRENDING_PER_CATEGORY: usize = 5;
+
+/// Hours since the epoch: the time scale of the decayed counters' keys.
+fn hours(t: DateTime<Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 3_600_000.0
+}
+
+/// Best first: by score, then by id.
+fn best_first(a: &(String, f64), b: &(String, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+}
 
 /// The `retrieval` service.
 pub struct Retrieval;
@@ -120,7 +134,7 @@ impl Decayed {
     /// same half-life, the one with the larger key is the larger at every later time, by a
     /// ratio of `2^(key difference)` that does not change as both decay.
     fn key(&self, half_life_hours: f64) -> f64 {
-        self.value.log2() + self.at.timestamp_millis() as f64 / 3_600_000.0 / half_life_hours
+        self.value.log2() + hours(self.at) / half_life_hours
     }
 
     fn at(&self, t: DateTime<Utc>, half_life_hours: f64) -> f64 {
@@ -196,8 +210,18 @@ struct Lists {
     top: f64,
     /// By category (`None`: the whole catalog).
     by_category: HashMap<Option<String>, List>,
-    /// Products learned or forgotten since the lists were last brought up to date.
+    /// Products learned or forgotten since the lists were last brought up to date (past
+    /// [`CHANGES_KEPT`], no more are noted: the lists are recomputed).
     changed: HashSet<String>,
+}
+
+impl Lists {
+    /// Notes that `id` was learned or forgotten.
+    fn changed(&mut self, id: &str) {
+        if self.changed.len() <= CHANGES_KEPT && !self.changed.contains(id) {
+            self.changed.insert(id.to_owned());
+        }
+    }
 }
 
 /// Past this many changed products, the lists are recomputed rather than updated.
@@ -252,7 +276,6 @@ impl List {
     /// Puts `id` in its place for its new `score` (`None`: no longer a member). False when
     /// the list must be recomputed: a product in it fell, and one outside might now pass it.
     fn update(&mut self, id: &str, score: Option<f64>) -> bool {
-        let better = |a: &(String, f64), b: (&str, f64)| a.1 > b.1 || (a.1 == b.1 && a.0.as_str() < b.0);
         let at = self.popular.iter().position(|(p, _)| p == id);
         match (at, score) {
             (Some(i), Some(s)) if s >= self.popular[i].1 => {
@@ -260,16 +283,15 @@ impl List {
             }
             (Some(_), _) => return false,
             (None, None) => return true,
-            (None, Some(s)) => {
-                if self.popular.len() >= PER_SOURCE && self.popular.last().is_some_and(|last| better(last, (id, s))) {
-                    return true;
-                }
-            }
+            (None, Some(_)) => {}
         }
         if let Some(s) = score {
-            let place = self.popular.iter().position(|e| !better(e, (id, s))).unwrap_or(self.popular.len());
-            self.popular.insert(place, (id.to_owned(), s));
-            self.popular.truncate(PER_SOURCE);
+            let entry = (id.to_owned(), s);
+            let place = self.popular.partition_point(|e| best_first(e, &entry).is_lt());
+            if place < PER_SOURCE {
+                self.popular.insert(place, entry);
+                self.popular.truncate(PER_SOURCE);
+            }
         }
         true
     }
@@ -322,16 +344,16 @@ impl Model {
     }
 
     fn bump(&mut self, product: &str, weight: f64, at: DateTime<Utc>) {
-        let changed = &mut self.lists.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).changed;
+        let lists = self.lists.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut top_forgotten = false;
         if !self.popularity.contains(product)
             && self.popularity.len() >= self.popularity.cap().get()
             && let Some((old, _)) = self.popularity.pop_lru()
         {
             top_forgotten = self.top.as_ref().is_some_and(|(_, id)| *id == old);
-            changed.insert(old);
+            lists.changed(&old);
         }
-        changed.insert(product.to_owned());
+        lists.changed(product);
         let entry = self.popularity.get_or_insert_mut(product.to_owned(), Popularity::default);
         Decayed::bump(&mut entry.long, weight, at, POPULARITY_HALF_LIFE_HOURS);
         Decayed::bump(&mut entry.short, weight, at, TRENDING_HALF_LIFE_HOURS);
@@ -414,10 +436,10 @@ impl Model {
         }
         for id in lists.changed.drain() {
             let product = catalog.available(&id);
+            let score = product.map(|p| self.popularity_of(p));
             let lift_key = self.popularity.peek(&id).map(Popularity::lift_key);
             for key in [product.map(|p| Some(p.category.clone())), Some(None)].into_iter().flatten() {
                 let Some(list) = lists.by_category.get_mut(&key) else { continue };
-                let score = product.map(|p| self.popularity_of(p));
                 if !list.update(&id, score) {
                     lists.by_category.remove(&key);
                 } else if key.is_some() {
@@ -444,7 +466,7 @@ impl Model {
             }
             list.popular.push((p.id.clone(), self.popularity_of(p)));
         }
-        list.popular.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        list.popular.sort_by(best_first);
         list.popular.truncate(PER_SOURCE);
         list
     }
@@ -456,24 +478,23 @@ impl Model {
         // their ratio is short/long = 2/24: a trend is a ratio well above that.
         let steady = TRENDING_HALF_LIFE_HOURS / POPULARITY_HALF_LIFE_HOURS;
         // The members come highest lift first (see `Popularity::lift_key`): the scan stops at
-        // the first whose lift at `now` is below 1.5, or, once `n` trends are found, at the
+        // the first whose lift at `now` is below TRENDING_LIFT, or, once `n` trends are found, at the
         // first below the n-th. MARGIN covers rounding: each product read is checked as it is.
         const MARGIN: f64 = 1e-6;
-        let hours = now.timestamp_millis() as f64 / 3_600_000.0;
         let log_lift = |key: f64| {
-            key - hours * (1.0 / TRENDING_HALF_LIFE_HOURS - 1.0 / POPULARITY_HALF_LIFE_HOURS) - steady.log2()
+            key - hours(now) * (1.0 / TRENDING_HALF_LIFE_HOURS - 1.0 / POPULARITY_HALF_LIFE_HOURS) - steady.log2()
         };
         let mut scored: Vec<(String, f64)> = Vec::new();
         self.with_list(catalog, Some(category), |list| {
             let mut nth: Option<f64> = None;
             for (key, id) in list.engaged.iter().rev() {
-                if log_lift(key.0) < 1.5_f64.log2() - MARGIN || nth.is_some_and(|nth| key.0 < nth - MARGIN) {
+                if log_lift(key.0) < TRENDING_LIFT.log2() - MARGIN || nth.is_some_and(|nth| key.0 < nth - MARGIN) {
                     break;
                 }
                 let Some(pop) = self.popularity.peek(id) else { continue };
                 let short = pop.short_at(now);
                 let lift = short / (pop.long_at(now) * steady).max(1e-9);
-                if short >= TRENDING_MIN_SHORT && lift > 1.5 {
+                if short >= TRENDING_MIN_SHORT && lift > TRENDING_LIFT {
                     scored.push((id.clone(), 1.0 - 1.0 / lift));
                     if scored.len() == n {
                         nth = Some(key.0);
@@ -481,7 +502,7 @@ impl Model {
                 }
             }
         });
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        scored.sort_by(best_first);
         scored.truncate(n);
         scored
     }
@@ -585,7 +606,7 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
         for (id, score) in model.popular(catalog, Some(cat), n) {
             push(&mut out, &id, CandidateSource::PopularInCategory, score * share.sqrt());
         }
-        for (id, score) in model.trending(catalog, cat, n.min(5), now) {
+        for (id, score) in model.trending(catalog, cat, n.min(TRENDING_PER_CATEGORY), now) {
             push(&mut out, &id, CandidateSource::Trending, score);
         }
     }
@@ -845,11 +866,11 @@ mod tests {
                             let pop = m.popularity.peek(&p.id)?;
                             let steady = TRENDING_HALF_LIFE_HOURS / POPULARITY_HALF_LIFE_HOURS;
                             let lift = pop.short_at(now) / (pop.long_at(now) * steady).max(1e-9);
-                            (pop.short_at(now) >= TRENDING_MIN_SHORT && lift > 1.5)
+                            (pop.short_at(now) >= TRENDING_MIN_SHORT && lift > TRENDING_LIFT)
                                 .then(|| (p.id.clone(), 1.0 - 1.0 / lift))
                         })
                         .collect();
-                    scanned.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                    scanned.sort_by(best_first);
                     for n in [1, 3, 5] {
                         let top: Vec<_> = scanned.iter().take(n).cloned().collect();
                         assert_eq!(m.trending(&catalog, c, n, now), top, "step {step}, {c}, {n}");
