@@ -940,6 +940,25 @@ mod tests {
         assert!(model.co_visits("CLIENT-099", "CLIENT-098") > 0.0, "the newest co-visits are kept");
     }
 
+    /// Learning with nobody reading the lists (a replay at start) notes a bounded backlog.
+    #[test]
+    fn unread_changes_are_bounded() {
+        let mut model = Model::default();
+        let some_product = Catalog::demo().products()[0].id.clone();
+        for i in 0..3 * CHANGES_KEPT {
+            let mut e = view(&format!("e{i}"), &format!("s{i}"), &some_product);
+            if let Some(p) = e.product.as_mut() {
+                p.product_id = format!("CLIENT-{i}");
+            }
+            model.learn(&e);
+        }
+        let backlog = model.lists.get_mut().expect("lists").changed.len();
+        assert!(backlog <= CHANGES_KEPT + 1, "{backlog} changes noted");
+        // Past the backlog, the lists are computed afresh, and still right.
+        let fresh = model.list(Catalog::demo(), None).popular;
+        assert_eq!(model.popular(Catalog::demo(), None, PER_SOURCE), fresh);
+    }
+
     #[test]
     fn co_visitation_keeps_the_strongest_neighbours() {
         let mut neighbours: HashMap<String, f64> =
