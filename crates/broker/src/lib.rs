@@ -8,6 +8,7 @@
 //! broker` command changes into its data directory first.
 
 pub mod cli;
+pub mod logs;
 pub mod long_poll;
 pub mod tail;
 
@@ -52,6 +53,15 @@ impl Storage {
         };
         Url::parse(&url).with_context(|| format!("bad storage URL {url}"))
     }
+
+    /// Where the records of ordinary topics are kept: beside the SQLite file, named after it
+    /// with `.logs` (`tansu.db` → `tansu.logs`).
+    pub fn logs_dir(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Storage::Memory => None,
+            Storage::Sqlite(file) => Some(std::path::Path::new(file).with_extension("logs")),
+        }
+    }
 }
 
 /// A topic to create: name, partitions, configuration (key, value).
@@ -90,7 +100,7 @@ pub async fn run_with(
     let advertised = options.advertised.clone().unwrap_or_else(|| addr.to_string());
     let listener_url =
         Url::parse(&format!("tcp://{advertised}")).with_context(|| format!("bad advertised address {advertised:?}"))?;
-    let engine = StorageContainer::builder()
+    let sqlite = StorageContainer::builder()
         .cluster_id(CLUSTER_ID)
         .node_id(tansu_broker::NODE_ID)
         .advertised_listener(listener_url)
@@ -100,9 +110,14 @@ pub async fn run_with(
         .build()
         .await
         .map_err(|e| anyhow::anyhow!("opening the broker's storage: {e:?}"))?;
-    if let Storage::Sqlite(file) = &storage {
-        index_headers(file).await?;
-    }
+    let engine = match &storage {
+        Storage::Sqlite(file) => {
+            index_headers(file).await?;
+            let dir = storage.logs_dir().unwrap_or_default();
+            logs::Logs::new(sqlite, &dir).with_context(|| format!("opening the log directory {}", dir.display()))?
+        }
+        Storage::Memory => logs::Logs::plain(sqlite),
+    };
     engine
         .register_broker(BrokerRegistrationRequest {
             broker_id: tansu_broker::NODE_ID,
@@ -156,10 +171,14 @@ pub async fn run_with(
     Ok(())
 }
 
+/// The storage the broker's handlers work on: Tansu's engine, with the records of ordinary
+/// topics in log files when durable ([`logs`]).
+type Engine = logs::Logs<StorageContainer>;
+
 const CLUSTER_ID: &str = events::topic::EMBEDDED_BROKER_CLUSTER_ID;
 
 /// Creates those of `topics` (name, partitions) that the storage does not have yet.
-async fn create_missing_topics(engine: &StorageContainer, topics: &[TopicSpec]) -> anyhow::Result<()> {
+async fn create_missing_topics(engine: &Engine, topics: &[TopicSpec]) -> anyhow::Result<()> {
     if topics.is_empty() {
         return Ok(());
     }
@@ -202,15 +221,15 @@ async fn index_headers(file: &str) -> anyhow::Result<()> {
 /// Tansu's request handlers for one connection, with Fetch, Produce and the two that delete
 /// data replaced by ours.
 fn routes(
-    engine: &StorageContainer,
-    coordinator: Controller<StorageContainer>,
+    engine: &Engine,
+    coordinator: Controller<Engine>,
     wakeups: &Arc<long_poll::Wakeups>,
     tails: &Arc<tail::Tails>,
 ) -> anyhow::Result<impl rama::Service<(), tokio::net::TcpStream, Error = tansu_broker::Error>> {
     use tansu_broker::service::{auth, coordinator as groups, storage as handlers};
     type Route = fn(
         FrameRouteBuilder<(), tansu_broker::Error>,
-        StorageContainer,
+        Engine,
     ) -> Result<FrameRouteBuilder<(), tansu_broker::Error>, tansu_broker::Error>;
     // Every storage handler of `tansu_broker::service::storage::services` but fetch, produce
     // and the two that delete data (which must also empty the tails).
