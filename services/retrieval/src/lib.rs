@@ -199,15 +199,20 @@ pub struct Model {
 /// to date product by product, so that a snapshot costs the products that changed since the
 /// last one rather than a scan of the category (with a shop's catalog, many thousands).
 ///
-/// The lists are exactly what a fresh scan would give: a product's popular score depends
-/// only on its own counter, its prior and the top counter ([`Model::popularity_of`]), so
-/// when one product is learned or forgotten only its own place can change. A new top
-/// product, a catalog change or a long backlog of changes empties the lists instead.
+/// The lists are exactly what a fresh scan would give at their reference top counter: a
+/// product's popular score depends only on its own counter, its prior and that reference
+/// ([`Model::popularity_of`]), so when one product is learned or forgotten only its own place
+/// can change. The top counter moves with nearly every view of the top product; the
+/// reference follows it at most once per [`TOP_REFRESH`] of event time (a rescan of every
+/// list read), so between refreshes live popularity is relative to a top up to that old. A
+/// catalog change or a long backlog of changes empties the lists at once.
 #[derive(Default)]
 struct Lists {
-    /// The catalog revision and top key the lists were computed with.
+    /// The catalog revision and top key the lists were computed with, and when (event time)
+    /// that top was taken.
     catalog: u64,
     top: f64,
+    top_taken: Option<DateTime<Utc>>,
     /// By category (`None`: the whole catalog).
     by_category: HashMap<Option<String>, List>,
     /// Products learned or forgotten since the lists were last brought up to date (past
@@ -226,6 +231,9 @@ impl Lists {
 
 /// Past this many changed products, the lists are recomputed rather than updated.
 const CHANGES_KEPT: usize = 10_000;
+/// How much event time may pass before the lists' reference top counter follows the top
+/// product's (see [`Lists`]).
+const TOP_REFRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
 struct List {
     /// The [`PER_SOURCE`] most popular available products, best first, ties by id.
@@ -411,9 +419,9 @@ impl Model {
     /// Popularity in [0, 1]: half the catalog prior, half the live signal — the product's
     /// decayed engagement relative to the top product's, a ratio that does not change with
     /// time as both decay.
-    fn popularity_of(&self, product: &catalog::Product) -> f64 {
-        let live = match (self.popularity.peek(&product.id), &self.top) {
-            (Some(p), Some((top, _))) => (p.long_key() - top).exp2(),
+    fn popularity_of(&self, product: &catalog::Product, top: f64) -> f64 {
+        let live = match self.popularity.peek(&product.id) {
+            Some(p) if top.is_finite() => (p.long_key() - top).exp2(),
             _ => 0.0,
         };
         0.5 * product.popularity + 0.5 * live
@@ -425,18 +433,22 @@ impl Model {
         let mut lists = self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let lists = &mut *lists;
         let top = self.top.as_ref().map_or(f64::NEG_INFINITY, |(key, _)| *key);
-        if lists.catalog != catalog.revision()
-            || lists.top.to_bits() != top.to_bits()
-            || lists.changed.len() > CHANGES_KEPT
-        {
+        let top_due = lists.top.to_bits() != top.to_bits()
+            && (!lists.top.is_finite()
+                || lists.top_taken.zip(self.latest).is_none_or(|(taken, latest)| latest - taken >= TOP_REFRESH));
+        if lists.catalog != catalog.revision() || top_due || lists.changed.len() > CHANGES_KEPT {
             lists.by_category.clear();
             lists.changed.clear();
             lists.catalog = catalog.revision();
-            lists.top = top;
         }
+        if top_due {
+            lists.top = top;
+            lists.top_taken = self.latest;
+        }
+        let top = lists.top;
         for id in lists.changed.drain() {
             let product = catalog.available(&id);
-            let score = product.map(|p| self.popularity_of(p));
+            let score = product.map(|p| self.popularity_of(p, top));
             let lift_key = self.popularity.peek(&id).map(Popularity::lift_key);
             for key in [product.map(|p| Some(p.category.clone())), Some(None)].into_iter().flatten() {
                 let Some(list) = lists.by_category.get_mut(&key) else { continue };
@@ -447,12 +459,20 @@ impl Model {
                 }
             }
         }
-        let list = lists.by_category.entry(category.map(str::to_owned)).or_insert_with(|| self.list(catalog, category));
+        let list =
+            lists.by_category.entry(category.map(str::to_owned)).or_insert_with(|| self.list(catalog, category, top));
         read(list)
     }
 
-    /// The lists of `category`, computed from a scan of it.
-    fn list(&self, catalog: &Catalog, category: Option<&str>) -> List {
+    /// The top counter the lists are computed with, and when (event time) it was taken.
+    #[cfg(test)]
+    fn reference_top(&self) -> (f64, Option<DateTime<Utc>>) {
+        let lists = self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (lists.top, lists.top_taken)
+    }
+
+    /// The lists of `category`, computed from a scan of it, live popularity relative to `top`.
+    fn list(&self, catalog: &Catalog, category: Option<&str>, top: f64) -> List {
         let members: Box<dyn Iterator<Item = &catalog::Product>> = match category {
             Some(c) => Box::new(catalog.in_category(c)),
             None => Box::new(catalog.by_popularity()),
@@ -464,7 +484,7 @@ impl Model {
             {
                 list.engage(&p.id, Some(pop.lift_key()));
             }
-            list.popular.push((p.id.clone(), self.popularity_of(p)));
+            list.popular.push((p.id.clone(), self.popularity_of(p, top)));
         }
         list.popular.sort_by(best_first);
         list.popular.truncate(PER_SOURCE);
@@ -827,6 +847,7 @@ mod tests {
         let start = Utc::now() - chrono::Duration::days(3);
         let mut minutes = 0_i64;
         let mut checks = 0;
+        let mut stale_reads = 0;
         let mut burst = (0, 0);
         for step in 0..3_000_u64 {
             // Skewed towards the first products of the list, with a few unknown ones, and now
@@ -858,7 +879,12 @@ mod tests {
             let now = m.as_of(e.occurred_at);
             for category in categories.iter().map(|c| Some(*c)).chain([None]) {
                 let kept = m.popular(&catalog, category, PER_SOURCE);
-                assert_eq!(kept, m.list(&catalog, category).popular, "step {step}, {category:?}");
+                let (reference, taken) = m.reference_top();
+                assert_eq!(kept, m.list(&catalog, category, reference).popular, "step {step}, {category:?}");
+                let top = m.top.as_ref().map(|(key, _)| *key).expect("a top product");
+                let stale = taken.zip(m.latest).is_some_and(|(taken, latest)| latest - taken >= TOP_REFRESH);
+                assert!(reference == top || !stale, "step {step}: reference {reference} for top {top}");
+                stale_reads += usize::from(reference != top);
                 if let Some(c) = category {
                     let mut scanned: Vec<(String, f64)> = catalog
                         .in_category(c)
@@ -880,6 +906,7 @@ mod tests {
             }
         }
         assert!(checks > 0, "some products were trending");
+        assert!(stale_reads > 0, "some reads were between a new top and the reference following it");
         assert!(m.popularity.len() == 60, "products were forgotten");
     }
 
@@ -955,8 +982,8 @@ mod tests {
         let backlog = model.lists.get_mut().expect("lists").changed.len();
         assert!(backlog <= CHANGES_KEPT + 1, "{backlog} changes noted");
         // Past the backlog, the lists are computed afresh, and still right.
-        let fresh = model.list(Catalog::demo(), None).popular;
-        assert_eq!(model.popular(Catalog::demo(), None, PER_SOURCE), fresh);
+        let kept = model.popular(Catalog::demo(), None, PER_SOURCE);
+        assert_eq!(kept, model.list(Catalog::demo(), None, model.reference_top().0).popular);
     }
 
     #[test]
