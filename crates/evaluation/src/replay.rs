@@ -101,11 +101,11 @@ impl Platform {
                 processed.push(event);
             }
         }
-        let views = recommendation_api::ViewState {
-            ranked: ranker.latest.read().clone(),
-            offers: kit::state::user_map(),
-            catalog,
-        };
+        let mut ranked = kit::state::user_map();
+        for (user, kept) in ranker.latest.read().iter().rev() {
+            ranked.put(user.clone(), kept.ranked().clone());
+        }
+        let views = recommendation_api::ViewState { ranked, offers: kit::state::user_map(), catalog };
         let model_updates = ranker.model.read().updates;
         Ok(Self { processed, views, model_updates })
     }

@@ -222,14 +222,14 @@ impl LinearModel {
         features.iter().filter_map(|(name, x)| self.weights.get(name).map(|w| w * x)).sum()
     }
 
+    /// The score: the probability of engagement, rounded to 4 places.
+    pub fn probability(&self, features: &Features) -> f64 {
+        round4(sigmoid(self.logit(features)))
+    }
+
     /// The score and each feature's contribution to the logit.
     pub fn score(&self, features: &Features) -> (f64, BTreeMap<String, f64>) {
-        let contributions: BTreeMap<String, f64> = features
-            .iter()
-            .filter_map(|(name, x)| self.weights.get(name).map(|w| ((*name).to_owned(), round4(w * x))))
-            .filter(|(_, c)| *c != 0.0)
-            .collect();
-        (round4(sigmoid(self.logit(features))), contributions)
+        (self.probability(features), contributions(|name| self.weights.get(name).copied(), features))
     }
 
     /// One step of stochastic gradient descent on the logistic loss of `(features, label)`,
@@ -300,7 +300,8 @@ pub fn rank_with_features(
                 ("category_affinity", if max_affinity > 0.0 { affinity / max_affinity } else { 0.0 }),
                 ("price_fit", price_fit(product.price, mean_log_price)),
             ]);
-            let (score, contributions) = model.score(&features);
+            // The explanation is computed when asked for (`explain`), not for every list.
+            let score = model.probability(&features);
             let item = RankedItem {
                 item_id: product.id.clone(),
                 name: product.name.clone(),
@@ -308,7 +309,7 @@ pub fn rank_with_features(
                 price: product.price,
                 score,
                 sources: sources.keys().copied().collect(),
-                contributions,
+                contributions: BTreeMap::new(),
             };
             Some((item, features))
         })
@@ -329,6 +330,26 @@ pub fn rank_with_features(
     (ranked, features)
 }
 
+/// Each feature's contribution to the logit, by `weight`: weight times value, rounded to 4
+/// places; features without a weight or contributing nothing are left out.
+fn contributions(weight: impl Fn(&str) -> Option<f64>, features: &Features) -> BTreeMap<String, f64> {
+    features
+        .iter()
+        .filter_map(|(name, x)| weight(name).map(|w| ((*name).to_owned(), round4(w * x))))
+        .filter(|(_, c)| *c != 0.0)
+        .collect()
+}
+
+/// Fills in each item's contributions (`features` are the items', in order), by the weights
+/// the list was ranked with (its `model_weights`): what [`LinearModel::score`] gave when it
+/// was ranked.
+pub fn explain(ranked: &mut RankedRecommendations, features: &[Features]) {
+    let weights = &ranked.model_weights;
+    for (item, f) in ranked.items.iter_mut().zip(features) {
+        item.contributions = contributions(|name| weights.get(name).copied(), f);
+    }
+}
+
 /// How close a price is to the (log-)mean price of what the user viewed, in [0, 1].
 fn price_fit(price: f64, mean_log_price: Option<f64>) -> f64 {
     match mean_log_price {
@@ -337,12 +358,35 @@ fn price_fit(price: f64, mean_log_price: Option<f64>) -> f64 {
     }
 }
 
-/// Ranks one user's candidates.
+/// Ranks one user's candidates, explained.
 pub fn rank(model: &LinearModel, catalog: &Catalog, c: &Candidates) -> RankedRecommendations {
-    rank_with_features(model, catalog, c).0
+    let (mut ranked, features) = rank_with_features(model, catalog, c);
+    explain(&mut ranked, &features);
+    ranked
 }
 
-type Latest = Shared<UserMap<RankedRecommendations>>;
+/// A user's latest list as ranked, with its items' features: explained when asked for.
+#[derive(Clone)]
+pub struct Kept {
+    ranked: RankedRecommendations,
+    features: Vec<Features>,
+}
+
+impl Kept {
+    /// The list as ranked, unexplained.
+    pub fn ranked(&self) -> &RankedRecommendations {
+        &self.ranked
+    }
+
+    /// The list with each item's contributions.
+    pub fn explained(&self) -> RankedRecommendations {
+        let mut ranked = self.ranked.clone();
+        explain(&mut ranked, &self.features);
+        ranked
+    }
+}
+
+type Latest = Shared<UserMap<Kept>>;
 
 /// What the HTTP handlers read.
 #[derive(Clone)]
@@ -377,13 +421,39 @@ impl Ranker {
         }
     }
 
-    /// Ranks and remembers what is shown.
+    /// Ranks, remembers what is shown and the whole list (`GET /rank/{userId}`), and returns
+    /// the list as it is published: the explanations and the catalog's data stay here (they
+    /// were most of each message's bytes, and no consumer of the topic reads them — the
+    /// recommendation API answers with the live catalog's).
     pub fn rank(&mut self, c: &Candidates) -> RankedRecommendations {
         let (ranked, features) = rank_with_features(&self.model.read(), &self.catalog.read(), c);
-        let shown = ranked.items.iter().zip(features).take(SERVED).map(|(i, f)| (i.item_id.clone(), f)).collect();
+        let shown =
+            ranked.items.iter().zip(&features).take(SERVED).map(|(i, f)| (i.item_id.clone(), f.clone())).collect();
         self.served.put(ranked.user_id.clone(), shown);
-        self.latest.write().put(ranked.user_id.clone(), ranked.clone());
-        ranked
+        let published = RankedRecommendations {
+            schema_version: ranked.schema_version,
+            user_id: ranked.user_id.clone(),
+            ranked_at: ranked.ranked_at,
+            model_version: ranked.model_version.clone(),
+            model_updates: ranked.model_updates,
+            model_instance: ranked.model_instance.clone(),
+            model_weights: ranked.model_weights.clone(),
+            items: ranked
+                .items
+                .iter()
+                .map(|i| RankedItem {
+                    item_id: i.item_id.clone(),
+                    name: String::new(),
+                    category: String::new(),
+                    price: 0.0,
+                    score: i.score,
+                    sources: i.sources.clone(),
+                    contributions: BTreeMap::new(),
+                })
+                .collect(),
+        };
+        self.latest.write().put(ranked.user_id.clone(), Kept { ranked, features });
+        published
     }
 
     /// Whether `product` is among the items `user` is being shown.
@@ -448,18 +518,9 @@ impl Handler for Ranker {
         match rec.topic {
             Topic::Candidates => {
                 let candidates: Candidates = rec.json()?;
-                let mut ranked = self.rank(&candidates);
+                let ranked = self.rank(&candidates);
                 metrics::counter!("ranking_lists_total").increment(1);
                 metrics::gauge!("ranking_model_updates").set(ranked.model_updates as f64);
-                // The explanations and the catalog's data stay here (`GET /rank/{userId}`): they
-                // were most of each message's bytes, and no consumer of the topic reads them
-                // (the recommendation API answers with the live catalog's).
-                for item in &mut ranked.items {
-                    item.contributions.clear();
-                    item.name.clear();
-                    item.category.clear();
-                    item.price = 0.0;
-                }
                 out.send(&ranked);
             }
             Topic::ProcessedEvents => {
@@ -531,7 +592,7 @@ async fn get_ranked(
     Path(user_id): Path<String>,
 ) -> Result<Json<RankedRecommendations>, ApiError> {
     let latest = state.latest.read();
-    found(latest.peek(&user_id).cloned(), || format!("no ranked list for user {user_id:?} yet"))
+    found(latest.peek(&user_id).map(Kept::explained), || format!("no ranked list for user {user_id:?} yet"))
 }
 
 async fn get_model(State(state): State<RankState>) -> Json<LinearModel> {
@@ -623,6 +684,8 @@ mod tests {
         alone.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         let kept: Vec<(f64, String)> = ranked.items.iter().map(|i| (i.score, i.item_id.clone())).collect();
         assert_eq!(kept, alone[..MAX_RANKED]);
+        let mut ranked = ranked;
+        explain(&mut ranked, &features);
         for (item, f) in ranked.items.iter().zip(&features) {
             assert_eq!(model.score(f), (item.score, item.contributions.clone()), "{}", item.item_id);
         }
@@ -652,7 +715,7 @@ mod tests {
         assert!(published[0].items[0].contributions.is_empty(), "{:?}", published[0]);
         let bytes = String::from_utf8(out.messages()[0].payload.to_vec()).expect("utf-8");
         assert!(!bytes.contains("\"name\"") && !bytes.contains("\"price\""), "{bytes}");
-        let kept = ranker.latest.read().peek("u").cloned().expect("kept");
+        let kept = ranker.latest.read().peek("u").map(Kept::explained).expect("kept");
         assert_eq!((kept.items[0].name.as_str(), kept.items[0].category.as_str()), ("Complete Cookbook Pro", "books"));
         assert_eq!(kept.items[0].contributions["popularity"], 0.8, "{kept:?}");
     }
