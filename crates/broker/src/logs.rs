@@ -779,31 +779,19 @@ impl<S: Storage> Storage for Logs<S> {
 mod tests {
     use super::*;
 
-    /// A batch of `count` records (their bytes are opaque here) from `producer` at `sequence`,
-    /// with a correct checksum.
+    /// A batch of `count` records from `producer` at `sequence`, as a client makes it.
     fn batch(count: i32, producer: i64, sequence: i32, timestamp: i64) -> Batch {
-        let record_data = Bytes::from(vec![7_u8; 10 * count as usize]);
-        let mut batch = Batch {
-            base_offset: 0,
-            batch_length: (BATCH_FIXED + record_data.len()) as i32,
-            partition_leader_epoch: 0,
-            magic: 2,
-            crc: 0,
-            attributes: 0,
-            last_offset_delta: count - 1,
-            base_timestamp: timestamp,
-            max_timestamp: timestamp,
-            producer_id: producer,
-            producer_epoch: 0,
-            base_sequence: sequence,
-            record_count: count as u32,
-            record_data,
-        };
-        let frame = Bytes::from(batch.clone());
-        let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-        digest.update(&frame[FRAME_HEADER + 9..]);
-        batch.crc = digest.finalize() as u32;
-        batch
+        let mut builder = tansu_sans_io::record::inflated::Batch::builder()
+            .last_offset_delta(count - 1)
+            .base_timestamp(timestamp)
+            .max_timestamp(timestamp)
+            .producer_id(producer)
+            .base_sequence(sequence);
+        for i in 0..count {
+            let record = tansu_sans_io::record::Record::builder().offset_delta(i).value(Some(Bytes::from(vec![7; 10])));
+            builder = builder.record(record);
+        }
+        builder.build().and_then(Batch::try_from).expect("a batch")
     }
 
     fn offsets(batches: &[Batch]) -> Vec<i64> {
@@ -925,6 +913,70 @@ mod tests {
         txn.attributes |= 16;
         assert!(matches!(log.append(txn, 1_000), Err(Error::Api(ErrorCode::InvalidTxnState))));
         assert_eq!(log.next_offset, 0);
+    }
+
+    /// A data directory from before the log files: a topic whose records are in SQLite stays
+    /// there (its offsets go on, its records are read), a new topic goes to files, and a
+    /// compacted one stays in SQLite.
+    #[tokio::test]
+    async fn topics_with_records_in_sqlite_stay_there() -> anyhow::Result<()> {
+        use tansu_sans_io::create_topics_request::CreatableTopicConfig;
+        // Tansu takes its SQLite file relative to the current directory (the crate's, in a
+        // test); removed at the end, and ignored by git.
+        let db = format!("{}.logs-test.db", std::process::id());
+        let dir = tempfile::tempdir()?;
+        let sqlite = tansu_storage::StorageContainer::builder()
+            .cluster_id("logs-test")
+            .node_id(1)
+            .advertised_listener(Url::parse("tcp://127.0.0.1:9092")?)
+            .storage(Url::parse(&format!("sqlite://{db}"))?)
+            .cancellation(tokio_util::sync::CancellationToken::new())
+            .silent(true)
+            .build()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let topic = |name: &str, compacted: bool| {
+            let configs = compacted.then(|| {
+                vec![CreatableTopicConfig::default().name("cleanup.policy".into()).value(Some("compact".into()))]
+            });
+            CreatableTopic::default().name(name.into()).num_partitions(1).replication_factor(1).configs(configs)
+        };
+        sqlite
+            .register_broker(BrokerRegistrationRequest {
+                broker_id: 1,
+                cluster_id: "logs-test".into(),
+                incarnation_id: Uuid::new_v4(),
+                rack: None,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let at = |name: &str| Topition::new(name, 0);
+        let old = Logs::plain(sqlite.clone());
+        old.create_topic(topic("old", false), false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        assert_eq!(
+            old.produce(None, &at("old"), batch(2, -1, -1, 1_000)).await.map_err(|e| anyhow::anyhow!("{e:?}"))?,
+            0
+        );
+
+        let logs = Logs::new(sqlite, dir.path())?;
+        logs.create_topic(topic("new", false), false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        logs.create_topic(topic("catalog", true), false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        for name in ["old", "new", "catalog"] {
+            let first =
+                logs.produce(None, &at(name), batch(1, -1, -1, 1_000)).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            assert_eq!(first, if name == "old" { 2 } else { 0 }, "{name}");
+            let read = logs.fetch(&at(name), 0, 1, u32::MAX, IsolationLevel::ReadUncommitted).await;
+            let read = read.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            assert_eq!(read.iter().map(|b| b.record_count).sum::<u32>(), if name == "old" { 3 } else { 1 }, "{name}");
+            assert_eq!(dir.path().join(name).exists(), name == "new", "{name}");
+        }
+        // A partition the topic does not have is refused, not made.
+        let missing = logs.produce(None, &Topition::new("new", 1), batch(1, -1, -1, 1_000)).await;
+        assert!(matches!(missing, Err(Error::Api(ErrorCode::UnknownTopicOrPartition))), "{missing:?}");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = fs::remove_file(format!("{db}{suffix}"));
+        }
+        Ok(())
     }
 
     #[test]
