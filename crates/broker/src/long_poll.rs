@@ -89,8 +89,14 @@ impl<G: Storage> Service<G, ProduceRequest> for NotifyingProduce {
     }
 }
 
-/// How long a woken fetch waits for further produces before it looks.
+/// How long a woken fetch waits for further produces before it looks; and how long a fetch
+/// that finds less than [`ENOUGH_BYTES`] waiting waits before it looks again.
 pub const COALESCE: Duration = Duration::from_millis(3);
+
+/// What a fetch that finds records at once answers with without a pause. Under load a reader
+/// that comes back finds a few records waiting; answering each such fetch at once made a
+/// round trip (and a wake-up of the reader's client threads) per record or two.
+pub const ENOUGH_BYTES: usize = 64 << 10;
 
 /// Longest an empty answer is reused without asking the storage again.
 pub const REVALIDATE: Duration = Duration::from_secs(10);
@@ -280,12 +286,15 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
         // is not missed.
         let mut signals: Vec<watch::Receiver<u64>> =
             wanted.iter().map(|w| self.wakeups.subscribe(&w.name, w.partition)).collect();
+        // Whether this fetch has paused once for more records to arrive.
+        let mut paused = false;
         loop {
             let generations: Vec<u64> = signals.iter_mut().map(|signal| *signal.borrow_and_update()).collect();
             let response = self.pass(&ctx, &req, &wanted, &generations).await?;
             let (bytes, errors) =
                 summary(response.responses.iter().flatten().flat_map(|t| t.partitions.iter().flatten()));
-            if bytes >= min_bytes || errors || signals.is_empty() || Instant::now() >= deadline {
+            let enough = bytes >= min_bytes && (paused || bytes >= ENOUGH_BYTES);
+            if enough || errors || signals.is_empty() || Instant::now() >= deadline {
                 if errors {
                     drop(signals);
                     for w in &wanted {
@@ -293,6 +302,13 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
                     }
                 }
                 return Ok(response);
+            }
+            if bytes >= min_bytes {
+                // Records were waiting, but few: a moment's pause lets the answer carry what
+                // the next produces bring.
+                paused = true;
+                tokio::time::sleep(COALESCE.min(deadline.saturating_duration_since(Instant::now()))).await;
+                continue;
             }
             let woken = select_all(signals.iter_mut().map(|signal| Box::pin(signal.changed())));
             if tokio::time::timeout_at(deadline, woken).await.is_err() {
@@ -303,6 +319,7 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
             // read what several of them wrote, rather than one pass (and one round trip of
             // every reader) per produce.
             tokio::time::sleep(COALESCE.min(deadline.saturating_duration_since(Instant::now()))).await;
+            paused = true;
         }
     }
 }
