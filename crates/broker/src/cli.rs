@@ -21,7 +21,7 @@ pub struct Args {
     /// `host:port` that clients are told to connect to (default: the listening address).
     #[arg(long, env = "BROKER_ADVERTISED_LISTENER")]
     pub advertise: Option<String>,
-    /// Directory of the SQLite storage (created if missing).
+    /// Directory of the storage: the SQLite file and the log files (created if missing).
     #[arg(long, env = "RETARGETIQ_DATA_DIR", default_value = "data/broker")]
     pub data_dir: PathBuf,
     /// Keep everything in memory instead (lost on exit).

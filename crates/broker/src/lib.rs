@@ -2,8 +2,9 @@
 //! so that the whole platform runs on one machine with no Docker and nothing installed by
 //! hand: cargo builds the broker with everything else.
 //!
-//! Storage is either in memory (tests) or SQLite (the default for `retargetiq up`: data
-//! survives restarts and `kill -9`). Tansu resolves a `sqlite://` location against the
+//! Storage is either in memory (tests) or durable (the default for `retargetiq up`: data
+//! survives restarts and `kill -9`): SQLite for the metadata and compacted topics, append-only
+//! log files for the records of the others ([`logs`]). Tansu resolves a `sqlite://` location against the
 //! current directory, so [`Storage::Sqlite`] takes a path relative to it; the `retargetiq
 //! broker` command changes into its data directory first.
 
@@ -35,7 +36,9 @@ use url::Url;
 pub enum Storage {
     /// Lost when the broker stops; fastest.
     Memory,
-    /// A SQLite file, relative to the current directory (for example `tansu.db`).
+    /// A SQLite file, relative to the current directory (for example `tansu.db`), for the
+    /// metadata and compacted topics, with the records of the others in log files beside it
+    /// ([`Storage::logs_dir`]).
     Sqlite(String),
 }
 

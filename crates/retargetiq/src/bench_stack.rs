@@ -1,7 +1,7 @@
 //! `retargetiq bench stack`: the whole platform, measured as a user runs it.
 //!
-//! Starts `retargetiq up` as users run it — the durable embedded broker (SQLite, in a
-//! temporary data directory) and the ten services, each its own process, on ports shifted by
+//! Starts `retargetiq up` as users run it — the durable embedded broker (log files and
+//! SQLite, in a temporary data directory) and the ten services, each its own process, on ports shifted by
 //! `--port-offset`; `--memory` for the in-memory broker instead — and measures, each next to a
 //! baseline taken in the same run on the same machine:
 //!
@@ -55,7 +55,7 @@ pub struct StackArgs {
     /// How long idle CPU is measured.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub idle: Duration,
-    /// Run the broker in memory instead of the durable default (SQLite).
+    /// Run the broker in memory instead of the durable default (log files and SQLite).
     #[arg(long)]
     pub memory: bool,
     /// End-to-end samples.
@@ -501,7 +501,7 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
         "Idle CPU over {} s with no traffic ({} broker), share of one core\n\n\
          | process | idle CPU |\n|---|---:|\n| minimal axum server (baseline) | {:.2} % |\n",
         args.idle.as_secs(),
-        if args.memory { "in-memory" } else { "durable SQLite" },
+        if args.memory { "in-memory" } else { "durable" },
         100.0 * base_idle
     );
     for (name, share) in &idle_cpu {
@@ -704,7 +704,7 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
     if let (Some(i), Some(l)) = (idle.get("(broker)"), peak.get("(broker)")) {
         report += &format!(
             "| embedded broker (Tansu, {}) | {:.1} | {:.1} |\n",
-            if args.memory { "in memory" } else { "SQLite" },
+            if args.memory { "in memory" } else { "log files and SQLite" },
             mib(*i),
             mib(*l)
         );
@@ -748,7 +748,7 @@ pub struct SoakArgs {
 }
 
 /// Sustained load over many more users than `MAX_USERS`, with every process's resident memory
-/// sampled along the way: bounded state shows as a plateau. The broker keeps its data in SQLite
+/// sampled along the way: bounded state shows as a plateau. The broker keeps its data on disk
 /// under a temporary directory (in memory it would hold every event).
 pub async fn soak(args: &SoakArgs) -> anyhow::Result<()> {
     let data = std::env::temp_dir().join(format!("retargetiq-soak-{}", std::process::id()));

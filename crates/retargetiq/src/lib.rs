@@ -1,6 +1,6 @@
 //! The `retargetiq` command-line tool: runs the whole platform on one machine, no Docker.
 //!
-//! - `retargetiq up`: starts a Kafka-compatible broker (embedded Tansu, SQLite storage under
+//! - `retargetiq up`: starts a Kafka-compatible broker (embedded Tansu, log files and SQLite under
 //!   the data directory, so data survives restarts) unless `KAFKA_BOOTSTRAP_SERVERS` names
 //!   another broker, creates the topics, then starts the ten services as child processes,
 //!   each output line prefixed with the service name (like `docker compose up`). A service

@@ -24,7 +24,7 @@ use crate::SERVICES;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// Where the broker keeps its data (SQLite), created if missing.
+    /// Where the broker keeps its data (log files and SQLite), created if missing.
     #[arg(long, env = "RETARGETIQ_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Keep the broker's data in memory (lost on exit) instead.

@@ -1,5 +1,5 @@
 //! Fault injection, the way Kafka's own replication tests check "every acknowledged message
-//! was consumed": the real `retargetiq up` (durable SQLite broker, ten service processes)
+//! was consumed": the real `retargetiq up` (durable broker, ten service processes)
 //! under steady traffic, while
 //! - every consuming service is killed with `kill -9`, in turn, twice, and `up` restarts it;
 //! - the broker is killed with `kill -9` and restarted from its storage;
