@@ -62,9 +62,14 @@ impl Storage {
     pub fn logs_dir(&self) -> Option<std::path::PathBuf> {
         match self {
             Storage::Memory => None,
-            Storage::Sqlite(file) => Some(std::path::Path::new(file).with_extension("logs")),
+            Storage::Sqlite(file) => Some(logs_beside(file)),
         }
     }
+}
+
+/// The log directory of the SQLite file `file`: `tansu.db` → `tansu.logs`.
+fn logs_beside(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(file).with_extension("logs")
 }
 
 /// A topic to create: name, partitions, configuration (key, value).
@@ -116,7 +121,7 @@ pub async fn run_with(
     let engine = match &storage {
         Storage::Sqlite(file) => {
             index_headers(file).await?;
-            let dir = storage.logs_dir().unwrap_or_default();
+            let dir = logs_beside(file);
             logs::Logs::new(sqlite, &dir).with_context(|| format!("opening the log directory {}", dir.display()))?
         }
         Storage::Memory => logs::Logs::plain(sqlite),

@@ -31,7 +31,7 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tansu_sans_io::create_topics_request::CreatableTopic;
@@ -46,7 +46,9 @@ use tansu_sans_io::incremental_alter_configs_response::AlterConfigsResourceRespo
 use tansu_sans_io::list_groups_response::ListedGroup;
 use tansu_sans_io::record::deflated::Batch;
 use tansu_sans_io::txn_offset_commit_response::TxnOffsetCommitResponseTopic;
-use tansu_sans_io::{ConfigResource, ErrorCode, IsolationLevel, ListOffset, ScramMechanism};
+use tansu_sans_io::{
+    ConfigResource, ErrorCode, IsolationLevel, ListOffset, ScramMechanism, to_system_time, to_timestamp,
+};
 use tansu_storage::{
     BrokerRegistrationRequest, Error, GroupDetail, ListOffsetResponse, MetadataResponse, NamedGroupDetail,
     OffsetCommitRequest, OffsetStage, ProducerIdResponse, Result, ScramCredential, Storage, TopicId, Topition,
@@ -131,12 +133,7 @@ impl<S: Storage> Logs<S> {
         if dir.dir.join(topic).is_dir() {
             return Ok(Some(Route::Files { partitions }));
         }
-        let configs = self.inner.describe_config(topic, ConfigResource::Topic, None).await?;
-        let compacted = configs
-            .configs
-            .iter()
-            .flatten()
-            .any(|c| c.name == "cleanup.policy" && c.value.as_deref().is_some_and(|v| v.contains("compact")));
+        let compacted = self.topic_config(topic, "cleanup.policy").await?.is_some_and(|v| v.contains("compact"));
         if compacted {
             return Ok(Some(Route::Inner));
         }
@@ -148,6 +145,12 @@ impl<S: Storage> Logs<S> {
         }
         fs::create_dir_all(dir.dir.join(topic)).map_err(io_error)?;
         Ok(Some(Route::Files { partitions }))
+    }
+
+    /// The value `topic` is configured with for `name`, if any.
+    async fn topic_config(&self, topic: &str, name: &str) -> Result<Option<String>> {
+        let configs = self.inner.describe_config(topic, ConfigResource::Topic, None).await?;
+        Ok(configs.configs.into_iter().flatten().find(|c| c.name == name).and_then(|c| c.value))
     }
 
     /// The name of `topic`, asking the inner engine when it is given by id.
@@ -167,18 +170,15 @@ impl<S: Storage> Logs<S> {
         let topics: Vec<String> =
             fs::read_dir(&dir.dir).map_err(io_error)?.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
         for topic in topics {
-            let configs = self.inner.describe_config(&topic, ConfigResource::Topic, None).await?;
-            let retention = configs
-                .configs
-                .iter()
-                .flatten()
-                .find(|c| c.name == "retention.ms")
-                .and_then(|c| c.value.as_deref()?.parse::<i64>().ok())
+            let retention = self
+                .topic_config(&topic, "retention.ms")
+                .await?
+                .and_then(|v| v.parse::<i64>().ok())
                 .unwrap_or(DEFAULT_RETENTION_MS);
             if retention < 0 {
                 continue;
             }
-            let horizon = millis(now) - retention;
+            let horizon = to_timestamp(&now)? - retention;
             let partitions: Vec<i32> = fs::read_dir(dir.dir.join(&topic))
                 .map_err(io_error)?
                 .filter_map(|e| e.ok()?.file_name().into_string().ok()?.parse().ok())
@@ -247,10 +247,6 @@ fn lock(log: &Mutex<PartitionLog>) -> MutexGuard<'_, PartitionLog> {
 
 fn io_error(e: io::Error) -> Error {
     Error::Io(Arc::new(e))
-}
-
-fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Kafka's legal topic names, which are also safe as directory names.
@@ -373,24 +369,24 @@ impl PartitionLog {
     /// Rebuilds a segment's index, and the partition's next offset and producers, from its
     /// batches; cuts the file at the first one that is incomplete or corrupt and says so.
     fn scan(&mut self, segment: &mut Segment) -> io::Result<bool> {
-        let bytes = fs::read(&segment.path)?;
+        let bytes = Bytes::from(fs::read(&segment.path)?);
         let mut position = 0;
         while position < bytes.len() {
             let rest = &bytes[position..];
-            let frame = rest
+            let length = rest
                 .first_chunk::<FRAME_HEADER>()
                 .and_then(frame_length)
-                .and_then(|length| rest.get(..FRAME_HEADER + length))
-                .filter(|frame| checksum_holds(frame));
-            let batch = frame.and_then(|f| Batch::try_from(Bytes::copy_from_slice(f)).ok());
-            let (Some(frame), Some(batch)) = (frame, batch) else {
+                .map(|length| FRAME_HEADER + length)
+                .filter(|&length| rest.get(..length).is_some_and(checksum_holds));
+            let batch = length.and_then(|length| Batch::try_from(bytes.slice(position..position + length)).ok());
+            let (Some(length), Some(batch)) = (length, batch) else {
                 tracing::warn!(segment = %segment.path.display(), position, "cutting off a torn or corrupt tail");
                 segment.file.set_len(position as u64)?;
                 return Ok(true);
             };
             self.remember(&batch);
-            segment.noted(&batch, position as u64, frame.len() as u64);
-            position += frame.len();
+            segment.noted(&batch, position as u64, length as u64);
+            position += length;
         }
         Ok(false)
     }
@@ -571,7 +567,10 @@ impl<S: Storage> Storage for Logs<S> {
         match self.log(topition).await? {
             None => self.inner.produce(transaction_id, topition, batch).await,
             Some(_) if transaction_id.is_some() => Err(Error::Api(ErrorCode::InvalidTxnState)),
-            Some(log) => lock(&log).append(batch, millis(SystemTime::now())),
+            Some(log) => {
+                let now = to_timestamp(&SystemTime::now())?;
+                lock(&log).append(batch, now)
+            }
         }
     }
 
@@ -612,10 +611,8 @@ impl<S: Storage> Storage for Logs<S> {
             let (offset, timestamp) = match wanted {
                 ListOffset::Earliest => (log.log_start(), None),
                 ListOffset::Latest => (log.next_offset, None),
-                ListOffset::Timestamp(at) => match log.offset_for_timestamp(millis(*at)).map_err(io_error)? {
-                    Some((offset, ms)) => {
-                        (offset, u64::try_from(ms).ok().map(|ms| UNIX_EPOCH + Duration::from_millis(ms)))
-                    }
+                ListOffset::Timestamp(at) => match log.offset_for_timestamp(to_timestamp(at)?).map_err(io_error)? {
+                    Some((offset, ms)) => (offset, to_system_time(ms).ok()),
                     // Kafka's answer when no record is that recent.
                     None => (-1, None),
                 },
