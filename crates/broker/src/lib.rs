@@ -9,6 +9,7 @@
 //! broker` command changes into its data directory first.
 
 pub mod cli;
+pub mod frames;
 pub mod logs;
 pub mod long_poll;
 pub mod tail;
@@ -24,8 +25,7 @@ use tansu_broker::coordinator::group::administrator::Controller;
 use tansu_sans_io::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use tansu_sans_io::{ApiKey as _, DeleteRecordsRequest, DeleteTopicsRequest, FetchRequest, ProduceRequest};
 use tansu_service::{
-    BytesFrameLayer, FrameRequestLayer, FrameRouteBuilder, FrameRouteService, TcpBytesLayer, TcpContext,
-    TcpContextLayer,
+    FrameRequestLayer, FrameRouteBuilder, FrameRouteService, TcpBytesLayer, TcpContext, TcpContextLayer,
 };
 use tansu_storage::{BrokerRegistrationRequest, Storage as _, StorageContainer};
 use tokio_util::sync::CancellationToken;
@@ -307,7 +307,7 @@ fn routes(
     Ok((
         TcpContextLayer::new(TcpContext::default().cluster_id(Some(CLUSTER_ID.into()))),
         TcpBytesLayer::default(),
-        BytesFrameLayer::default(),
+        frames::InlineFrameLayer,
     )
         .into_layer(route))
 }
