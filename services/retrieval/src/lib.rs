@@ -29,7 +29,9 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use catalog::Catalog;
 use chrono::{DateTime, Utc};
+use compact_str::CompactString;
 use events::{Candidate, CandidateSource, Candidates, EventType, ProcessedEvent, Topic, UserFeatures};
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
@@ -182,7 +184,7 @@ impl Popularity {
 
 /// Co-visitation and popularity, learned from the processed stream.
 pub struct Model {
-    covis: lru::LruCache<String, HashMap<String, f64>>,
+    covis: lru::LruCache<String, Neighbours>,
     sessions: HashMap<String, VecDeque<String>>,
     session_order: VecDeque<String>,
     popularity: lru::LruCache<String, Popularity>,
@@ -390,8 +392,8 @@ impl Model {
         let recent = self.sessions.entry(session.to_owned()).or_default();
         for other in recent.iter().filter(|o| *o != product) {
             for (a, b) in [(product, other.as_str()), (other.as_str(), product)] {
-                let neighbours = self.covis.get_or_insert_mut(a.to_owned(), HashMap::new);
-                *neighbours.entry(b.to_owned()).or_default() += 1.0;
+                let neighbours = self.covis.get_or_insert_mut(a.to_owned(), Neighbours::default);
+                *neighbours.entry(CompactString::from(b)).or_default() += 1.0;
                 if neighbours.len() > 2 * NEIGHBOURS_KEPT {
                     prune(neighbours);
                 }
@@ -538,15 +540,22 @@ fn bound(n: usize) -> std::num::NonZeroUsize {
     std::num::NonZeroUsize::new(n).unwrap_or(std::num::NonZeroUsize::MIN)
 }
 
+/// A product's co-visited products and how often. The ids are kept inline (a product id is
+/// rarely longer than 24 bytes): reading a few hundred neighbours per candidate list chased a
+/// pointer to a scattered heap string for each, a cache miss apiece, and that was most of
+/// retrieval's CPU.
+type Neighbours = FastMap<CompactString, f64>;
+
 /// Keeps the [`NEIGHBOURS_KEPT`] strongest co-visits.
-fn prune(neighbours: &mut HashMap<String, f64>) {
+fn prune(neighbours: &mut Neighbours) {
     let mut counts: Vec<f64> = neighbours.values().copied().collect();
     counts.sort_by(|a, b| b.total_cmp(a));
     let floor = counts.get(NEIGHBOURS_KEPT - 1).copied().unwrap_or(0.0);
     neighbours.retain(|_, c| *c >= floor);
     if neighbours.len() > NEIGHBOURS_KEPT {
         // Ties at the floor: drop some of them, in name order, to stay bounded.
-        let mut tied: Vec<String> = neighbours.iter().filter(|(_, c)| **c == floor).map(|(k, _)| k.clone()).collect();
+        let mut tied: Vec<CompactString> =
+            neighbours.iter().filter(|(_, c)| **c == floor).map(|(k, _)| k.clone()).collect();
         tied.sort();
         for k in tied.into_iter().take(neighbours.len() - NEIGHBOURS_KEPT) {
             neighbours.remove(&k);
@@ -557,14 +566,17 @@ fn prune(neighbours: &mut HashMap<String, f64>) {
 /// The candidates for a user's features. Products the catalog has withdrawn are left out;
 /// products it does not know yet may be retargeted or co-visited.
 pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTime<Utc>) -> Vec<Candidate> {
-    let bought: HashSet<&str> = f
+    let bought: FastSet<&str> = f
         .purchased
         .iter()
         .filter(|id| catalog.get(id).is_none_or(|p| !REPURCHASABLE.contains(&p.category.as_str())))
         .map(String::as_str)
         .collect();
     let mut out: Vec<Candidate> = Vec::new();
-    let push = |out: &mut Vec<Candidate>, id: &str, source, score: f64| {
+    // (product, source) pairs already in `out`: a set, not a scan of `out` per candidate (that
+    // scan was most of retrieval's CPU with long histories).
+    let mut proposed: FastSet<(String, CandidateSource)> = FastSet::default();
+    let mut push = |out: &mut Vec<Candidate>, id: &str, source, score: f64| {
         let withdrawn = catalog.get(id).is_some_and(|p| !p.available);
         // What the user bought is retargeted at half strength (they often come back to it:
         // to reorder, compare or review) and never suggested by the other sources.
@@ -573,7 +585,7 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
             (true, CandidateSource::Retargeting) => score * 0.5,
             (true, _) => return,
         };
-        if !withdrawn && !out.iter().any(|c| c.product_id == id && c.source == source) {
+        if !withdrawn && proposed.insert((id.to_owned(), source)) {
             out.push(Candidate { product_id: id.to_owned(), source, source_score: score.clamp(0.0, 1.0) });
         }
     };
@@ -599,11 +611,12 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     }
 
     // Co-visitation of the five most recent views, nearer views weighing more.
-    let mut covis: HashMap<&str, f64> = HashMap::new();
+    let viewed: FastSet<&str> = f.recently_viewed.iter().map(String::as_str).collect();
+    let mut covis: FastMap<&str, f64> = FastMap::default();
     for (i, seed) in f.recently_viewed.iter().take(5).enumerate() {
         if let Some(neighbours) = model.covis.peek(seed) {
             for (q, c) in neighbours {
-                if !f.recently_viewed.contains(q) {
+                if !viewed.contains(q.as_str()) {
                     *covis.entry(q.as_str()).or_default() += c / (1.0 + i as f64);
                 }
             }
@@ -611,8 +624,14 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     }
     let max = covis.values().copied().fold(0.0, f64::max);
     let mut covis: Vec<(&str, f64)> = covis.into_iter().collect();
-    covis.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-    for (id, c) in covis.into_iter().take(PER_SOURCE) {
+    let strongest = |a: &(&str, f64), b: &(&str, f64)| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0));
+    // The best PER_SOURCE in order, without sorting the (up to a thousand) others.
+    if covis.len() > PER_SOURCE {
+        covis.select_nth_unstable_by(PER_SOURCE, strongest);
+        covis.truncate(PER_SOURCE);
+    }
+    covis.sort_by(strongest);
+    for (id, c) in covis {
         push(&mut out, id, CandidateSource::CoVisitation, c / max);
     }
 
@@ -632,7 +651,7 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     }
 
     // Cold start: too little history to fill a page.
-    let distinct: HashSet<&str> = out.iter().map(|c| c.product_id.as_str()).collect();
+    let distinct: FastSet<&str> = out.iter().map(|c| c.product_id.as_str()).collect();
     if distinct.len() < PER_SOURCE {
         for (id, score) in model.popular(catalog, None, PER_SOURCE) {
             push(&mut out, &id, CandidateSource::ColdStart, score);
@@ -988,14 +1007,14 @@ mod tests {
 
     #[test]
     fn co_visitation_keeps_the_strongest_neighbours() {
-        let mut neighbours: HashMap<String, f64> =
-            (0..2 * NEIGHBOURS_KEPT + 1).map(|i| (format!("P{i:05}"), i as f64)).collect();
+        let mut neighbours: Neighbours =
+            (0..2 * NEIGHBOURS_KEPT + 1).map(|i| (format!("P{i:05}").into(), i as f64)).collect();
         prune(&mut neighbours);
         assert_eq!(neighbours.len(), NEIGHBOURS_KEPT);
         let weakest = neighbours.values().copied().fold(f64::INFINITY, f64::min);
         assert_eq!(weakest, (NEIGHBOURS_KEPT + 1) as f64, "the strongest are kept");
         // All tied: still bounded.
-        let mut tied: HashMap<String, f64> = (0..3 * NEIGHBOURS_KEPT).map(|i| (format!("P{i:05}"), 1.0)).collect();
+        let mut tied: Neighbours = (0..3 * NEIGHBOURS_KEPT).map(|i| (format!("P{i:05}").into(), 1.0)).collect();
         prune(&mut tied);
         assert_eq!(tied.len(), NEIGHBOURS_KEPT);
     }
