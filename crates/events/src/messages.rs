@@ -501,6 +501,20 @@ pub enum CandidateSource {
 }
 
 impl CandidateSource {
+    /// Every source, in declaration (and `Ord`) order.
+    pub const ALL: [CandidateSource; 5] = [
+        CandidateSource::Retargeting,
+        CandidateSource::CoVisitation,
+        CandidateSource::PopularInCategory,
+        CandidateSource::Trending,
+        CandidateSource::ColdStart,
+    ];
+
+    /// The source's place in [`CandidateSource::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CandidateSource::Retargeting => "retargeting",

@@ -152,8 +152,26 @@ async fn restore_model(bootstrap_servers: &str) -> LinearModel {
     }
 }
 
-/// The values of a (user, product) pair's features, by name.
-pub type Features = BTreeMap<&'static str, f64>;
+/// The values of a (user, product) pair's features, in the order of [`FEATURES`]: a fixed
+/// vector, not a map (a map per candidate was most of ranking's allocations).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Features(pub [f64; FEATURES.len()]);
+
+impl Features {
+    /// Each feature's name and value.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
+        FEATURES.into_iter().zip(self.0.iter().copied())
+    }
+
+    /// The value of the feature called `name`, if there is one.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        FEATURES.iter().position(|f| *f == name).map(|i| self.0[i])
+    }
+
+    fn dot(&self, weights: &[f64; FEATURES.len()]) -> f64 {
+        self.0.iter().zip(weights).map(|(x, w)| x * w).sum()
+    }
+}
 
 /// A logistic model: score = sigmoid(Σ weight × feature).
 #[derive(Debug, Clone, Serialize)]
@@ -218,13 +236,18 @@ impl LinearModel {
         Some(model)
     }
 
+    /// The weights in the order of [`FEATURES`] (0 for a feature without one).
+    pub fn vector(&self) -> [f64; FEATURES.len()] {
+        FEATURES.map(|name| self.weights.get(name).copied().unwrap_or(0.0))
+    }
+
     fn logit(&self, features: &Features) -> f64 {
-        features.iter().filter_map(|(name, x)| self.weights.get(name).map(|w| w * x)).sum()
+        features.dot(&self.vector())
     }
 
     /// The score: the probability of engagement, rounded to 4 places.
     pub fn probability(&self, features: &Features) -> f64 {
-        round4(sigmoid(self.logit(features)))
+        probability(features, &self.vector())
     }
 
     /// The score and each feature's contribution to the logit.
@@ -239,14 +262,19 @@ impl LinearModel {
             return;
         }
         let error = label - sigmoid(self.logit(features));
-        for (name, x) in features {
+        for (name, x) in features.iter() {
             if let Some(w) = self.weights.get_mut(name) {
-                let shrink = if *name == "bias" { 0.0 } else { config.l2 * *w };
+                let shrink = if name == "bias" { 0.0 } else { config.l2 * *w };
                 *w = (*w + config.learning_rate * (weight * error * x - shrink)).clamp(-10.0, 10.0);
             }
         }
         self.updates += 1;
     }
+}
+
+/// The score of `features` under `weights` (a model's [`LinearModel::vector`]).
+fn probability(features: &Features, weights: &[f64; FEATURES.len()]) -> f64 {
+    round4(sigmoid(features.dot(weights)))
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -277,45 +305,57 @@ pub fn rank_with_features(
     let mean_log_price =
         (!viewed_prices.is_empty()).then(|| viewed_prices.iter().sum::<f64>() / viewed_prices.len() as f64);
 
-    // product -> (sources, best score per source)
-    let mut merged: BTreeMap<&str, BTreeMap<CandidateSource, f64>> = BTreeMap::new();
+    // product -> best score per source (indexed as `CandidateSource::ALL`)
+    let mut merged: HashMap<&str, [Option<f64>; CandidateSource::ALL.len()]> =
+        HashMap::with_capacity(c.candidates.len());
     for cand in &c.candidates {
-        let slot = merged.entry(cand.product_id.as_str()).or_default().entry(cand.source).or_insert(0.0);
-        *slot = slot.max(cand.source_score);
+        let slot = &mut merged.entry(cand.product_id.as_str()).or_default()[cand.source.index()];
+        *slot = Some(slot.unwrap_or(0.0).max(cand.source_score));
     }
 
-    let mut items: Vec<(RankedItem, Features)> = merged
+    let weights = model.vector();
+    let mut scored: Vec<(f64, &catalog::Product, [Option<f64>; CandidateSource::ALL.len()], Features)> = merged
         .into_iter()
         .filter_map(|(id, sources)| {
             let product = catalog.available(id)?;
-            let source = |s| sources.get(&s).copied().unwrap_or(0.0);
+            let source = |s: CandidateSource| sources[s.index()].unwrap_or(0.0);
             let affinity = f.category_affinity.get(&product.category).copied().unwrap_or(0.0);
-            let features = Features::from([
-                ("bias", 1.0),
-                ("retargeting", source(CandidateSource::Retargeting)),
-                ("in_cart", if f.cart.iter().any(|p| p == id) { 1.0 } else { 0.0 }),
-                ("co_visitation", source(CandidateSource::CoVisitation)),
-                ("popularity", source(CandidateSource::PopularInCategory).max(source(CandidateSource::ColdStart))),
-                ("trending", source(CandidateSource::Trending)),
-                ("category_affinity", if max_affinity > 0.0 { affinity / max_affinity } else { 0.0 }),
-                ("price_fit", price_fit(product.price, mean_log_price)),
+            let features = Features([
+                1.0,
+                source(CandidateSource::Retargeting),
+                if f.cart.iter().any(|p| p == id) { 1.0 } else { 0.0 },
+                source(CandidateSource::CoVisitation),
+                source(CandidateSource::PopularInCategory).max(source(CandidateSource::ColdStart)),
+                source(CandidateSource::Trending),
+                if max_affinity > 0.0 { affinity / max_affinity } else { 0.0 },
+                price_fit(product.price, mean_log_price),
             ]);
             // The explanation is computed when asked for (`explain`), not for every list.
-            let score = model.probability(&features);
+            Some((probability(&features, &weights), product, sources, features))
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    scored.truncate(MAX_RANKED);
+    let items: Vec<(RankedItem, Features)> = scored
+        .into_iter()
+        .map(|(score, product, sources, features)| {
             let item = RankedItem {
                 item_id: product.id.clone(),
                 name: product.name.clone(),
                 category: product.category.to_owned(),
                 price: product.price,
                 score,
-                sources: sources.keys().copied().collect(),
+                sources: CandidateSource::ALL
+                    .into_iter()
+                    .zip(sources)
+                    .filter(|(_, s)| s.is_some())
+                    .map(|(s, _)| s)
+                    .collect(),
                 contributions: BTreeMap::new(),
             };
-            Some((item, features))
+            (item, features)
         })
         .collect();
-    items.sort_by(|a, b| b.0.score.total_cmp(&a.0.score).then_with(|| a.0.item_id.cmp(&b.0.item_id)));
-    items.truncate(MAX_RANKED);
     let (items, features): (Vec<RankedItem>, Vec<Features>) = items.into_iter().unzip();
     let ranked = RankedRecommendations {
         schema_version: events::SCHEMA_VERSION,
@@ -335,7 +375,7 @@ pub fn rank_with_features(
 fn contributions(weight: impl Fn(&str) -> Option<f64>, features: &Features) -> BTreeMap<String, f64> {
     features
         .iter()
-        .filter_map(|(name, x)| weight(name).map(|w| ((*name).to_owned(), round4(w * x))))
+        .filter_map(|(name, x)| weight(name).map(|w| (name.to_owned(), round4(w * x))))
         .filter(|(_, c)| *c != 0.0)
         .collect()
 }
