@@ -467,8 +467,7 @@ impl Ranker {
     /// recommendation API answers with the live catalog's).
     pub fn rank(&mut self, c: &Candidates) -> RankedRecommendations {
         let (ranked, features) = rank_with_features(&self.model.read(), &self.catalog.read(), c);
-        let shown =
-            ranked.items.iter().zip(&features).take(SERVED).map(|(i, f)| (i.item_id.clone(), f.clone())).collect();
+        let shown = ranked.items.iter().zip(&features).take(SERVED).map(|(i, f)| (i.item_id.clone(), *f)).collect();
         self.served.put(ranked.user_id.clone(), shown);
         let published = RankedRecommendations {
             schema_version: ranked.schema_version,
