@@ -560,9 +560,9 @@ impl Message for Candidates {
 #[serde(rename_all = "camelCase")]
 pub struct RankedItem {
     pub item_id: String,
-    /// The catalog's name, category and price when ranked: shown by ranking's
-    /// `GET /rank/{userId}`, left out of the topic's messages (the recommendation API answers
-    /// with the live catalog's).
+    /// The catalog's name, category and price: shown by ranking's `GET /rank/{userId}`
+    /// (from the catalog as it is when asked), left out of the topic's messages (the
+    /// recommendation API answers with the live catalog's too).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -4,9 +4,10 @@
 //! One consumer (group `ranking`, partitioned by user) reads two topics:
 //! - `candidates-topic`: each product's candidate sources are merged into one feature vector,
 //!   scored with a logistic model, and the ranked list (top [`MAX_RANKED`]) is published to
-//!   `ranked-recommendations-topic`. Each item's contribution of every feature to its logit
-//!   (`weight × value`) and its catalog data are kept here, so `GET /rank/{userId}` shows why
-//!   an item ranks where it does; the published lists leave both out. The top [`SERVED`] items
+//!   `ranked-recommendations-topic`. Each item's features are kept here, so `GET
+//!   /rank/{userId}` shows each feature's contribution to its logit (`weight × value`) and
+//!   why it ranks where it does, with its name, category and price from the live catalog;
+//!   the published lists leave both out. The top [`SERVED`] items
 //!   are remembered as what the user is being shown.
 //! - `processed-events-topic`: feedback. Only events *attributed to a shown list* teach: those
 //!   carrying the `recommendationId` of a recommendation response (the shop sends it with a
@@ -39,6 +40,7 @@
 //! `GET /api/ranking/model` shows the current weights.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -113,7 +115,11 @@ impl Service for Ranking {
         tracing::info!(updates = model.updates, instance = %model.instance, "ranking model ready");
         let catalog = ctx.follow_catalog(&producer).await;
         let ranker = Ranker::new(model, config, catalog);
-        let state = RankState { latest: Shared::clone(&ranker.latest), model: Shared::clone(&ranker.model) };
+        let state = RankState {
+            latest: Shared::clone(&ranker.latest),
+            model: Shared::clone(&ranker.model),
+            catalog: Shared::clone(&ranker.catalog),
+        };
         // Several instances (each learning from its own users) stay one model: each folds in
         // the weights its peers publish with their lists. One instance alone skips the reading.
         if ctx.kafka.shares_partitions() {
@@ -341,9 +347,9 @@ pub fn rank_with_features(
         .map(|(score, product, sources, features)| {
             let item = RankedItem {
                 item_id: product.id.clone(),
-                name: product.name.clone(),
-                category: product.category.to_owned(),
-                price: product.price,
+                name: String::new(),
+                category: String::new(),
+                price: 0.0,
                 score,
                 sources: CandidateSource::ALL
                     .into_iter()
@@ -398,29 +404,45 @@ fn price_fit(price: f64, mean_log_price: Option<f64>) -> f64 {
     }
 }
 
-/// Ranks one user's candidates, explained.
+/// Fills in each item's name, category and price from `catalog` (items it no longer has keep
+/// them empty).
+pub fn describe(ranked: &mut RankedRecommendations, catalog: &Catalog) {
+    for item in &mut ranked.items {
+        if let Some(p) = catalog.get(&item.item_id) {
+            item.name.clone_from(&p.name);
+            item.category.clone_from(&p.category);
+            item.price = p.price;
+        }
+    }
+}
+
+/// Ranks one user's candidates, described and explained.
 pub fn rank(model: &LinearModel, catalog: &Catalog, c: &Candidates) -> RankedRecommendations {
     let (mut ranked, features) = rank_with_features(model, catalog, c);
+    describe(&mut ranked, catalog);
     explain(&mut ranked, &features);
     ranked
 }
 
-/// A user's latest list as ranked, with its items' features: explained when asked for.
+/// A user's latest list as published, with its items' features: described and explained
+/// when asked for.
 #[derive(Clone)]
 pub struct Kept {
-    ranked: RankedRecommendations,
+    ranked: Arc<RankedRecommendations>,
     features: Vec<Features>,
 }
 
 impl Kept {
-    /// The list as ranked, unexplained.
+    /// The list as published: no explanations, no catalog data.
     pub fn ranked(&self) -> &RankedRecommendations {
         &self.ranked
     }
 
-    /// The list with each item's contributions.
-    pub fn explained(&self) -> RankedRecommendations {
-        let mut ranked = self.ranked.clone();
+    /// The list with each item's name, category and price as `catalog` has them now, and the
+    /// contributions of its features when it was ranked.
+    pub fn explained(&self, catalog: &Catalog) -> RankedRecommendations {
+        let mut ranked = RankedRecommendations::clone(&self.ranked);
+        describe(&mut ranked, catalog);
         explain(&mut ranked, &self.features);
         ranked
     }
@@ -433,6 +455,7 @@ type Latest = Shared<UserMap<Kept>>;
 struct RankState {
     latest: Latest,
     model: Shared<LinearModel>,
+    catalog: LiveCatalog,
 }
 
 /// The consumer: ranks candidates and learns from feedback on what was shown.
@@ -462,37 +485,16 @@ impl Ranker {
     }
 
     /// Ranks, remembers what is shown and the whole list (`GET /rank/{userId}`), and returns
-    /// the list as it is published: the explanations and the catalog's data stay here (they
-    /// were most of each message's bytes, and no consumer of the topic reads them — the
-    /// recommendation API answers with the live catalog's).
-    pub fn rank(&mut self, c: &Candidates) -> RankedRecommendations {
+    /// the list as it is published: the explanations and the catalog's data are added when
+    /// `GET /rank` asks (they were most of each message's bytes, and no consumer of the topic
+    /// reads them — the recommendation API answers with the live catalog's).
+    pub fn rank(&mut self, c: &Candidates) -> Arc<RankedRecommendations> {
         let (ranked, features) = rank_with_features(&self.model.read(), &self.catalog.read(), c);
         let shown = ranked.items.iter().zip(&features).take(SERVED).map(|(i, f)| (i.item_id.clone(), *f)).collect();
         self.served.put(ranked.user_id.clone(), shown);
-        let published = RankedRecommendations {
-            schema_version: ranked.schema_version,
-            user_id: ranked.user_id.clone(),
-            ranked_at: ranked.ranked_at,
-            model_version: ranked.model_version.clone(),
-            model_updates: ranked.model_updates,
-            model_instance: ranked.model_instance.clone(),
-            model_weights: ranked.model_weights.clone(),
-            items: ranked
-                .items
-                .iter()
-                .map(|i| RankedItem {
-                    item_id: i.item_id.clone(),
-                    name: String::new(),
-                    category: String::new(),
-                    price: 0.0,
-                    score: i.score,
-                    sources: i.sources.clone(),
-                    contributions: BTreeMap::new(),
-                })
-                .collect(),
-        };
-        self.latest.write().put(ranked.user_id.clone(), Kept { ranked, features });
-        published
+        let ranked = Arc::new(ranked);
+        self.latest.write().put(ranked.user_id.clone(), Kept { ranked: Arc::clone(&ranked), features });
+        ranked
     }
 
     /// Whether `product` is among the items `user` is being shown.
@@ -560,7 +562,7 @@ impl Handler for Ranker {
                 let ranked = self.rank(&candidates);
                 metrics::counter!("ranking_lists_total").increment(1);
                 metrics::gauge!("ranking_model_updates").set(ranked.model_updates as f64);
-                out.send(&ranked);
+                out.send(&*ranked);
             }
             Topic::ProcessedEvents => {
                 let event: ProcessedEvent = rec.json()?;
@@ -631,7 +633,10 @@ async fn get_ranked(
     Path(user_id): Path<String>,
 ) -> Result<Json<RankedRecommendations>, ApiError> {
     let latest = state.latest.read();
-    found(latest.peek(&user_id).map(Kept::explained), || format!("no ranked list for user {user_id:?} yet"))
+    let catalog = state.catalog.read();
+    found(latest.peek(&user_id).map(|kept| kept.explained(&catalog)), || {
+        format!("no ranked list for user {user_id:?} yet")
+    })
 }
 
 async fn get_model(State(state): State<RankState>) -> Json<LinearModel> {
@@ -754,7 +759,7 @@ mod tests {
         assert!(published[0].items[0].contributions.is_empty(), "{:?}", published[0]);
         let bytes = String::from_utf8(out.messages()[0].payload.to_vec()).expect("utf-8");
         assert!(!bytes.contains("\"name\"") && !bytes.contains("\"price\""), "{bytes}");
-        let kept = ranker.latest.read().peek("u").map(Kept::explained).expect("kept");
+        let kept = ranker.latest.read().peek("u").map(|k| k.explained(&ranker.catalog.read())).expect("kept");
         assert_eq!((kept.items[0].name.as_str(), kept.items[0].category.as_str()), ("Complete Cookbook Pro", "books"));
         assert_eq!(kept.items[0].contributions["popularity"], 0.8, "{kept:?}");
     }
@@ -864,7 +869,7 @@ mod tests {
         // A restarted instance resumes from the published weights.
         let resumed = LinearModel::from_published(&last).expect("known features");
         assert_eq!((resumed.updates, &resumed.weights), (after.updates, &after.weights));
-        let mut unknown = last.clone();
+        let mut unknown = RankedRecommendations::clone(&last);
         unknown.model_weights.insert("mystery".into(), 1.0);
         assert!(LinearModel::from_published(&unknown).is_none());
     }
