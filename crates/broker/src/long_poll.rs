@@ -303,21 +303,16 @@ impl<G: Storage> Service<G, FetchRequest> for LongPollFetch {
                 }
                 return Ok(response);
             }
-            if bytes >= min_bytes {
-                // Records were waiting, but few: a moment's pause lets the answer carry what
-                // the next produces bring.
-                paused = true;
-                tokio::time::sleep(COALESCE.min(deadline.saturating_duration_since(Instant::now()))).await;
-                continue;
+            if bytes < min_bytes {
+                let woken = select_all(signals.iter_mut().map(|signal| Box::pin(signal.changed())));
+                if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                    // Nothing was produced: answer with the empty pass, as the wait ran out.
+                    return Ok(response);
+                }
             }
-            let woken = select_all(signals.iter_mut().map(|signal| Box::pin(signal.changed())));
-            if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                // Nothing was produced: answer with the empty pass, as the wait ran out.
-                return Ok(response);
-            }
-            // Under load, produces come in quick succession: a moment's pause lets one pass
-            // read what several of them wrote, rather than one pass (and one round trip of
-            // every reader) per produce.
+            // Records were waiting but few, or a produce woke this fetch. Under load, produces
+            // come in quick succession: a moment's pause lets one pass (and one round trip of
+            // the reader) carry what several of them wrote, rather than one per produce.
             tokio::time::sleep(COALESCE.min(deadline.saturating_duration_since(Instant::now()))).await;
             paused = true;
         }
