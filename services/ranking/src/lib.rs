@@ -169,11 +169,6 @@ impl Features {
         FEATURES.into_iter().zip(self.0.iter().copied())
     }
 
-    /// The value of the feature called `name`, if there is one.
-    pub fn get(&self, name: &str) -> Option<f64> {
-        FEATURES.iter().position(|f| *f == name).map(|i| self.0[i])
-    }
-
     fn dot(&self, weights: &[f64; FEATURES.len()]) -> f64 {
         self.0.iter().zip(weights).map(|(x, w)| x * w).sum()
     }
