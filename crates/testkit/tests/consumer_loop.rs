@@ -364,3 +364,104 @@ async fn auto_assignment_is_static_on_the_embedded_broker() -> anyhow::Result<()
     assert!(!settings.uses_group_protocol());
     Ok(())
 }
+
+/// Collects the topic and payload of everything it reads.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(Topic, String)>>>);
+
+impl Handler for Seen {
+    fn handle(&mut self, record: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        let payload = String::from_utf8_lossy(record.payload).into_owned();
+        self.0.lock().expect("lock").push((record.topic, payload));
+        Ok(())
+    }
+}
+
+impl Seen {
+    fn of(&self, topic: Topic) -> Vec<String> {
+        self.0.lock().expect("lock").iter().filter(|(t, _)| *t == topic).map(|(_, p)| p.clone()).collect()
+    }
+}
+
+/// A coalescing consumer that finds several snapshots of a user waiting handles the latest
+/// and skips the others; the topics it does not coalesce are handled whole; the skipped
+/// messages count as consumed (a member started afterwards in the same group reads none of
+/// them again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coalescing_consumer_handles_the_latest_snapshot_per_key() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let settings = broker.settings();
+    let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+    let send = |topic: Topic, key: String, payload: String| {
+        let raw = raw.clone();
+        async move {
+            raw.send(FutureRecord::to(topic.name()).key(&key).payload(&payload), Duration::from_secs(5))
+                .await
+                .map_err(|(e, _)| e)?;
+            anyhow::Ok(())
+        }
+    };
+    let (users, versions) = (6, 8);
+    for v in 0..versions {
+        for u in 0..users {
+            send(Topic::UserFeatures, format!("user-{u}"), format!("user-{u} version {v}")).await?;
+            send(Topic::ProcessedEvents, format!("user-{u}"), format!("user-{u} event {v}")).await?;
+        }
+    }
+
+    let producer = Producer::for_pipeline(&settings)?;
+    let member = |seen: &Seen, stop: &CancellationToken| {
+        let env = ConsumerEnv {
+            settings: settings.clone(),
+            service: "test",
+            producer: producer.clone(),
+            shutdown: stop.clone(),
+            ready: kit::http::Health::default().condition("seen"),
+        };
+        let spec = ConsumerSpec::group("seen", [Topic::UserFeatures, Topic::ProcessedEvents], "test-seen")
+            .coalescing([Topic::UserFeatures]);
+        tokio::spawn(run_consumer(env, spec, seen.clone()))
+    };
+    let (first, stop) = (Seen::default(), CancellationToken::new());
+    let running = member(&first, &stop);
+    let latest: Vec<String> = (0..users).map(|u| format!("user-{u} version {}", versions - 1)).collect();
+    eventually("every user's latest snapshot and every event", Duration::from_secs(60), || {
+        let (snapshots, events) = (first.of(Topic::UserFeatures), first.of(Topic::ProcessedEvents));
+        let done = latest.iter().all(|l| snapshots.contains(l)) && events.len() == users * versions;
+        async move { done.then_some(()) }
+    })
+    .await?;
+    // Stopped before asserting: a failed assertion with the consumer still running would
+    // hang the test instead of failing it.
+    stop.cancel();
+    running.await??;
+    let snapshots = first.of(Topic::UserFeatures);
+    assert!(
+        snapshots.len() < users * versions,
+        "{} of {} snapshots handled: the waiting ones were not coalesced",
+        snapshots.len(),
+        users * versions
+    );
+    for (u, latest) in latest.iter().enumerate() {
+        let mine: Vec<&String> = snapshots.iter().filter(|s| s.starts_with(&format!("user-{u} "))).collect();
+        assert_eq!(mine.last(), Some(&latest), "the latest is handled last: {mine:?}");
+    }
+    let mut events = first.of(Topic::ProcessedEvents);
+    events.sort();
+    events.dedup();
+    assert_eq!(events.len(), users * versions, "every event of the topic not coalesced, once");
+
+    let (second, stop) = (Seen::default(), CancellationToken::new());
+    let running = member(&second, &stop);
+    send(Topic::UserFeatures, "user-0".into(), "after the restart".into()).await?;
+    eventually("the message sent after the restart", Duration::from_secs(60), || {
+        let got = second.of(Topic::UserFeatures).contains(&"after the restart".to_owned());
+        async move { got.then_some(()) }
+    })
+    .await?;
+    stop.cancel();
+    running.await??;
+    let all = second.0.lock().expect("lock").clone();
+    assert_eq!(all, [(Topic::UserFeatures, "after the restart".to_owned())], "nothing read twice");
+    Ok(())
+}

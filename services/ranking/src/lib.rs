@@ -131,7 +131,9 @@ impl Service for Ranking {
         }
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec::group("candidates", [Topic::Candidates, Topic::ProcessedEvents], "ranking"),
+            // Of a user's candidate sets waiting, the latest is enough; every event counts.
+            ConsumerSpec::group("candidates", [Topic::Candidates, Topic::ProcessedEvents], "ranking")
+                .coalescing([Topic::Candidates]),
             ranker,
         );
         let routes = axum::Router::new()

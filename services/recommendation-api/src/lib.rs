@@ -49,7 +49,10 @@ impl Service for RecommendationApi {
         let views: Views = Shared::new(ViewState { catalog, ..ViewState::default() });
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec::replica("ranked-view", [Topic::RankedRecommendations]),
+            // The view keeps each user's latest list (one ranking instance writes a user's lists,
+            // in order): of those waiting, only the latest per user is read.
+            ConsumerSpec::replica("ranked-view", [Topic::RankedRecommendations])
+                .coalescing([Topic::RankedRecommendations]),
             ViewUpdater(Shared::clone(&views)),
         );
         ctx.spawn_consumer(

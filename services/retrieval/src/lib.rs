@@ -103,7 +103,9 @@ impl Service for Retrieval {
         );
         ctx.spawn_consumer(
             &producer,
-            ConsumerSpec::group("user-features", [Topic::UserFeatures], "retrieval"),
+            // A snapshot is the user's whole state: of a user's snapshots waiting, the latest
+            // is enough (under load, a user's burst makes one list, not one per event).
+            ConsumerSpec::group("user-features", [Topic::UserFeatures], "retrieval").coalescing([Topic::UserFeatures]),
             Retriever(Shared::clone(&state)),
         );
         let routes = axum::Router::new().route("/retrieve/{user_id}", get(get_candidates)).with_state(state);

@@ -28,9 +28,9 @@ use anyhow::Context as _;
 use chrono::Utc;
 use events::validate::FieldError;
 use events::{CORRELATION_HEADER, DeadLetter, DeadLetterKind, Message, SourceRef, Topic};
-use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -48,12 +48,15 @@ pub mod record;
 mod restore;
 
 use assign::{GroupContext, assignment, check_co_partitioned, create, end_offsets};
-use outputs::{Pending, complete, process};
+use outputs::{Pending, complete, process, skip};
 pub use record::{Handler, HandlerError, Outbox, Record};
 use restore::restore;
 
 /// Most messages whose outputs may be awaiting acknowledgement at once.
 pub const MAX_IN_FLIGHT: usize = 1_000;
+
+/// Most messages a coalescing consumer takes from its queue at once (those already there).
+pub const COALESCE_BATCH: usize = 500;
 
 /// How a consumer reads its topics.
 #[derive(Debug, Clone)]
@@ -83,6 +86,13 @@ pub struct ConsumerSpec {
     /// state is rebuilt the same way whenever the group moves partitions (see
     /// [`Handler::reset`]).
     pub restore: bool,
+    /// Topics whose messages each carry the whole latest state of their key (a user's feature
+    /// snapshot, a user's candidates): of the messages of such a topic already received and not
+    /// yet handled, only the last per key is handled; the earlier ones are skipped (their
+    /// offsets stored in order, as if handled). Nothing waits for more messages: a consumer
+    /// that keeps up handles every message, one that falls behind does less work per message
+    /// the further behind it is. See [`ConsumerSpec::coalescing`].
+    pub coalesce: Vec<Topic>,
 }
 
 impl ConsumerSpec {
@@ -93,22 +103,31 @@ impl ConsumerSpec {
             topics: topics.into(),
             subscription: Subscription::Group { group_id: group_id.to_owned() },
             restore: false,
+            coalesce: Vec::new(),
         }
     }
 
     /// A replica of `topics` (every partition, from the beginning).
     pub fn replica(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
-        Self { name, topics: topics.into(), subscription: Subscription::Replica, restore: false }
+        Self { name, topics: topics.into(), subscription: Subscription::Replica, restore: false, coalesce: Vec::new() }
     }
 
     /// Every partition of `topics` from the end (see [`Subscription::Live`]).
     pub fn live(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
-        Self { name, topics: topics.into(), subscription: Subscription::Live, restore: false }
+        Self { name, topics: topics.into(), subscription: Subscription::Live, restore: false, coalesce: Vec::new() }
     }
 
     /// The same consumer, restoring its state on start (see [`ConsumerSpec::restore`]).
     pub fn restoring(self) -> Self {
         Self { restore: true, ..self }
+    }
+
+    /// The same consumer, handling only the latest message per key of `topics` among those
+    /// received and not yet handled (see [`ConsumerSpec::coalesce`]). Only for topics whose
+    /// every message supersedes the earlier ones of its key, and handlers that keep nothing
+    /// from a superseded message.
+    pub fn coalescing(self, topics: impl Into<Vec<Topic>>) -> Self {
+        Self { coalesce: topics.into(), ..self }
     }
 }
 
@@ -212,32 +231,68 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
                         continue;
                     }
                 };
-                if rebuilds {
-                    if consumer.context().generation() != generation {
-                        generation = rebuild(env, spec, handler, &consumer, &mut in_flight, &mut restored).await?;
-                    }
-                    let end = restored.get(&(msg.topic().to_owned(), msg.partition()));
-                    if end.is_some_and(|end| msg.offset() < *end) {
-                        continue; // already in the rebuilt state
+                // With topics to coalesce: the messages already received too, in order.
+                let mut batch = vec![msg];
+                while !spec.coalesce.is_empty() && batch.len() < COALESCE_BATCH {
+                    match consumer.recv().now_or_never() {
+                        Some(Ok(msg)) => batch.push(msg),
+                        Some(Err(e)) => {
+                            tracing::warn!(consumer = spec.name, error = %e, "consumer error");
+                            break;
+                        }
+                        None => break,
                     }
                 }
-                let (topic, partition, pending) = process(env, spec, handler, &msg).await?;
-                if !catch_up.is_empty() {
-                    let tp = (topic, partition);
-                    if catch_up.get(&tp).is_some_and(|end| msg.offset() + 1 >= *end) {
-                        catch_up.remove(&tp);
-                        if catch_up.is_empty() {
-                            tracing::info!(consumer = spec.name, "replica caught up");
-                            env.ready.set(true);
+                let superseded = superseded(&batch, &spec.coalesce);
+                for (msg, superseded) in batch.iter().zip(superseded) {
+                    if rebuilds {
+                        if consumer.context().generation() != generation {
+                            generation = rebuild(env, spec, handler, &consumer, &mut in_flight, &mut restored).await?;
+                        }
+                        let end = restored.get(&(msg.topic().to_owned(), msg.partition()));
+                        if end.is_some_and(|end| msg.offset() < *end) {
+                            continue; // already in the rebuilt state
                         }
                     }
+                    let (topic, partition, pending) =
+                        if superseded { skip(spec, msg)? } else { process(env, spec, handler, msg).await? };
+                    if !catch_up.is_empty() {
+                        let tp = (topic, partition);
+                        if catch_up.get(&tp).is_some_and(|end| msg.offset() + 1 >= *end) {
+                            catch_up.remove(&tp);
+                            if catch_up.is_empty() {
+                                tracing::info!(consumer = spec.name, "replica caught up");
+                                env.ready.set(true);
+                            }
+                        }
+                    }
+                    in_flight.push_back(pending);
                 }
-                in_flight.push_back(pending);
             }
         }
     }
 
     drain_and_commit(env, spec, &consumer, is_group, in_flight).await
+}
+
+/// For each message of `batch`, whether a later one of the same topic, partition and key
+/// supersedes it: only for messages of the `coalesce` topics that have a key.
+fn superseded(batch: &[BorrowedMessage<'_>], coalesce: &[Topic]) -> Vec<bool> {
+    let mut out = vec![false; batch.len()];
+    if coalesce.is_empty() {
+        return out;
+    }
+    let mut last: HashMap<(&str, i32, &[u8]), usize> = HashMap::new();
+    for (i, msg) in batch.iter().enumerate() {
+        let Some(key) = msg.key() else { continue };
+        if !coalesce.iter().any(|t| t.name() == msg.topic()) {
+            continue;
+        }
+        if let Some(earlier) = last.insert((msg.topic(), msg.partition(), key), i) {
+            out[earlier] = true;
+        }
+    }
+    out
 }
 
 /// After the group moved partitions: settles the outputs in flight, commits, forgets the

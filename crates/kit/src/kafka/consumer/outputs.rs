@@ -13,7 +13,24 @@ pub(super) struct InFlight {
     correlation_id: Option<String>,
 }
 
+impl InFlight {
+    /// Where a message was read from, without its contents.
+    fn bare(topic: Topic, partition: i32, offset: i64) -> Self {
+        InFlight { topic, partition, offset, key: None, payload: Vec::new(), correlation_id: None }
+    }
+}
+
 pub(super) type Pending = BoxFuture<'static, (InFlight, Result<(), ProduceError>)>;
+
+/// A message superseded by a later one of its key (see [`ConsumerSpec::coalesce`]): not
+/// handled, and settled at once, so that its offset is stored in order with the others.
+pub(super) fn skip(spec: &ConsumerSpec, msg: &BorrowedMessage<'_>) -> anyhow::Result<(Topic, i32, Pending)> {
+    let topic = Topic::from_name(msg.topic()).with_context(|| format!("message from unknown topic {}", msg.topic()))?;
+    metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "superseded").increment(1);
+    let info = InFlight::bare(topic, msg.partition(), msg.offset());
+    let pending: Pending = Box::pin(std::future::ready((info, Ok(()))));
+    Ok((topic, msg.partition(), pending))
+}
 
 /// Runs the handler (with retries) on one message and enqueues its outputs.
 pub(super) async fn process<H: Handler>(
@@ -93,13 +110,19 @@ pub(super) async fn process<H: Handler>(
             Err(e) => return Err(e.into()),
         }
     }
-    let info = InFlight {
-        topic,
-        partition: record.partition,
-        offset: record.offset,
-        key: record.key.map(str::to_owned),
-        payload: record.payload.to_vec(),
-        correlation_id: record.correlation_id.map(str::to_owned),
+    // The record is kept for a dead letter should an output be refused; with no output,
+    // there is nothing to refuse and nothing to copy.
+    let info = if deliveries.is_empty() && refused.is_none() {
+        InFlight::bare(topic, record.partition, record.offset)
+    } else {
+        InFlight {
+            topic,
+            partition: record.partition,
+            offset: record.offset,
+            key: record.key.map(str::to_owned),
+            payload: record.payload.to_vec(),
+            correlation_id: record.correlation_id.map(str::to_owned),
+        }
     };
     let pending: Pending = Box::pin(async move {
         let mut result = refused.map_or(Ok(()), Err);
