@@ -7,7 +7,8 @@
 //! `P02400` in eight categories, the same in every process) that `retargetiq up` loads into an
 //! empty topic, and that the simulator and the offline evaluations use.
 
-use std::collections::HashMap;
+// Looked up for every candidate of every list: a fast hash, seeded per process.
+use foldhash::HashMap;
 use std::sync::{LazyLock, OnceLock};
 
 use serde::Serialize;

@@ -29,12 +29,13 @@ impl<T> Shared<T> {
 }
 
 /// Per-user state bounded by [`max_users`]: the least recently active user is forgotten
-/// first (a returning user starts afresh).
-pub type UserMap<V> = lru::LruCache<String, V>;
+/// first (a returning user starts afresh). Hashed with foldhash (seeded per process): looked
+/// up for every message.
+pub type UserMap<V> = lru::LruCache<String, V, foldhash::fast::RandomState>;
 
 /// An empty [`UserMap`] holding at most [`max_users`] users.
 pub fn user_map<V>() -> UserMap<V> {
-    lru::LruCache::new(max_users())
+    lru::LruCache::with_hasher(max_users(), foldhash::fast::RandomState::default())
 }
 
 static MAX_USERS: std::sync::OnceLock<std::num::NonZeroUsize> = std::sync::OnceLock::new();

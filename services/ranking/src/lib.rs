@@ -309,8 +309,8 @@ pub fn rank_with_features(
         (!viewed_prices.is_empty()).then(|| viewed_prices.iter().sum::<f64>() / viewed_prices.len() as f64);
 
     // product -> best score per source (indexed as `CandidateSource::ALL`)
-    let mut merged: HashMap<&str, [Option<f64>; CandidateSource::ALL.len()]> =
-        HashMap::with_capacity(c.candidates.len());
+    let mut merged: foldhash::HashMap<&str, [Option<f64>; CandidateSource::ALL.len()]> =
+        foldhash::HashMap::with_capacity_and_hasher(c.candidates.len(), Default::default());
     for cand in &c.candidates {
         let slot = &mut merged.entry(cand.product_id.as_str()).or_default()[cand.source.index()];
         *slot = Some(slot.unwrap_or(0.0).max(cand.source_score));

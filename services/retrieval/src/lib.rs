@@ -186,10 +186,10 @@ impl Popularity {
 
 /// Co-visitation and popularity, learned from the processed stream.
 pub struct Model {
-    covis: lru::LruCache<String, Neighbours>,
+    covis: lru::LruCache<String, Neighbours, foldhash::fast::RandomState>,
     sessions: HashMap<String, VecDeque<String>>,
     session_order: VecDeque<String>,
-    popularity: lru::LruCache<String, Popularity>,
+    popularity: lru::LruCache<String, Popularity, foldhash::fast::RandomState>,
     /// The product with the largest long-term popularity ([`Popularity::long_key`]).
     top: Option<(f64, String)>,
     /// Per-category lists derived from popularity and the catalog, kept between snapshots.
@@ -320,10 +320,10 @@ impl Model {
     /// most `popular` (the most recently engaged with).
     pub fn bounded(covisited: usize, popular: usize) -> Self {
         Self {
-            covis: lru::LruCache::new(bound(covisited)),
+            covis: lru::LruCache::with_hasher(bound(covisited), foldhash::fast::RandomState::default()),
             sessions: HashMap::new(),
             session_order: VecDeque::new(),
-            popularity: lru::LruCache::new(bound(popular)),
+            popularity: lru::LruCache::with_hasher(bound(popular), foldhash::fast::RandomState::default()),
             top: None,
             lists: std::sync::Mutex::default(),
             seen: SeenSet::new(200_000),
