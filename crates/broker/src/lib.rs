@@ -12,6 +12,7 @@ pub mod cli;
 pub mod frames;
 pub mod logs;
 pub mod long_poll;
+pub mod sqlite;
 pub mod tail;
 
 use std::net::SocketAddr;
@@ -120,9 +121,12 @@ pub async fn run_with(
         .map_err(|e| anyhow::anyhow!("opening the broker's storage: {e:?}"))?;
     let engine = match &storage {
         Storage::Sqlite(file) => {
-            index_headers(file).await?;
+            sqlite::index_headers(file).await?;
+            let guard = sqlite::TopicGuard::install(file).await?;
             let dir = logs_beside(file);
-            logs::Logs::new(sqlite, &dir).with_context(|| format!("opening the log directory {}", dir.display()))?
+            logs::Logs::new(sqlite, &dir)
+                .with_context(|| format!("opening the log directory {}", dir.display()))?
+                .with_topic_guard(guard)
         }
         Storage::Memory => logs::Logs::plain(sqlite),
     };
@@ -208,21 +212,6 @@ async fn create_missing_topics(engine: &Engine, topics: &[TopicSpec]) -> anyhow:
         engine.create_topic(topic, false).await.map_err(|e| anyhow::anyhow!("creating topic {name}: {e:?}"))?;
         tracing::info!(topic = %name, partitions, "topic created");
     }
-    Ok(())
-}
-
-/// Tansu 0.6's SQLite schema keeps record headers in a table with no index: reading a record's
-/// headers (`header_fetch.sql`, once per record fetched) scans every header ever stored. Every
-/// message of the platform carries a correlation-id header, so each fetch got slower as the
-/// log grew, and under load the broker spent nearly all its time there (and collapsed). This
-/// adds the index the lookup needs; it changes no data, and Tansu's queries use it as they are.
-async fn index_headers(file: &str) -> anyhow::Result<()> {
-    let db = libsql::Builder::new_local(file).build().await.with_context(|| format!("opening {file}"))?;
-    let connection = db.connect()?;
-    connection
-        .execute("create index if not exists retargetiq_header_record on header (topition, offset_id)", ())
-        .await
-        .context("indexing the broker's record headers")?;
     Ok(())
 }
 

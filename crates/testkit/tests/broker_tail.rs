@@ -144,11 +144,29 @@ async fn every_message_is_read_as_produced_from_the_tail_or_the_storage() -> any
     let b = bootstrap.clone();
     check(&tokio::task::spawn_blocking(move || read_all(&b, topic, 2, 3_000)).await??, 3_000);
 
-    // Deleted and created again: nothing of the old topic comes back.
+    // Deleted and created again: nothing of the old topic comes back, and the other topics
+    // stay (Tansu's SQLite engine deleted every topic's row with the one named).
+    let kept = "tail-kept";
+    kit::kafka::admin::ensure_named_topics(&bootstrap, &[(kept.to_owned(), 2)], 1, Duration::from_secs(30)).await?;
+    produce(&producer, kept, 0..10).await?;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &bootstrap).create()?;
     for r in admin.delete_topics(&[topic], &AdminOptions::new()).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("deleting {t}: {e}"))?;
     }
+    let b = bootstrap.clone();
+    check(&tokio::task::spawn_blocking(move || read_all(&b, kept, 2, 10)).await??, 10);
+
+    // Deleting records is refused, partition by partition, and the broker stays up (Tansu's
+    // engines panicked, which ended the broker).
+    let mut below = TopicPartitionList::new();
+    below.add_partition_offset(kept, 0, Offset::Offset(1))?;
+    below.add_partition_offset(kept, 1, Offset::Offset(1))?;
+    let refused = admin.delete_records(&below, &AdminOptions::new()).await?;
+    let errors: Vec<String> = refused.elements().iter().map(|e| format!("{:?}", e.error())).collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().all(|e| e.contains("PolicyViolation")), "{errors:?}");
+    let b = bootstrap.clone();
+    check(&tokio::task::spawn_blocking(move || read_all(&b, kept, 2, 10)).await??, 10);
     kit::kafka::admin::ensure_named_topics(&bootstrap, &[(topic.to_owned(), 2)], 1, Duration::from_secs(30)).await?;
     produce(&producer, topic, 0..10).await?;
     let b = bootstrap.clone();

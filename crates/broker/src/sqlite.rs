@@ -1,0 +1,69 @@
+//! Repairs to Tansu 0.6's SQLite schema, applied when the broker opens its file. Neither
+//! changes any data; Tansu's own queries run as they are.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+/// Tansu 0.6's SQLite schema keeps record headers in a table with no index: reading a record's
+/// headers (`header_fetch.sql`, once per record fetched) scans every header ever stored. Every
+/// message of the platform carries a correlation-id header, so each fetch got slower as the
+/// log grew, and under load the broker spent nearly all its time there (and collapsed). This
+/// adds the index the lookup needs.
+pub async fn index_headers(file: &str) -> anyhow::Result<()> {
+    let db = libsql::Builder::new_local(file).build().await.with_context(|| format!("opening {file}"))?;
+    let connection = db.connect()?;
+    connection
+        .execute("create index if not exists retargetiq_header_record on header (topition, offset_id)", ())
+        .await
+        .context("indexing the broker's record headers")?;
+    Ok(())
+}
+
+/// Tansu 0.6 deletes a topic's row with `topic_delete_by.sql`,
+/// `delete from topic where topic.cluster in (select c.id … where t.name = $2)`: every topic of
+/// the cluster, not the one named. Deleting any one topic made every other vanish, for good.
+///
+/// The guard is a trigger that ignores the deletion of a topic row unless the topic's name is
+/// in a table of topics being deleted, which [`TopicGuard::allow`] fills for the length of one
+/// deletion (see `Logs::delete_topic`).
+#[derive(Debug)]
+pub struct TopicGuard {
+    // Kept open with its connection.
+    _db: libsql::Database,
+    connection: libsql::Connection,
+}
+
+impl TopicGuard {
+    /// Installs the trigger in `file` (once) and opens the connection that names the topics
+    /// being deleted.
+    pub async fn install(file: &str) -> anyhow::Result<Self> {
+        let db = libsql::Builder::new_local(file).build().await.with_context(|| format!("opening {file}"))?;
+        let connection = db.connect()?;
+        connection.busy_timeout(Duration::from_secs(10))?;
+        connection
+            .execute_batch(
+                "create table if not exists retargetiq_topic_deleting (name text primary key);
+                 create trigger if not exists retargetiq_delete_the_named_topic_only
+                 before delete on topic
+                 when not exists (select 1 from retargetiq_topic_deleting d where d.name = old.name)
+                 begin select raise(ignore); end;
+                 delete from retargetiq_topic_deleting;",
+            )
+            .await
+            .context("guarding the broker's topics against Tansu's topic deletion")?;
+        Ok(Self { _db: db, connection })
+    }
+
+    /// Lets the row of topic `name` be deleted, until [`TopicGuard::done`].
+    pub async fn allow(&self, name: &str) -> libsql::Result<()> {
+        self.connection.execute("insert or ignore into retargetiq_topic_deleting (name) values (?1)", [name]).await?;
+        Ok(())
+    }
+
+    /// Guards topic `name` again.
+    pub async fn done(&self, name: &str) -> libsql::Result<()> {
+        self.connection.execute("delete from retargetiq_topic_deleting where name = ?1", [name]).await?;
+        Ok(())
+    }
+}
