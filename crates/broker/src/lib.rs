@@ -35,7 +35,9 @@ use url::Url;
 /// Where the broker keeps its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Storage {
-    /// Lost when the broker stops; fastest.
+    /// Lost when the broker stops: the metadata in memory, the records in scratch log files
+    /// in the temporary directory, removed when the broker stops (or, if it was killed, when
+    /// the next in-memory broker starts).
     Memory,
     /// A SQLite file, relative to the current directory (for example `tansu.db`), for the
     /// metadata and compacted topics, with the records of the others in log files beside it
@@ -119,6 +121,10 @@ pub async fn run_with(
         .build()
         .await
         .map_err(|e| anyhow::anyhow!("opening the broker's storage: {e:?}"))?;
+    // In memory: the metadata in Tansu's memory engine, the records in scratch log files,
+    // removed when this function returns (Tansu's memory engine kept every record for good,
+    // and cost half as much CPU again per message as the log files).
+    let mut scratch = None;
     let engine = match &storage {
         Storage::Sqlite(file) => {
             sqlite::index_headers(file).await?;
@@ -128,8 +134,14 @@ pub async fn run_with(
                 .with_context(|| format!("opening the log directory {}", dir.display()))?
                 .with_topic_guard(guard)
         }
-        Storage::Memory => logs::Logs::plain(sqlite),
+        Storage::Memory => {
+            let dir = scratch_dir().context("creating the in-memory broker's scratch directory")?;
+            let engine = logs::Logs::new(sqlite, dir.path())?;
+            scratch = Some(dir);
+            engine
+        }
     };
+    tracing::debug!(scratch = ?scratch.as_ref().map(tempfile::TempDir::path), "storage ready");
     engine
         .register_broker(BrokerRegistrationRequest {
             broker_id: tansu_broker::NODE_ID,
@@ -180,7 +192,28 @@ pub async fn run_with(
         }
     }
     connections.abort_all();
+    drop(scratch);
     Ok(())
+}
+
+/// Prefix of the scratch directories of in-memory brokers, followed by the process id.
+const SCRATCH_PREFIX: &str = "retargetiq-broker-memory-";
+
+/// A new scratch directory for an in-memory broker's log files, in the temporary directory.
+/// Those left by in-memory brokers that were killed (their process is gone) are removed first.
+fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(SCRATCH_PREFIX)) else { continue };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if pid != std::process::id() && !std::path::Path::new("/proc").join(pid.to_string()).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    tempfile::Builder::new().prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id())).tempdir_in(tmp)
 }
 
 /// The storage the broker's handlers work on: Tansu's engine, with the records of ordinary

@@ -73,7 +73,7 @@ const FRAME_HEADER: usize = 12;
 const BATCH_FIXED: usize = 49;
 
 /// A storage engine whose ordinary topics keep their records in log files (see the module).
-/// With no directory it is the inner engine unchanged (`up --memory`).
+/// With no directory it is the inner engine unchanged.
 #[derive(Clone, Debug)]
 pub struct Logs<S> {
     inner: S,
