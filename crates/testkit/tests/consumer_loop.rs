@@ -14,6 +14,22 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use testkit::{TestBroker, eventually};
 use tokio_util::sync::CancellationToken;
 
+/// What a consumer of service "test" needs, stopping with `shutdown`.
+fn consumer_env(
+    settings: &kit::kafka::KafkaSettings,
+    producer: &Producer,
+    shutdown: &CancellationToken,
+    name: &str,
+) -> ConsumerEnv {
+    ConsumerEnv {
+        settings: settings.clone(),
+        service: "test",
+        producer: producer.clone(),
+        shutdown: shutdown.clone(),
+        ready: kit::http::Health::default().condition(name),
+    }
+}
+
 /// Turns each `{"userId": ..}` into a feature snapshot; rejects anything else.
 struct Echo;
 
@@ -73,13 +89,7 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
 
     let shutdown = CancellationToken::new();
     let producer = Producer::for_pipeline(&settings)?;
-    let env = |name: &str| ConsumerEnv {
-        settings: settings.clone(),
-        service: "test",
-        producer: producer.clone(),
-        shutdown: shutdown.clone(),
-        ready: kit::http::Health::default().condition(name),
-    };
+    let env = |name: &str| consumer_env(&settings, &producer, &shutdown, name);
     let main =
         tokio::spawn(run_consumer(env("main"), ConsumerSpec::group("main", [Topic::UserActivity], "test-main"), Echo));
     let features = Collect::default();
@@ -140,13 +150,7 @@ async fn joined_topics_must_be_co_partitioned() -> anyhow::Result<()> {
     let topics = [(Topic::UserFeatures.name().to_owned(), 2), (Topic::ProcessedEvents.name().to_owned(), 3)];
     kit::kafka::admin::ensure_named_topics(&broker.bootstrap(), &topics, 1, Duration::from_secs(30)).await?;
     let settings = broker.settings();
-    let env = ConsumerEnv {
-        settings: settings.clone(),
-        service: "test",
-        producer: Producer::for_pipeline(&settings)?,
-        shutdown: CancellationToken::new(),
-        ready: kit::http::Health::default().condition("joined"),
-    };
+    let env = consumer_env(&settings, &Producer::for_pipeline(&settings)?, &CancellationToken::new(), "joined");
     let spec = ConsumerSpec::group("joined", [Topic::UserFeatures, Topic::ProcessedEvents], "test-joined");
     let outcome = tokio::time::timeout(Duration::from_secs(30), run_consumer(env, spec, RejectAll)).await?;
     let error = format!("{:#}", outcome.expect_err("the consumer must refuse to start"));
@@ -300,13 +304,7 @@ async fn group_members_hold_exactly_the_state_of_their_partitions() -> anyhow::R
     send(0, 40).await?;
     let producer = Producer::for_pipeline(&settings)?;
     let member = |tally: &Tally, stop: &CancellationToken| {
-        let env = ConsumerEnv {
-            settings: settings.clone(),
-            service: "test",
-            producer: producer.clone(),
-            shutdown: stop.clone(),
-            ready: kit::http::Health::default().condition("tally"),
-        };
+        let env = consumer_env(&settings, &producer, stop, "tally");
         let spec = ConsumerSpec::group("tally", [Topic::UserActivity], "test-tally").restoring();
         tokio::spawn(run_consumer(env, spec, tally.clone()))
     };
@@ -411,13 +409,7 @@ async fn a_coalescing_consumer_handles_the_latest_snapshot_per_key() -> anyhow::
 
     let producer = Producer::for_pipeline(&settings)?;
     let member = |seen: &Seen, stop: &CancellationToken| {
-        let env = ConsumerEnv {
-            settings: settings.clone(),
-            service: "test",
-            producer: producer.clone(),
-            shutdown: stop.clone(),
-            ready: kit::http::Health::default().condition("seen"),
-        };
+        let env = consumer_env(&settings, &producer, stop, "seen");
         let spec = ConsumerSpec::group("seen", [Topic::UserFeatures, Topic::ProcessedEvents], "test-seen")
             .coalescing([Topic::UserFeatures]);
         tokio::spawn(run_consumer(env, spec, seen.clone()))
