@@ -128,11 +128,11 @@ pub async fn run_with(
     let engine = match &storage {
         Storage::Sqlite(file) => {
             sqlite::index_headers(file).await?;
-            let guard = sqlite::TopicGuard::install(file).await?;
+            let repairs = sqlite::Repairs::install(file, CLUSTER_ID).await?;
             let dir = logs_beside(file);
             logs::Logs::new(sqlite, &dir)
                 .with_context(|| format!("opening the log directory {}", dir.display()))?
-                .with_topic_guard(guard)
+                .with_repairs(repairs)
         }
         Storage::Memory => {
             let dir = scratch_dir().context("creating the in-memory broker's scratch directory")?;

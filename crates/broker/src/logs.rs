@@ -78,8 +78,8 @@ const BATCH_FIXED: usize = 49;
 pub struct Logs<S> {
     inner: S,
     dir: Option<Arc<LogDir>>,
-    /// With SQLite: keeps a topic's deletion to that topic (see [`crate::sqlite::TopicGuard`]).
-    guard: Option<Arc<crate::sqlite::TopicGuard>>,
+    /// With SQLite: repairs to Tansu's engine (see [`crate::sqlite::Repairs`]).
+    guard: Option<Arc<crate::sqlite::Repairs>>,
 }
 
 impl<S: Storage> Logs<S> {
@@ -90,8 +90,9 @@ impl<S: Storage> Logs<S> {
         Ok(Self { inner, dir: Some(Arc::new(LogDir { dir, ..LogDir::default() })), guard: None })
     }
 
-    /// The same engine, deleting a topic's row in SQLite through `guard`.
-    pub fn with_topic_guard(self, guard: crate::sqlite::TopicGuard) -> Self {
+    /// The same engine, with `repairs` to Tansu's SQLite engine (topic deletion, describing
+    /// groups).
+    pub fn with_repairs(self, guard: crate::sqlite::Repairs) -> Self {
         Self { guard: Some(Arc::new(guard)), ..self }
     }
 
@@ -712,7 +713,18 @@ impl<S: Storage> Storage for Logs<S> {
         group_ids: Option<&[String]>,
         include_authorized_operations: bool,
     ) -> Result<Vec<NamedGroupDetail>> {
-        self.inner.describe_groups(group_ids, include_authorized_operations).await
+        let Some(repairs) = &self.guard else {
+            return self.inner.describe_groups(group_ids, include_authorized_operations).await;
+        };
+        let mut described = Vec::new();
+        for group in group_ids.into_iter().flatten() {
+            let detail = repairs.group_detail(group).await.map_err(|e| io_error(io::Error::other(format!("{e:#}"))))?;
+            described.push(match detail {
+                Some(detail) => NamedGroupDetail::found(group.clone(), detail),
+                None => NamedGroupDetail::error_code(group.clone(), ErrorCode::GroupIdNotFound),
+            });
+        }
+        Ok(described)
     }
 
     async fn describe_topic_partitions(
@@ -936,16 +948,9 @@ mod tests {
         assert_eq!(log.next_offset, 0);
     }
 
-    /// A data directory from before the log files: a topic whose records are in SQLite stays
-    /// there (its offsets go on, its records are read), a new topic goes to files, and a
-    /// compacted one stays in SQLite.
-    #[tokio::test]
-    async fn topics_with_records_in_sqlite_stay_there() -> anyhow::Result<()> {
-        use tansu_sans_io::create_topics_request::CreatableTopicConfig;
-        // Tansu takes its SQLite file relative to the current directory (the crate's, in a
-        // test); removed at the end, and ignored by git.
-        let db = format!("{}.logs-test.db", std::process::id());
-        let dir = tempfile::tempdir()?;
+    /// Tansu's SQLite engine for cluster "logs-test" in `db` (relative to the current directory),
+    /// with its broker registered.
+    async fn sqlite_storage(db: &str) -> anyhow::Result<tansu_storage::StorageContainer> {
         let sqlite = tansu_storage::StorageContainer::builder()
             .cluster_id("logs-test")
             .node_id(1)
@@ -956,12 +961,6 @@ mod tests {
             .build()
             .await
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let topic = |name: &str, compacted: bool| {
-            let configs = compacted.then(|| {
-                vec![CreatableTopicConfig::default().name("cleanup.policy".into()).value(Some("compact".into()))]
-            });
-            CreatableTopic::default().name(name.into()).num_partitions(1).replication_factor(1).configs(configs)
-        };
         sqlite
             .register_broker(BrokerRegistrationRequest {
                 broker_id: 1,
@@ -971,6 +970,52 @@ mod tests {
             })
             .await
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(sqlite)
+    }
+
+    /// A consumer group's detail as stored reads back (Tansu's SQLite engine failed on it); a
+    /// group it does not have is not found.
+    #[tokio::test]
+    async fn groups_are_described_from_sqlite() -> anyhow::Result<()> {
+        let db = format!("{}.groups.logs-test.db", std::process::id());
+        let dir = tempfile::tempdir()?;
+        let sqlite = sqlite_storage(&db).await?;
+        let repairs = crate::sqlite::Repairs::install(&db, "logs-test").await?;
+        let logs = Logs::new(sqlite, dir.path())?.with_repairs(repairs);
+        let detail = GroupDetail { generation_id: 3, session_timeout_ms: 10_000, ..GroupDetail::default() };
+        logs.update_group("g", detail.clone(), None).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let groups = ["g".to_owned(), "missing".to_owned()];
+        let described = logs.describe_groups(Some(&groups), false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        assert_eq!(
+            described,
+            [
+                NamedGroupDetail::found("g".into(), detail),
+                NamedGroupDetail::error_code("missing".into(), ErrorCode::GroupIdNotFound)
+            ]
+        );
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = fs::remove_file(format!("{db}{suffix}"));
+        }
+        Ok(())
+    }
+
+    /// A data directory from before the log files: a topic whose records are in SQLite stays
+    /// there (its offsets go on, its records are read), a new topic goes to files, and a
+    /// compacted one stays in SQLite.
+    #[tokio::test]
+    async fn topics_with_records_in_sqlite_stay_there() -> anyhow::Result<()> {
+        use tansu_sans_io::create_topics_request::CreatableTopicConfig;
+        // Tansu takes its SQLite file relative to the current directory (the crate's, in a
+        // test); removed at the end, and ignored by git.
+        let db = format!("{}.logs-test.db", std::process::id());
+        let dir = tempfile::tempdir()?;
+        let sqlite = sqlite_storage(&db).await?;
+        let topic = |name: &str, compacted: bool| {
+            let configs = compacted.then(|| {
+                vec![CreatableTopicConfig::default().name("cleanup.policy".into()).value(Some("compact".into()))]
+            });
+            CreatableTopic::default().name(name.into()).num_partitions(1).replication_factor(1).configs(configs)
+        };
         let at = |name: &str| Topition::new(name, 0);
         let old = Logs::plain(sqlite.clone());
         old.create_topic(topic("old", false), false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
