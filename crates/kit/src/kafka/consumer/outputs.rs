@@ -22,10 +22,15 @@ impl InFlight {
 
 pub(super) type Pending = BoxFuture<'static, (InFlight, Result<(), ProduceError>)>;
 
+/// The topic `msg` was read from (one of the platform's).
+fn topic_of(msg: &BorrowedMessage<'_>) -> anyhow::Result<Topic> {
+    Topic::from_name(msg.topic()).with_context(|| format!("message from unknown topic {}", msg.topic()))
+}
+
 /// A message superseded by a later one of its key (see [`ConsumerSpec::coalesce`]): not
 /// handled, and settled at once, so that its offset is stored in order with the others.
 pub(super) fn skip(spec: &ConsumerSpec, msg: &BorrowedMessage<'_>) -> anyhow::Result<(Topic, i32, Pending)> {
-    let topic = Topic::from_name(msg.topic()).with_context(|| format!("message from unknown topic {}", msg.topic()))?;
+    let topic = topic_of(msg)?;
     metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "superseded").increment(1);
     let info = InFlight::bare(topic, msg.partition(), msg.offset());
     let pending: Pending = Box::pin(std::future::ready((info, Ok(()))));
@@ -39,7 +44,7 @@ pub(super) async fn process<H: Handler>(
     handler: &mut H,
     msg: &BorrowedMessage<'_>,
 ) -> anyhow::Result<(Topic, i32, Pending)> {
-    let topic = Topic::from_name(msg.topic()).with_context(|| format!("message from unknown topic {}", msg.topic()))?;
+    let topic = topic_of(msg)?;
     let record = Record::of(msg, topic);
     let started = Instant::now();
     let mut attempt = 0;
