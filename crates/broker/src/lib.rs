@@ -124,24 +124,21 @@ pub async fn run_with(
     // In memory: the metadata in Tansu's memory engine, the records in scratch log files,
     // removed when this function returns (Tansu's memory engine kept every record for good,
     // and cost half as much CPU again per message as the log files).
-    let mut scratch = None;
-    let engine = match &storage {
+    let (engine, _scratch) = match &storage {
         Storage::Sqlite(file) => {
             sqlite::index_headers(file).await?;
             let repairs = sqlite::Repairs::install(file, CLUSTER_ID).await?;
             let dir = logs_beside(file);
-            logs::Logs::new(sqlite, &dir)
+            let engine = logs::Logs::new(sqlite, &dir)
                 .with_context(|| format!("opening the log directory {}", dir.display()))?
-                .with_repairs(repairs)
+                .with_repairs(repairs);
+            (engine, None)
         }
         Storage::Memory => {
             let dir = scratch_dir().context("creating the in-memory broker's scratch directory")?;
-            let engine = logs::Logs::new(sqlite, dir.path())?;
-            scratch = Some(dir);
-            engine
+            (logs::Logs::new(sqlite, dir.path())?, Some(dir))
         }
     };
-    tracing::debug!(scratch = ?scratch.as_ref().map(tempfile::TempDir::path), "storage ready");
     engine
         .register_broker(BrokerRegistrationRequest {
             broker_id: tansu_broker::NODE_ID,
@@ -192,7 +189,6 @@ pub async fn run_with(
         }
     }
     connections.abort_all();
-    drop(scratch);
     Ok(())
 }
 

@@ -79,7 +79,7 @@ pub struct Logs<S> {
     inner: S,
     dir: Option<Arc<LogDir>>,
     /// With SQLite: repairs to Tansu's engine (see [`crate::sqlite::Repairs`]).
-    guard: Option<Arc<crate::sqlite::Repairs>>,
+    repairs: Option<Arc<crate::sqlite::Repairs>>,
 }
 
 impl<S: Storage> Logs<S> {
@@ -87,18 +87,18 @@ impl<S: Storage> Logs<S> {
     pub fn new(inner: S, dir: impl Into<PathBuf>) -> io::Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(&dir)?;
-        Ok(Self { inner, dir: Some(Arc::new(LogDir { dir, ..LogDir::default() })), guard: None })
+        Ok(Self { inner, dir: Some(Arc::new(LogDir { dir, ..LogDir::default() })), repairs: None })
     }
 
     /// The same engine, with `repairs` to Tansu's SQLite engine (topic deletion, describing
     /// groups).
-    pub fn with_repairs(self, guard: crate::sqlite::Repairs) -> Self {
-        Self { guard: Some(Arc::new(guard)), ..self }
+    pub fn with_repairs(self, repairs: crate::sqlite::Repairs) -> Self {
+        Self { repairs: Some(Arc::new(repairs)), ..self }
     }
 
     /// `inner` as it is.
     pub fn plain(inner: S) -> Self {
-        Self { inner, dir: None, guard: None }
+        Self { inner, dir: None, repairs: None }
     }
 
     /// The log of `topition` when its topic is kept in files; `None` when the inner engine
@@ -573,14 +573,14 @@ impl<S: Storage> Storage for Logs<S> {
     }
 
     async fn delete_topic(&self, topic: &TopicId) -> Result<ErrorCode> {
-        let name = if self.dir.is_some() || self.guard.is_some() { self.topic_name(topic).await? } else { None };
+        let name = if self.dir.is_some() || self.repairs.is_some() { self.topic_name(topic).await? } else { None };
         if let (Some(dir), Some(name)) = (&self.dir, &name) {
             dir.remove(name).map_err(io_error)?;
         }
-        let (Some(guard), Some(name)) = (&self.guard, &name) else { return self.inner.delete_topic(topic).await };
-        guard.allow(name).await.map_err(|e| io_error(io::Error::other(e)))?;
+        let (Some(repairs), Some(name)) = (&self.repairs, &name) else { return self.inner.delete_topic(topic).await };
+        repairs.allow(name).await.map_err(|e| io_error(io::Error::other(e)))?;
         let deleted = self.inner.delete_topic(topic).await;
-        guard.done(name).await.map_err(|e| io_error(io::Error::other(e)))?;
+        repairs.done(name).await.map_err(|e| io_error(io::Error::other(e)))?;
         deleted
     }
 
@@ -713,7 +713,7 @@ impl<S: Storage> Storage for Logs<S> {
         group_ids: Option<&[String]>,
         include_authorized_operations: bool,
     ) -> Result<Vec<NamedGroupDetail>> {
-        let Some(repairs) = &self.guard else {
+        let Some(repairs) = &self.repairs else {
             return self.inner.describe_groups(group_ids, include_authorized_operations).await;
         };
         let mut described = Vec::new();
