@@ -4,6 +4,7 @@
 //! attempts, and the partition keeps flowing past them. An output the producer refuses (too
 //! large) dead-letters its message once, with the reason; replicas never write dead letters.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -455,5 +456,93 @@ async fn a_coalescing_consumer_handles_the_latest_snapshot_per_key() -> anyhow::
     running.await??;
     let all = second.0.lock().expect("lock").clone();
     assert_eq!(all, [(Topic::UserFeatures, "after the restart".to_owned())], "nothing read twice");
+    Ok(())
+}
+
+/// Handles its first two messages at once and each of the others in a second (blocking its
+/// thread, as slow work would) until `fast` is set; counts what it handled.
+struct Slow {
+    fast: Arc<AtomicBool>,
+    handled: Arc<AtomicUsize>,
+}
+
+impl Handler for Slow {
+    fn handle(&mut self, _record: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        if self.handled.load(Ordering::SeqCst) >= 2 && !self.fast.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The summed `kafka_consumer_lag` gauges of consumer `name`, if it reports any.
+fn lag_of(metrics: &str, name: &str) -> Option<f64> {
+    let label = format!("consumer=\"{name}\"");
+    let values: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("kafka_consumer_lag{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Every consumer — of a group or a replica of every partition — reports how many messages of
+/// its partitions it has not finished yet (`kafka_consumer_lag`, what `bench stack` and the
+/// live evaluation wait on): at least those it has not handled while it works through a
+/// backlog, none once it has handled them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_consumer_reports_the_messages_it_has_not_finished() -> anyhow::Result<()> {
+    let metrics = kit::http::metrics_handle();
+    let broker = TestBroker::start().await?;
+    let settings = broker.settings();
+    let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+    let messages = 20;
+    for i in 0..messages {
+        raw.send(FutureRecord::to(Topic::Offers.name()).key("user-1").payload(&format!("{i}")), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let producer = Producer::for_pipeline(&settings)?;
+    let fast = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let mut consumers = Vec::new();
+    for name in ["lag-group", "lag-replica"] {
+        let spec = if name == "lag-group" {
+            ConsumerSpec::group(name, [Topic::Offers], "test-lag")
+        } else {
+            ConsumerSpec::replica(name, [Topic::Offers])
+        };
+        let handled = Arc::new(AtomicUsize::new(0));
+        let slow = Slow { fast: fast.clone(), handled: handled.clone() };
+        let running = tokio::spawn(run_consumer(consumer_env(&settings, &producer, &stop, name), spec, slow));
+        consumers.push((name, handled, running));
+    }
+    // (lag reported, messages handled when it was read), per consumer, while they work.
+    let working = eventually("each busy consumer to report its lag", Duration::from_secs(60), || {
+        let text = metrics.render();
+        let seen: Vec<(Option<f64>, usize)> =
+            consumers.iter().map(|(name, handled, _)| (lag_of(&text, name), handled.load(Ordering::SeqCst))).collect();
+        async move { seen.iter().all(|(lag, _)| lag.is_some()).then_some(seen) }
+    })
+    .await;
+    fast.store(true, Ordering::SeqCst);
+    let caught_up = eventually("each consumer to report no lag", Duration::from_secs(60), || {
+        let text = metrics.render();
+        let done = consumers.iter().all(|(name, _, _)| lag_of(&text, name) == Some(0.0));
+        async move { done.then_some(()) }
+    })
+    .await;
+    stop.cancel();
+    let names: Vec<&str> = consumers.iter().map(|(name, _, _)| *name).collect();
+    for (_, _, running) in consumers {
+        running.await??;
+    }
+    caught_up?;
+    for (name, (lag, handled)) in names.iter().zip(working?) {
+        let (lag, handled) = (lag.unwrap_or_default(), handled as f64);
+        assert!(handled < f64::from(messages), "{name} handled all {handled} before its lag was read");
+        assert!(lag >= f64::from(messages) - handled, "{name}: lag {lag} with {handled} of {messages} handled");
+    }
     Ok(())
 }

@@ -48,6 +48,10 @@ pub struct KafkaSettings {
     /// answer a fetch as soon as data arrives, so this does not add latency; it sets how often
     /// an idle consumer asks again (lower costs more idle fetch requests).
     pub fetch_wait: Duration,
+    /// `KAFKA_STATISTICS_INTERVAL_MS`: how often each consumer reports its lag (librdkafka's
+    /// `statistics.interval.ms`, default 5000; `retargetiq bench` asks for 1000 to read the lag
+    /// right at the end of a load step; 0 turns the reports off).
+    pub statistics_interval: Duration,
     /// `KAFKA_HANDLER_MAX_ATTEMPTS`: tries before a failing message goes to the dead-letter
     /// topic (default 4).
     pub handler_max_attempts: u32,
@@ -135,6 +139,7 @@ impl KafkaSettings {
             })?,
             consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 2_048, positive)?,
             fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(500))?,
+            statistics_interval: env.millis("KAFKA_STATISTICS_INTERVAL_MS", Duration::from_secs(5))?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
             debug: env.raw("KAFKA_DEBUG"),
             assignment: env.get("KAFKA_ASSIGNMENT", Assignment::Auto)?,

@@ -17,7 +17,7 @@ pub(super) fn create(
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", env.settings.fetch_wait.as_millis().clamp(1, 500).to_string())
         .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
-        .set("statistics.interval.ms", "5000")
+        .set("statistics.interval.ms", env.settings.statistics_interval.as_millis().to_string())
         .set("socket.keepalive.enable", "true");
     if let Some(debug) = &env.settings.debug {
         config.set("debug", debug);
@@ -66,14 +66,19 @@ impl GroupContext {
 }
 
 impl ClientContext for GroupContext {
-    /// librdkafka's statistics (every 5 s): the lag of each partition this consumer reads.
+    /// librdkafka's statistics (every `KAFKA_STATISTICS_INTERVAL_MS`): the lag of each
+    /// partition this consumer reads — the messages the broker holds that the consumer has not
+    /// finished (handled, outputs acknowledged: its stored offset), whatever its subscription.
+    /// Not the lag behind the committed offset: that trails by up to the commit interval, and
+    /// replicas commit nothing. A partition it has finished nothing of yet reports nothing.
     fn stats(&self, statistics: rdkafka::Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
+                let lag = if p.consumer_lag_stored >= 0 { p.consumer_lag_stored } else { p.consumer_lag };
+                if *partition >= 0 && lag >= 0 {
                     let (topic, partition) = (topic.clone(), partition.to_string());
                     metrics::gauge!("kafka_consumer_lag", "consumer" => self.name, "topic" => topic, "partition" => partition)
-                        .set(p.consumer_lag as f64);
+                        .set(lag as f64);
                 }
             }
         }

@@ -216,7 +216,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
             biased;
             () = env.shutdown.cancelled() => break,
             Some((done, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                complete(env, spec, &consumer, is_group, done, result).await?;
+                complete(env, spec, &consumer, done, result).await?;
             }
             _ = tick.tick(), if rebuilds => {
                 if consumer.context().generation() != generation {
@@ -309,7 +309,7 @@ async fn rebuild<H: Handler>(
 ) -> anyhow::Result<u64> {
     let generation = consumer.context().generation();
     while let Some((done, result)) = in_flight.next().await {
-        complete(env, spec, consumer, true, done, result).await?;
+        complete(env, spec, consumer, done, result).await?;
     }
     let c = Arc::clone(consumer);
     if let Err(e) = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await? {
@@ -343,7 +343,7 @@ async fn drain_and_commit(
 ) -> anyhow::Result<()> {
     let drain = async {
         while let Some((done, result)) = in_flight.next().await {
-            complete(env, spec, consumer, is_group, done, result).await?;
+            complete(env, spec, consumer, done, result).await?;
         }
         anyhow::Ok(())
     };

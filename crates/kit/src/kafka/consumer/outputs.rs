@@ -149,7 +149,6 @@ pub(super) async fn complete(
     env: &ConsumerEnv,
     spec: &ConsumerSpec,
     consumer: &StreamConsumer<GroupContext>,
-    is_group: bool,
     done: InFlight,
     result: Result<(), ProduceError>,
 ) -> anyhow::Result<()> {
@@ -181,7 +180,9 @@ pub(super) async fn complete(
         }
         Err(e) => return Err(e).context("an output was not acknowledged"),
     }
-    if is_group && let Err(e) = consumer.store_offset(done.topic.name(), done.partition, done.offset) {
+    // Every subscription stores what it finished (the lag it reports is measured from there);
+    // only a group's stored offsets are ever committed.
+    if let Err(e) = consumer.store_offset(done.topic.name(), done.partition, done.offset) {
         // A partition the group moved to another instance while the message's outputs were in
         // flight: its new owner reads the message again (downstream de-duplicates the outputs).
         let held = consumer.assignment().is_ok_and(|a| a.find_partition(done.topic.name(), done.partition).is_some());
