@@ -257,14 +257,16 @@ fn routes(
         FrameRouteBuilder<(), tansu_broker::Error>,
         Engine,
     ) -> Result<FrameRouteBuilder<(), tansu_broker::Error>, tansu_broker::Error>;
-    // Every storage handler of `tansu_broker::service::storage::services` but fetch, produce
-    // and the two that delete data (which must also empty the tails).
-    let tansus: [Route; 22] = [
+    // Every storage handler of `tansu_broker::service::storage::services` but fetch, produce,
+    // the two that delete data (which must also empty the tails) and CreateAcls (Tansu's
+    // answer has no results, and librdkafka aborts the client's process on it; without the
+    // route the broker does not offer the API, as it does not offer DeleteAcls, and clients
+    // say it is not supported).
+    let tansus: [Route; 21] = [
         handlers::add_offsets_to_txn,
         handlers::add_partitions_to_txn,
         handlers::alter_user_scram_credentials,
         handlers::consumer_group_describe,
-        handlers::create_acls,
         handlers::create_topics,
         handlers::delete_groups,
         handlers::describe_acls,
@@ -375,6 +377,44 @@ pub async fn wait_for_port(addr: SocketAddr, patience: Duration) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The API keys the broker offers, from its answer to ApiVersions (v0, encoded by hand).
+    async fn offered_api_keys(addr: SocketAddr) -> anyhow::Result<Vec<i16>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        // api key 18 (ApiVersions), version 0, correlation id 7, no client id
+        let body: [u8; 10] = [0, 18, 0, 0, 0, 0, 0, 7, 0xff, 0xff];
+        stream.write_all(&(body.len() as u32).to_be_bytes()).await?;
+        stream.write_all(&body).await?;
+        let size = stream.read_u32().await?;
+        let mut answer = vec![0; size as usize];
+        stream.read_exact(&mut answer).await?;
+        let int16 = |at: usize| i16::from_be_bytes([answer[at], answer[at + 1]]);
+        anyhow::ensure!(answer[..4] == 7_i32.to_be_bytes(), "not the answer to correlation id 7");
+        anyhow::ensure!(int16(4) == 0, "ApiVersions answered error code {}", int16(4));
+        let count = i32::from_be_bytes([answer[6], answer[7], answer[8], answer[9]]);
+        Ok((0..usize::try_from(count)?).map(|i| int16(10 + 6 * i)).collect())
+    }
+
+    /// CreateAcls is not offered (Tansu's answer made librdkafka abort its client's process);
+    /// reading ACLs, and what the pipeline uses, are.
+    #[tokio::test]
+    async fn the_broker_does_not_offer_create_acls() -> anyhow::Result<()> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let shutdown = CancellationToken::new();
+        spawn_dedicated(addr, Storage::Memory, shutdown.clone()).await?;
+        let offered = offered_api_keys(addr).await;
+        shutdown.cancel();
+        let offered = offered?;
+        let (produce, fetch, describe_acls, create_acls, delete_acls) = (0, 1, 29, 30, 31);
+        for key in [produce, fetch, describe_acls] {
+            assert!(offered.contains(&key), "API key {key} not offered: {offered:?}");
+        }
+        for key in [create_acls, delete_acls] {
+            assert!(!offered.contains(&key), "API key {key} offered: {offered:?}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn storage_urls() {
