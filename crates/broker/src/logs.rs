@@ -752,7 +752,15 @@ impl<S: Storage> Storage for Logs<S> {
         producer_id: Option<i64>,
         producer_epoch: Option<i16>,
     ) -> Result<ProducerIdResponse> {
-        self.inner.init_producer(transaction_id, transaction_timeout_ms, producer_id, producer_epoch).await
+        // Tansu's engines answer only a request for a new producer id (id and epoch -1) and
+        // panic (`todo!()`) on the others: InitProducerId versions 0–2 carry no id (aiokafka
+        // and kafka-python send them) and an idempotent producer bumping its epoch sends its
+        // current one (KIP-360; librdkafka after some errors). Each is answered as a request
+        // for a new id, which clients take as they take Kafka's new id for an exhausted epoch.
+        if (producer_id, producer_epoch) != (Some(-1), Some(-1)) {
+            tracing::debug!(?producer_id, ?producer_epoch, "InitProducerId answered with a new producer id");
+        }
+        self.inner.init_producer(transaction_id, transaction_timeout_ms, Some(-1), Some(-1)).await
     }
 
     async fn txn_add_offsets(
@@ -971,6 +979,38 @@ mod tests {
             .await
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Ok(sqlite)
+    }
+
+    /// Every form of InitProducerId gets a producer id, on both engines: a request without an
+    /// id (versions 0–2: aiokafka, kafka-python) and an idempotent producer bumping its epoch
+    /// (KIP-360) made Tansu's SQLite engine panic (`todo!()`), taking the broker down.
+    #[tokio::test]
+    async fn every_init_producer_id_request_gets_a_producer_id() -> anyhow::Result<()> {
+        let db = format!("{}.producers.logs-test.db", std::process::id());
+        let (dir, scratch) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let memory = tansu_storage::StorageContainer::builder()
+            .cluster_id("logs-test")
+            .node_id(1)
+            .advertised_listener(Url::parse("tcp://127.0.0.1:9092")?)
+            .storage(Url::parse("memory://logs-test/")?)
+            .cancellation(tokio_util::sync::CancellationToken::new())
+            .silent(true)
+            .build()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        for logs in [Logs::new(sqlite_storage(&db).await?, dir.path())?, Logs::new(memory, scratch.path())?] {
+            let first = logs.init_producer(None, 0, Some(-1), Some(-1)).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            assert_eq!(first.error, ErrorCode::None);
+            for (id, epoch) in [(None, None), (Some(first.id), Some(first.epoch))] {
+                let next = logs.init_producer(None, 0, id, epoch).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                assert_eq!(next.error, ErrorCode::None, "{id:?}, {epoch:?}");
+                assert!(next.id >= 0 && next.epoch >= 0, "{id:?}, {epoch:?}: {next:?}");
+            }
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = fs::remove_file(format!("{db}{suffix}"));
+        }
+        Ok(())
     }
 
     /// A consumer group's detail as stored reads back (Tansu's SQLite engine failed on it); a
