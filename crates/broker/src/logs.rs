@@ -47,7 +47,7 @@ use tansu_sans_io::list_groups_response::ListedGroup;
 use tansu_sans_io::record::deflated::Batch;
 use tansu_sans_io::txn_offset_commit_response::TxnOffsetCommitResponseTopic;
 use tansu_sans_io::{
-    ConfigResource, ErrorCode, IsolationLevel, ListOffset, ScramMechanism, to_system_time, to_timestamp,
+    ConfigResource, ErrorCode, IsolationLevel, ListOffset, OpType, ScramMechanism, to_system_time, to_timestamp,
 };
 use tansu_storage::{
     BrokerRegistrationRequest, Error, GroupDetail, ListOffsetResponse, MetadataResponse, NamedGroupDetail,
@@ -547,7 +547,21 @@ impl<S: Storage> Storage for Logs<S> {
         Ok(id)
     }
 
+    /// Only `SET` and `DELETE` operations: Tansu 0.6's engines panic (`todo!()`) on `APPEND`
+    /// and `SUBTRACT`, so a resource asking for those (or an unknown operation) is refused
+    /// whole with `INVALID_REQUEST`, naming the config.
     async fn incremental_alter_resource(&self, resource: AlterConfigsResource) -> Result<AlterConfigsResourceResponse> {
+        let supported = |op: i8| matches!(OpType::try_from(op), Ok(OpType::Set | OpType::Delete));
+        if let Some(config) = resource.configs.iter().flatten().find(|c| !supported(c.config_operation)) {
+            return Ok(AlterConfigsResourceResponse::default()
+                .error_code(ErrorCode::InvalidRequest.into())
+                .error_message(Some(format!(
+                    "{}: operation {} is not supported by this broker (only SET and DELETE)",
+                    config.name, config.config_operation
+                )))
+                .resource_type(resource.resource_type)
+                .resource_name(resource.resource_name));
+        }
         if let Some(dir) = &self.dir {
             dir.routes().remove(&resource.resource_name);
         }
@@ -956,6 +970,20 @@ mod tests {
         assert_eq!(log.next_offset, 0);
     }
 
+    /// Tansu's memory engine for cluster "logs-test".
+    async fn memory_storage() -> anyhow::Result<tansu_storage::StorageContainer> {
+        tansu_storage::StorageContainer::builder()
+            .cluster_id("logs-test")
+            .node_id(1)
+            .advertised_listener(Url::parse("tcp://127.0.0.1:9092")?)
+            .storage(Url::parse("memory://logs-test/")?)
+            .cancellation(tokio_util::sync::CancellationToken::new())
+            .silent(true)
+            .build()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    }
+
     /// Tansu's SQLite engine for cluster "logs-test" in `db` (relative to the current directory),
     /// with its broker registered.
     async fn sqlite_storage(db: &str) -> anyhow::Result<tansu_storage::StorageContainer> {
@@ -988,23 +1016,53 @@ mod tests {
     async fn every_init_producer_id_request_gets_a_producer_id() -> anyhow::Result<()> {
         let db = format!("{}.producers.logs-test.db", std::process::id());
         let (dir, scratch) = (tempfile::tempdir()?, tempfile::tempdir()?);
-        let memory = tansu_storage::StorageContainer::builder()
-            .cluster_id("logs-test")
-            .node_id(1)
-            .advertised_listener(Url::parse("tcp://127.0.0.1:9092")?)
-            .storage(Url::parse("memory://logs-test/")?)
-            .cancellation(tokio_util::sync::CancellationToken::new())
-            .silent(true)
-            .build()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        for logs in [Logs::new(sqlite_storage(&db).await?, dir.path())?, Logs::new(memory, scratch.path())?] {
+        for logs in
+            [Logs::new(sqlite_storage(&db).await?, dir.path())?, Logs::new(memory_storage().await?, scratch.path())?]
+        {
             let first = logs.init_producer(None, 0, Some(-1), Some(-1)).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
             assert_eq!(first.error, ErrorCode::None);
             for (id, epoch) in [(None, None), (Some(first.id), Some(first.epoch))] {
                 let next = logs.init_producer(None, 0, id, epoch).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 assert_eq!(next.error, ErrorCode::None, "{id:?}, {epoch:?}");
                 assert!(next.id >= 0 && next.epoch >= 0, "{id:?}, {epoch:?}: {next:?}");
+            }
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = fs::remove_file(format!("{db}{suffix}"));
+        }
+        Ok(())
+    }
+
+    /// A topic's configs can be set and deleted; appending and subtracting (on which Tansu's
+    /// engines panicked) are refused with `INVALID_REQUEST`, on both engines.
+    #[tokio::test]
+    async fn configs_are_set_and_deleted_and_other_operations_refused() -> anyhow::Result<()> {
+        use tansu_sans_io::incremental_alter_configs_request::AlterableConfig;
+        let db = format!("{}.configs.logs-test.db", std::process::id());
+        let (dir, scratch) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        for logs in
+            [Logs::new(sqlite_storage(&db).await?, dir.path())?, Logs::new(memory_storage().await?, scratch.path())?]
+        {
+            let topic = CreatableTopic::default().name("t".into()).num_partitions(1).replication_factor(1);
+            logs.create_topic(topic, false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let alter = |op: OpType| {
+                let config = AlterableConfig::default()
+                    .name("retention.ms".into())
+                    .config_operation(i8::from(op))
+                    .value(Some("60000".into()));
+                AlterConfigsResource::default()
+                    .resource_type(i8::from(ConfigResource::Topic))
+                    .resource_name("t".into())
+                    .configs(Some(vec![config]))
+            };
+            for (name, op, expected) in [
+                ("set", OpType::Set, ErrorCode::None),
+                ("append", OpType::Append, ErrorCode::InvalidRequest),
+                ("subtract", OpType::Subtract, ErrorCode::InvalidRequest),
+                ("delete", OpType::Delete, ErrorCode::None),
+            ] {
+                let answer = logs.incremental_alter_resource(alter(op)).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                assert_eq!(ErrorCode::try_from(answer.error_code)?, expected, "{name}: {answer:?}");
             }
         }
         for suffix in ["", "-wal", "-shm"] {
