@@ -970,6 +970,23 @@ mod tests {
         assert_eq!(log.next_offset, 0);
     }
 
+    /// Logs over each of Tansu's engines: SQLite in `db`, memory; the log files in `dir` and
+    /// `scratch`.
+    async fn both_engines(
+        db: &str,
+        dir: &Path,
+        scratch: &Path,
+    ) -> anyhow::Result<[Logs<tansu_storage::StorageContainer>; 2]> {
+        Ok([Logs::new(sqlite_storage(db).await?, dir)?, Logs::new(memory_storage().await?, scratch)?])
+    }
+
+    /// Removes the SQLite database `db` and its journal files.
+    fn remove_sqlite_files(db: &str) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = fs::remove_file(format!("{db}{suffix}"));
+        }
+    }
+
     /// Tansu's memory engine for cluster "logs-test".
     async fn memory_storage() -> anyhow::Result<tansu_storage::StorageContainer> {
         tansu_storage::StorageContainer::builder()
@@ -1016,9 +1033,7 @@ mod tests {
     async fn every_init_producer_id_request_gets_a_producer_id() -> anyhow::Result<()> {
         let db = format!("{}.producers.logs-test.db", std::process::id());
         let (dir, scratch) = (tempfile::tempdir()?, tempfile::tempdir()?);
-        for logs in
-            [Logs::new(sqlite_storage(&db).await?, dir.path())?, Logs::new(memory_storage().await?, scratch.path())?]
-        {
+        for logs in both_engines(&db, dir.path(), scratch.path()).await? {
             let first = logs.init_producer(None, 0, Some(-1), Some(-1)).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
             assert_eq!(first.error, ErrorCode::None);
             for (id, epoch) in [(None, None), (Some(first.id), Some(first.epoch))] {
@@ -1027,9 +1042,7 @@ mod tests {
                 assert!(next.id >= 0 && next.epoch >= 0, "{id:?}, {epoch:?}: {next:?}");
             }
         }
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = fs::remove_file(format!("{db}{suffix}"));
-        }
+        remove_sqlite_files(&db);
         Ok(())
     }
 
@@ -1040,9 +1053,7 @@ mod tests {
         use tansu_sans_io::incremental_alter_configs_request::AlterableConfig;
         let db = format!("{}.configs.logs-test.db", std::process::id());
         let (dir, scratch) = (tempfile::tempdir()?, tempfile::tempdir()?);
-        for logs in
-            [Logs::new(sqlite_storage(&db).await?, dir.path())?, Logs::new(memory_storage().await?, scratch.path())?]
-        {
+        for logs in both_engines(&db, dir.path(), scratch.path()).await? {
             let topic = CreatableTopic::default().name("t".into()).num_partitions(1).replication_factor(1);
             logs.create_topic(topic, false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
             let alter = |op: OpType| {
@@ -1065,9 +1076,7 @@ mod tests {
                 assert_eq!(ErrorCode::try_from(answer.error_code)?, expected, "{name}: {answer:?}");
             }
         }
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = fs::remove_file(format!("{db}{suffix}"));
-        }
+        remove_sqlite_files(&db);
         Ok(())
     }
 
@@ -1091,9 +1100,7 @@ mod tests {
                 NamedGroupDetail::error_code("missing".into(), ErrorCode::GroupIdNotFound)
             ]
         );
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = fs::remove_file(format!("{db}{suffix}"));
-        }
+        remove_sqlite_files(&db);
         Ok(())
     }
 
@@ -1137,9 +1144,7 @@ mod tests {
         // A partition the topic does not have is refused, not made.
         let missing = logs.produce(None, &Topition::new("new", 1), batch(1, -1, -1, 1_000)).await;
         assert!(matches!(missing, Err(Error::Api(ErrorCode::UnknownTopicOrPartition))), "{missing:?}");
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = fs::remove_file(format!("{db}{suffix}"));
-        }
+        remove_sqlite_files(&db);
         Ok(())
     }
 
