@@ -497,7 +497,8 @@ async fn every_consumer_reports_the_messages_it_has_not_finished() -> anyhow::Re
     let broker = TestBroker::start().await?;
     let settings = broker.settings();
     let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
-    let messages = 20;
+    // Enough for a minute of slow work: the first report comes long before it is done.
+    let messages = 60;
     for i in 0..messages {
         raw.send(FutureRecord::to(Topic::Offers.name()).key("user-1").payload(&format!("{i}")), Duration::from_secs(5))
             .await
