@@ -126,7 +126,6 @@ pub async fn run_with(
     // and cost half as much CPU again per message as the log files).
     let (engine, _scratch) = match &storage {
         Storage::Sqlite(file) => {
-            sqlite::index_headers(file).await?;
             let repairs = sqlite::Repairs::install(file, CLUSTER_ID).await?;
             let dir = logs_beside(file);
             let engine = logs::Logs::new(sqlite, &dir)

@@ -987,13 +987,13 @@ mod tests {
         }
     }
 
-    /// Tansu's memory engine for cluster "logs-test".
-    async fn memory_storage() -> anyhow::Result<tansu_storage::StorageContainer> {
+    /// Tansu's engine at `url` for cluster "logs-test".
+    async fn engine(url: &str) -> anyhow::Result<tansu_storage::StorageContainer> {
         tansu_storage::StorageContainer::builder()
             .cluster_id("logs-test")
             .node_id(1)
             .advertised_listener(Url::parse("tcp://127.0.0.1:9092")?)
-            .storage(Url::parse("memory://logs-test/")?)
+            .storage(Url::parse(url)?)
             .cancellation(tokio_util::sync::CancellationToken::new())
             .silent(true)
             .build()
@@ -1001,19 +1001,15 @@ mod tests {
             .map_err(|e| anyhow::anyhow!("{e:?}"))
     }
 
+    /// Tansu's memory engine for cluster "logs-test".
+    async fn memory_storage() -> anyhow::Result<tansu_storage::StorageContainer> {
+        engine("memory://logs-test/").await
+    }
+
     /// Tansu's SQLite engine for cluster "logs-test" in `db` (relative to the current directory),
     /// with its broker registered.
     async fn sqlite_storage(db: &str) -> anyhow::Result<tansu_storage::StorageContainer> {
-        let sqlite = tansu_storage::StorageContainer::builder()
-            .cluster_id("logs-test")
-            .node_id(1)
-            .advertised_listener(Url::parse("tcp://127.0.0.1:9092")?)
-            .storage(Url::parse(&format!("sqlite://{db}"))?)
-            .cancellation(tokio_util::sync::CancellationToken::new())
-            .silent(true)
-            .build()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let sqlite = engine(&format!("sqlite://{db}")).await?;
         sqlite
             .register_broker(BrokerRegistrationRequest {
                 broker_id: 1,

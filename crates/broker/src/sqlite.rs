@@ -8,18 +8,9 @@ use anyhow::Context as _;
 /// Tansu 0.6's SQLite schema keeps record headers in a table with no index: reading a record's
 /// headers (`header_fetch.sql`, once per record fetched) scans every header ever stored. Every
 /// message of the platform carries a correlation-id header, so each fetch got slower as the
-/// log grew, and under load the broker spent nearly all its time there (and collapsed). This
-/// adds the index the lookup needs.
-pub async fn index_headers(file: &str) -> anyhow::Result<()> {
-    let db = libsql::Builder::new_local(file).build().await.with_context(|| format!("opening {file}"))?;
-    let connection = db.connect()?;
-    connection
-        .execute("create index if not exists retargetiq_header_record on header (topition, offset_id)", ())
-        .await
-        .context("indexing the broker's record headers")?;
-    Ok(())
-}
-
+/// log grew, and under load the broker spent nearly all its time there (and collapsed).
+/// [`Repairs::install`] adds the index the lookup needs.
+///
 /// Tansu 0.6 deletes a topic's row with `topic_delete_by.sql`,
 /// `delete from topic where topic.cluster in (select c.id … where t.name = $2)`: every topic of
 /// the cluster, not the one named. Deleting any one topic made every other vanish, for good.
@@ -40,12 +31,16 @@ pub struct Repairs {
 }
 
 impl Repairs {
-    /// Installs the topic-deletion trigger in `file` (once) and opens the connection the
-    /// repairs use, for the cluster `cluster`.
+    /// Installs the header index and the topic-deletion trigger in `file` (once) and opens
+    /// the connection the repairs use, for the cluster `cluster`.
     pub async fn install(file: &str, cluster: &str) -> anyhow::Result<Self> {
         let db = libsql::Builder::new_local(file).build().await.with_context(|| format!("opening {file}"))?;
         let connection = db.connect()?;
         connection.busy_timeout(Duration::from_secs(10))?;
+        connection
+            .execute("create index if not exists retargetiq_header_record on header (topition, offset_id)", ())
+            .await
+            .context("indexing the broker's record headers")?;
         connection
             .execute_batch(
                 "create table if not exists retargetiq_topic_deleting (name text primary key);
