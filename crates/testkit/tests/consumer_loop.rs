@@ -476,15 +476,13 @@ impl Handler for Slow {
     }
 }
 
-/// The summed `kafka_consumer_lag` gauges of consumer `name`, if it reports any.
+/// The summed `kafka_consumer_lag` gauges of consumer `name` (read as `bench stack` and the
+/// live evaluation read them: `kit::telemetry::consumer_lag`), if it reports any.
 fn lag_of(metrics: &str, name: &str) -> Option<f64> {
     let label = format!("consumer=\"{name}\"");
-    let values: Vec<f64> = metrics
-        .lines()
-        .filter(|l| l.starts_with("kafka_consumer_lag{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
+    let gauges: Vec<&str> =
+        metrics.lines().filter(|l| l.starts_with("kafka_consumer_lag{") && l.contains(&label)).collect();
+    (!gauges.is_empty()).then(|| kit::telemetry::consumer_lag(&gauges.join("\n")))
 }
 
 /// Every consumer — of a group or a replica of every partition — reports how many messages of
