@@ -31,8 +31,9 @@ pub struct Args {
     /// before accepting clients.
     #[arg(long, env = "BROKER_CREATE_TOPICS")]
     pub create_topics: bool,
-    /// Record bytes kept in memory per partition, in KiB, so that fetches near the end of a
-    /// partition need no storage query (0 turns it off; see `crates/broker/src/tail.rs`).
+    /// Record bytes kept in memory, in KiB, for all partitions together (the newest of each),
+    /// so that fetches near the end of a partition need no storage read (0 turns it off; see
+    /// `crates/broker/src/tail.rs`).
     #[arg(long, env = "BROKER_TAIL_KB", default_value_t = crate::tail::TAIL_BYTES / 1024)]
     pub tail_kb: usize,
 }

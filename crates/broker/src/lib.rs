@@ -87,7 +87,7 @@ pub struct Options {
     /// Topics (name, partitions, configuration) created at start when missing, before clients
     /// are accepted.
     pub topics: Vec<TopicSpec>,
-    /// Record bytes kept per partition in memory for fetches near the end (default
+    /// Record bytes kept in memory, all partitions together, for fetches near the end (default
     /// [`tail::TAIL_BYTES`]; 0: none).
     pub tail_bytes: Option<usize>,
 }

@@ -10,10 +10,14 @@
 //! pipeline is read by several consumer groups, so that cost came several times per message.
 //!
 //! Here every successful produce also appends its batch, with the offsets the storage gave
-//! it, to the partition's tail (up to [`TAIL_BYTES`] per partition by default, the oldest
-//! dropped first), and a fetch at an offset the tail covers is answered from it: the batches
-//! from that offset on, or nothing when the offset is the end. Offsets outside the tail — a consumer far
-//! behind, a broker just started — go to the storage as before. The data is the same: a batch
+//! it, to the partition's tail, and a fetch at an offset the tail covers is answered from it:
+//! the batches from that offset on, or nothing when the offset is the end. The tails share one
+//! budget of record bytes ([`TAIL_BYTES`] by default): past it, the oldest batch of all is
+//! dropped, whichever partition it belongs to, so every partition's tail reaches back about the
+//! same time, and the memory is bounded however many partitions there are. Offsets outside the
+//! tail — a consumer far behind, a broker just started — go to the storage as before, at
+//! several times the cost (`docs/broker.md`): the tail's reach is how far a consumer may fall
+//! behind (a moment of full CPU) and still catch up at the tail's price. The data is the same: a batch
 //! enters the tail only after the storage committed it, produces are appended in the order the
 //! storage committed them (they run one at a time, see [`Tails::produce_lock`]), and a deleted
 //! topic or deleted records empty the tails. Transactional and control batches are not kept:
@@ -28,8 +32,9 @@ use tansu_sans_io::record::deflated::{Batch, Frame};
 use tansu_sans_io::{ErrorCode, ProduceRequest, ProduceResponse};
 use tansu_storage::{ProduceService, Storage};
 
-/// Record bytes kept per partition at most, by default.
-pub const TAIL_BYTES: usize = 1 << 20;
+/// Record bytes kept in all the tails together at most, by default: at 2,000 events/s the
+/// pipeline writes about 25 MB of records a second, so about five seconds of every partition.
+pub const TAIL_BYTES: usize = 128 << 20;
 
 /// A topic (by name) and a partition.
 type Partition = (String, i32);
@@ -40,14 +45,25 @@ const TRANSACTIONAL_OR_CONTROL: i16 = 0x10 | 0x20;
 /// The tails of every partition (see the module documentation).
 #[derive(Debug, Default)]
 pub struct Tails {
-    /// Record bytes kept per partition at most (0: nothing is kept).
+    /// Record bytes kept in all the tails together at most (0: nothing is kept).
     capacity: usize,
-    partitions: Mutex<HashMap<Partition, Tail>>,
+    kept: Mutex<Kept>,
     /// Held by a produce from before it reaches the storage until its batches are in the
     /// tails, so that tails grow in the order the storage committed the batches.
     produce_lock: tokio::sync::Mutex<()>,
     /// How many times the tails were forgotten (see [`Tails::forgotten`]).
     forgotten: std::sync::atomic::AtomicU64,
+}
+
+/// The tails, and the order their batches arrived in across partitions.
+#[derive(Debug, Default)]
+struct Kept {
+    partitions: HashMap<Partition, Tail>,
+    /// (partition, base offset) of the batches in the order they were appended: the front is
+    /// the oldest batch still kept, or one of a tail since dropped (skipped when met).
+    arrivals: VecDeque<(Partition, i64)>,
+    /// Record bytes of every tail.
+    bytes: usize,
 }
 
 /// The newest batches of one partition, contiguous.
@@ -72,19 +88,65 @@ impl Tail {
     fn end(&self) -> Option<i64> {
         self.batches.back().map(end_of)
     }
+
+    fn holds(&self, base_offset: i64) -> bool {
+        self.batches.binary_search_by_key(&base_offset, |b| b.base_offset).is_ok()
+    }
+}
+
+impl Kept {
+    /// Drops the tail of `key` (its bytes leave the budget; its arrivals are skipped later).
+    fn remove(&mut self, key: &Partition) {
+        if let Some(tail) = self.partitions.remove(key) {
+            self.bytes -= tail.bytes;
+        }
+    }
+
+    /// Appends `batch` to the tail of `key`, then drops the oldest batches of all until the
+    /// tails fit in `capacity`.
+    fn append(&mut self, key: Partition, batch: Batch, capacity: usize) {
+        let tail = self.partitions.entry(key.clone()).or_default();
+        if tail.end() != Some(batch.base_offset) {
+            // A gap (a tail just started, or one dropped): begin again from this batch.
+            self.bytes -= tail.bytes;
+            *tail = Tail { log_start: tail.log_start, ..Tail::default() };
+        }
+        self.bytes += batch.record_data.len();
+        tail.bytes += batch.record_data.len();
+        self.arrivals.push_back((key, batch.base_offset));
+        tail.batches.push_back(batch);
+        while self.bytes > capacity {
+            let Some((key, base_offset)) = self.arrivals.pop_front() else { break };
+            let Some(tail) = self.partitions.get_mut(&key) else { continue };
+            if tail.start() != Some(base_offset) {
+                continue; // a batch of a tail dropped since
+            }
+            if let Some(old) = tail.batches.pop_front() {
+                tail.bytes -= old.record_data.len();
+                self.bytes -= old.record_data.len();
+            }
+        }
+        // Arrivals of dropped tails are skipped only when they reach the front: with few
+        // evictions they could pile up, so past twice the batches kept they are swept.
+        let batches: usize = self.partitions.values().map(|t| t.batches.len()).sum();
+        if self.arrivals.len() > 2 * batches + 1_024 {
+            let partitions = &self.partitions;
+            self.arrivals.retain(|(key, base)| partitions.get(key).is_some_and(|t| t.holds(*base)));
+        }
+    }
 }
 
 /// What a produce wrote, partition by partition: the batches it sent.
 type Sent = Vec<(Partition, Vec<Batch>)>;
 
 impl Tails {
-    /// Tails of at most `capacity` record bytes per partition.
+    /// Tails of at most `capacity` record bytes in all.
     pub fn new(capacity: usize) -> Self {
         Self { capacity, ..Self::default() }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Partition, Tail>> {
-        self.partitions.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs Tansu's produce handler, then appends what the storage accepted to the tails.
@@ -142,23 +204,11 @@ impl Tails {
                 tails.remove(&key);
                 continue;
             }
-            let tail = tails.entry(key).or_default();
-            if tail.end() != Some(answer.base_offset) {
-                // A gap (a tail just started, or one dropped): begin again from this batch.
-                let log_start = tail.log_start;
-                *tail = Tail { log_start, ..Tail::default() };
-            }
             let mut batch = batch;
             batch.base_offset = answer.base_offset;
             // What Tansu's own fetch answers: the epoch is not tracked.
             batch.partition_leader_epoch = -1;
-            tail.bytes += batch.record_data.len();
-            tail.batches.push_back(batch);
-            while tail.bytes > self.capacity && tail.batches.len() > 1 {
-                if let Some(old) = tail.batches.pop_front() {
-                    tail.bytes -= old.record_data.len();
-                }
-            }
+            tails.append(key, batch, self.capacity);
         }
     }
 
@@ -167,7 +217,7 @@ impl Tails {
     /// `max_bytes`.
     pub fn read(&self, topic: &str, partition: i32, offset: i64, max_bytes: usize) -> Option<PartitionData> {
         let tails = self.lock();
-        let tail = tails.get(&(topic.to_owned(), partition))?;
+        let tail = tails.partitions.get(&(topic.to_owned(), partition))?;
         let (start, end, log_start) = (tail.start()?, tail.end()?, tail.log_start?);
         if offset < start || offset > end {
             return None;
@@ -200,14 +250,14 @@ impl Tails {
 
     /// Notes a partition's log start offset from an answer of the storage.
     pub fn saw_log_start(&self, topic: &str, partition: i32, log_start: i64) {
-        if let Some(tail) = self.lock().get_mut(&(topic.to_owned(), partition)) {
+        if let Some(tail) = self.lock().partitions.get_mut(&(topic.to_owned(), partition)) {
             tail.log_start = Some(log_start);
         }
     }
 
     /// Forgets every tail (topics or records were deleted, or a produce failed).
     pub fn clear(&self) {
-        self.lock().clear();
+        *self.lock() = Kept::default();
         self.forgotten.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -240,5 +290,83 @@ where
         let response = self.inner.serve(ctx, req).await;
         self.tails.clear();
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(base_offset: i64, bytes: usize) -> Batch {
+        Batch { base_offset, magic: 2, record_count: 1, record_data: vec![0; bytes].into(), ..Batch::default() }
+    }
+
+    fn key(partition: i32) -> Partition {
+        ("topic".to_owned(), partition)
+    }
+
+    fn offsets(kept: &Kept, partition: i32) -> Vec<i64> {
+        kept.partitions
+            .get(&key(partition))
+            .map(|t| t.batches.iter().map(|b| b.base_offset).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_oldest_batches_of_all_partitions_go_first() {
+        let mut kept = Kept::default();
+        for offset in 0..5 {
+            kept.append(key(0), batch(offset, 100), 600);
+        }
+        for offset in 0..5 {
+            kept.append(key(1), batch(offset, 100), 600);
+        }
+        // A per-partition budget would have kept both partitions whole, or cut each alike.
+        assert_eq!(offsets(&kept, 0), vec![4]);
+        assert_eq!(offsets(&kept, 1), vec![0, 1, 2, 3, 4]);
+        assert_eq!(kept.bytes, 600);
+    }
+
+    #[test]
+    fn a_tail_started_again_keeps_the_budget_exact() {
+        let mut kept = Kept::default();
+        for offset in 0..3 {
+            kept.append(key(0), batch(offset, 100), 1_000);
+        }
+        // A gap: partition 0 starts again at 10; its three old batches leave the budget.
+        kept.append(key(0), batch(10, 100), 1_000);
+        assert_eq!((offsets(&kept, 0), kept.bytes), (vec![10], 100));
+        for offset in 0..9 {
+            kept.append(key(1), batch(offset, 100), 1_000);
+        }
+        // Ten batches fit exactly; the next drops partition 0's batch at 10 (the oldest kept),
+        // not the old arrivals of the tail dropped before it.
+        assert_eq!(kept.bytes, 1_000);
+        kept.append(key(1), batch(9, 100), 1_000);
+        assert_eq!(offsets(&kept, 0), Vec::<i64>::new());
+        assert_eq!(offsets(&kept, 1), (0..10).collect::<Vec<_>>());
+        assert_eq!(kept.bytes, 1_000);
+    }
+
+    #[test]
+    fn arrivals_of_dropped_tails_do_not_pile_up() {
+        let mut kept = Kept::default();
+        // Every batch starts its tail again (a gap each time) and nothing is ever evicted.
+        for offset in 0..10_000 {
+            kept.append(key(0), batch(offset * 2, 10), usize::MAX);
+        }
+        assert_eq!(offsets(&kept, 0), vec![19_998]);
+        assert!(kept.arrivals.len() <= 2 + 1_024, "{} arrivals kept for one batch", kept.arrivals.len());
+    }
+
+    #[test]
+    fn a_removed_tail_leaves_the_budget() {
+        let mut kept = Kept::default();
+        kept.append(key(0), batch(0, 100), 1_000);
+        kept.append(key(1), batch(0, 300), 1_000);
+        kept.remove(&key(1));
+        assert_eq!(kept.bytes, 100);
+        kept.append(key(0), batch(1, 900), 1_000);
+        assert_eq!(offsets(&kept, 0), vec![0, 1]);
     }
 }
