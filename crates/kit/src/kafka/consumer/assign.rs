@@ -6,6 +6,9 @@ use super::*;
 
 /// The librdkafka consumer for `spec`, and whether it reads a partitioned share (a group) rather
 /// than every partition (a replica or live reader).
+/// How long a consumer with a full local queue waits before fetching again (see `create`).
+pub(super) const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 pub(super) fn create(
     env: &ConsumerEnv,
     spec: &ConsumerSpec,
@@ -17,6 +20,10 @@ pub(super) fn create(
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", env.settings.fetch_wait.as_millis().clamp(1, 500).to_string())
         .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
+        // A consumer whose local queue is full (it fell a little behind: a few hundred large
+        // messages fill it) fetches again only after this. librdkafka's default, 1 s, made a
+        // consumer that fell behind under load fetch once a second and never catch up.
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
         .set("statistics.interval.ms", env.settings.statistics_interval.as_millis().to_string())
         .set("socket.keepalive.enable", "true");
     if let Some(debug) = &env.settings.debug {
