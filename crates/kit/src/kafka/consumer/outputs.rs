@@ -129,6 +129,7 @@ pub(super) async fn process<H: Handler>(
             correlation_id: record.correlation_id.map(str::to_owned),
         }
     };
+    let (name, waited) = (spec.name, (!deliveries.is_empty()).then(Instant::now));
     let pending: Pending = Box::pin(async move {
         let mut result = refused.map_or(Ok(()), Err);
         for d in deliveries {
@@ -137,6 +138,10 @@ pub(super) async fn process<H: Handler>(
                 Ok(Err(e)) => result = Err(ProduceError::from_kafka(&e)),
                 Err(_) => result = Err(ProduceError::Unavailable("the producer was dropped".to_owned())),
             }
+        }
+        if let Some(waited) = waited {
+            metrics::histogram!("consumer_outputs_ack_seconds", "consumer" => name)
+                .record(waited.elapsed().as_secs_f64());
         }
         (info, result)
     });
