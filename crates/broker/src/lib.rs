@@ -347,11 +347,21 @@ pub async fn spawn(
 /// benchmarks that keep the broker in-process: sharing one runtime with busy services
 /// starves it.
 pub async fn spawn_dedicated(addr: SocketAddr, storage: Storage, shutdown: CancellationToken) -> anyhow::Result<()> {
+    spawn_dedicated_with(addr, storage, Options::default(), shutdown).await
+}
+
+/// [`spawn_dedicated`], as `options` say.
+pub async fn spawn_dedicated_with(
+    addr: SocketAddr,
+    storage: Storage,
+    options: Options,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     std::thread::Builder::new().name("broker".into()).spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
         match runtime {
             Ok(rt) => {
-                if let Err(e) = rt.block_on(run(addr, storage, shutdown)) {
+                if let Err(e) = rt.block_on(run_with(addr, storage, options, shutdown)) {
                     tracing::error!(error = format!("{e:#}"), "broker failed");
                 }
             }

@@ -122,7 +122,9 @@ async fn every_message_is_read_as_produced_from_the_tail_or_the_storage() -> any
     let addr = SocketAddr::from(([127, 0, 0, 1], testkit::free_port()?));
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    broker::spawn_dedicated(addr, broker::Storage::Sqlite(db.clone()), shutdown.clone()).await?;
+    // Tails of 1 MiB in all, less than the messages below (the default budget would hold them).
+    let options = broker::Options { tail_bytes: Some(1 << 20), ..broker::Options::default() };
+    broker::spawn_dedicated_with(addr, broker::Storage::Sqlite(db.clone()), options, shutdown.clone()).await?;
     let bootstrap = addr.to_string();
     let topic = "tail-test";
     kit::kafka::admin::ensure_named_topics(&bootstrap, &[(topic.to_owned(), 2)], 1, Duration::from_secs(30)).await?;
@@ -137,7 +139,7 @@ async fn every_message_is_read_as_produced_from_the_tail_or_the_storage() -> any
     let (live_bootstrap, live_topic) = (bootstrap.clone(), topic.to_owned());
     let live = tokio::task::spawn_blocking(move || read_all(&live_bootstrap, &live_topic, 2, 3_000));
 
-    // 3,000 messages of ~1 KB over two partitions: ~1.5 MB each, more than a tail keeps.
+    // 3,000 messages of ~1 KB over two partitions: ~3 MB, more than the tails keep.
     produce(&producer, topic, 0..3_000).await?;
     check(&live.await??, 3_000);
     // From the beginning: the first part of each partition is only in the storage.
