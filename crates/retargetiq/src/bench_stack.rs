@@ -200,10 +200,14 @@ fn rss_of(pid: u32) -> Option<u64> {
 
 /// User and system CPU time of `pid` in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
 fn cpu_ticks_of(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    let fields = crate::proc_stat(&format!("/proc/{pid}/stat"))?;
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some(ticks(crate::stat_field::USER_TICKS)? + ticks(crate::stat_field::SYSTEM_TICKS)?)
+}
+
+/// The niceness of process `pid` (its main thread's).
+fn niceness_of(pid: u32) -> Option<i32> {
+    crate::proc_stat(&format!("/proc/{pid}/stat"))?.get(crate::stat_field::NICENESS)?.parse().ok()
 }
 
 /// Clock ticks per second in `/proc` (`USER_HZ`, 100 on every Linux architecture we run on).
@@ -506,15 +510,17 @@ async fn measure(stack: &Stack, args: &StackArgs) -> anyhow::Result<String> {
     let stack_idle: f64 = idle_cpu.values().sum();
     report += &format!(
         "Idle CPU over {} s with no traffic ({} broker), share of one core\n\n\
-         | process | idle CPU |\n|---|---:|\n| minimal axum server (baseline) | {:.2} % |\n",
+         | process | idle CPU | niceness |\n|---|---:|---:|\n| minimal axum server (baseline) | {:.2} % | |\n",
         args.idle.as_secs(),
         if args.memory { "in-memory" } else { "durable" },
         100.0 * base_idle
     );
+    let pids = stack.processes();
     for (name, share) in &idle_cpu {
-        report += &format!("| {name} | {:.2} % |\n", 100.0 * share);
+        let niceness = pids.get(name).and_then(|&pid| niceness_of(pid)).map(|n| n.to_string()).unwrap_or_default();
+        report += &format!("| {name} | {:.2} % | {niceness} |\n", 100.0 * share);
     }
-    report += &format!("| **whole stack** | **{:.2} %** (goal: under 5 %) |\n\n", 100.0 * stack_idle);
+    report += &format!("| **whole stack** | **{:.2} %** (goal: under 5 %) | |\n\n", 100.0 * stack_idle);
 
     let (base_rate, base_closed) = closed_loop(&baseline.url, args.concurrency, args.duration).await?;
     let base_open = open_loop(&baseline.url, args.reco_rps, args.duration).await?;

@@ -49,6 +49,23 @@ pub fn port_of(service: &str) -> u16 {
 
 pub use kit::telemetry::consumer_lag;
 
+/// The fields of a process's (or a thread's) `/proc/.../stat` after its parenthesised command
+/// name: index 0 is proc(5)'s 3rd field (the state); see [`stat_field`] for the others used.
+pub fn proc_stat(path: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Indices into [`proc_stat`]'s fields.
+pub mod stat_field {
+    pub const PARENT: usize = 1;
+    pub const PROCESS_GROUP: usize = 2;
+    pub const USER_TICKS: usize = 11;
+    pub const SYSTEM_TICKS: usize = 12;
+    pub const NICENESS: usize = 16;
+}
+
 /// (pid, command line) of the running direct children of `parent` (Linux `/proc`): how the
 /// tests and benchmarks find the processes `retargetiq up` started.
 pub fn child_processes(parent: u32) -> Vec<(u32, Vec<String>)> {
@@ -56,9 +73,7 @@ pub fn child_processes(parent: u32) -> Vec<(u32, Vec<String>)> {
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // The parent pid is the second field after the parenthesised command name.
-            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+            proc_stat(&format!("/proc/{pid}/stat")).and_then(|f| f.get(stat_field::PARENT)?.parse::<u32>().ok())
                 == Some(parent)
         })
         .map(|pid| {

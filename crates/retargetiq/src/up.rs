@@ -4,6 +4,12 @@
 //! which then stops things in order: the services first (SIGTERM; each drains its in-flight
 //! work and commits its offsets), the broker last. A child that exits while `up` is running is
 //! restarted with exponential backoff, like `restart: unless-stopped` in Compose.
+//!
+//! The stream processors that only do throughput work ([`BACKGROUND`]) run at a lower CPU
+//! priority (`--background-nice`, like `cpu_shares` in Compose): on a machine the whole stack
+//! shares, a request to the ingestion or recommendation APIs, and the broker, get a core first
+//! and the processors catch up with what is left. The work per event is the same; what changes
+//! is who waits when the cores are busy (docs/operations.md).
 
 use crate::{PORTS, port_of};
 use std::io::IsTerminal as _;
@@ -48,6 +54,28 @@ pub struct UpArgs {
     /// for a shop that brings its own (`PUT /api/catalog/products`, `retargetiq catalog import`).
     #[arg(long)]
     no_demo_catalog: bool,
+    /// How much lower the CPU priority (niceness, 0 to 19) of the background stream processors
+    /// (event-processor, feature-store, retrieval, ranking, analytics) is than the broker's and
+    /// the request-serving services': when the cores are busy, requests are served first. 0
+    /// gives every process the same priority.
+    #[arg(long, env = "RETARGETIQ_BACKGROUND_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    background_nice: i32,
+}
+
+/// The services whose work is throughput only (consuming and producing topics; their HTTP
+/// endpoints are for inspection): [`UpArgs::background_nice`] lowers their priority. The
+/// ingestion services, recommendation-api, rl-offer (it answers `POST /offer/select`) and the
+/// UI serve requests and keep the broker's priority.
+pub const BACKGROUND: [&str; 5] = ["event-processor", "feature-store", "retrieval", "ranking", "analytics"];
+
+/// Lowers the CPU priority of every thread of the process group `pgid` (a child started with
+/// `process_group(0)`) by `by` from ours, at most to 19.
+fn lower_priority(name: &str, pgid: u32, by: i32) {
+    let Some(pgid) = i32::try_from(pgid).ok().and_then(rustix::process::Pid::from_raw) else { return };
+    let ours = rustix::process::getpriority_process(None).unwrap_or(0);
+    if let Err(e) = rustix::process::setpriority_pgrp(Some(pgid), (ours + by).min(19)) {
+        say(name, &format!("cannot lower its CPU priority: {e}"));
+    }
 }
 
 /// Writes one line prefixed with the name of its source.
@@ -85,6 +113,7 @@ fn supervise(
     env: Vec<(String, String)>,
     stop: CancellationToken,
     grace: Duration,
+    nice: i32,
 ) -> anyhow::Result<Supervised> {
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_secs(1);
@@ -108,6 +137,10 @@ fn supervise(
                     return;
                 }
             };
+            // Before its runtime starts threads, which inherit the priority of their creator.
+            if let (Some(id), true) = (child.id(), nice > 0) {
+                lower_priority(name, id, nice);
+            }
             pipe(name, child.stdout.take());
             pipe(name, child.stderr.take());
             let started = Instant::now();
@@ -186,7 +219,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 say("up", &format!("starting the embedded broker on {addr} (data in {})", dir.display()));
                 broker_args.extend(["--data-dir".to_owned(), dir.display().to_string()]);
             }
-            let child = supervise("broker", exe.clone(), broker_args, Vec::new(), broker_stop.clone(), grace)?;
+            let child = supervise("broker", exe.clone(), broker_args, Vec::new(), broker_stop.clone(), grace, 0)?;
             tokio::select! {
                 r = broker::wait_for_port(addr, Duration::from_secs(60)) => r?,
                 () = shutdown.cancelled() => anyhow::bail!("interrupted while the broker was starting"),
@@ -229,12 +262,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             if std::io::stdout().is_terminal() {
                 env.push(("CLICOLOR_FORCE".to_owned(), "1".to_owned()));
             }
+            let nice = if BACKGROUND.contains(&name) { args.background_nice } else { 0 };
             let (program, args) = if args.service_binaries {
                 (exe.with_file_name(name), vec![])
             } else {
                 (exe.clone(), vec!["service".into(), name.into()])
             };
-            children.push(supervise(name, program, args, env, services_stop.clone(), grace)?);
+            children.push(supervise(name, program, args, env, services_stop.clone(), grace, nice)?);
         }
         let announce = tokio::spawn(announce_ready(shutdown.clone(), offset));
         shutdown.cancelled().await;
@@ -292,5 +326,51 @@ async fn announce_ready(shutdown: CancellationToken, offset: u16) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::{proc_stat, stat_field};
+
+    /// The niceness of every thread of `pid`.
+    fn thread_niceness(pid: u32) -> anyhow::Result<Vec<i32>> {
+        let mut niceness = Vec::new();
+        for thread in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let stat = proc_stat(&thread?.path().join("stat").to_string_lossy()).context("no stat")?;
+            niceness.push(stat[stat_field::NICENESS].parse()?);
+        }
+        Ok(niceness)
+    }
+
+    #[tokio::test]
+    async fn a_background_service_runs_at_a_lower_priority_in_every_process_of_its_group() -> anyhow::Result<()> {
+        let ours = rustix::process::getpriority_process(None)?;
+        // A child in its own process group, with processes of its own started before the call
+        // (a shell running a pipeline of two sleeps).
+        let mut child =
+            Command::new("sh").args(["-c", "sleep 30 | sleep 30"]).process_group(0).kill_on_drop(true).spawn()?;
+        let pid = child.id().context("no pid")?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut members = Vec::new();
+        for entry in std::fs::read_dir("/proc")? {
+            let Some(p) = entry?.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if proc_stat(&format!("/proc/{p}/stat")).is_some_and(|f| f[stat_field::PROCESS_GROUP] == pid.to_string()) {
+                members.push(p);
+            }
+        }
+        assert!(members.len() >= 3, "the shell and its two sleeps share the group: {members:?}");
+        for p in &members {
+            assert!(thread_niceness(*p)?.iter().all(|&n| n == ours), "process {p} starts at our priority");
+        }
+
+        lower_priority("test", pid, 10);
+        for p in &members {
+            assert_eq!(thread_niceness(*p)?, vec![(ours + 10).min(19)], "process {p}");
+        }
+        child.kill().await?;
+        Ok(())
     }
 }
