@@ -64,6 +64,8 @@ struct Kept {
     arrivals: VecDeque<(Partition, i64)>,
     /// Record bytes of every tail.
     bytes: usize,
+    /// Batches of every tail.
+    batches: usize,
 }
 
 /// The newest batches of one partition, contiguous.
@@ -99,6 +101,7 @@ impl Kept {
     fn remove(&mut self, key: &Partition) {
         if let Some(tail) = self.partitions.remove(key) {
             self.bytes -= tail.bytes;
+            self.batches -= tail.batches.len();
         }
     }
 
@@ -109,9 +112,11 @@ impl Kept {
         if tail.end() != Some(batch.base_offset) {
             // A gap (a tail just started, or one dropped): begin again from this batch.
             self.bytes -= tail.bytes;
+            self.batches -= tail.batches.len();
             *tail = Tail { log_start: tail.log_start, ..Tail::default() };
         }
         self.bytes += batch.record_data.len();
+        self.batches += 1;
         tail.bytes += batch.record_data.len();
         self.arrivals.push_back((key, batch.base_offset));
         tail.batches.push_back(batch);
@@ -124,12 +129,12 @@ impl Kept {
             if let Some(old) = tail.batches.pop_front() {
                 tail.bytes -= old.record_data.len();
                 self.bytes -= old.record_data.len();
+                self.batches -= 1;
             }
         }
         // Arrivals of dropped tails are skipped only when they reach the front: with few
         // evictions they could pile up, so past twice the batches kept they are swept.
-        let batches: usize = self.partitions.values().map(|t| t.batches.len()).sum();
-        if self.arrivals.len() > 2 * batches + 1_024 {
+        if self.arrivals.len() > 2 * self.batches + 1_024 {
             let partitions = &self.partitions;
             self.arrivals.retain(|(key, base)| partitions.get(key).is_some_and(|t| t.holds(*base)));
         }
@@ -312,6 +317,12 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// The running totals agree with the tails.
+    fn assert_totals(kept: &Kept) {
+        assert_eq!(kept.bytes, kept.partitions.values().map(|t| t.bytes).sum::<usize>());
+        assert_eq!(kept.batches, kept.partitions.values().map(|t| t.batches.len()).sum::<usize>());
+    }
+
     #[test]
     fn the_oldest_batches_of_all_partitions_go_first() {
         let mut kept = Kept::default();
@@ -325,6 +336,7 @@ mod tests {
         assert_eq!(offsets(&kept, 0), vec![4]);
         assert_eq!(offsets(&kept, 1), vec![0, 1, 2, 3, 4]);
         assert_eq!(kept.bytes, 600);
+        assert_totals(&kept);
     }
 
     #[test]
@@ -346,6 +358,7 @@ mod tests {
         assert_eq!(offsets(&kept, 0), Vec::<i64>::new());
         assert_eq!(offsets(&kept, 1), (0..10).collect::<Vec<_>>());
         assert_eq!(kept.bytes, 1_000);
+        assert_totals(&kept);
     }
 
     #[test]
@@ -357,6 +370,7 @@ mod tests {
         }
         assert_eq!(offsets(&kept, 0), vec![19_998]);
         assert!(kept.arrivals.len() <= 2 + 1_024, "{} arrivals kept for one batch", kept.arrivals.len());
+        assert_totals(&kept);
     }
 
     #[test]
@@ -366,7 +380,9 @@ mod tests {
         kept.append(key(1), batch(0, 300), 1_000);
         kept.remove(&key(1));
         assert_eq!(kept.bytes, 100);
+        assert_totals(&kept);
         kept.append(key(0), batch(1, 900), 1_000);
         assert_eq!(offsets(&kept, 0), vec![0, 1]);
+        assert_totals(&kept);
     }
 }
