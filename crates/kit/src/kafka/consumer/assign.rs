@@ -7,7 +7,7 @@ use super::*;
 /// The librdkafka consumer for `spec`, and whether it reads a partitioned share (a group) rather
 /// than every partition (a replica or live reader).
 /// How long a consumer with a full local queue waits before fetching again (see `create`).
-pub(super) const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
 pub(super) fn create(
     env: &ConsumerEnv,
