@@ -526,6 +526,39 @@ impl CandidateSource {
     }
 }
 
+/// `x` rounded to 4 decimal places (the ranked lists' scores and contributions).
+pub fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+/// What ranking reads of the feature snapshot a candidate set was made from. It travels with
+/// the candidates, so that ranking scores them against that same snapshot; the rest of the
+/// snapshot (counts, windows, sessions, ...) stays on `user-features-topic` (it was a quarter of
+/// each candidate set's bytes). A full [`UserFeatures`] reads as one (older messages).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RankingFeatures {
+    /// Category -> affinity, as in [`UserFeatures::category_affinity`].
+    #[serde(default)]
+    pub category_affinity: BTreeMap<String, f64>,
+    /// Most recent first.
+    #[serde(default)]
+    pub recently_viewed: Vec<String>,
+    /// Products in the cart now.
+    #[serde(default)]
+    pub cart: Vec<String>,
+}
+
+impl From<&UserFeatures> for RankingFeatures {
+    fn from(f: &UserFeatures) -> Self {
+        Self {
+            category_affinity: f.category_affinity.clone(),
+            recently_viewed: f.recently_viewed.clone(),
+            cart: f.cart.clone(),
+        }
+    }
+}
+
 /// One candidate item with the source that proposed it and that source's score in [0, 1].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -535,8 +568,8 @@ pub struct Candidate {
     pub source_score: f64,
 }
 
-/// Candidate items for one user on `candidates-topic`, with the features they were made from
-/// (so ranking scores against the same snapshot).
+/// Candidate items for one user on `candidates-topic`, with what ranking needs of the features
+/// they were made from (so ranking scores against the same snapshot).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Candidates {
@@ -544,7 +577,7 @@ pub struct Candidates {
     pub schema_version: u32,
     pub user_id: String,
     pub generated_at: DateTime<Utc>,
-    pub features: UserFeatures,
+    pub features: RankingFeatures,
     pub candidates: Vec<Candidate>,
 }
 
@@ -748,7 +781,7 @@ mod tests {
             schema_version: 1,
             user_id: "u1".into(),
             generated_at: now,
-            features: features.clone(),
+            features: RankingFeatures::from(&features),
             candidates: vec![Candidate {
                 product_id: "P00001".into(),
                 source: CandidateSource::CoVisitation,
@@ -757,6 +790,13 @@ mod tests {
         };
         round_trip(&candidates);
         assert_eq!(serde_json::to_value(&candidates).expect("json")["candidates"][0]["source"], "co_visitation");
+        // A candidate set written before the features were cut down (the whole snapshot) reads
+        // as one with what ranking uses of it.
+        let mut older = serde_json::to_value(&candidates).expect("json");
+        older["features"] = serde_json::to_value(&features).expect("json");
+        let read: Candidates = serde_json::from_value(older).expect("an older candidate set");
+        assert_eq!(read.features.category_affinity, features.category_affinity);
+        assert_eq!(read, candidates);
         let ranked = RankedRecommendations {
             schema_version: 1,
             user_id: "u1".into(),

@@ -47,7 +47,7 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use catalog::Catalog;
 use chrono::{DateTime, Utc};
-use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedRecommendations, Topic};
+use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedRecommendations, Topic, round4};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
@@ -282,10 +282,6 @@ fn probability(features: &Features, weights: &[f64; FEATURES.len()]) -> f64 {
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
-}
-
-fn round4(x: f64) -> f64 {
-    (x * 10_000.0).round() / 10_000.0
 }
 
 /// Ranks one user's candidates; returns the list and the features of each ranked item. Only
@@ -642,7 +638,7 @@ async fn get_model(State(state): State<RankState>) -> Json<LinearModel> {
 
 #[cfg(test)]
 mod tests {
-    use events::{Candidate, EventType, UserFeatures};
+    use events::{Candidate, EventType, RankingFeatures};
 
     use super::*;
 
@@ -656,8 +652,7 @@ mod tests {
         let viewed = catalog.in_category("books").next().expect("book").id.clone();
         let other_book = catalog.in_category("books").nth(3).expect("book").id.clone();
         let toy = catalog.in_category("toys").next().expect("toy").id.clone();
-        let features = UserFeatures {
-            user_id: "u".into(),
+        let features = RankingFeatures {
             recently_viewed: vec![viewed.clone()],
             category_affinity: BTreeMap::from([("books".to_owned(), 4.0), ("toys".to_owned(), 1.0)]),
             ..Default::default()
@@ -702,8 +697,7 @@ mod tests {
             .enumerate()
             .map(|(i, p)| cand(&p.id, sources[i % 3], ((i * 37) % 100) as f64 / 100.0))
             .collect();
-        let features = UserFeatures {
-            user_id: "u".into(),
+        let features = RankingFeatures {
             category_affinity: BTreeMap::from([("books".to_owned(), 2.0), ("toys".to_owned(), 1.0)]),
             ..Default::default()
         };
@@ -742,7 +736,7 @@ mod tests {
             schema_version: 1,
             user_id: "u".into(),
             generated_at: Utc::now(),
-            features: UserFeatures { user_id: "u".into(), ..Default::default() },
+            features: RankingFeatures::default(),
             candidates: vec![cand(&book, CandidateSource::PopularInCategory, 0.8)],
         };
         let payload = serde_json::to_vec(&c).expect("json");
@@ -834,7 +828,7 @@ mod tests {
             schema_version: 1,
             user_id: user.into(),
             generated_at: Utc::now(),
-            features: UserFeatures { user_id: user.into(), ..Default::default() },
+            features: RankingFeatures::default(),
             candidates: vec![
                 cand(&popular, CandidateSource::PopularInCategory, 1.0),
                 cand(&rising, CandidateSource::Trending, 0.6),

@@ -30,7 +30,7 @@ use axum::routing::get;
 use catalog::Catalog;
 use chrono::{DateTime, Utc};
 use compact_str::CompactString;
-use events::{Candidate, CandidateSource, Candidates, EventType, ProcessedEvent, Topic, UserFeatures};
+use events::{Candidate, CandidateSource, Candidates, EventType, ProcessedEvent, RankingFeatures, Topic, UserFeatures};
 use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
@@ -676,19 +676,17 @@ struct Retriever(Shared<RetrievalState>);
 
 impl Handler for Retriever {
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
-        let mut features: UserFeatures = rec.json()?;
+        let features: UserFeatures = rec.json()?;
         let now = Utc::now();
         let mut state = self.0.write();
         let as_of = state.model.as_of(features.last_seen);
         let candidates = generate(&state.model, &state.catalog.read(), &features, as_of);
         metrics::histogram!("retrieval_candidates").record(candidates.len() as f64);
-        // Ranking does not read the per-product engagement (it is in the retargeting scores).
-        features.product_engagement.clear();
         let msg = Candidates {
             schema_version: events::SCHEMA_VERSION,
             user_id: features.user_id.clone(),
             generated_at: now,
-            features,
+            features: RankingFeatures::from(&features),
             candidates,
         };
         out.send(&msg);
