@@ -61,6 +61,11 @@ pub fn exit_on_panic() {
         let default_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             default_hook(info);
+            // In a test's thread the default hook writes into the test's captured output, which
+            // the harness never prints once the process exits: say it on the real stderr too.
+            let thread = std::thread::current();
+            let said = format!("panicked in thread {}: {info}\n", thread.name().unwrap_or("unnamed"));
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), said.as_bytes());
             std::process::exit(101);
         }));
     });
