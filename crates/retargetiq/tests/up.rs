@@ -194,8 +194,7 @@ async fn a_killed_up_takes_its_children_with_it() -> anyhow::Result<()> {
     child.wait().await?;
     // Running, not a zombie waiting for whoever adopted it to reap it.
     let running = |pid: &u32| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+        retargetiq::proc_stat(&format!("/proc/{pid}/stat")).is_some_and(|f| f.first().is_some_and(|state| state != "Z"))
     };
     let alive = || children.iter().copied().filter(running);
     eventually("every child gone with up", Duration::from_secs(30), || {
