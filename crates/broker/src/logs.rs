@@ -642,6 +642,18 @@ impl<S: Storage> Storage for Logs<S> {
         let mut answers = Vec::with_capacity(offsets.len());
         for (topition, wanted) in offsets {
             let Some(log) = self.log(topition).await? else {
+                if *wanted == ListOffset::Latest {
+                    // The engine's high watermark, as its fetches report it: Tansu's memory
+                    // engine answers `ListOffsets` with one past the first record of the batch
+                    // it takes for the newest, not past the last record.
+                    let stage = self.inner.offset_stage(topition).await?;
+                    let end = match isolation_level {
+                        IsolationLevel::ReadCommitted => stage.last_stable(),
+                        IsolationLevel::ReadUncommitted => stage.high_watermark(),
+                    };
+                    answers.push((topition.clone(), ListOffsetResponse { offset: Some(end), ..Default::default() }));
+                    continue;
+                }
                 let mut inner = self.inner.list_offsets(isolation_level, &[(topition.clone(), *wanted)]).await?;
                 answers.append(&mut inner);
                 continue;
@@ -1096,6 +1108,45 @@ mod tests {
                 NamedGroupDetail::error_code("missing".into(), ErrorCode::GroupIdNotFound)
             ]
         );
+        remove_sqlite_files(&db);
+        Ok(())
+    }
+
+    /// A partition's end offset (`ListOffsets`, latest) is one past its last record, and its
+    /// start the first, for topics in log files and compacted ones in the engine, on both
+    /// engines: Tansu's memory engine answered one past the *first* record of the batch it
+    /// took for the newest, so a client reading the end of a compacted topic (the catalog) to
+    /// know when it has caught up stopped short of it.
+    #[tokio::test]
+    async fn end_offsets_are_past_the_last_record_of_every_topic() -> anyhow::Result<()> {
+        use tansu_sans_io::create_topics_request::CreatableTopicConfig;
+        let db = format!("{}.ends.logs-test.db", std::process::id());
+        let (dir, scratch) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        for (engine, logs) in ["sqlite", "memory"].into_iter().zip(both_engines(&db, dir.path(), scratch.path()).await?)
+        {
+            for (name, compacted) in [("plain", false), ("compacted", true)] {
+                let configs = compacted.then(|| {
+                    vec![CreatableTopicConfig::default().name("cleanup.policy".into()).value(Some("compact".into()))]
+                });
+                let topic = CreatableTopic::default()
+                    .name(name.into())
+                    .num_partitions(1)
+                    .replication_factor(1)
+                    .configs(configs);
+                logs.create_topic(topic, false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let at = Topition::new(name, 0);
+                for count in [3, 4, 2] {
+                    logs.produce(None, &at, batch(count, -1, -1, 1_000)).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                }
+                let wanted = [(at.clone(), ListOffset::Latest), (at.clone(), ListOffset::Earliest)];
+                let answers = logs
+                    .list_offsets(IsolationLevel::ReadUncommitted, &wanted)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let offsets: Vec<Option<i64>> = answers.iter().map(|(_, a)| a.offset).collect();
+                assert_eq!(offsets, [Some(9), Some(0)], "{engine}, {name}: {answers:?}");
+            }
+        }
         remove_sqlite_files(&db);
         Ok(())
     }
