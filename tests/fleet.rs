@@ -509,6 +509,45 @@ async fn a_shops_own_catalog_flows_live_through_the_pipeline() -> anyhow::Result
     fleet.stop().await
 }
 
+/// A catalog feed written straight to `catalog-topic` (as a shop's own catalog pipeline may),
+/// then, once the broker has it, events for its products through the API: each event is
+/// enriched from the feed, though the processor's catalog consumer is still applying the feed
+/// when the event reaches the processor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_sent_after_its_product_is_enriched_from_it() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    // The feed reaches the broker in a few large batches, at about the same moment.
+    let settings = kit::kafka::KafkaSettings { linger: Duration::from_secs(1), ..fleet.broker.settings() };
+    let producer = kit::kafka::Producer::for_pipeline(&settings)?;
+    let now = chrono::Utc::now();
+    let feed: Vec<events::CatalogProduct> = (0..20_000)
+        .map(|i| {
+            let product = catalog::Product {
+                id: format!("FEED-{i}"),
+                name: format!("Feed product {i}"),
+                category: format!("feed-{}", i % 8),
+                price: 10.0 + f64::from(i % 50),
+                brand: None,
+                available: true,
+                popularity: 0.0,
+            };
+            events::CatalogProduct::of(&product, now)
+        })
+        .collect();
+    for sent in futures::future::join_all(feed.iter().map(|p| producer.send(p, None))).await {
+        sent?;
+    }
+    let view = json!({"eventId": "feed-view", "userId": "feed-shopper", "eventType": "product_view", "productId": "FEED-19999"});
+    let (status, body) = post(&fleet, "user-activity", "/api/users/activity", &view).await?;
+    assert_eq!(status, 202, "{body}");
+    let stats = eventually("the event processed", PATIENCE, || async {
+        get_json(&fleet, "event-processor", "/api/processor/stats").await.filter(|s| s["processed"] == 1)
+    })
+    .await?;
+    assert_eq!(stats["unknownProducts"], 0, "the event was enriched as an unknown product: {stats}");
+    fleet.stop().await
+}
+
 /// `retargetiq evaluate --live`: a small REES46-style history goes through the running fleet's
 /// APIs, each returning user's list comes from `GET /recommend`, and the figures agree with
 /// the in-memory replay of the same events computed in the same run.

@@ -6,7 +6,17 @@
 //! every partition from the beginning) and returns once it has caught up with the end of the
 //! topic as it was at start, so that a service never handles its first event with a
 //! half-loaded catalog.
+//!
+//! Catalog and events travel on different topics, so a consumer of events may see an event
+//! before its catalog consumer has applied the product written just before it (a shop's feed,
+//! then its traffic; `retargetiq events import`). [`CatalogSync`] closes that gap where it
+//! matters: a handler that meets a product its catalog lacks asks it whether the catalog is
+//! current for the message's time, and if it may not be, waits (a [`Wait`]) until the catalog
+//! has applied everything the topic held when the wait began.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use catalog::{Catalog, Change};
@@ -15,17 +25,30 @@ use events::validate;
 use events::{CatalogProduct, Topic};
 
 use crate::Context;
-use crate::kafka::{ConsumerSpec, Handler, HandlerError, KafkaSettings, Outbox, Producer, Record};
+use crate::kafka::{ConsumerSpec, Handler, HandlerError, KafkaSettings, Outbox, Producer, Record, Wait};
 use crate::state::Shared;
 
 /// A catalog shared between a service's consumers and its HTTP handlers.
 pub type LiveCatalog = Shared<Catalog>;
 
-/// Applies `catalog-topic` messages to a live catalog.
-pub struct CatalogFollower(pub LiveCatalog);
+/// Applies `catalog-topic` messages to a live catalog, and tells its [`CatalogSync`] how far it
+/// has come.
+pub struct CatalogFollower {
+    pub catalog: LiveCatalog,
+    pub sync: CatalogSync,
+}
 
 impl Handler for CatalogFollower {
     fn handle(&mut self, rec: &Record<'_>, _out: &mut Outbox) -> Result<(), HandlerError> {
+        let result = self.apply(rec);
+        // Applied or refused (a refused message is dead-lettered): either way it is behind us.
+        self.sync.applied(rec.partition, rec.offset);
+        result
+    }
+}
+
+impl CatalogFollower {
+    fn apply(&mut self, rec: &Record<'_>) -> Result<(), HandlerError> {
         let message: CatalogProduct = rec.json()?;
         // The topic may be written by anyone: the same rules as the catalog API.
         let value = serde_json::to_value(&message).map_err(|e| HandlerError::malformed(e.to_string()))?;
@@ -37,7 +60,7 @@ impl Handler for CatalogFollower {
                 message.product_id
             )));
         }
-        let mut catalog = self.0.write();
+        let mut catalog = self.catalog.write();
         let change = catalog.upsert(message.to_product());
         let outcome = match change {
             Change::Added => "added",
@@ -54,17 +77,150 @@ impl Context {
     /// Follows `catalog-topic` into a new live catalog, and waits until it holds every product
     /// the topic had when the service started (or the service is shutting down).
     pub async fn follow_catalog(&mut self, producer: &Producer) -> LiveCatalog {
+        let sync = CatalogSync::always_current();
+        self.follow_catalog_with(producer, sync).await
+    }
+
+    /// [`Context::follow_catalog`], with a [`CatalogSync`] that can wait for the catalog to
+    /// be current.
+    pub async fn follow_catalog_synced(&mut self, producer: &Producer) -> anyhow::Result<(LiveCatalog, CatalogSync)> {
+        let sync = CatalogSync::new(&self.kafka)?;
+        Ok((self.follow_catalog_with(producer, sync.clone()).await, sync))
+    }
+
+    async fn follow_catalog_with(&mut self, producer: &Producer, sync: CatalogSync) -> LiveCatalog {
         let live = LiveCatalog::default();
+        let started = Utc::now().timestamp_millis();
         let loaded = self.spawn_consumer_flag(
             producer,
             ConsumerSpec::replica("catalog", [Topic::Catalog]),
-            CatalogFollower(Shared::clone(&live)),
+            CatalogFollower { catalog: Shared::clone(&live), sync: sync.clone() },
         );
         while !loaded.get() && !self.shutdown.is_cancelled() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Loaded up to the end offsets read after `started`: every write acknowledged before.
+        sync.current_until(started);
         tracing::info!(products = live.read().len(), "catalog loaded");
         live
+    }
+}
+
+/// How current a live catalog is: the next offset its follower applies in each partition of
+/// `catalog-topic`, and a moment before which every write the broker acknowledged is applied.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct CatalogSync(Arc<SyncState>);
+
+struct SyncState {
+    /// Partition -> the offset after the last message applied.
+    applied: Mutex<HashMap<i32, i64>>,
+    /// Milliseconds since the epoch: every catalog write acknowledged before is applied.
+    current_until: AtomicI64,
+    /// Reads the topic's end offsets; `None` for a catalog that is always current.
+    reader: Option<Arc<rdkafka::consumer::BaseConsumer>>,
+    /// One catch-up at a time; a message that waited behind one may find it covered it.
+    catching_up: tokio::sync::Mutex<()>,
+}
+
+/// How long a catch-up waits for the follower before giving up (the message is then handled
+/// with the catalog as it is).
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
+
+impl CatalogSync {
+    /// A sync that reads `catalog-topic`'s end offsets from the broker of `settings`.
+    pub fn new(settings: &KafkaSettings) -> anyhow::Result<Self> {
+        let reader = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &settings.bootstrap_servers)
+            .create()
+            .map_err(|e| anyhow::anyhow!("creating the catalog's offset reader: {e}"))?;
+        Ok(Self::with_reader(Some(Arc::new(reader))))
+    }
+
+    /// A catalog that never waits: built whole before use (tests, offline evaluations), or
+    /// a service for which a moment's lag does not matter.
+    pub fn always_current() -> Self {
+        Self::with_reader(None)
+    }
+
+    fn with_reader(reader: Option<Arc<rdkafka::consumer::BaseConsumer>>) -> Self {
+        Self(Arc::new(SyncState {
+            applied: Mutex::new(HashMap::new()),
+            current_until: AtomicI64::new(0),
+            reader,
+            catching_up: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    fn applied(&self, partition: i32, offset: i64) {
+        let mut applied = self.0.applied.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = applied.entry(partition).or_default();
+        *next = (*next).max(offset + 1);
+    }
+
+    fn current_until(&self, ms: i64) {
+        self.0.current_until.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// For a message written at `written_ms` (its Kafka timestamp; `None` if it has none) that
+    /// names a product the catalog lacks: `None` when the catalog is known to hold every
+    /// product written before the message, else a [`Wait`] that ends once the catalog has
+    /// applied what the topic holds now.
+    pub fn wait_if_behind(&self, written_ms: Option<i64>) -> Option<Wait> {
+        self.0.reader.as_ref()?;
+        let until = self.0.current_until.load(Ordering::Acquire);
+        if written_ms.is_some_and(|t| t < until) {
+            return None;
+        }
+        let sync = self.clone();
+        Some(Wait::new("the catalog to catch up", async move { sync.catch_up(written_ms).await }))
+    }
+
+    async fn catch_up(&self, written_ms: Option<i64>) {
+        let _one = self.0.catching_up.lock().await;
+        if written_ms.is_some_and(|t| t < self.0.current_until.load(Ordering::Acquire)) {
+            return; // the catch-up this one waited behind covered it
+        }
+        let started = Utc::now().timestamp_millis();
+        match tokio::time::timeout(CATCH_UP_LIMIT, self.reach_end()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "could not tell whether the catalog is current"),
+            Err(_) => tracing::warn!(limit = ?CATCH_UP_LIMIT, "the catalog did not catch up in time"),
+        }
+        metrics::histogram!("catalog_catch_up_seconds")
+            .record((Utc::now().timestamp_millis() - started).max(0) as f64 / 1000.0);
+        // Also past the message's own time, so that it is never made to wait twice (its
+        // producer's clock may run ahead of ours).
+        self.current_until(started.max(written_ms.map_or(started, |t| t + 1)));
+    }
+
+    /// Reads the topic's end offsets, then waits until the follower has applied up to them.
+    async fn reach_end(&self) -> anyhow::Result<()> {
+        use rdkafka::consumer::Consumer as _;
+        let Some(reader) = self.0.reader.clone() else { return Ok(()) };
+        let ends = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64)>> {
+            let topic = Topic::Catalog.name();
+            let metadata = reader.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+            let mut ends = Vec::new();
+            for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                let (low, high) = reader.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
+                if high > low {
+                    ends.push((p.id(), high));
+                }
+            }
+            Ok(ends)
+        })
+        .await??;
+        loop {
+            let behind = {
+                let applied = self.0.applied.lock().unwrap_or_else(PoisonError::into_inner);
+                ends.iter().any(|(p, end)| applied.get(p).copied().unwrap_or(0) < *end)
+            };
+            if !behind {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 }
 
@@ -89,4 +245,27 @@ pub async fn load_demo_if_empty(settings: &KafkaSettings) -> anyhow::Result<usiz
 /// evaluations, which run the services' code without a broker.
 pub fn demo() -> LiveCatalog {
     Shared::new(Catalog::from_products(Catalog::demo().products().iter().cloned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a message that may have been written after the moment up to which the catalog is
+    /// known to be complete is made to wait (one without a timestamp always may); a catalog
+    /// built whole never waits.
+    #[tokio::test]
+    async fn only_a_message_newer_than_the_catalog_waits() -> anyhow::Result<()> {
+        assert!(CatalogSync::always_current().wait_if_behind(None).is_none());
+        let sync = CatalogSync::new(&KafkaSettings::for_embedded_broker("127.0.0.1:9"))?;
+        sync.current_until(1_000);
+        assert!(sync.wait_if_behind(Some(999)).is_none());
+        assert!(sync.wait_if_behind(Some(1_000)).is_some());
+        assert!(sync.wait_if_behind(None).is_some());
+        // A catch-up that cannot reach the broker gives up and still moves past the message,
+        // so that it is not made to wait again.
+        sync.catch_up(Some(5_000)).await;
+        assert!(sync.wait_if_behind(Some(5_000)).is_none());
+        Ok(())
+    }
 }

@@ -143,6 +143,81 @@ async fn outputs_and_dead_letters_flow_through_a_real_broker() -> anyhow::Result
     Ok(())
 }
 
+/// Asks to wait once for every message (and for ever for `{"userId":"stuck"}`) before
+/// passing it on; counts the waits that ended.
+#[derive(Clone, Default)]
+struct WaitFirst {
+    waited: Arc<Mutex<Vec<i64>>>,
+    ended: Arc<AtomicUsize>,
+    passed: Collect,
+}
+
+impl Handler for WaitFirst {
+    fn handle(&mut self, record: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
+        let stuck = record.value()?["userId"] == "stuck";
+        let mut waited = self.waited.lock().expect("lock");
+        if stuck || !waited.contains(&record.offset) {
+            waited.push(record.offset);
+            let ended = Arc::clone(&self.ended);
+            return Err(HandlerError::Wait(kit::kafka::Wait::new("a test", async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                ended.fetch_add(1, Ordering::SeqCst);
+            })));
+        }
+        drop(waited);
+        self.passed.handle(record, out)
+    }
+}
+
+/// A handler that asks to wait ([`HandlerError::Wait`]) gets the same message again once the
+/// wait is over, and the messages after it stay behind it; one that never stops asking is
+/// dead-lettered after a few waits, and the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_waits_for_what_its_handler_waits_for() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let settings = broker.settings();
+    let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+    for user in ["a", "stuck", "b", "c"] {
+        let payload = format!(r#"{{"userId":"{user}"}}"#);
+        raw.send(FutureRecord::to(Topic::UserActivity.name()).key("k").payload(&payload), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let shutdown = CancellationToken::new();
+    let producer = Producer::for_pipeline(&settings)?;
+    let env = |name: &str| consumer_env(&settings, &producer, &shutdown, name);
+    let handler = WaitFirst::default();
+    let letters = Collect::default();
+    let main = tokio::spawn(run_consumer(
+        env("main"),
+        ConsumerSpec::group("main", [Topic::UserActivity], "test-wait"),
+        handler.clone(),
+    ));
+    tokio::spawn(run_consumer(env("d"), ConsumerSpec::replica("d", [Topic::DeadLetter]), letters.clone()));
+    let passed = eventually("three messages passed", Duration::from_secs(60), || {
+        let got = handler.passed.0.lock().expect("lock").clone();
+        async move { (got.len() >= 3).then_some(got) }
+    })
+    .await?;
+    let passed: Vec<String> = passed.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+    assert_eq!(passed, [r#"{"userId":"a"}"#, r#"{"userId":"b"}"#, r#"{"userId":"c"}"#], "each once, in order");
+    let letter = eventually("the stuck message dead-lettered", Duration::from_secs(30), || {
+        let got = letters.0.lock().expect("lock").first().cloned();
+        async move { got }
+    })
+    .await?;
+    let letter: DeadLetter = serde_json::from_slice(&letter)?;
+    assert_eq!((letter.kind, letter.source.offset), (DeadLetterKind::HandlerFailed, 1));
+    assert!(letter.reason.contains("waiting for a test"), "{}", letter.reason);
+    let waits = handler.waited.lock().expect("lock").clone();
+    assert_eq!(waits, [0, 1, 1, 1, 1, 2, 3], "one wait each, and the stuck one's until it was given up");
+    // Every wait was awaited, except the one that was refused (the fourth of the stuck message).
+    assert_eq!(handler.ended.load(Ordering::SeqCst), 6);
+    shutdown.cancel();
+    main.await??;
+    Ok(())
+}
+
 /// A consumer that joins two topics per user refuses to start when their partition counts
 /// differ, naming both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@
 //! - Validation: the same rules as the ingestion APIs, in strict mode (a message from a foreign
 //!   producer must carry `eventId` and `timestamp`). Failures go to `dead-letter-topic` with the
 //!   original bytes, source topic/partition/offset, the field and the reason (see `kit::kafka`).
-//! - Enrichment: product name, category and price from the catalog; a session id when the
+//! - Enrichment: product name, category and price from the catalog (an event naming a product
+//!   the catalog lacks first waits until the catalog holds everything written to
+//!   `catalog-topic` before the event: `kit::catalog::CatalogSync`); a session id when the
 //!   client sent none (a gap of `SESSION_GAP_SECONDS` without events starts a new session);
 //!   the user's latest campaign carried onto later events for `CAMPAIGN_WINDOW_HOURS`; a
 //!   correlation id (Kafka header `correlation-id`, created here if the producer sent none).
@@ -30,7 +32,7 @@ use events::validate::{self, Strictness};
 use events::{
     ActivityEvent, DeadLetter, EventType, OrderEvent, ProcessedEvent, ProcessedItem, ProcessedOrder, ProductInfo, Topic,
 };
-use kit::catalog::LiveCatalog;
+use kit::catalog::{CatalogSync, LiveCatalog};
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
 use kit::http::{ApiError, OpsToken};
@@ -89,11 +91,11 @@ impl Service for EventProcessor {
         let token = config.ops_token.clone();
         let stats = Shared::new(Stats::default());
         let letters = Shared::new(VecDeque::new());
-        let catalog = ctx.follow_catalog(&producer).await;
+        let (catalog, sync) = ctx.follow_catalog_synced(&producer).await?;
         ctx.spawn_consumer(
             &producer,
             ConsumerSpec::group("raw-events", [Topic::UserActivity, Topic::Order], "event-processor").restoring(),
-            Processor::new(config, Shared::clone(&stats), catalog),
+            Processor::new(config, Shared::clone(&stats), catalog).following(sync),
         );
         ctx.spawn_consumer(
             &producer,
@@ -131,6 +133,7 @@ pub struct Processor {
     campaigns: UserMap<(String, DateTime<Utc>)>,
     stats: Shared<Stats>,
     catalog: LiveCatalog,
+    catalog_sync: CatalogSync,
 }
 
 impl Processor {
@@ -142,6 +145,31 @@ impl Processor {
             campaigns: user_map(),
             stats,
             catalog,
+            catalog_sync: CatalogSync::always_current(),
+        }
+    }
+
+    /// Before it enriches an event as naming an unknown product, waits until the catalog holds
+    /// every product written before the event (see [`CatalogSync`]); without, the catalog is
+    /// taken as it is.
+    pub fn following(self, catalog_sync: CatalogSync) -> Self {
+        Self { catalog_sync, ..self }
+    }
+
+    /// `Err(Wait)` when one of `products` is not in the catalog and the catalog may not hold
+    /// every product written before `rec` yet.
+    fn catalog_current_for<'a>(
+        &self,
+        rec: &Record<'_>,
+        mut products: impl Iterator<Item = &'a str>,
+    ) -> Result<(), HandlerError> {
+        let unknown = {
+            let catalog = self.catalog.read();
+            products.any(|id| catalog.get(id).is_none())
+        };
+        match unknown.then(|| self.catalog_sync.wait_if_behind(rec.timestamp_ms)).flatten() {
+            Some(wait) => Err(HandlerError::Wait(wait)),
+            None => Ok(()),
         }
     }
 
@@ -273,6 +301,9 @@ impl Handler for Processor {
         let processed = match rec.topic {
             Topic::UserActivity => {
                 let e = validate::activity(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
+                if !out.is_replay() {
+                    self.catalog_current_for(rec, e.product_id.as_deref().into_iter())?;
+                }
                 if !self.seen.insert(&events::idempotency_key(&e.user_id, &e.event_id)) {
                     self.duplicate(&e.event_id);
                     return Ok(());
@@ -281,6 +312,9 @@ impl Handler for Processor {
             }
             Topic::Order => {
                 let o = validate::order(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
+                if !out.is_replay() {
+                    self.catalog_current_for(rec, o.items.iter().map(|i| i.product_id.as_str()))?;
+                }
                 if !self.seen.insert(&events::idempotency_key(&o.user_id, &o.event_id)) {
                     self.duplicate(&o.event_id);
                     return Ok(());

@@ -7,7 +7,7 @@ pub mod producer;
 
 use std::time::Duration;
 
-pub use consumer::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription, run_consumer};
+pub use consumer::{ConsumerSpec, Handler, HandlerError, Outbox, Record, Subscription, Wait, run_consumer};
 pub use producer::{ProduceError, Producer};
 
 use crate::config::{ConfigError, Env, positive};

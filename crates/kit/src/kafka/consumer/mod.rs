@@ -49,7 +49,8 @@ mod restore;
 
 use assign::{GroupContext, assignment, check_co_partitioned, create, end_offsets};
 use outputs::{Pending, complete, process, skip};
-pub use record::{Handler, HandlerError, Outbox, Record};
+use record::MAX_WAITS;
+pub use record::{Handler, HandlerError, Outbox, Record, Wait};
 use restore::restore;
 
 /// Most messages whose outputs may be awaiting acknowledgement at once.

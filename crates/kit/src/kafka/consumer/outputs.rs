@@ -47,7 +47,7 @@ pub(super) async fn process<H: Handler>(
     let topic = topic_of(msg)?;
     let record = Record::of(msg, topic);
     let started = Instant::now();
-    let mut attempt = 0;
+    let (mut attempt, mut waits) = (0, 0);
     // Every log line about this message carries its correlation id.
     let span = tracing::info_span!(
         "message",
@@ -64,6 +64,12 @@ pub(super) async fn process<H: Handler>(
                 metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "ok").increment(1);
                 break out.into_messages();
             }
+            Err(HandlerError::Wait(wait)) if waits < MAX_WAITS => {
+                // Not a failed attempt: the handler will decide once the wait is over.
+                (attempt, waits) = (attempt - 1, waits + 1);
+                metrics::counter!("consumer_waits_total", "consumer" => spec.name).increment(1);
+                wait.into_future().await;
+            }
             Err(HandlerError::Retry(e)) if attempt < env.settings.handler_max_attempts => {
                 metrics::counter!("consumer_retries_total", "consumer" => spec.name).increment(1);
                 let delay = Duration::from_millis(100 * 4u64.pow(attempt - 1)).min(Duration::from_secs(2));
@@ -79,7 +85,7 @@ pub(super) async fn process<H: Handler>(
             Err(e) => {
                 let (kind, field) = match &e {
                     HandlerError::Reject { kind, field, .. } => (*kind, field.clone()),
-                    HandlerError::Retry(_) => (DeadLetterKind::HandlerFailed, None),
+                    HandlerError::Retry(_) | HandlerError::Wait(_) => (DeadLetterKind::HandlerFailed, None),
                 };
                 metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter")
                     .increment(1);

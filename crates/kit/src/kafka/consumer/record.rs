@@ -66,7 +66,45 @@ pub enum HandlerError {
     /// Processing failed in a way that may pass on another try.
     #[error("{0:#}")]
     Retry(anyhow::Error),
+    /// The message cannot be decided yet: the consumer awaits the [`Wait`], then hands the same
+    /// message to the handler again. A handler asks before it changes any state, and never
+    /// twice for the same message once the wait is over.
+    #[error("{0}")]
+    Wait(Wait),
 }
+
+/// What a handler waits for before it can process a message ([`HandlerError::Wait`]).
+pub struct Wait {
+    what: &'static str,
+    until: BoxFuture<'static, ()>,
+}
+
+impl Wait {
+    /// Waits for `until`; `what` names it in logs and errors.
+    pub fn new(what: &'static str, until: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self { what, until: Box::pin(until) }
+    }
+
+    pub(super) fn into_future(self) -> BoxFuture<'static, ()> {
+        self.until
+    }
+}
+
+impl std::fmt::Debug for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wait").field("what", &self.what).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "still waiting for {} after {MAX_WAITS} waits", self.what)
+    }
+}
+
+/// How many times one message may be made to wait ([`HandlerError::Wait`]) before it is
+/// dead-lettered: a handler that keeps asking is a bug, and the partition must move on.
+pub(super) const MAX_WAITS: u32 = 3;
 
 impl HandlerError {
     pub fn malformed(reason: impl Into<String>) -> Self {
