@@ -24,6 +24,8 @@
 #   SMOKE_COMPOSE="docker compose"   the Compose command (default: docker-compose if present)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# With pipefail, a reader that stops early (`head`, `grep -q`) can fail its pipeline: the writer
+# dies of SIGPIPE (141) if it writes after the reader left. Readers here read to the end.
 
 step() { printf '\n== %s\n' "$*"; }
 fail() {
@@ -220,11 +222,13 @@ echo "the recommendation shows the new price"
 step "opening the UI"
 page=$(http GET localhost:3000/)
 grep -qi '<html' <<<"$page" || fail "the UI did not answer with a page"
-http GET "localhost:3000/users/$user" | grep -q "$user" || fail "the UI's user page does not name $user"
+user_page=$(http GET "localhost:3000/users/$user")
+grep -q "$user" <<<"$user_page" || fail "the UI's user page does not name $user"
 echo "the dashboard and the user page render"
 
 step "reading the event processor's logs"
-compose logs --no-color event-processor | grep -F "$correlation" | head -n 3 \
+processor_logs=$(compose logs --no-color event-processor)
+grep -F "$correlation" <<<"$processor_logs" | sed -n 1,3p \
   || fail "correlation id $correlation not in 'logs event-processor'"
 
 step "restarting analytics"
@@ -246,7 +250,7 @@ export ANALYTICS_PORT=18084-18093
 compose up -d --scale analytics=2 analytics || fail "scaling analytics to two replicas"
 health() { $DOCKER inspect -f '{{.State.Health.Status}}' "$1" 2>/dev/null || echo missing; }
 replicas() { compose ps -q analytics; }
-host_port() { $DOCKER port "$1" 8084/tcp | head -n1 | sed 's/.*://'; }
+host_port() { $DOCKER port "$1" 8084/tcp | sed -n '1s/.*://p'; }
 deadline=$(($(date +%s) + 180))
 while :; do
   mapfile -t ids < <(replicas)
@@ -255,7 +259,7 @@ while :; do
     if [[ "$(health "$id")" == healthy ]]; then working+=("$id"); else standby+=("$id"); fi
   done
   if ((${#ids[@]} == 2 && ${#working[@]} == 1)) \
-    && $DOCKER logs "${standby[0]}" 2>&1 | grep -q "waiting as a standby"; then
+    && $DOCKER logs "${standby[0]}" 2>&1 | grep -c "waiting as a standby" >/dev/null; then
     break
   fi
   (($(date +%s) > deadline)) && { compose ps; fail "expected one working analytics and one standby, got ${#working[@]} of ${#ids[@]} healthy"; }
