@@ -196,21 +196,13 @@ impl CatalogSync {
 
     /// Reads the topic's end offsets, then waits until the follower has applied up to them.
     async fn reach_end(&self) -> anyhow::Result<()> {
-        use rdkafka::consumer::Consumer as _;
         let Some(reader) = self.0.reader.clone() else { return Ok(()) };
-        let ends = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64)>> {
-            let topic = Topic::Catalog.name();
-            let metadata = reader.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-            let mut ends = Vec::new();
-            for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
-                let (low, high) = reader.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
-                if high > low {
-                    ends.push((p.id(), high));
-                }
-            }
-            Ok(ends)
+        let ranges = tokio::task::spawn_blocking(move || {
+            crate::kafka::admin::watermarks(&*reader, Topic::Catalog, Duration::from_secs(5))
         })
         .await??;
+        let ends: Vec<(i32, i64)> =
+            ranges.into_iter().filter(|(_, low, high)| high > low).map(|(p, _, high)| (p, high)).collect();
         loop {
             let behind = {
                 let applied = self.0.applied.lock().unwrap_or_else(PoisonError::into_inner);

@@ -80,22 +80,33 @@ async fn create_topics(
     }
 }
 
+/// Every partition of `topic` with its start and end offsets, as the broker has them now
+/// (blocking: for `spawn_blocking`).
+pub(crate) fn watermarks<C: rdkafka::consumer::ConsumerContext>(
+    client: &impl rdkafka::consumer::Consumer<C>,
+    topic: events::Topic,
+    timeout: Duration,
+) -> rdkafka::error::KafkaResult<Vec<(i32, i64, i64)>> {
+    let metadata = client.fetch_metadata(Some(topic.name()), timeout)?;
+    let mut ranges = Vec::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) = client.fetch_watermarks(topic.name(), p.id(), timeout)?;
+        ranges.push((p.id(), low, high));
+    }
+    Ok(ranges)
+}
+
 /// How many messages `topic` holds now (end minus start offset, summed over its partitions).
 pub async fn message_count(bootstrap_servers: &str, topic: events::Topic) -> anyhow::Result<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::consumer::BaseConsumer;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap_servers)
         .set("group.id", format!("retargetiq-counter-{}", uuid::Uuid::new_v4()))
         .create()
         .context("creating a reader")?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-        let metadata = consumer.fetch_metadata(Some(topic.name()), Duration::from_secs(10))?;
-        let mut total = 0;
-        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            let (low, high) = consumer.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(10))?;
-            total += (high - low).max(0);
-        }
-        Ok(total)
+        let ranges = watermarks(&consumer, topic, Duration::from_secs(10))?;
+        Ok(ranges.iter().map(|(_, low, high)| (high - low).max(0)).sum())
     })
     .await?
 }
@@ -144,13 +155,11 @@ async fn read_range(
     );
     let c = std::sync::Arc::clone(&consumer);
     let ranges = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64, i64)>> {
-        let metadata = c.fetch_metadata(Some(topic.name()), Duration::from_secs(10))?;
         let mut ranges = Vec::new();
-        for p in metadata.topics().iter().flat_map(|t| t.partitions()).filter(|p| partitions(p.id())) {
-            let (low, high) = c.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(10))?;
+        for (p, low, high) in watermarks(&*c, topic, Duration::from_secs(10))? {
             let from = start(low, high).clamp(low, high);
-            if high > from {
-                ranges.push((p.id(), from, high));
+            if partitions(p) && high > from {
+                ranges.push((p, from, high));
             }
         }
         Ok(ranges)
