@@ -94,7 +94,7 @@ impl Platform {
                         user_id: features.user_id.clone(),
                         generated_at: at,
                         candidates: retrieval::generate(&model, &catalog.read(), &features, at),
-                        features: events::RankingFeatures::from(&features),
+                        features: events::RankingFeatures::from(features),
                     };
                     ranker.rank(&candidates);
                 }

@@ -526,11 +526,6 @@ impl CandidateSource {
     }
 }
 
-/// `x` rounded to 4 decimal places (the ranked lists' scores and contributions).
-pub fn round4(x: f64) -> f64 {
-    (x * 10_000.0).round() / 10_000.0
-}
-
 /// What ranking reads of the feature snapshot a candidate set was made from. It travels with
 /// the candidates, so that ranking scores them against that same snapshot; the rest of the
 /// snapshot (counts, windows, sessions, ...) stays on `user-features-topic` (it was a quarter of
@@ -549,13 +544,9 @@ pub struct RankingFeatures {
     pub cart: Vec<String>,
 }
 
-impl From<&UserFeatures> for RankingFeatures {
-    fn from(f: &UserFeatures) -> Self {
-        Self {
-            category_affinity: f.category_affinity.clone(),
-            recently_viewed: f.recently_viewed.clone(),
-            cart: f.cart.clone(),
-        }
+impl From<UserFeatures> for RankingFeatures {
+    fn from(f: UserFeatures) -> Self {
+        Self { category_affinity: f.category_affinity, recently_viewed: f.recently_viewed, cart: f.cart }
     }
 }
 
@@ -781,7 +772,7 @@ mod tests {
             schema_version: 1,
             user_id: "u1".into(),
             generated_at: now,
-            features: RankingFeatures::from(&features),
+            features: RankingFeatures::from(features.clone()),
             candidates: vec![Candidate {
                 product_id: "P00001".into(),
                 source: CandidateSource::CoVisitation,

@@ -47,7 +47,7 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use catalog::Catalog;
 use chrono::{DateTime, Utc};
-use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedRecommendations, Topic, round4};
+use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedRecommendations, Topic};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
@@ -282,6 +282,10 @@ fn probability(features: &Features, weights: &[f64; FEATURES.len()]) -> f64 {
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
 }
 
 /// Ranks one user's candidates; returns the list and the features of each ranked item. Only

@@ -686,7 +686,7 @@ impl Handler for Retriever {
             schema_version: events::SCHEMA_VERSION,
             user_id: features.user_id.clone(),
             generated_at: now,
-            features: RankingFeatures::from(&features),
+            features: RankingFeatures::from(features),
             candidates,
         };
         out.send(&msg);
