@@ -48,7 +48,10 @@ pub fn init_to_stderr(format: LogFormat) {
 
 fn init_to(format: LogFormat, stderr: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,tansu_broker=warn,tansu_storage=warn,tansu_sans_io=warn,libsql=warn,h2=warn,hyper=warn")
+        // `tansu` covers every Tansu crate: `tansu_service` opens several INFO spans per request
+        // the broker answers (one names itself with a fresh random id), a cost per message
+        // consumed or produced that nothing reads.
+        EnvFilter::new("info,tansu=warn,rama=warn,libsql=warn,h2=warn,hyper=warn")
     });
     // Colours only on a terminal (or when the parent, `retargetiq up`, asks for them).
     let terminal = if stderr { std::io::stderr().is_terminal() } else { std::io::stdout().is_terminal() };

@@ -22,6 +22,7 @@
 //!
 //! `GET /retrieve/{userId}` shows the latest candidates (404 before the first).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use axum::Json;
@@ -574,21 +575,20 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
         .filter(|id| catalog.get(id).is_none_or(|p| !REPURCHASABLE.contains(&p.category.as_str())))
         .map(String::as_str)
         .collect();
-    let mut out: Vec<Candidate> = Vec::new();
-    // (product, source) pairs already in `out`: a set, not a scan of `out` per candidate (that
-    // scan was most of retrieval's CPU with long histories).
-    let mut proposed: FastSet<(String, CandidateSource)> = FastSet::default();
-    let mut push = |out: &mut Vec<Candidate>, id: &str, source, score: f64| {
-        let withdrawn = catalog.get(id).is_some_and(|p| !p.available);
+    let mut out: Vec<Candidate> = Vec::with_capacity(RETARGETED + f.cart.len() + 5 * PER_SOURCE);
+    // Every source but retargeting proposes each product once by construction (a map's keys, a
+    // category's list; categories do not share products), so only retargeting, which draws
+    // on both the cart and the recent views, needs to be told what it already proposed.
+    let push = |out: &mut Vec<Candidate>, id: Cow<'_, str>, source, score: f64| {
         // What the user bought is retargeted at half strength (they often come back to it:
         // to reorder, compare or review) and never suggested by the other sources.
-        let score = match (bought.contains(id), source) {
+        let score = match (bought.contains(&*id), source) {
             (false, _) => score,
             (true, CandidateSource::Retargeting) => score * 0.5,
             (true, _) => return,
         };
-        if !withdrawn && proposed.insert((id.to_owned(), source)) {
-            out.push(Candidate { product_id: id.to_owned(), source, source_score: score.clamp(0.0, 1.0) });
+        if catalog.get(&id).is_none_or(|p| p.available) {
+            out.push(Candidate { product_id: id.into_owned(), source, source_score: score.clamp(0.0, 1.0) });
         }
     };
 
@@ -607,16 +607,21 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     let considered = own.iter().filter(|(id, _)| !bought.contains(id.as_str()));
     let most = considered.map(|(id, _)| engagement(id)).fold(0.0, f64::max);
     let most = if most > 0.0 { most } else { own.iter().map(|(id, _)| engagement(id)).fold(0.0, f64::max) };
+    let mut retargeted: FastSet<&str> = FastSet::with_capacity_and_hasher(own.len(), Default::default());
     for (id, by_recency) in own {
-        let score = if most > 0.0 { engagement(id) / most } else { by_recency };
-        push(&mut out, id, CandidateSource::Retargeting, score);
+        if retargeted.insert(id) {
+            let score = if most > 0.0 { engagement(id) / most } else { by_recency };
+            push(&mut out, Cow::Borrowed(id), CandidateSource::Retargeting, score);
+        }
     }
 
     // Co-visitation of the five most recent views, nearer views weighing more.
     let viewed: FastSet<&str> = f.recently_viewed.iter().map(String::as_str).collect();
-    let mut covis: FastMap<&str, f64> = FastMap::default();
-    for (i, seed) in f.recently_viewed.iter().take(5).enumerate() {
-        if let Some(neighbours) = model.covis.peek(seed) {
+    let seeds: Vec<Option<&Neighbours>> = f.recently_viewed.iter().take(5).map(|seed| model.covis.peek(seed)).collect();
+    let mut covis: FastMap<&str, f64> =
+        FastMap::with_capacity_and_hasher(seeds.iter().flatten().map(|n| n.len()).sum(), Default::default());
+    for (i, seed) in seeds.into_iter().enumerate() {
+        if let Some(neighbours) = seed {
             for (q, c) in neighbours {
                 if !viewed.contains(q.as_str()) {
                     *covis.entry(q.as_str()).or_default() += c / (1.0 + i as f64);
@@ -634,7 +639,7 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     }
     covis.sort_by(strongest);
     for (id, c) in covis {
-        push(&mut out, id, CandidateSource::CoVisitation, c / max);
+        push(&mut out, Cow::Borrowed(id), CandidateSource::CoVisitation, c / max);
     }
 
     // Popular in the user's top three categories, weighted by the category's share.
@@ -645,10 +650,10 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
         let share = if total > 0.0 { aff / total } else { 0.0 };
         let n = ((PER_SOURCE as f64 * share).ceil() as usize).clamp(3, PER_SOURCE);
         for (id, score) in model.popular(catalog, Some(cat), n) {
-            push(&mut out, &id, CandidateSource::PopularInCategory, score * share.sqrt());
+            push(&mut out, Cow::Owned(id), CandidateSource::PopularInCategory, score * share.sqrt());
         }
         for (id, score) in model.trending(catalog, cat, n.min(TRENDING_PER_CATEGORY), now) {
-            push(&mut out, &id, CandidateSource::Trending, score);
+            push(&mut out, Cow::Owned(id), CandidateSource::Trending, score);
         }
     }
 
@@ -656,7 +661,7 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     let distinct: FastSet<&str> = out.iter().map(|c| c.product_id.as_str()).collect();
     if distinct.len() < PER_SOURCE {
         for (id, score) in model.popular(catalog, None, PER_SOURCE) {
-            push(&mut out, &id, CandidateSource::ColdStart, score);
+            push(&mut out, Cow::Owned(id), CandidateSource::ColdStart, score);
         }
     }
     out
@@ -812,6 +817,41 @@ mod tests {
         let c = generate(&Model::default(), Catalog::demo(), &UserFeatures::default(), Utc::now());
         assert_eq!(c.len(), PER_SOURCE);
         assert!(c.iter().all(|c| c.source == CandidateSource::ColdStart));
+    }
+
+    #[test]
+    fn each_source_proposes_a_product_once() {
+        // Sessions over three categories, so that every source has something to propose.
+        let mut m = Model::default();
+        let demo = Catalog::demo();
+        let ids: Vec<String> = ["toys", "books", "grocery"]
+            .iter()
+            .flat_map(|c| demo.in_category(c).take(30))
+            .map(|p| p.id.clone())
+            .collect();
+        let now = Utc::now();
+        for (i, id) in ids.iter().cycle().take(900).enumerate() {
+            let mut e = view(&format!("e{i}"), &format!("s{}", i % 40), id);
+            e.occurred_at = now - chrono::TimeDelta::seconds(900 - i as i64);
+            m.learn(&e);
+        }
+        // The cart and the recent views overlap; a product is bought too.
+        let f = UserFeatures {
+            user_id: "u".into(),
+            cart: vec![ids[1].clone(), ids[40].clone()],
+            recently_viewed: vec![ids[40].clone(), ids[1].clone(), ids[2].clone(), ids[1].clone(), ids[70].clone()],
+            purchased: vec![ids[2].clone()],
+            category_affinity: BTreeMap::from([("toys".into(), 3.0), ("books".into(), 2.0), ("grocery".into(), 1.0)]),
+            ..Default::default()
+        };
+        let c = generate(&m, demo, &f, now);
+        let mut pairs: Vec<(&str, CandidateSource)> = c.iter().map(|c| (c.product_id.as_str(), c.source)).collect();
+        let sources: HashSet<CandidateSource> = pairs.iter().map(|p| p.1).collect();
+        assert!(sources.len() >= 4, "too few sources to tell: {sources:?}");
+        pairs.sort();
+        let proposed = pairs.len();
+        pairs.dedup();
+        assert_eq!(pairs.len(), proposed, "a product proposed twice by one source: {c:?}");
     }
 
     #[test]
