@@ -198,7 +198,7 @@ impl CatalogSync {
     async fn reach_end(&self) -> anyhow::Result<()> {
         let Some(reader) = self.0.reader.clone() else { return Ok(()) };
         let ranges = tokio::task::spawn_blocking(move || {
-            crate::kafka::admin::watermarks(&*reader, Topic::Catalog, Duration::from_secs(5))
+            crate::kafka::admin::watermarks(&*reader, Topic::Catalog, |_| true, Duration::from_secs(5))
         })
         .await??;
         let ends: Vec<(i32, i64)> =

@@ -80,16 +80,18 @@ async fn create_topics(
     }
 }
 
-/// Every partition of `topic` with its start and end offsets, as the broker has them now
-/// (blocking: for `spawn_blocking`).
+/// The partitions of `topic` that `partitions` selects, with their start and end offsets as
+/// the broker has them now (one request per selected partition; blocking: for
+/// `spawn_blocking`).
 pub(crate) fn watermarks<C: rdkafka::consumer::ConsumerContext>(
     client: &impl rdkafka::consumer::Consumer<C>,
     topic: events::Topic,
+    partitions: impl Fn(i32) -> bool,
     timeout: Duration,
 ) -> rdkafka::error::KafkaResult<Vec<(i32, i64, i64)>> {
     let metadata = client.fetch_metadata(Some(topic.name()), timeout)?;
     let mut ranges = Vec::new();
-    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()).filter(|p| partitions(p.id())) {
         let (low, high) = client.fetch_watermarks(topic.name(), p.id(), timeout)?;
         ranges.push((p.id(), low, high));
     }
@@ -105,7 +107,7 @@ pub async fn message_count(bootstrap_servers: &str, topic: events::Topic) -> any
         .create()
         .context("creating a reader")?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-        let ranges = watermarks(&consumer, topic, Duration::from_secs(10))?;
+        let ranges = watermarks(&consumer, topic, |_| true, Duration::from_secs(10))?;
         Ok(ranges.iter().map(|(_, low, high)| (high - low).max(0)).sum())
     })
     .await?
@@ -156,9 +158,9 @@ async fn read_range(
     let c = std::sync::Arc::clone(&consumer);
     let ranges = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64, i64)>> {
         let mut ranges = Vec::new();
-        for (p, low, high) in watermarks(&*c, topic, Duration::from_secs(10))? {
+        for (p, low, high) in watermarks(&*c, topic, partitions, Duration::from_secs(10))? {
             let from = start(low, high).clamp(low, high);
-            if partitions(p) && high > from {
+            if high > from {
                 ranges.push((p, from, high));
             }
         }
