@@ -620,3 +620,75 @@ async fn every_consumer_reports_the_messages_it_has_not_finished() -> anyhow::Re
     }
     Ok(())
 }
+
+/// Handles like [`Seen`], at the pace of a real handler (a fraction of a millisecond each).
+#[derive(Clone, Default)]
+struct SlowSeen(Seen);
+
+impl Handler for SlowSeen {
+    fn handle(&mut self, record: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
+        std::thread::sleep(Duration::from_micros(200));
+        self.0.handle(record, out)
+    }
+}
+
+/// Traffic spread evenly over many users, a consumer behind by several rounds of them: each
+/// user's next snapshot comes a whole round later, so only a look ahead deeper than a round
+/// finds anything to skip. The consumer coalesces across its backlog, not only within a few
+/// hundred messages, and still handles each user's latest snapshot last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coalescing_consumer_behind_by_rounds_of_many_users_coalesces_across_them() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let settings = broker.settings();
+    let raw: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).set("linger.ms", "5").create()?;
+    // 2,000 users, 5 rounds, ~600 bytes a snapshot: 6 MB, three times the queue of a consumer
+    // that does not coalesce (`KAFKA_CONSUMER_FETCH_MAX_KB`, 2 MiB).
+    let (users, versions) = (2_000, 5);
+    let padding = "x".repeat(580);
+    let mut sends = Vec::with_capacity(users * versions);
+    for v in 0..versions {
+        for u in 0..users {
+            let (key, payload) = (format!("user-{u}"), format!("user-{u} version {v} {padding}"));
+            let raw = raw.clone();
+            // Enqueued in this order (each future is polled once, in turn, before any waits).
+            sends.push(async move {
+                raw.send(
+                    FutureRecord::to(Topic::UserFeatures.name()).key(&key).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+            });
+        }
+    }
+    futures::future::try_join_all(sends).await?;
+
+    let producer = Producer::for_pipeline(&settings)?;
+    let (seen, stop) = (SlowSeen::default(), CancellationToken::new());
+    let env = consumer_env(&settings, &producer, &stop, "behind");
+    let spec = ConsumerSpec::group("behind", [Topic::UserFeatures], "test-behind").coalescing([Topic::UserFeatures]);
+    let running = tokio::spawn(run_consumer(env, spec, seen.clone()));
+    let latest: Vec<String> = (0..users).map(|u| format!("user-{u} version {} {padding}", versions - 1)).collect();
+    eventually("every user's latest snapshot", Duration::from_secs(120), || {
+        let snapshots: std::collections::HashSet<String> = seen.0.of(Topic::UserFeatures).into_iter().collect();
+        let done = latest.iter().all(|l| snapshots.contains(l));
+        async move { done.then_some(()) }
+    })
+    .await?;
+    stop.cancel();
+    running.await??;
+    let snapshots = seen.0.of(Topic::UserFeatures);
+    assert!(
+        snapshots.len() <= users * versions / 2,
+        "{} of {} snapshots handled: the backlog was not coalesced across rounds of users",
+        snapshots.len(),
+        users * versions
+    );
+    for (u, latest) in latest.iter().enumerate() {
+        let prefix = format!("user-{u} ");
+        let last = snapshots.iter().rfind(|s| s.starts_with(&prefix));
+        assert_eq!(last, Some(latest), "user-{u}'s latest snapshot is handled last");
+    }
+    Ok(())
+}

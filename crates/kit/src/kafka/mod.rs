@@ -40,9 +40,16 @@ pub struct KafkaSettings {
     /// `zstd`; default `lz4`). The embedded broker stores records uncompressed and would only
     /// spend its CPU inflating them, so `retargetiq up` gives its clients `none`.
     pub compression: String,
-    /// `KAFKA_CONSUMER_FETCH_MAX_KB`: most memory a consumer may hold in pre-fetched messages, per
-    /// partition (default 2 MiB).
+    /// `KAFKA_CONSUMER_FETCH_MAX_KB`: most memory a consumer may hold in pre-fetched messages
+    /// (librdkafka's `queued.max.messages.kbytes`, one queue for all its partitions; default
+    /// 2 MiB).
     pub consumer_queue_kb: u32,
+    /// `KAFKA_COALESCE_FETCH_MAX_KB`: the same for a consumer that coalesces a latest-state topic
+    /// (default 32 MiB). How far ahead it can look decides how much it can coalesce when it
+    /// falls behind: with traffic spread evenly over many users, a user's next snapshot is a
+    /// whole round of users later, so only a backlog deeper than the users gives it anything
+    /// to skip (see [`super::ConsumerSpec::coalescing`]).
+    pub coalesce_queue_kb: u32,
     /// `KAFKA_FETCH_WAIT_MS`: how long the broker may hold a fetch that finds nothing new
     /// (`fetch.wait.max.ms`, default 500, Kafka's own). Apache Kafka and the embedded broker
     /// answer a fetch as soon as data arrives, so this does not add latency; it sets how often
@@ -138,6 +145,7 @@ impl KafkaSettings {
                 }
             })?,
             consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 2_048, positive)?,
+            coalesce_queue_kb: env.checked("KAFKA_COALESCE_FETCH_MAX_KB", 32_768, positive)?,
             fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(500))?,
             statistics_interval: env.millis("KAFKA_STATISTICS_INTERVAL_MS", Duration::from_secs(5))?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,

@@ -13,13 +13,19 @@ pub(super) fn create(
     env: &ConsumerEnv,
     spec: &ConsumerSpec,
 ) -> anyhow::Result<(Arc<StreamConsumer<GroupContext>>, bool)> {
+    // A coalescing consumer looks further ahead: see `KafkaSettings::coalesce_queue_kb`.
+    let queue_kb = if spec.coalesce.is_empty() {
+        env.settings.consumer_queue_kb
+    } else {
+        env.settings.coalesce_queue_kb.max(env.settings.consumer_queue_kb)
+    };
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &env.settings.bootstrap_servers)
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", env.settings.fetch_wait.as_millis().clamp(1, 500).to_string())
-        .set("queued.max.messages.kbytes", env.settings.consumer_queue_kb.to_string())
+        .set("queued.max.messages.kbytes", queue_kb.to_string())
         // A consumer whose local queue is full (it fell a little behind: a few hundred large
         // messages fill it) fetches again only after this. librdkafka's default, 1 s, made a
         // consumer that fell behind under load fetch once a second and never catch up.
