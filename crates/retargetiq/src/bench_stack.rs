@@ -46,7 +46,7 @@ pub struct StackArgs {
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Event rates (per second) offered to the pipeline, in order.
-    #[arg(long, value_delimiter = ',', default_value = "1000,2000,2500,3000,4000,6000,10000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,3000,4000,5000,6000,7000,8000,10000")]
     pub rates: Vec<u32>,
     /// Background event rate during the end-to-end measurement.
     #[arg(long, default_value_t = 1000)]
