@@ -45,7 +45,7 @@ pub struct KafkaSettings {
     /// 2 MiB).
     pub consumer_queue_kb: u32,
     /// `KAFKA_COALESCE_FETCH_MAX_KB`: the same for a consumer that coalesces a latest-state topic
-    /// (default 32 MiB). How far ahead it can look decides how much it can coalesce when it
+    /// (default 64 MiB). How far ahead it can look decides how much it can coalesce when it
     /// falls behind: with traffic spread evenly over many users, a user's next snapshot is a
     /// whole round of users later, so only a backlog deeper than the users gives it anything
     /// to skip (see [`super::ConsumerSpec::coalescing`]).
@@ -145,7 +145,7 @@ impl KafkaSettings {
                 }
             })?,
             consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 2_048, positive)?,
-            coalesce_queue_kb: env.checked("KAFKA_COALESCE_FETCH_MAX_KB", 32_768, positive)?,
+            coalesce_queue_kb: env.checked("KAFKA_COALESCE_FETCH_MAX_KB", 65_536, positive)?,
             fetch_wait: env.millis("KAFKA_FETCH_WAIT_MS", Duration::from_millis(500))?,
             statistics_interval: env.millis("KAFKA_STATISTICS_INTERVAL_MS", Duration::from_secs(5))?,
             handler_max_attempts: env.checked("KAFKA_HANDLER_MAX_ATTEMPTS", 4, positive)?,
