@@ -48,7 +48,7 @@ pub struct KafkaSettings {
     /// (default 64 MiB). How far ahead it can look decides how much it can coalesce when it
     /// falls behind: with traffic spread evenly over many users, a user's next snapshot is a
     /// whole round of users later, so only a backlog deeper than the users gives it anything
-    /// to skip (see [`super::ConsumerSpec::coalescing`]).
+    /// to skip (see [`ConsumerSpec::coalescing`]).
     pub coalesce_queue_kb: u32,
     /// `KAFKA_FETCH_WAIT_MS`: how long the broker may hold a fetch that finds nothing new
     /// (`fetch.wait.max.ms`, default 500, Kafka's own). Apache Kafka and the embedded broker
