@@ -80,3 +80,66 @@ pub fn consumer_lag(metrics: &str) -> f64 {
         .filter(|v| v.is_finite() && *v > 0.0)
         .sum()
 }
+
+/// A budget of log lines per second for one call site that would otherwise write a line per
+/// message: under load those lines cost more than the work they describe (formatting, a
+/// `write` each, and `retargetiq up` relaying them), and fill the disk of a `docker logs`
+/// at gigabytes an hour. The first `per_second` of each second are written; the rest are
+/// counted, and the count is handed to the next line written, to say how many were left out.
+#[derive(Debug, Clone)]
+pub struct LineBudget {
+    per_second: u32,
+    window: Option<std::time::Instant>,
+    used: u32,
+    skipped: u64,
+}
+
+impl LineBudget {
+    /// At most `per_second` lines a second (0: none).
+    pub fn new(per_second: u32) -> Self {
+        Self { per_second, window: None, used: 0, skipped: 0 }
+    }
+
+    /// Whether a line may be written at `now`: `Some(n)` when it may, `n` being how many lines
+    /// were left out since the last one written; `None` when it may not (it is counted).
+    pub fn admit(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self.window.is_none_or(|start| now.duration_since(start) >= std::time::Duration::from_secs(1)) {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used < self.per_second {
+            self.used += 1;
+            Some(std::mem::take(&mut self.skipped))
+        } else {
+            self.skipped += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::LineBudget;
+
+    #[test]
+    fn a_line_budget_writes_the_first_lines_of_each_second_and_counts_the_rest() {
+        let start = Instant::now();
+        let mut budget = LineBudget::new(3);
+        let first: Vec<_> = (0..5).map(|i| budget.admit(start + Duration::from_millis(i * 100))).collect();
+        assert_eq!(first, [Some(0), Some(0), Some(0), None, None]);
+        // A new second: the first line written says two were left out, the next ones none.
+        assert_eq!(budget.admit(start + Duration::from_millis(1_000)), Some(2));
+        assert_eq!(budget.admit(start + Duration::from_millis(1_100)), Some(0));
+        assert_eq!(budget.admit(start + Duration::from_millis(1_200)), Some(0));
+        assert_eq!(budget.admit(start + Duration::from_millis(1_300)), None);
+        // The window starts at the first line after a quiet spell, not on a fixed grid.
+        assert_eq!(budget.admit(start + Duration::from_millis(5_500)), Some(1));
+        assert_eq!(budget.admit(start + Duration::from_millis(6_400)), Some(0));
+
+        let mut silent = LineBudget::new(0);
+        assert_eq!(silent.admit(start), None);
+        assert_eq!(silent.admit(start + Duration::from_secs(2)), None);
+    }
+}

@@ -38,6 +38,7 @@ use kit::dedup::SeenSet;
 use kit::http::{ApiError, OpsToken};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::{Shared, UserMap, user_map};
+use kit::telemetry::LineBudget;
 use kit::{Context, Service};
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,9 @@ pub struct Config {
     pub campaign_window: Duration,
     /// `OPS_TOKEN`: required by the replay endpoint (unset: disabled).
     pub ops_token: OpsToken,
+    /// `EVENT_LOG_PER_SECOND`: events logged one line each per second at most (default 100;
+    /// the rest are counted in the next line, see [`LineBudget`]; 0: none).
+    pub event_log_per_second: u32,
 }
 
 impl Default for Config {
@@ -64,6 +68,7 @@ impl Default for Config {
             session_gap: Duration::minutes(30),
             campaign_window: Duration::hours(168),
             ops_token: OpsToken::default(),
+            event_log_per_second: 100,
         }
     }
 }
@@ -83,6 +88,7 @@ impl Service for EventProcessor {
                 if *v < 0 { Err("must be >= 0".into()) } else { Ok(()) }
             })?),
             ops_token: OpsToken::from_env(env)?,
+            event_log_per_second: env.get("EVENT_LOG_PER_SECOND", d.event_log_per_second)?,
         })
     }
 
@@ -134,12 +140,14 @@ pub struct Processor {
     stats: Shared<Stats>,
     catalog: LiveCatalog,
     catalog_sync: CatalogSync,
+    log_budget: LineBudget,
 }
 
 impl Processor {
     pub fn new(config: Config, stats: Shared<Stats>, catalog: LiveCatalog) -> Self {
         Self {
             seen: SeenSet::new(config.dedup_capacity),
+            log_budget: LineBudget::new(config.event_log_per_second),
             config,
             sessions: user_map(),
             campaigns: user_map(),
@@ -323,8 +331,14 @@ impl Handler for Processor {
             }
             other => return Err(HandlerError::malformed(format!("the processor does not read {other}"))),
         };
-        if !out.is_replay() {
-            // One line per event, as the original project's users read it with `docker logs`.
+        // One line per event, as the original project's users read it with `docker logs`, up
+        // to EVENT_LOG_PER_SECOND: past that the lines cost more than the processing.
+        if !out.is_replay()
+            && let Some(skipped) = self.log_budget.admit(std::time::Instant::now())
+        {
+            if skipped > 0 {
+                tracing::info!(skipped, "events processed without a line each (EVENT_LOG_PER_SECOND)");
+            }
             let product = processed.product.as_ref().map_or("", |p| p.product_id.as_str());
             tracing::info!(
                 event_id = %processed.event_id,

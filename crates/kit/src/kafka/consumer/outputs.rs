@@ -48,8 +48,11 @@ pub(super) async fn process<H: Handler>(
     let record = Record::of(msg, topic);
     let started = Instant::now();
     let (mut attempt, mut waits) = (0, 0);
-    // Every log line about this message carries its correlation id.
-    let span = tracing::info_span!(
+    // With `RUST_LOG=debug`, every log line about this message carries its correlation id,
+    // topic, partition and offset. At INFO the span is not made: its fields, formatted for
+    // every message of every consumer, cost as much as a small handler. The lines a consumer
+    // writes at INFO and above about one message name what they are about themselves.
+    let span = tracing::debug_span!(
         "message",
         correlation_id = record.correlation_id.unwrap_or(""),
         topic = %topic,
@@ -75,6 +78,10 @@ pub(super) async fn process<H: Handler>(
                 let delay = Duration::from_millis(100 * 4u64.pow(attempt - 1)).min(Duration::from_secs(2));
                 tracing::warn!(
                     consumer = spec.name,
+                    topic = %topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    correlation_id = record.correlation_id.unwrap_or(""),
                     attempt,
                     error = format!("{e:#}"),
                     ?delay,
