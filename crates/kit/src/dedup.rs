@@ -1,19 +1,25 @@
 //! A bounded set of recently seen ids: remembers the last `capacity` ids (FIFO eviction), so
 //! memory stays bounded while redeliveries — which arrive soon after the original under
 //! at-least-once delivery — are recognised.
+//!
+//! Nearly every consumer asks it once per message: each id is one allocation shared by the
+//! FIFO and the set, hashed with foldhash (seeded per process, like [`crate::state::UserMap`]).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use foldhash::HashSet;
 
 #[derive(Debug, Clone)]
 pub struct SeenSet {
     capacity: usize,
-    order: VecDeque<String>,
-    set: HashSet<String>,
+    order: VecDeque<Arc<str>>,
+    set: HashSet<Arc<str>>,
 }
 
 impl SeenSet {
     pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), order: VecDeque::new(), set: HashSet::new() }
+        Self { capacity: capacity.max(1), order: VecDeque::new(), set: HashSet::default() }
     }
 
     /// Records `id`; returns `false` if it was already there (a duplicate).
@@ -26,8 +32,9 @@ impl SeenSet {
         {
             self.set.remove(&old);
         }
-        self.order.push_back(id.to_owned());
-        self.set.insert(id.to_owned());
+        let id: Arc<str> = Arc::from(id);
+        self.order.push_back(Arc::clone(&id));
+        self.set.insert(id);
         true
     }
 

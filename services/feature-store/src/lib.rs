@@ -15,7 +15,7 @@
 //! Redeliveries are recognised by event id (the last 256 per user), so a snapshot is never
 //! counted twice.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -266,7 +266,7 @@ impl Store {
             user.clicks_since_purchase = 0;
         }
         // Engagement is kept for the products the lists keep (all of them bounded).
-        let kept: HashSet<&String> = f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).collect();
+        let kept: foldhash::HashSet<&String> = f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).collect();
         f.product_engagement.retain(|p, _| kept.contains(p));
         let catalog = self.catalog.read();
         f.cart_value = f.cart.iter().filter_map(|id| catalog.get(id)).map(|p| p.price).fold(0.0, |a, b| a + b);
