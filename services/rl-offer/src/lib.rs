@@ -629,14 +629,34 @@ impl Handler for Learner {
                 policy.record(&d);
             }
             Topic::ProcessedEvents => {
-                let e: ProcessedEvent = rec.json()?;
-                policy.observe(e.occurred_at);
-                policy.on_order(&e);
+                let (at, order) = glance(rec)?;
+                policy.observe(at);
+                if let Some(e) = order {
+                    policy.on_order(&e);
+                }
             }
             other => return Err(HandlerError::malformed(format!("rl-offer does not learn from {other}"))),
         }
         Ok(())
     }
+}
+
+/// What rl-offer reads of every processed event: when it happened (the policy's clock) and
+/// whether it is an order. Only orders are learned from, so only they are read in full; the
+/// others, nearly all of them, are skimmed without building their strings and maps.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Glance {
+    occurred_at: DateTime<Utc>,
+    #[serde(default)]
+    order: Option<serde::de::IgnoredAny>,
+}
+
+/// The time of the processed event in `rec`, and the event itself when it is an order.
+fn glance(rec: &Record<'_>) -> Result<(DateTime<Utc>, Option<ProcessedEvent>), HandlerError> {
+    let glance: Glance = rec.json()?;
+    let order = if glance.order.is_some() { Some(rec.json()?) } else { None };
+    Ok((glance.occurred_at, order))
 }
 
 impl Handler for Decider {
@@ -666,10 +686,12 @@ impl Handler for Decider {
                 // Rewards are relearned from the logs at start, not during the replay (whose
                 // snapshots set the clock).
                 if self.learns_orders && !out.is_replay() {
-                    let e: ProcessedEvent = rec.json()?;
+                    let (at, order) = glance(rec)?;
                     let mut policy = self.policy.write();
-                    policy.observe(e.occurred_at);
-                    policy.on_order(&e);
+                    policy.observe(at);
+                    if let Some(e) = order {
+                        policy.on_order(&e);
+                    }
                 }
             }
             other => return Err(HandlerError::malformed(format!("rl-offer does not read {other}"))),
@@ -928,6 +950,27 @@ mod tests {
         assert_eq!((stats.open_decisions, stats.learned, stats.converted), (0, 2, 1));
         // Too late for b.
         assert!(p.on_order(&order("o3", "b", 10.0, t0 + Duration::hours(26), Some(&b.decision_id))).is_none());
+    }
+
+    /// Orders are read in full, every other processed event only for its time.
+    #[test]
+    fn a_processed_event_is_read_in_full_only_when_it_is_an_order() {
+        let at = Utc::now() - Duration::hours(1);
+        let bought = order("e1", "u1", 25.0, at, Some("d1"));
+        let mut viewed = order("e2", "u1", 0.0, at + Duration::minutes(1), None);
+        viewed.event_type = EventType::ProductView;
+        viewed.order = None;
+        let read = |e: &ProcessedEvent| {
+            let payload = serde_json::to_vec(e).expect("json");
+            glance(&Record::bare(Topic::ProcessedEvents, &payload)).expect("readable")
+        };
+        let (time, full) = read(&bought);
+        assert_eq!(time, at);
+        let full = full.expect("an order is read in full");
+        assert_eq!((full.event_id.as_str(), full.order.as_ref().map(|o| o.amount)), ("e1", Some(25.0)));
+        assert_eq!(read(&viewed).0, at + Duration::minutes(1));
+        assert!(read(&viewed).1.is_none(), "a view is only glanced at");
+        assert!(glance(&Record::bare(Topic::ProcessedEvents, b"{\"eventId\": 1}")).is_err(), "no time: malformed");
     }
 
     /// Two instances decide for their own users; each learns from both instances' decisions
