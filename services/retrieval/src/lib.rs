@@ -619,7 +619,6 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     }
 
     // Co-visitation of the five most recent views, nearer views weighing more.
-    let viewed: FastSet<&str> = f.recently_viewed.iter().map(String::as_str).collect();
     let seeds: Vec<Option<&Neighbours>> = f.recently_viewed.iter().take(5).map(|seed| model.covis.peek(seed)).collect();
     let mut covis: FastMap<&str, f64> =
         FastMap::with_capacity_and_hasher(seeds.iter().flatten().map(|n| n.len()).sum(), Default::default());
@@ -632,8 +631,8 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     }
     // The recent views are dropped once, after the sums (a few dozen), not looked up for each
     // of the up to a thousand neighbours summed.
-    for v in &viewed {
-        covis.remove(v);
+    for v in &f.recently_viewed {
+        covis.remove(v.as_str());
     }
     let max = covis.values().copied().fold(0.0, f64::max);
     let mut covis: Vec<(&str, f64)> = covis.into_iter().collect();
