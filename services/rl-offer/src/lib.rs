@@ -422,6 +422,15 @@ impl Policy {
         self.clock.observe(at);
     }
 
+    /// A processed event read with [`glance`]: its time moves the clock; an order is learned
+    /// from.
+    fn on_processed(&mut self, at: DateTime<Utc>, order: Option<ProcessedEvent>) {
+        self.observe(at);
+        if let Some(e) = order {
+            self.on_order(&e);
+        }
+    }
+
     pub fn bandit(&self) -> &Bandit {
         &self.bandit
     }
@@ -630,10 +639,7 @@ impl Handler for Learner {
             }
             Topic::ProcessedEvents => {
                 let (at, order) = glance(rec)?;
-                policy.observe(at);
-                if let Some(e) = order {
-                    policy.on_order(&e);
-                }
+                policy.on_processed(at, order);
             }
             other => return Err(HandlerError::malformed(format!("rl-offer does not learn from {other}"))),
         }
@@ -687,11 +693,7 @@ impl Handler for Decider {
                 // snapshots set the clock).
                 if self.learns_orders && !out.is_replay() {
                     let (at, order) = glance(rec)?;
-                    let mut policy = self.policy.write();
-                    policy.observe(at);
-                    if let Some(e) = order {
-                        policy.on_order(&e);
-                    }
+                    self.policy.write().on_processed(at, order);
                 }
             }
             other => return Err(HandlerError::malformed(format!("rl-offer does not read {other}"))),
