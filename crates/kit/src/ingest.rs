@@ -307,7 +307,7 @@ pub fn parse_body<T: Ingest>(
     let value: Value = if is_blank {
         Value::Object(serde_json::Map::new())
     } else {
-        serde_json::from_slice(body)
+        crate::json::from_bytes(body)
             .map_err(|e| ApiError::Invalid { field: "$".into(), reason: format!("malformed JSON: {e}") })?
     };
     match value {

@@ -7,6 +7,7 @@
 //!   with retries and dead letters.
 //! - [`http`]: `/health`, `/ready`, `/metrics`, request tracing, timeouts and the JSON error type.
 //! - [`catalog`]: the live product catalog, followed from `catalog-topic`.
+//! - [`json`]: JSON decoding from bytes, validated as UTF-8 once.
 //! - [`service`]: the [`service::Service`] trait and [`service::main`], which wires it all
 //!   together and drains in-flight work on SIGINT/SIGTERM within a time limit.
 
@@ -17,6 +18,7 @@ pub mod dead_letters;
 pub mod dedup;
 pub mod http;
 pub mod ingest;
+pub mod json;
 pub mod kafka;
 pub mod service;
 pub mod state;

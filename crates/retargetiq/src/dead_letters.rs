@@ -14,7 +14,7 @@ use kit::kafka::{KafkaSettings, Producer};
 /// Every dead letter on the topic, oldest first within each partition.
 pub async fn list(bootstrap_servers: &str) -> anyhow::Result<Vec<DeadLetter>> {
     let raw = kit::kafka::admin::read_to_end(bootstrap_servers, Topic::DeadLetter).await?;
-    Ok(raw.iter().filter_map(|bytes| serde_json::from_slice(bytes).ok()).collect())
+    Ok(raw.iter().filter_map(|bytes| kit::json::from_bytes(bytes).ok()).collect())
 }
 
 /// One line per dead letter.

@@ -149,7 +149,7 @@ async fn restore_model(bootstrap_servers: &str) -> LinearModel {
     match kit::kafka::admin::read_tail(bootstrap_servers, Topic::RankedRecommendations, RESTORE_TAIL).await {
         Ok(tail) => tail
             .iter()
-            .filter_map(|raw| serde_json::from_slice::<RankedRecommendations>(raw).ok())
+            .filter_map(|raw| kit::json::from_bytes::<RankedRecommendations>(raw).ok())
             .max_by_key(|r| r.model_updates)
             .and_then(|r| LinearModel::from_published(&r))
             .unwrap_or_else(LinearModel::initial),

@@ -221,10 +221,10 @@ async fn read_history(ctx: &Context, shared: bool) -> anyhow::Result<(Vec<OfferD
     let (a, b) = (ctx.kafka.clone(), ctx.kafka.clone());
     let decisions = read_partitions(servers, Topic::Offers, move |p| shared || a.owns(p)).await?;
     let events = read_partitions(servers, Topic::ProcessedEvents, move |p| shared || b.owns(p)).await?;
-    let decisions = decisions.iter().filter_map(|raw| serde_json::from_slice(raw).ok()).collect();
+    let decisions = decisions.iter().filter_map(|raw| kit::json::from_bytes(raw).ok()).collect();
     let orders = events
         .iter()
-        .filter_map(|raw| serde_json::from_slice::<ProcessedEvent>(raw).ok())
+        .filter_map(|raw| kit::json::from_bytes::<ProcessedEvent>(raw).ok())
         .filter(|e| e.order.is_some())
         .collect();
     Ok((decisions, orders))

@@ -42,13 +42,13 @@ impl<'a> Record<'a> {
     /// Decodes the payload as a typed message; a payload that does not decode is rejected as
     /// malformed.
     pub fn json<M: DeserializeOwned>(&self) -> Result<M, HandlerError> {
-        serde_json::from_slice(self.payload)
+        crate::json::from_bytes(self.payload)
             .map_err(|e| HandlerError::malformed(format!("payload is not a valid message: {e}")))
     }
 
     /// The payload as a JSON value (rejected as malformed when it is not JSON).
     pub fn value(&self) -> Result<serde_json::Value, HandlerError> {
-        serde_json::from_slice(self.payload).map_err(|e| HandlerError::malformed(format!("payload is not JSON: {e}")))
+        crate::json::from_bytes(self.payload).map_err(|e| HandlerError::malformed(format!("payload is not JSON: {e}")))
     }
 
     /// Where this record was read from.
