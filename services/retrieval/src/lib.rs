@@ -591,7 +591,7 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
             (true, _) => return,
         };
         if catalog.get(&id).is_none_or(|p| p.available) {
-            out.push(Candidate { product_id: id.into_owned(), source, source_score: score.clamp(0.0, 1.0) });
+            out.push(Candidate { product_id: CompactString::from(id), source, source_score: score.clamp(0.0, 1.0) });
         }
     };
 
