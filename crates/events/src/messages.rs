@@ -555,8 +555,8 @@ impl From<UserFeatures> for RankingFeatures {
 #[serde(rename_all = "camelCase")]
 pub struct Candidate {
     /// Held inline up to 24 bytes (a `CompactString`; on the wire a JSON string like any
-    /// other): a list carries about 90 candidates, and retrieval making them and ranking
-    /// reading them allocated and freed one string apiece.
+    /// other): a list carries about 90 candidates, and ranking decoding them allocated and
+    /// freed one string apiece.
     pub product_id: compact_str::CompactString,
     pub source: CandidateSource,
     pub source_score: f64,
