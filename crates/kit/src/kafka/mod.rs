@@ -13,8 +13,9 @@ pub use producer::{ProduceError, Producer};
 use crate::config::{ConfigError, Env, positive};
 
 /// What a client of the embedded broker (Tansu 0.6) is given, on top of its address:
-/// librdkafka must never time a message out (see [`producer`]), and compression would only
-/// make the broker inflate every batch it stores.
+/// librdkafka must never time a message out (see [`producer`]), and batches go uncompressed
+/// (on one machine, lz4 saved the broker about as much CPU as it cost the clients:
+/// docs/measurements.md).
 pub const EMBEDDED_BROKER_ENV: [(&str, &str); 2] = [("KAFKA_MESSAGE_TIMEOUT_MS", "0"), ("KAFKA_COMPRESSION", "none")];
 
 /// Broker settings shared by every client of a service.
@@ -37,8 +38,8 @@ pub struct KafkaSettings {
     /// sets: see [`super::producer`] for why.
     pub message_timeout: Duration,
     /// `KAFKA_COMPRESSION`: how producers compress batches (`none`, `gzip`, `snappy`, `lz4`,
-    /// `zstd`; default `lz4`). The embedded broker stores records uncompressed and would only
-    /// spend its CPU inflating them, so `retargetiq up` gives its clients `none`.
+    /// `zstd`; default `lz4`). `retargetiq up` gives the clients of its embedded broker `none`
+    /// (see [`EMBEDDED_BROKER_ENV`]).
     pub compression: String,
     /// `KAFKA_CONSUMER_FETCH_MAX_KB`: most memory a consumer may hold in pre-fetched messages
     /// (librdkafka's `queued.max.messages.kbytes`, one queue for all its partitions; default
