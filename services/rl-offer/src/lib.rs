@@ -52,7 +52,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Duration, Utc};
-use events::{EventType, OfferAction, OfferDecision, ProcessedEvent, Topic, UserFeatures};
+use events::{EventType, OfferAction, OfferDecision, ProcessedEvent, SessionStats, Topic};
 use kit::clock::EventClock;
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
@@ -258,8 +258,51 @@ pub struct OfferContext {
     pub category: Option<String>,
 }
 
+/// What rl-offer keeps of a user's feature snapshot (`UserFeatures` on `user-features-topic`):
+/// the fields its triggers and contexts read, decoded straight from the message. The rest —
+/// category affinities, product engagement, windows, all but the latest view — is skipped
+/// rather than built and kept: decoding and dropping whole snapshots was half of rl-offer's
+/// CPU. The fields it reads are as required as in `UserFeatures`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OfferFeatures {
+    pub user_id: String,
+    /// Time of the user's latest event.
+    pub last_seen: DateTime<Utc>,
+    pub last_event_type: Option<EventType>,
+    /// The first (most recent) of the snapshot's `recentlyViewed`.
+    #[serde(rename = "recentlyViewed", deserialize_with = "first_of_list")]
+    pub last_viewed: Option<String>,
+    pub purchased: Vec<String>,
+    pub cart: Vec<String>,
+    pub cart_value: f64,
+    pub order_count: u64,
+    pub purchase_intent: f64,
+    pub activity_score: f64,
+    pub preferred_category: Option<String>,
+    #[serde(default)]
+    pub session: SessionStats,
+}
+
+/// The first string of a JSON list of strings; the others are checked to be values and skipped.
+fn first_of_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct First;
+    impl<'de> serde::de::Visitor<'de> for First {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of product ids")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let first: Option<String> = seq.next_element()?;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(first)
+        }
+    }
+    d.deserialize_seq(First)
+}
+
 impl OfferContext {
-    pub fn from_features(f: &UserFeatures, now: DateTime<Utc>) -> Self {
+    pub fn from_features(f: &OfferFeatures, now: DateTime<Utc>) -> Self {
         let hours = (now - f.last_seen).num_milliseconds().max(0) as f64 / 3_600_000.0;
         let gap = f.session.previous_visit_at.map_or(0.0, |prev| {
             (f.session.current_started_at.unwrap_or(f.last_seen) - prev).num_milliseconds().max(0) as f64 / 86_400_000.0
@@ -379,7 +422,7 @@ pub struct Policy {
     bandit: Bandit,
     rng: StdRng,
     pub current: UserMap<OfferDecision>,
-    pub features: UserMap<UserFeatures>,
+    pub features: UserMap<OfferFeatures>,
     open: HashMap<String, VecDeque<Open>>,
     /// user -> (product, views) for the repeated-views trigger.
     views: UserMap<VecDeque<(String, u32)>>,
@@ -534,10 +577,10 @@ impl Policy {
 
     /// Takes a features snapshot; decides when it shows a product viewed repeatedly. A replay
     /// (restore) only rebuilds what the policy knows.
-    pub fn on_features(&mut self, f: UserFeatures, now: DateTime<Utc>, replay: bool) -> Option<OfferDecision> {
+    pub fn on_features(&mut self, f: OfferFeatures, now: DateTime<Utc>, replay: bool) -> Option<OfferDecision> {
         let mut trigger = None;
         if f.last_event_type == Some(EventType::ProductView)
-            && let Some(product) = f.recently_viewed.first()
+            && let Some(product) = &f.last_viewed
         {
             let views = self.views.get_or_insert_mut(f.user_id.clone(), VecDeque::new);
             let count = match views.iter_mut().find(|(p, _)| p == product) {
@@ -679,7 +722,7 @@ impl Handler for Decider {
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         match rec.topic {
             Topic::UserFeatures => {
-                let f: UserFeatures = rec.json()?;
+                let f: OfferFeatures = rec.json()?;
                 let mut policy = self.policy.write();
                 policy.observe(f.last_seen);
                 let now = policy.now();
@@ -719,7 +762,7 @@ async fn get_policy(State(s): State<AppState>) -> Json<PolicyStats> {
 /// Parses a `POST /offer/select` body against the user's latest features.
 pub fn parse_select(
     body: &Value,
-    known: Option<&UserFeatures>,
+    known: Option<&OfferFeatures>,
     now: DateTime<Utc>,
 ) -> Result<(String, OfferContext), ApiError> {
     let invalid = |field: &str, reason: &str| ApiError::Invalid { field: field.into(), reason: reason.into() };
@@ -788,7 +831,7 @@ async fn select(
 
 #[cfg(test)]
 mod tests {
-    use events::{ProcessedItem, ProcessedOrder, SourceRef};
+    use events::{ProcessedItem, ProcessedOrder, SourceRef, UserFeatures};
     use serde_json::json;
 
     use super::*;
@@ -805,6 +848,11 @@ mod tests {
             preferred_category: Some("books".into()),
             ..Default::default()
         }
+    }
+
+    /// What rl-offer reads of a snapshot, through the wire format as the consumer reads it.
+    fn offer(f: &UserFeatures) -> OfferFeatures {
+        serde_json::from_slice(&serde_json::to_vec(f).expect("encode")).expect("decode")
     }
 
     fn order(id: &str, user: &str, amount: f64, at: DateTime<Utc>, decision: Option<&str>) -> ProcessedEvent {
@@ -883,14 +931,14 @@ mod tests {
         let mut f = features("u", now);
         f.last_event_type = Some(EventType::ProductView);
         f.recently_viewed = vec!["P00042".into()];
-        assert!(p.on_features(f.clone(), now, false).is_none());
-        assert!(p.on_features(f.clone(), now, true).is_none(), "a replay never decides");
-        let d = p.on_features(f.clone(), now, false).expect("third view decides");
+        assert!(p.on_features(offer(&f), now, false).is_none());
+        assert!(p.on_features(offer(&f), now, true).is_none(), "a replay never decides");
+        let d = p.on_features(offer(&f), now, false).expect("third view decides");
         assert_eq!((d.trigger.as_str(), d.policy.as_str()), ("repeated_views", POLICY));
         assert!(d.propensity > 0.0 && d.propensity <= 1.0);
         assert_eq!(d.context["category.books"], 1.0);
         assert!(d.explanation.contains("LinUCB"), "{}", d.explanation);
-        assert!(p.on_features(f, now, false).is_none(), "only at the threshold");
+        assert!(p.on_features(offer(&f), now, false).is_none(), "only at the threshold");
         assert_eq!(p.current.peek("u").map(|c| c.decision_id.clone()), Some(d.decision_id.clone()));
     }
 
@@ -905,7 +953,7 @@ mod tests {
         let mut lapsed = features("lapsed", now - Duration::days(20));
         lapsed.order_count = 2;
         for f in [cart, fresh, lapsed] {
-            p.on_features(f, now, false);
+            p.on_features(offer(&f), now, false);
         }
         let mut due: Vec<(String, String)> = p.sweep(now).into_iter().map(|d| (d.user_id, d.trigger)).collect();
         due.sort();
@@ -924,12 +972,12 @@ mod tests {
         for f in [carted, features("other", t0 + Duration::minutes(10))] {
             p.observe(f.last_seen);
             let now = p.now();
-            p.on_features(f, now, false);
+            p.on_features(offer(&f), now, false);
         }
         assert!(p.sweep(p.now()).is_empty(), "10 minutes of event time: not abandoned yet");
         let later = features("other", t0 + Duration::minutes(35));
         p.observe(later.last_seen);
-        p.on_features(later, t0 + Duration::minutes(35), false);
+        p.on_features(offer(&later), t0 + Duration::minutes(35), false);
         let due: Vec<_> = p.sweep(p.now()).into_iter().map(|d| (d.user_id, d.trigger, d.decided_at)).collect();
         assert_eq!(due.len(), 1, "{due:?}");
         assert_eq!((due[0].0.as_str(), due[0].1.as_str()), ("carted", "cart_abandoned"));
@@ -973,6 +1021,49 @@ mod tests {
         assert_eq!(read(&viewed).0, at + Duration::minutes(1));
         assert!(read(&viewed).1.is_none(), "a view is only glanced at");
         assert!(glance(&Record::bare(Topic::ProcessedEvents, b"{\"eventId\": 1}")).is_err(), "no time: malformed");
+    }
+
+    /// A feature snapshot as the feature store writes it is read for what the triggers and
+    /// contexts use, with the same context as from the whole snapshot; one that lacks a field
+    /// they use, or names the views wrongly, is malformed.
+    #[test]
+    fn a_snapshot_is_read_for_what_offers_use() {
+        let at = Utc::now() - Duration::hours(2);
+        let mut f = features("u7", at);
+        f.last_event_type = Some(EventType::ProductView);
+        f.recently_viewed = vec!["P00042".into(), "P00007".into(), "P00001".into()];
+        f.cart = vec!["P00007".into()];
+        f.cart_value = 12.5;
+        f.purchased = vec!["P00003".into()];
+        f.order_count = 1;
+        f.activity_score = 0.4;
+        f.category_affinity = BTreeMap::from([("books".into(), 3.0), ("toys".into(), 1.0)]);
+        f.product_engagement = BTreeMap::from([("P00042".into(), 1.0), ("P00007".into(), 3.0)]);
+        f.session.previous_visit_at = Some(at - Duration::days(3));
+        f.session.current_started_at = Some(at - Duration::minutes(5));
+        let read = offer(&f);
+        assert_eq!(read.user_id, "u7");
+        assert_eq!(read.last_viewed.as_deref(), Some("P00042"), "the most recent view");
+        assert_eq!(
+            (read.cart.clone(), read.purchased.clone(), read.order_count),
+            (f.cart.clone(), f.purchased.clone(), 1)
+        );
+        let ctx = OfferContext::from_features(&read, at + Duration::hours(1));
+        assert_eq!(ctx.cart_value, 12.5);
+        assert_eq!(ctx.category.as_deref(), Some("books"));
+        assert!((ctx.days_since_last_visit - (3.0 - 5.0 / 1440.0)).abs() < 1e-9, "{ctx:?}");
+        assert!((ctx.recency - (-1.0_f64 / 24.0).exp()).abs() < 1e-9, "{ctx:?}");
+        f.recently_viewed.clear();
+        assert_eq!(offer(&f).last_viewed, None, "no views yet");
+
+        let mut json = serde_json::to_value(&f).expect("json");
+        json.as_object_mut().expect("object").remove("cart");
+        assert!(serde_json::from_value::<OfferFeatures>(json.clone()).is_err(), "no cart: malformed");
+        json["cart"] = json!([]);
+        json["recentlyViewed"] = json!("P00042");
+        assert!(serde_json::from_value::<OfferFeatures>(json.clone()).is_err(), "views not a list: malformed");
+        json["recentlyViewed"] = json!([42]);
+        assert!(serde_json::from_value::<OfferFeatures>(json).is_err(), "a view not a string: malformed");
     }
 
     /// Two instances decide for their own users; each learns from both instances' decisions
