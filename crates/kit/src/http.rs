@@ -138,12 +138,65 @@ pub fn app(service: &'static str, health: Health, routes: Router) -> Router {
     routes
         .merge(ops_routes(service, health))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()) })
+        // axum sets the `Allow` header on this answer.
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            ApiError::MethodNotAllowed(format!(
+                "{} does not take {method}; the Allow header lists the methods it takes",
+                uri.path()
+            ))
+        })
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)))
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()))
         // 5xx answers are logged where they arise (ApiError::Internal); a 503 from /ready while
         // a service starts is not an error worth a log line.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
+}
+
+/// axum's `Path`, refusing a segment it cannot read (not UTF-8, not of the type) with an
+/// [`ApiError`] — JSON naming the problem — instead of axum's plain text.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(e) => Err(rejected(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// axum's `Query`, refusing a query string it cannot read with an [`ApiError`] naming the
+/// parameter, instead of axum's plain text.
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(e) => Err(rejected(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// An extractor's rejection: the client's mistake as a 400, a route's own (a path parameter
+/// the route does not declare) as an internal error.
+fn rejected(status: StatusCode, text: String) -> ApiError {
+    if status.is_client_error() { ApiError::BadRequest(text) } else { ApiError::Internal(anyhow::anyhow!(text)) }
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets in-flight requests finish.
@@ -168,6 +221,9 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// The endpoint exists but does not take the request's method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// A dependency (the broker) is unavailable; retrying later may work.
     #[error("{0}")]
     Unavailable(String),
@@ -238,6 +294,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -255,6 +312,7 @@ impl IntoResponse for ApiError {
             | ApiError::NotFound(m)
             | ApiError::PayloadTooLarge(m)
             | ApiError::Unauthorized(m)
+            | ApiError::MethodNotAllowed(m)
             | ApiError::Unavailable(m) => json!({"error": m}),
             ApiError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
@@ -296,6 +354,43 @@ mod tests {
         let (status, body) = get_json(app, "/nope").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"], "no such endpoint");
+    }
+
+    #[tokio::test]
+    async fn client_errors_are_json_naming_the_problem() {
+        #[derive(serde::Deserialize)]
+        struct Q {
+            #[allow(dead_code)]
+            limit: u32,
+        }
+        let routes = Router::new()
+            .route("/items", axum::routing::post(|| async { StatusCode::ACCEPTED }))
+            .route("/items/{id}", get(|Path(id): Path<String>| async move { id }))
+            .route("/search", get(|_: Query<Q>| async { "ok" }));
+        let app = app("svc", Health::default(), routes);
+        let send = |req: Request| {
+            let app = app.clone();
+            async move {
+                let resp = app.oneshot(req).await.expect("response");
+                let (status, allow) = (resp.status(), resp.headers().get("allow").cloned());
+                let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+                (status, allow, serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default())
+            }
+        };
+        let (status, allow, body) = send(Request::delete("/items").body(Body::empty()).expect("request")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(allow.as_ref().map(|v| v.to_str().expect("ascii")), Some("POST"), "the Allow header stays");
+        assert_eq!(body["error"], "/items does not take DELETE; the Allow header lists the methods it takes");
+        let (status, _, body) = send(Request::get("/items/%FF").body(Body::empty()).expect("request")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("UTF-8") && e.contains("id")), "{body}");
+        let (status, _, body) = send(Request::get("/search?limit=many").body(Body::empty()).expect("request")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("limit")), "{body}");
+        let (status, _, body) = send(Request::get("/items/a%20b").body(Body::empty()).expect("request")).await;
+        assert_eq!((status, body), (StatusCode::OK, serde_json::Value::Null), "a readable segment is decoded");
+        let (status, _, body) = send(Request::get("/nope").body(Body::empty()).expect("request")).await;
+        assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("no such endpoint")));
     }
 
     #[tokio::test]

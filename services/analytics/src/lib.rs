@@ -28,13 +28,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use chrono::{DateTime, Duration, Utc};
 use events::{EventCounts, EventType, OfferAction, OfferDecision, ProcessedEvent, Topic};
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, found};
+use kit::http::{ApiError, Path, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};

@@ -25,7 +25,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use chrono::{DateTime, Duration, Utc};
 use events::validate::{self, Strictness};
@@ -35,7 +35,7 @@ use events::{
 use kit::catalog::{CatalogSync, LiveCatalog};
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, OpsToken};
+use kit::http::{ApiError, OpsToken, Query};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::telemetry::LineBudget;

@@ -18,14 +18,14 @@
 use std::collections::VecDeque;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use events::{EventCounts, EventType, ProcessedEvent, Topic, UserFeatures, WindowedCounts};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, OpsToken, found};
+use kit::http::{ApiError, OpsToken, Path, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use askama::Template;
+use axum::extract::State;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -33,7 +33,7 @@ use chrono::Utc;
 use events::generate::{Generator, USER_COUNT, user_id as generated_user};
 use events::{ProcessedEvent, Topic};
 use kit::config::{ConfigError, Env};
-use kit::http::ApiError;
+use kit::http::{ApiError, Path, Query};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::Shared;
 use kit::{Context, Service};

@@ -43,7 +43,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use catalog::Catalog;
 use chrono::{DateTime, Utc};
@@ -51,7 +51,7 @@ use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedReco
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, found};
+use kit::http::{ApiError, Path, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};

@@ -48,7 +48,7 @@ pub mod bandit;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Duration, Utc};
@@ -56,7 +56,7 @@ use events::{EventType, OfferAction, OfferDecision, ProcessedEvent, SessionStats
 use kit::clock::EventClock;
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, found};
+use kit::http::{ApiError, Path, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
