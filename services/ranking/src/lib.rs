@@ -513,9 +513,14 @@ impl Ranker {
         // on (view, then click, then cart): only its start is a choice among what was shown.
         let engaged = self.engaged.get_or_insert_mut(e.user_id.clone(), VecDeque::new);
         // For the same reason, a product the user is still engaged with was not passed over
-        // when they turned to another one: it is no negative example either.
-        let ongoing: HashSet<String> =
-            engaged.iter().filter(|(_, at)| e.occurred_at - *at < ENGAGEMENT_SPAN).map(|(id, _)| id.clone()).collect();
+        // when they turned to another one: it is no negative example either. (Only an event
+        // from a list shown to the user teaches anything; most are not.)
+        let learns = e.recommendation_id.is_some() && self.served.contains(&e.user_id);
+        let ongoing: HashSet<String> = if learns {
+            engaged.iter().filter(|(_, at)| e.occurred_at - *at < ENGAGEMENT_SPAN).map(|(id, _)| id.clone()).collect()
+        } else {
+            HashSet::new()
+        };
         let fresh: Vec<&str> = products
             .into_iter()
             .filter(|p| {
@@ -528,7 +533,7 @@ impl Ranker {
                 !recent
             })
             .collect();
-        if e.recommendation_id.is_none() {
+        if !learns {
             return 0;
         }
         let Some(shown) = self.served.peek(&e.user_id) else { return 0 };
