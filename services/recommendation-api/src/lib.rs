@@ -15,13 +15,13 @@
 use std::collections::HashSet;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use events::{CandidateSource, OfferDecision, RankedRecommendations, Topic};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
-use kit::http::{ApiError, Path};
+use kit::http::{ApiError, Path, Query};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
@@ -229,9 +229,8 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
 async fn recommend(
     State(views): State<Views>,
     Path(user_id): Path<String>,
-    params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    Query(params): Query<Params>,
 ) -> Result<Json<Response>, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let response = {
         let views = views.read();
         answer(&views, &user_id, &params)?
