@@ -515,8 +515,8 @@ impl Ranker {
         // For the same reason, a product the user is still engaged with was not passed over
         // when they turned to another one: it is no negative example either. (Only an event
         // from a list shown to the user teaches anything; most are not.)
-        let learns = e.recommendation_id.is_some() && self.served.contains(&e.user_id);
-        let ongoing: HashSet<String> = if learns {
+        let shown = e.recommendation_id.as_ref().and_then(|_| self.served.peek(&e.user_id));
+        let ongoing: HashSet<String> = if shown.is_some() {
             engaged.iter().filter(|(_, at)| e.occurred_at - *at < ENGAGEMENT_SPAN).map(|(id, _)| id.clone()).collect()
         } else {
             HashSet::new()
@@ -533,10 +533,7 @@ impl Ranker {
                 !recent
             })
             .collect();
-        if !learns {
-            return 0;
-        }
-        let Some(shown) = self.served.peek(&e.user_id) else { return 0 };
+        let Some(shown) = shown else { return 0 };
         let mut model = self.model.write();
         let mut examples = 0;
         for product in fresh {
