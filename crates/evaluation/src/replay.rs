@@ -88,7 +88,7 @@ impl Platform {
                 // snapshots it causes reach it through the feature store and retrieval.
                 ranker.feedback(&event);
                 model.learn(&event);
-                if let Some(features) = store.apply(&event, at) {
+                if let Some(features) = store.apply(&event, at).cloned() {
                     let candidates = events::Candidates {
                         schema_version: events::SCHEMA_VERSION,
                         user_id: features.user_id.clone(),

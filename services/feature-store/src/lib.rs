@@ -178,8 +178,9 @@ impl Store {
     }
 
     /// Applies one event; returns the new snapshot, or `None` for a redelivered event. Every
-    /// time-based feature advances by event time; `now` only stamps `updatedAt`.
-    pub fn apply(&mut self, e: &ProcessedEvent, now: DateTime<Utc>) -> Option<UserFeatures> {
+    /// time-based feature advances by event time; `now` only stamps `updatedAt`. The snapshot
+    /// is the stored one, lent: it is sent from where it lies, not copied for every event.
+    pub fn apply(&mut self, e: &ProcessedEvent, now: DateTime<Utc>) -> Option<&UserFeatures> {
         let half_life = self.config.affinity_half_life_hours;
         let user = self.users.get_or_insert_mut(e.user_id.clone(), || UserState {
             features: UserFeatures {
@@ -281,7 +282,7 @@ impl Store {
         f.last_event_id.clone_from(&e.event_id);
         f.last_event_type = Some(e.event_type);
         derive_scores(f, user.views_since_purchase, user.clicks_since_purchase, f.last_seen);
-        Some(f.clone())
+        Some(f)
     }
 }
 
@@ -313,11 +314,11 @@ impl Handler for Updater {
 
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let event: ProcessedEvent = rec.json()?;
-        let snapshot = self.0.write().apply(&event, Utc::now());
-        match snapshot {
+        let mut store = self.0.write();
+        match store.apply(&event, Utc::now()) {
             Some(f) => {
                 metrics::counter!("features_updates_total").increment(1);
-                out.send(&f);
+                out.send(f);
             }
             None => metrics::counter!("features_duplicates_total").increment(1),
         }
@@ -407,7 +408,7 @@ mod tests {
                 let at = start + Duration::minutes(*minutes);
                 let mut e = event(&i.to_string(), *t, Some(p), at);
                 e.session_id = format!("s{}", minutes / (60 * 24));
-                last = s.apply(&e, applied_at(at));
+                last = s.apply(&e, applied_at(at)).cloned();
             }
             last.expect("features")
         };
