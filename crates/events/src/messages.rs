@@ -586,7 +586,9 @@ impl Message for Candidates {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RankedItem {
-    pub item_id: String,
+    /// Inline up to 24 bytes, as [`Candidate::product_id`]: ranking builds 50 per list and
+    /// the recommendation API decodes them; on the wire a JSON string like any other.
+    pub item_id: compact_str::CompactString,
     /// The catalog's name, category and price: shown by ranking's `GET /rank/{userId}`
     /// (from the catalog as it is when asked), left out of the topic's messages (the
     /// recommendation API answers with the live catalog's too).

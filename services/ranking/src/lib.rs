@@ -47,6 +47,7 @@ use axum::extract::State;
 use axum::routing::get;
 use catalog::Catalog;
 use chrono::{DateTime, Utc};
+use compact_str::CompactString;
 use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedRecommendations, Topic};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
@@ -354,7 +355,7 @@ pub fn rank_with_features(
     for (score, _, i) in order {
         let (_, product, sources, f) = &scored[i as usize];
         items.push(RankedItem {
-            item_id: product.id.clone(),
+            item_id: CompactString::from(product.id.as_str()),
             name: String::new(),
             category: String::new(),
             price: 0.0,
@@ -470,7 +471,7 @@ pub struct Ranker {
     pub model: Shared<LinearModel>,
     pub latest: Latest,
     /// user -> the shown items (id, features), best first.
-    served: UserMap<Vec<(String, Features)>>,
+    served: UserMap<Vec<(CompactString, Features)>>,
     /// user -> products engaged with lately, and when.
     engaged: UserMap<VecDeque<(String, DateTime<Utc>)>>,
     seen: SeenSet,
@@ -722,7 +723,7 @@ mod tests {
         assert_eq!(ranked.items.len(), MAX_RANKED);
         assert_eq!(features.len(), MAX_RANKED);
         // Every candidate alone, scored and explained the one way.
-        let mut alone: Vec<(f64, String)> = c
+        let mut alone: Vec<(f64, CompactString)> = c
             .candidates
             .iter()
             .map(|cand| {
@@ -732,7 +733,7 @@ mod tests {
             })
             .collect();
         alone.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        let kept: Vec<(f64, String)> = ranked.items.iter().map(|i| (i.score, i.item_id.clone())).collect();
+        let kept: Vec<(f64, CompactString)> = ranked.items.iter().map(|i| (i.score, i.item_id.clone())).collect();
         assert_eq!(kept, alone[..MAX_RANKED]);
         let mut ranked = ranked;
         explain(&mut ranked, &features);

@@ -257,7 +257,7 @@ mod tests {
             .map(|(i, id)| {
                 let p = catalog.get(id).expect("known");
                 RankedItem {
-                    item_id: p.id.clone(),
+                    item_id: p.id.as_str().into(),
                     name: p.name.clone(),
                     category: p.category.to_owned(),
                     price: p.price,
