@@ -582,6 +582,10 @@ impl Message for Candidates {
     }
 }
 
+/// The sources that proposed an item, in [`CandidateSource::ALL`] order: inline (there are
+/// only five), a JSON array on the wire.
+pub type Sources = smallvec::SmallVec<[CandidateSource; CandidateSource::ALL.len()]>;
+
 /// One ranked item, with the contribution of each feature to its score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -599,7 +603,7 @@ pub struct RankedItem {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub price: f64,
     pub score: f64,
-    pub sources: Vec<CandidateSource>,
+    pub sources: Sources,
     /// Each feature's contribution to the item's logit. Shown by ranking's `GET /rank/{userId}`
     /// and left out of the messages on `ranked-recommendations-topic` (most of their bytes),
     /// where nothing reads it.
@@ -807,7 +811,7 @@ mod tests {
                 category: "books".into(),
                 price: 9.5,
                 score: 0.7,
-                sources: vec![CandidateSource::Retargeting],
+                sources: std::iter::once(CandidateSource::Retargeting).collect(),
                 contributions: BTreeMap::from([("retargeting".to_owned(), 0.7)]),
             }],
         };

@@ -692,7 +692,7 @@ mod tests {
         assert_eq!(ids.last(), Some(&toy.as_str()), "the unrelated cold-start toy ranks last: {ids:?}");
         assert!(ranked.items.windows(2).all(|w| w[0].score >= w[1].score));
         let book = ranked.items.iter().find(|i| i.item_id == other_book).expect("ranked");
-        assert_eq!(book.sources, vec![CandidateSource::CoVisitation, CandidateSource::PopularInCategory]);
+        assert_eq!(book.sources.as_slice(), [CandidateSource::CoVisitation, CandidateSource::PopularInCategory]);
         // The contributions add up to the logit behind the score.
         let logit: f64 = book.contributions.values().sum();
         assert!((1.0 / (1.0 + (-logit).exp()) - book.score).abs() < 1e-3);

@@ -128,7 +128,7 @@ pub struct Item {
     pub name: String,
     pub category: String,
     pub price: f64,
-    pub sources: Vec<CandidateSource>,
+    pub sources: events::Sources,
 }
 
 /// The response body.
@@ -206,7 +206,7 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
                 name: p.name.clone(),
                 category: p.category.clone(),
                 price: p.price,
-                sources: vec![CandidateSource::ColdStart],
+                sources: std::iter::once(CandidateSource::ColdStart).collect(),
             })
             .collect::<Vec<_>>();
         items.extend(fill);
@@ -262,7 +262,7 @@ mod tests {
                     category: p.category.to_owned(),
                     price: p.price,
                     score: 0.9 - i as f64 / 10.0,
-                    sources: vec![CandidateSource::Retargeting],
+                    sources: std::iter::once(CandidateSource::Retargeting).collect(),
                     contributions: BTreeMap::new(),
                 }
             })
@@ -295,7 +295,7 @@ mod tests {
         assert_eq!(r.recommendations.len(), 5);
         assert_eq!(r.recommendations[0].item_id, "P00001");
         assert_eq!(r.recommendations[0].rank, 1);
-        assert_eq!(r.recommendations[3].sources, vec![CandidateSource::ColdStart], "filled with best sellers");
+        assert_eq!(r.recommendations[3].sources.as_slice(), [CandidateSource::ColdStart], "filled with best sellers");
     }
 
     #[test]
