@@ -48,7 +48,7 @@ pub mod record;
 mod restore;
 
 use assign::{GroupContext, assignment, check_co_partitioned, create, end_offsets};
-use outputs::{Pending, complete, process, skip};
+use outputs::{MessageMetrics, Pending, complete, process, skip};
 use record::MAX_WAITS;
 pub use record::{Handler, HandlerError, Outbox, Record, Wait};
 use restore::restore;
@@ -213,6 +213,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     // which messages are already in that state.
     let rebuilds = is_group && env.settings.uses_group_protocol() && spec.restore;
     let (mut generation, mut restored) = (0_u64, HashMap::new());
+    let metrics = MessageMetrics::new(spec.name);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
     loop {
@@ -259,7 +260,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
                         }
                     }
                     let (topic, partition, pending) =
-                        if superseded { skip(spec, msg)? } else { process(env, spec, handler, msg).await? };
+                        if superseded { skip(&metrics, msg)? } else { process(env, spec, &metrics, handler, msg).await? };
                     if !catch_up.is_empty() {
                         let tp = (topic, partition);
                         if catch_up.get(&tp).is_some_and(|end| msg.offset() + 1 >= *end) {

@@ -1,6 +1,8 @@
 //! One message through the handler, and what happens to its outputs: acknowledged (its
 //! offset is stored), refused (dead-lettered) or failed (the consumer ends).
 
+use std::sync::OnceLock;
+
 use super::*;
 
 /// A copy of what is needed to dead-letter a record after its outputs failed.
@@ -27,11 +29,55 @@ fn topic_of(msg: &BorrowedMessage<'_>) -> anyhow::Result<Topic> {
     Topic::from_name(msg.topic()).with_context(|| format!("message from unknown topic {}", msg.topic()))
 }
 
+/// The metrics a consumer records for every message, looked up in the recorder once, on first
+/// use, rather than per message: a lookup (hashing the name and labels, a shard lock) per
+/// message and metric cost 1–2 % of a light handler's CPU.
+pub(super) struct MessageMetrics {
+    name: &'static str,
+    ok: OnceLock<metrics::Counter>,
+    superseded: OnceLock<metrics::Counter>,
+    handle_seconds: OnceLock<metrics::Histogram>,
+    ack_seconds: OnceLock<metrics::Histogram>,
+}
+
+impl MessageMetrics {
+    pub(super) fn new(name: &'static str) -> Self {
+        // The recorder is installed before the first handle is taken: a handle taken earlier
+        // would record nothing for the rest of the consumer's life.
+        let _ = crate::http::metrics_handle();
+        Self {
+            name,
+            ok: OnceLock::new(),
+            superseded: OnceLock::new(),
+            handle_seconds: OnceLock::new(),
+            ack_seconds: OnceLock::new(),
+        }
+    }
+
+    fn ok(&self) -> &metrics::Counter {
+        self.ok.get_or_init(|| metrics::counter!("consumer_messages_total", "consumer" => self.name, "outcome" => "ok"))
+    }
+
+    fn superseded(&self) -> &metrics::Counter {
+        self.superseded.get_or_init(
+            || metrics::counter!("consumer_messages_total", "consumer" => self.name, "outcome" => "superseded"),
+        )
+    }
+
+    fn handle_seconds(&self) -> &metrics::Histogram {
+        self.handle_seconds.get_or_init(|| metrics::histogram!("consumer_handle_seconds", "consumer" => self.name))
+    }
+
+    fn ack_seconds(&self) -> &metrics::Histogram {
+        self.ack_seconds.get_or_init(|| metrics::histogram!("consumer_outputs_ack_seconds", "consumer" => self.name))
+    }
+}
+
 /// A message superseded by a later one of its key (see [`ConsumerSpec::coalesce`]): not
 /// handled, and settled at once, so that its offset is stored in order with the others.
-pub(super) fn skip(spec: &ConsumerSpec, msg: &BorrowedMessage<'_>) -> anyhow::Result<(Topic, i32, Pending)> {
+pub(super) fn skip(m: &MessageMetrics, msg: &BorrowedMessage<'_>) -> anyhow::Result<(Topic, i32, Pending)> {
     let topic = topic_of(msg)?;
-    metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "superseded").increment(1);
+    m.superseded().increment(1);
     let info = InFlight::bare(topic, msg.partition(), msg.offset());
     let pending: Pending = Box::pin(std::future::ready((info, Ok(()))));
     Ok((topic, msg.partition(), pending))
@@ -41,6 +87,7 @@ pub(super) fn skip(spec: &ConsumerSpec, msg: &BorrowedMessage<'_>) -> anyhow::Re
 pub(super) async fn process<H: Handler>(
     env: &ConsumerEnv,
     spec: &ConsumerSpec,
+    m: &MessageMetrics,
     handler: &mut H,
     msg: &BorrowedMessage<'_>,
 ) -> anyhow::Result<(Topic, i32, Pending)> {
@@ -64,7 +111,7 @@ pub(super) async fn process<H: Handler>(
         let mut out = Outbox::new(record.correlation_id);
         match span.in_scope(|| handler.handle(&record, &mut out)) {
             Ok(()) => {
-                metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "ok").increment(1);
+                m.ok().increment(1);
                 break out.into_messages();
             }
             Err(HandlerError::Wait(wait)) if waits < MAX_WAITS => {
@@ -112,7 +159,7 @@ pub(super) async fn process<H: Handler>(
             }
         }
     };
-    metrics::histogram!("consumer_handle_seconds", "consumer" => spec.name).record(started.elapsed().as_secs_f64());
+    m.handle_seconds().record(started.elapsed().as_secs_f64());
 
     let mut deliveries = Vec::with_capacity(outputs.len());
     // An output the client refuses before sending it (too large, ...) will be refused every
@@ -142,7 +189,7 @@ pub(super) async fn process<H: Handler>(
             correlation_id: record.correlation_id.map(str::to_owned),
         }
     };
-    let (name, waited) = (spec.name, (!deliveries.is_empty()).then(Instant::now));
+    let waited = (!deliveries.is_empty()).then(|| (m.ack_seconds().clone(), Instant::now()));
     let pending: Pending = Box::pin(async move {
         let mut result = refused.map_or(Ok(()), Err);
         for d in deliveries {
@@ -152,9 +199,8 @@ pub(super) async fn process<H: Handler>(
                 Err(_) => result = Err(ProduceError::Unavailable("the producer was dropped".to_owned())),
             }
         }
-        if let Some(waited) = waited {
-            metrics::histogram!("consumer_outputs_ack_seconds", "consumer" => name)
-                .record(waited.elapsed().as_secs_f64());
+        if let Some((ack_seconds, waited)) = waited {
+            ack_seconds.record(waited.elapsed().as_secs_f64());
         }
         (info, result)
     });
@@ -295,5 +341,22 @@ mod tests {
         assert_eq!(out.messages()[0].correlation_id.as_deref(), Some("corr-1"));
         assert_eq!(out.messages()[0].key, "u");
         assert_eq!(out.decoded::<events::UserFeatures>(), vec![f]);
+    }
+
+    /// The handles are taken from the installed recorder, so what they count shows on
+    /// `/metrics` (a handle taken before the recorder was installed would count nothing).
+    #[test]
+    fn message_metrics_record_into_the_installed_recorder() {
+        let m = MessageMetrics::new("handles-test");
+        m.ok().increment(1);
+        m.ok().increment(2);
+        m.superseded().increment(1);
+        m.handle_seconds().record(0.002);
+        m.ack_seconds().clone().record(0.004);
+        let text = crate::http::metrics_handle().render();
+        assert!(text.contains(r#"consumer_messages_total{consumer="handles-test",outcome="ok"} 3"#), "{text}");
+        assert!(text.contains(r#"consumer_messages_total{consumer="handles-test",outcome="superseded"} 1"#), "{text}");
+        assert!(text.contains(r#"consumer_handle_seconds_count{consumer="handles-test"} 1"#), "{text}");
+        assert!(text.contains(r#"consumer_outputs_ack_seconds_count{consumer="handles-test"} 1"#), "{text}");
     }
 }
