@@ -3,38 +3,41 @@
 //! at-least-once delivery — are recognised.
 //!
 //! Nearly every consumer asks it once per message, and the feature store keeps one per user,
-//! so an id is kept as its 128-bit fingerprint (XXH3-128 with a seed drawn per set), not as a
-//! string: 16 bytes in the FIFO and 16 in the set instead of a shared heap string of ~50, one
-//! hash of the id per question and no allocation. Two different ids are taken for the same
+//! so an id is kept as its 128-bit fingerprint (XXH3-128 with a seed drawn once per
+//! process), not as a string: 16 bytes in the FIFO and 16 in the set instead of a shared heap
+//! string of ~50, one hash of the id per question and no allocation. Two different ids are taken for the same
 //! one only if their fingerprints collide: with 200,000 ids kept, under one chance in 10^33
 //! per id asked about (and the seed, unknown outside the process, keeps anyone from
 //! arranging it).
 
 use std::collections::VecDeque;
+use std::sync::LazyLock;
 
 use foldhash::HashSet;
+
+/// The fingerprints' seed: drawn once per process (the feature store makes a set per new user,
+/// and a draw per set would be a system call per new user).
+static SEED: LazyLock<u64> = LazyLock::new(|| uuid::Uuid::new_v4().as_u64_pair().0);
 
 #[derive(Debug, Clone)]
 pub struct SeenSet {
     capacity: usize,
-    seed: u64,
     order: VecDeque<u128>,
     set: HashSet<u128>,
 }
 
 impl SeenSet {
     pub fn new(capacity: usize) -> Self {
-        let seed = uuid::Uuid::new_v4().as_u64_pair().0;
-        Self { capacity: capacity.max(1), seed, order: VecDeque::new(), set: HashSet::default() }
+        Self { capacity: capacity.max(1), order: VecDeque::new(), set: HashSet::default() }
     }
 
-    fn fingerprint(&self, id: &str) -> u128 {
-        xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), self.seed)
+    fn fingerprint(id: &str) -> u128 {
+        xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), *SEED)
     }
 
     /// Records `id`; returns `false` if it was already there (a duplicate).
     pub fn insert(&mut self, id: &str) -> bool {
-        let id = self.fingerprint(id);
+        let id = Self::fingerprint(id);
         if !self.set.insert(id) {
             return false;
         }
@@ -48,7 +51,7 @@ impl SeenSet {
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.set.contains(&self.fingerprint(id))
+        self.set.contains(&Self::fingerprint(id))
     }
 
     pub fn len(&self) -> usize {
