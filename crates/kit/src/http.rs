@@ -236,6 +236,14 @@ pub fn found<T>(value: Option<T>, missing: impl FnOnce() -> String) -> Result<ax
     value.map(axum::Json).ok_or_else(|| ApiError::NotFound(missing()))
 }
 
+/// A request body as a JSON value, or a `400` (field `$`) saying why it is not one: not
+/// UTF-8, not JSON, or an object in it gives a key twice ([`crate::json::value_from_bytes`]).
+/// Whatever the `Content-Type`: clients send JSON as `text/plain` or with no type at all.
+pub fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    crate::json::value_from_bytes(body)
+        .map_err(|e| ApiError::Invalid { field: "$".into(), reason: format!("malformed JSON: {e}") })
+}
+
 impl From<events::validate::FieldError> for ApiError {
     fn from(e: events::validate::FieldError) -> Self {
         ApiError::Invalid { field: e.field, reason: e.reason }

@@ -304,12 +304,7 @@ pub fn parse_body<T: Ingest>(
     generator: &Mutex<Generator>,
 ) -> Result<Vec<T>, ApiError> {
     let is_blank = body.iter().all(u8::is_ascii_whitespace);
-    let value: Value = if is_blank {
-        Value::Object(serde_json::Map::new())
-    } else {
-        crate::json::from_bytes(body)
-            .map_err(|e| ApiError::Invalid { field: "$".into(), reason: format!("malformed JSON: {e}") })?
-    };
+    let value: Value = if is_blank { Value::Object(serde_json::Map::new()) } else { crate::http::json_body(body)? };
     match value {
         Value::Object(ref obj) if obj.is_empty() => {
             let mut g = generator.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -519,6 +514,31 @@ mod tests {
         let too_many = format!("[{}]", vec![r#"{"userId":"a","eventType":"page_view"}"#; MAX_BATCH + 1].join(","));
         assert!(matches!(parse::<ActivityEvent>(&too_many), Err(ApiError::PayloadTooLarge(_))));
         assert_eq!(invalid_field::<OrderEvent>(r#"{"userId":"u","items":[]}"#), "items");
+    }
+
+    /// A key given twice in one object is refused by name, not settled by taking the last
+    /// value (which would, say, file a client's event under the second of two user ids).
+    #[test]
+    fn a_key_given_twice_is_refused() {
+        let twice = |body: &str| match parse::<ActivityEvent>(body) {
+            Err(ApiError::Invalid { field, reason }) => (field, reason),
+            other => panic!("expected a refusal of {body}, got {other:?}"),
+        };
+        let (field, reason) = twice(r#"{"userId":"a","userId":"b","eventType":"page_view"}"#);
+        assert_eq!(field, "$");
+        assert!(reason.contains(r#""userId""#) && reason.contains("twice"), "{reason}");
+        let (_, reason) = twice(
+            r#"[{"userId":"a","eventType":"page_view"},{"userId":"b","eventType":"click","eventType":"search"}]"#,
+        );
+        assert!(reason.contains(r#""eventType""#), "{reason}");
+        let order = r#"{"userId":"u","currency":"EUR","amount":2,"items":[{"productId":"P1","productId":"P2","quantity":1,"unitPrice":2}]}"#;
+        match parse::<OrderEvent>(order) {
+            Err(ApiError::Invalid { reason, .. }) => assert!(reason.contains(r#""productId""#), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // The same key in different objects is no repetition.
+        parse::<ActivityEvent>(r#"[{"userId":"a","eventType":"page_view"},{"userId":"a","eventType":"page_view"}]"#)
+            .expect("one key per object");
     }
 
     #[test]

@@ -563,6 +563,21 @@ mod tests {
         assert_eq!(out[0].key(), o.user_id);
     }
 
+    /// Any producer may write the topics: a message with a key given twice is malformed, not
+    /// read as its last value.
+    #[test]
+    fn a_key_given_twice_is_malformed() {
+        let mut p = processor();
+        let twice =
+            br#"{"eventId":"e","userId":"a","userId":"b","eventType":"page_view","timestamp":"2026-01-01T00:00:00Z"}"#;
+        match run(&mut p, Topic::UserActivity, twice) {
+            Err(HandlerError::Reject { kind: DeadLetterKind::Malformed, reason, .. }) => {
+                assert!(reason.contains(r#""userId""#), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn invalid_and_malformed_messages_are_rejected_with_a_reason() {
         let mut p = processor();

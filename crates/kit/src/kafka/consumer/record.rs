@@ -46,9 +46,11 @@ impl<'a> Record<'a> {
             .map_err(|e| HandlerError::malformed(format!("payload is not a valid message: {e}")))
     }
 
-    /// The payload as a JSON value (rejected as malformed when it is not JSON).
+    /// The payload as a JSON value (rejected as malformed when it is not JSON, or an object in
+    /// it gives a key twice).
     pub fn value(&self) -> Result<serde_json::Value, HandlerError> {
-        crate::json::from_bytes(self.payload).map_err(|e| HandlerError::malformed(format!("payload is not JSON: {e}")))
+        crate::json::value_from_bytes(self.payload)
+            .map_err(|e| HandlerError::malformed(format!("payload is not JSON: {e}")))
     }
 
     /// Where this record was read from.
