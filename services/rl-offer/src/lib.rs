@@ -811,9 +811,9 @@ pub fn parse_select(
 
 async fn select(
     State(s): State<AppState>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<OfferDecision>), ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::Invalid { field: "$".into(), reason: e.body_text() })?;
+    let body = kit::http::json_body(&body)?;
     let decision = {
         let mut state = s.state.write();
         let now = state.now();
@@ -1149,6 +1149,40 @@ mod tests {
             assert!((sa.expected - sb.expected).abs() < 1e-6 && (sa.bonus - sb.bonus).abs() < 1e-6, "{sa:?} {sb:?}");
         }
         assert_eq!(restored.current.len(), 200);
+    }
+
+    /// The body is read by kit's rules: JSON whatever its `Content-Type`, and a key given twice
+    /// is refused by name rather than read as its last value.
+    #[tokio::test]
+    async fn select_reads_its_body_strictly() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+
+        // A producer pointed at a port where no broker listens: nothing here reaches it.
+        let producer = Producer::for_requests(&kit::kafka::KafkaSettings::for_broker("127.0.0.1:1")).expect("producer");
+        let app = axum::Router::new()
+            .route("/offer/select", post(select))
+            .with_state(AppState { state: Shared::new(policy()), producer });
+        let send = |body: &'static str| {
+            let app = app.clone();
+            async move {
+                let resp = app.oneshot(Request::post("/offer/select").body(Body::from(body)).expect("request")).await;
+                let resp = resp.expect("response");
+                let status = resp.status();
+                let body: Value =
+                    serde_json::from_slice(&resp.into_body().collect().await.expect("body").to_bytes()).expect("JSON");
+                (status, body)
+            }
+        };
+        let (status, body) = send(r#"{"userId":"a","userId":"b"}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains(r#"the key "userId" is given twice"#)), "{body}");
+        let (status, body) = send(r#"{"userId":"a","context":{"recency":2}}"#).await;
+        assert_eq!((status, body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("context.recency")), "{body}");
+        let (status, body) = send("{oops").await;
+        assert_eq!((status, body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("$")), "{body}");
     }
 
     #[test]
