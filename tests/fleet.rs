@@ -446,6 +446,7 @@ async fn a_shops_own_catalog_flows_live_through_the_pipeline() -> anyhow::Result
             "not json",
             r#"{"productId":"IMP-3","name":"Imported three","category":"imports","price":12.5}"#,
             r#"{"productId":"IMP-4","name":"Imported four","category":"imports","price":13}"#,
+            r#"{"productId":"IMP-5","name":"Imported five","category":"imports","price":14,"price":1}"#,
         ]
         .join("\n"),
     )?;
@@ -456,10 +457,11 @@ async fn a_shops_own_catalog_flows_live_through_the_pipeline() -> anyhow::Result
     };
     let summary = retargetiq::catalog_import::run(&args).await?;
     std::fs::remove_file(&file)?;
-    assert_eq!((summary.lines, summary.accepted), (5, 3), "{}", summary.report());
+    assert_eq!((summary.lines, summary.accepted), (6, 3), "{}", summary.report());
     let lines: Vec<usize> = summary.rejected.iter().map(|(line, _)| *line).collect();
-    assert_eq!(lines, [3, 4], "{}", summary.report());
+    assert_eq!(lines, [3, 4, 7], "{}", summary.report());
     assert!(summary.rejected[0].1.contains("price"), "{}", summary.report());
+    assert!(summary.rejected[2].1.contains(r#"the key "price" is given twice"#), "{}", summary.report());
     eventually("the imported category in the recommendation API", PATIENCE, || async {
         let r = get_json(&fleet, "recommendation-api", "/recommend/someone-new?category=imports").await?;
         (r["recommendations"].as_array()?.len() == 3).then_some(())

@@ -76,7 +76,7 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
             continue;
         }
         summary.lines += 1;
-        let checked = serde_json::from_str::<Value>(&line)
+        let checked = kit::json::value_from_bytes(line.as_bytes())
             .map_err(|e| format!("not JSON: {e}"))
             .and_then(|v| events::validate::catalog_product(&v, Utc::now()).map(|_| v).map_err(|e| e.to_string()));
         match checked {

@@ -82,7 +82,9 @@ fn plan(args: &ImportArgs) -> anyhow::Result<Plan> {
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Value>(&line) {
+        // A line whose object gives a key twice is skipped like any unreadable one, not sent
+        // with the key's last value.
+        match kit::json::value_from_bytes(line.as_bytes()) {
             Ok(v) if v.get("userId").is_none() && v.get("productId").is_some() => plan.products.push(v),
             Ok(v) if v.get("userId").is_some() => plan.events.push((v.get("items").is_some(), v)),
             _ => {
@@ -109,4 +111,42 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
         skipped: plan.skipped,
         elapsed: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_lines_are_sorted_and_unreadable_ones_skipped() {
+        let file = std::env::temp_dir().join(format!("events-import-plan-{}.jsonl", std::process::id()));
+        std::fs::write(
+            &file,
+            [
+                r#"{"userId":"a","eventType":"page_view"}"#,
+                r#"{"productId":"P1","name":"One","category":"c","price":1}"#,
+                r#"{"userId":"b","items":[{"productId":"P1","quantity":1,"unitPrice":1}],"amount":1}"#,
+                "not json",
+                r#"{"userId":"a","userId":"b","eventType":"page_view"}"#,
+                "",
+            ]
+            .join("\n"),
+        )
+        .expect("write");
+        let args = ImportArgs {
+            file: file.clone(),
+            format: Format::Platform,
+            rate: 0.0,
+            batch: 500,
+            user_activity_url: String::new(),
+            order_url: String::new(),
+        };
+        let plan = plan(&args);
+        std::fs::remove_file(&file).expect("remove");
+        let plan = plan.expect("plan");
+        assert_eq!(plan.products.len(), 1);
+        let kinds: Vec<bool> = plan.events.iter().map(|(order, _)| *order).collect();
+        assert_eq!(kinds, [false, true]);
+        assert_eq!(plan.skipped, 2, "the line that is not JSON and the one with a repeated key");
+    }
 }
