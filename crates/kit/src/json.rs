@@ -8,6 +8,7 @@
 
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
 use serde_json::{Map, Number, Value};
 
 /// Why bytes did not decode.
@@ -91,11 +92,16 @@ impl<'de> Visitor<'de> for UniqueVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
-                return Err(serde::de::Error::custom(format_args!("the key {key:?} is given twice in one object")));
+            match object.entry(key) {
+                Entry::Vacant(slot) => {
+                    let Unique(value) = map.next_value()?;
+                    slot.insert(value);
+                }
+                Entry::Occupied(seen) => {
+                    let key = seen.key();
+                    return Err(serde::de::Error::custom(format_args!("the key {key:?} is given twice in one object")));
+                }
             }
-            let Unique(value) = map.next_value()?;
-            object.insert(key, value);
         }
         Ok(Value::Object(object))
     }
