@@ -235,6 +235,9 @@ impl Store {
         {
             *f.product_engagement.entry(p.product_id.clone()).or_default() += weight;
         }
+        // The products this event may have taken out of the three lists that keep engagement
+        // (and the event's own, should no list take it in).
+        let mut dropped: Vec<String> = e.product.iter().map(|p| p.product_id.clone()).collect();
         let product_id = e.product.as_ref().map(|p| p.product_id.clone());
         match (e.event_type, product_id) {
             (EventType::ProductView | EventType::Click, Some(id)) => {
@@ -243,16 +246,16 @@ impl Store {
                 } else {
                     user.clicks_since_purchase += 1;
                 }
-                move_to_front(&mut f.recently_viewed, id, RECENT_VIEWS);
+                dropped.extend(move_to_front(&mut f.recently_viewed, id, RECENT_VIEWS));
             }
-            (EventType::AddToCart, Some(id)) => move_to_front(&mut f.cart, id, CART_KEPT),
+            (EventType::AddToCart, Some(id)) => dropped.extend(move_to_front(&mut f.cart, id, CART_KEPT)),
             (EventType::RemoveFromCart, Some(id)) => f.cart.retain(|p| *p != id),
             _ => {}
         }
         if let Some(order) = &e.order {
             for item in &order.items {
                 f.cart.retain(|p| *p != item.product.product_id);
-                move_to_front(&mut f.purchased, item.product.product_id.clone(), PURCHASES_KEPT);
+                dropped.extend(move_to_front(&mut f.purchased, item.product.product_id.clone(), PURCHASES_KEPT));
                 *f.product_engagement.entry(item.product.product_id.clone()).or_default() +=
                     EventType::Purchase.engagement_weight();
                 if let Some(category) = item.product.known_category() {
@@ -266,9 +269,21 @@ impl Store {
             user.views_since_purchase = 0;
             user.clicks_since_purchase = 0;
         }
-        // Engagement is kept for the products the lists keep (all of them bounded).
-        let kept: foldhash::HashSet<&String> = f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).collect();
-        f.product_engagement.retain(|p, _| kept.contains(p));
+        // Engagement is kept for the products the lists keep (all of them bounded). Only a
+        // product this event dropped from a list (or its own, if no list holds it) can have
+        // left them all: those few are looked for in the lists, rather than every product
+        // being filed in a set for every event. Should the map hold more than the lists (it
+        // cannot, as only this code adds to either), every entry is checked.
+        let in_lists = |id: &str| f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).any(|p| p == id);
+        let gone: Vec<String> = dropped.into_iter().filter(|id| !in_lists(id)).collect();
+        for id in gone {
+            f.product_engagement.remove(&id);
+        }
+        if f.product_engagement.len() > f.recently_viewed.len() + f.cart.len() + f.purchased.len() {
+            let kept: foldhash::HashSet<&String> =
+                f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).collect();
+            f.product_engagement.retain(|p, _| kept.contains(p));
+        }
         let catalog = self.catalog.read();
         f.cart_value = f.cart.iter().filter_map(|id| catalog.get(id)).map(|p| p.price).fold(0.0, |a, b| a + b);
         f.preferred_category =
@@ -286,10 +301,11 @@ impl Store {
     }
 }
 
-fn move_to_front(list: &mut Vec<String>, id: String, cap: usize) {
+/// Puts `id` first in `list` (once), keeping at most `cap`; returns what fell off the end.
+fn move_to_front(list: &mut Vec<String>, id: String, cap: usize) -> Vec<String> {
     list.retain(|p| *p != id);
     list.insert(0, id);
-    list.truncate(cap);
+    if list.len() > cap { list.split_off(cap) } else { Vec::new() }
 }
 
 /// The derived scores, each in [0, 1]:
@@ -464,6 +480,55 @@ mod tests {
         assert!(f.purchase_intent < 0.01);
         assert_eq!(s.get("u").expect("known").last_event_id, "4");
         assert!(s.get("nobody").is_none());
+    }
+
+    /// Engagement is kept for exactly the products of the recent views, the cart and the
+    /// purchases, while products fall off the ends of those lists and leave the cart.
+    #[test]
+    fn engagement_is_kept_for_exactly_the_listed_products() {
+        let mut s = store();
+        let t = Utc::now() - Duration::hours(1);
+        // A fixed pseudo-random walk over 300 products: enough for every list to overflow.
+        let mut x: u64 = 7;
+        let mut next = |n: u64| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % n
+        };
+        for i in 0..3_000 {
+            let id = format!("P{:05}", 1 + next(300));
+            let at = t + Duration::milliseconds(i);
+            let e = match next(10) {
+                0..=4 => event(&i.to_string(), EventType::ProductView, Some(&id), at),
+                5 => event(&i.to_string(), EventType::Click, Some(&id), at),
+                6 | 7 => event(&i.to_string(), EventType::AddToCart, Some(&id), at),
+                8 => event(&i.to_string(), EventType::RemoveFromCart, Some(&id), at),
+                _ => {
+                    let mut e = event(&i.to_string(), EventType::Purchase, None, at);
+                    let items = (0..1 + next(3))
+                        .map(|_| ProcessedItem {
+                            product: product(&format!("P{:05}", 1 + next(300))),
+                            quantity: 1,
+                            unit_price: 5.0,
+                        })
+                        .collect();
+                    e.order = Some(ProcessedOrder {
+                        order_id: format!("o{i}"),
+                        amount: 5.0,
+                        currency: "EUR".into(),
+                        items,
+                        offer_decision_id: None,
+                    });
+                    e
+                }
+            };
+            let f = s.apply(&e, at).expect("new");
+            let listed: std::collections::BTreeSet<&String> =
+                f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).collect();
+            let engaged: std::collections::BTreeSet<&String> = f.product_engagement.keys().collect();
+            assert_eq!(engaged, listed, "after event {i}");
+        }
+        let f = s.get("u").expect("known");
+        assert_eq!((f.recently_viewed.len(), f.purchased.len()), (RECENT_VIEWS, PURCHASES_KEPT));
     }
 
     #[test]
