@@ -235,9 +235,8 @@ impl Store {
         {
             *f.product_engagement.entry(p.product_id.clone()).or_default() += weight;
         }
-        // The products this event may have taken out of the three lists that keep engagement
-        // (and the event's own, should no list take it in).
-        let mut dropped: Vec<String> = e.product.iter().map(|p| p.product_id.clone()).collect();
+        // The products this event took off the ends of the three lists that keep engagement.
+        let mut dropped: Vec<String> = Vec::new();
         let product_id = e.product.as_ref().map(|p| p.product_id.clone());
         match (e.event_type, product_id) {
             (EventType::ProductView | EventType::Click, Some(id)) => {
@@ -275,9 +274,9 @@ impl Store {
         // being filed in a set for every event. Should the map hold more than the lists (it
         // cannot, as only this code adds to either), every entry is checked.
         let in_lists = |id: &str| f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).any(|p| p == id);
-        let gone: Vec<String> = dropped.into_iter().filter(|id| !in_lists(id)).collect();
-        for id in gone {
-            f.product_engagement.remove(&id);
+        let own = e.product.as_ref().map(|p| p.product_id.as_str());
+        for id in dropped.iter().map(String::as_str).chain(own).filter(|id| !in_lists(id)) {
+            f.product_engagement.remove(id);
         }
         if f.product_engagement.len() > f.recently_viewed.len() + f.cart.len() + f.purchased.len() {
             let kept: foldhash::HashSet<&String> =
