@@ -95,7 +95,12 @@ impl Stack {
         let log = std::env::temp_dir().join("retargetiq-bench-stack.log");
         let out = std::fs::File::create(&log)?;
         let exe = std::env::current_exe()?;
+        // The services' own binaries when they were built (as in the Docker images), and only
+        // if they are as new as the sources: a run would otherwise measure old services.
         let dedicated = SERVICES.iter().all(|(name, _)| exe.with_file_name(name).is_file());
+        if dedicated {
+            crate::up::check_service_binaries(&exe).context("bench")?;
+        }
         let mut up_args = vec!["up", "--broker-listen", &broker];
         let data_arg = data_dir.map(|d| d.display().to_string());
         match &data_arg {

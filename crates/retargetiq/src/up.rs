@@ -14,7 +14,7 @@
 use crate::{PORTS, port_of};
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -181,16 +181,56 @@ fn supervise(
     Ok(Supervised { name, task })
 }
 
+/// Checks that the ten service binaries next to `exe` are there and were built from the
+/// sources as they are now: a binary older than a source file it was built from (by the
+/// dep-info file cargo writes beside it, `<name>.d`) is one `cargo build` would rebuild, and a
+/// stack or a benchmark run from it would mix old and new code without a word.
+pub fn check_service_binaries(exe: &Path) -> anyhow::Result<()> {
+    let missing: Vec<&str> = SERVICES.into_iter().filter(|name| !exe.with_file_name(name).is_file()).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "no {} next to {} (build them with `cargo build --release --bins`)",
+        missing.join(", "),
+        exe.display()
+    );
+    let stale: Vec<String> = SERVICES
+        .into_iter()
+        .filter_map(|name| {
+            let source = newer_source(&exe.with_file_name(name))?;
+            Some(format!("{name} (older than {})", source.display()))
+        })
+        .collect();
+    anyhow::ensure!(
+        stale.is_empty(),
+        "out-of-date service binaries next to {}: {}; build every binary (`cargo build --release --locked`) first",
+        exe.display(),
+        stale.join(", ")
+    );
+    Ok(())
+}
+
+/// A source file that `binary` was built from and that changed after it was built, from the
+/// dep-info file beside it (`<binary>.d`: `<binary>: <source> <source> ...`, spaces in paths
+/// escaped). `None` when there is none, or no dep-info to tell (a binary installed or copied
+/// into an image is taken as it is).
+fn newer_source(binary: &Path) -> Option<PathBuf> {
+    let built = binary.metadata().and_then(|m| m.modified()).ok()?;
+    let mut dep_info = binary.as_os_str().to_owned();
+    dep_info.push(".d");
+    let text = std::fs::read_to_string(dep_info).ok()?;
+    let (_, sources) = text.lines().next()?.split_once(": ")?;
+    sources
+        .replace("\\ ", "\0")
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .map(|s| PathBuf::from(s.replace('\0', " ")))
+        .find(|source| source.metadata().and_then(|m| m.modified()).is_ok_and(|changed| changed > built))
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the retargetiq executable")?;
     if args.service_binaries {
-        let missing: Vec<&str> = SERVICES.into_iter().filter(|name| !exe.with_file_name(name).is_file()).collect();
-        anyhow::ensure!(
-            missing.is_empty(),
-            "--service-binaries: no {} next to {} (build them with `cargo build --release --bins`)",
-            missing.join(", "),
-            exe.display()
-        );
+        check_service_binaries(&exe).context("--service-binaries")?;
     }
     let shutdown = kit::service::shutdown_on_signal();
     let grace = Duration::from_secs(args.grace_seconds);
@@ -334,6 +374,58 @@ mod tests {
     use super::*;
 
     use crate::{proc_stat, stat_field};
+
+    /// Ten fake service binaries in `dir` next to a fake `retargetiq`, each with cargo's
+    /// dep-info naming `sources`; returns the path of the fake `retargetiq`.
+    fn fake_build(dir: &Path, sources: &[&Path]) -> anyhow::Result<PathBuf> {
+        let escaped: Vec<String> = sources.iter().map(|s| s.display().to_string().replace(' ', "\\ ")).collect();
+        for name in SERVICES {
+            let binary = dir.join(name);
+            std::fs::write(&binary, "binary")?;
+            std::fs::write(dir.join(format!("{name}.d")), format!("{}: {}\n", binary.display(), escaped.join(" ")))?;
+        }
+        Ok(dir.join("retargetiq"))
+    }
+
+    fn set_modified(path: &Path, at: std::time::SystemTime) -> anyhow::Result<()> {
+        Ok(std::fs::File::options().write(true).open(path)?.set_modified(at)?)
+    }
+
+    #[test]
+    fn service_binaries_older_than_their_sources_are_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (a, b) = (dir.path().join("a.rs"), dir.path().join("with space.rs"));
+        std::fs::write(&a, "")?;
+        std::fs::write(&b, "")?;
+        let exe = fake_build(dir.path(), &[&a, &b])?;
+        let now = std::time::SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        for path in [&a, &b] {
+            set_modified(path, now - 2 * hour)?;
+        }
+        for name in SERVICES {
+            set_modified(&exe.with_file_name(name), now - hour)?;
+        }
+        check_service_binaries(&exe).expect("every binary built after its sources");
+
+        // One source, whose path has a space, changed after the binaries were built.
+        set_modified(&b, now)?;
+        let e = check_service_binaries(&exe).expect_err("built before a source changed").to_string();
+        assert!(e.contains("out-of-date service binaries"), "{e}");
+        assert!(e.contains(&format!("feature-store (older than {})", b.display())), "{e}");
+        assert!(e.contains("cargo build --release --locked"), "{e}");
+
+        // A binary without dep-info (installed, copied into an image) is taken as it is.
+        for name in SERVICES {
+            std::fs::remove_file(dir.path().join(format!("{name}.d")))?;
+        }
+        check_service_binaries(&exe).expect("nothing says what they were built from");
+
+        std::fs::remove_file(exe.with_file_name("ranking"))?;
+        let e = check_service_binaries(&exe).expect_err("a binary missing").to_string();
+        assert!(e.starts_with("no ranking next to "), "{e}");
+        Ok(())
+    }
 
     /// The niceness of every thread of `pid`.
     fn thread_niceness(pid: u32) -> anyhow::Result<Vec<i32>> {

@@ -214,3 +214,48 @@ async fn a_killed_up_takes_its_children_with_it() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// `up --service-binaries`, and a benchmark (which runs the services' own binaries when they
+/// are there), stop at once and say which binaries are older than a source they were built
+/// from (cargo's dep-info beside each), rather than running a stack of old services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_date_service_binaries_are_refused() -> anyhow::Result<()> {
+    // Next to a hard link to the real binary (its own path is where it looks for the others).
+    let dir = tempfile::Builder::new().tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
+    let exe = dir.path().join("retargetiq");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_retargetiq"), &exe).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_retargetiq"), &exe)?;
+    }
+    let source = dir.path().join("lib.rs");
+    for name in retargetiq::SERVICES {
+        let binary = dir.path().join(name);
+        std::fs::write(&binary, "#!/bin/sh\nsleep 600\n")?;
+        std::fs::write(dir.path().join(format!("{name}.d")), format!("{}: {}\n", binary.display(), source.display()))?;
+        let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(&binary)?.set_modified(an_hour_ago)?;
+    }
+    std::fs::write(&source, "// changed after the binaries were built\n")?;
+
+    let broker = format!("127.0.0.1:{}", free_port()?);
+    let offset = testkit::stack_port_offset(0)?.to_string();
+    let runs: [&[&str]; 2] = [
+        &["up", "--service-binaries", "--memory", "--broker-listen", &broker, "--port-offset", &offset],
+        &["bench", "soak", "--duration", "1s", "--port-offset", &offset],
+    ];
+    for args in runs {
+        let run = Command::new(&exe)
+            .args(args)
+            .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .map_err(|_| anyhow::anyhow!("{args:?} ran on with out-of-date service binaries"))??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("out-of-date service binaries"), "{args:?}: {stderr}");
+        assert!(stderr.contains(&format!("feature-store (older than {})", source.display())), "{args:?}: {stderr}");
+    }
+    Ok(())
+}
