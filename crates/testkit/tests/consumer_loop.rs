@@ -692,3 +692,43 @@ async fn a_coalescing_consumer_behind_by_rounds_of_many_users_coalesces_across_t
     }
     Ok(())
 }
+
+/// Each consumer reports how old the messages it handles are (`consumer_message_age_seconds`:
+/// from the time their producer gave them to the handling), so a consumer behind shows how far
+/// behind in time, not only in messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_report_the_age_of_what_they_handle() -> anyhow::Result<()> {
+    let metrics = kit::http::metrics_handle();
+    let broker = TestBroker::start().await?;
+    let settings = broker.settings();
+    let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+    let (messages, minute_ago) = (5, chrono::Utc::now().timestamp_millis() - 60_000);
+    for i in 0..messages {
+        let payload = format!("{i}");
+        let record = FutureRecord::to(Topic::Offers.name()).key("user-1").payload(&payload).timestamp(minute_ago);
+        raw.send(record, Duration::from_secs(5)).await.map_err(|(e, _)| e)?;
+    }
+    let producer = Producer::for_pipeline(&settings)?;
+    let stop = CancellationToken::new();
+    let seen = Collect::default();
+    let spec = ConsumerSpec::replica("age-test", [Topic::Offers]);
+    let running = tokio::spawn(run_consumer(consumer_env(&settings, &producer, &stop, "age-test"), spec, seen.clone()));
+    let handled = eventually("the messages handled", Duration::from_secs(30), || {
+        let n = seen.0.lock().expect("lock").len();
+        async move { (n == messages).then_some(()) }
+    })
+    .await;
+    stop.cancel();
+    running.await??;
+    handled?;
+    let text = metrics.render();
+    let value = |series: &str| -> Option<f64> {
+        let prefix = format!("consumer_message_age_seconds_{series}{{consumer=\"age-test\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok())
+    };
+    assert_eq!(value("count"), Some(messages as f64), "{text}");
+    let sum = value("sum").unwrap_or_default();
+    // A minute old each when given, and handled within seconds of that.
+    assert!((60.0 * messages as f64..90.0 * messages as f64).contains(&sum), "sum {sum}: {text}");
+    Ok(())
+}

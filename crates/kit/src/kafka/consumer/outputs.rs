@@ -40,6 +40,7 @@ pub(super) struct MessageMetrics {
     superseded: OnceLock<metrics::Counter>,
     handle_seconds: OnceLock<metrics::Histogram>,
     ack_seconds: OnceLock<metrics::Histogram>,
+    age_seconds: OnceLock<metrics::Histogram>,
 }
 
 impl MessageMetrics {
@@ -53,6 +54,7 @@ impl MessageMetrics {
             superseded: OnceLock::new(),
             handle_seconds: OnceLock::new(),
             ack_seconds: OnceLock::new(),
+            age_seconds: OnceLock::new(),
         }
     }
 
@@ -72,6 +74,13 @@ impl MessageMetrics {
 
     fn ack_seconds(&self) -> &metrics::Histogram {
         self.ack_seconds.get_or_init(|| metrics::histogram!("consumer_outputs_ack_seconds", "consumer" => self.name))
+    }
+
+    /// How old a message was when its handler took it: from the time its producer gave it (or
+    /// the broker's append time) to the handling. Lag in time rather than in messages: what a
+    /// consumer behind, or coalescing a backlog, leaves its readers waiting for.
+    fn age_seconds(&self) -> &metrics::Histogram {
+        self.age_seconds.get_or_init(|| metrics::histogram!("consumer_message_age_seconds", "consumer" => self.name))
     }
 }
 
@@ -95,6 +104,10 @@ pub(super) async fn process<H: Handler>(
 ) -> anyhow::Result<(Topic, i32, Pending)> {
     let topic = topic_of(msg)?;
     let record = Record::of(msg, topic);
+    if let Some(at) = record.timestamp_ms {
+        let age_ms = Utc::now().timestamp_millis().saturating_sub(at).max(0);
+        m.age_seconds().record(age_ms as f64 / 1000.0);
+    }
     let started = Instant::now();
     let (mut attempt, mut waits) = (0, 0);
     // With `RUST_LOG=debug`, every log line about this message carries its correlation id,
@@ -355,10 +368,12 @@ mod tests {
         m.superseded().increment(1);
         m.handle_seconds().record(0.002);
         m.ack_seconds().clone().record(0.004);
+        m.age_seconds().record(1.5);
         let text = crate::http::metrics_handle().render();
         assert!(text.contains(r#"consumer_messages_total{consumer="handles-test",outcome="ok"} 3"#), "{text}");
         assert!(text.contains(r#"consumer_messages_total{consumer="handles-test",outcome="superseded"} 1"#), "{text}");
         assert!(text.contains(r#"consumer_handle_seconds_count{consumer="handles-test"} 1"#), "{text}");
         assert!(text.contains(r#"consumer_outputs_ack_seconds_count{consumer="handles-test"} 1"#), "{text}");
+        assert!(text.contains(r#"consumer_message_age_seconds_count{consumer="handles-test"} 1"#), "{text}");
     }
 }
