@@ -152,6 +152,32 @@ async fn activity_and_orders_flow_to_recommendations_analytics_features_and_ui()
     let ranked = get_json(&fleet, "ranking", &format!("/rank/{USER}")).await.expect("ranked");
     assert!(ranked["items"][0]["contributions"].as_object().is_some_and(|c| !c.is_empty()), "{ranked}");
 
+    // A user id in a path follows the rules of an event's userId: trimmed (ingestion stored
+    // the trimmed id, so that is what is found), and an id no event could carry is a 400.
+    let padded = get_json(&fleet, "recommendation-api", &format!("/recommend/%20{USER}%09?k=3")).await;
+    assert_eq!(
+        padded.as_ref().map(|r| (r["userId"].clone(), r["coldStart"].clone())),
+        Some((json!(USER), json!(false)))
+    );
+    let padded = get_json(&fleet, "feature-store", &format!("/features/%20{USER}%20")).await;
+    assert_eq!(padded.map(|f| f["cart"].clone()), Some(json!([catalog[2]])));
+    let overlong = "u".repeat(events::validate::MAX_ID_LEN + 1);
+    for (service, path) in [
+        ("recommendation-api", "/recommend/"),
+        ("feature-store", "/features/"),
+        ("analytics", "/api/analytics/user/"),
+        ("retrieval", "/retrieve/"),
+        ("ranking", "/rank/"),
+        ("rl-offer", "/offer/"),
+    ] {
+        for bad in [overlong.as_str(), "%20%20", "u%011"] {
+            let resp = fleet.http().get(fleet.url(service, &format!("{path}{bad}"))).send().await?;
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            assert_eq!((status, body["field"].as_str()), (400, Some("userId")), "{service} {path}{bad}: {body}");
+        }
+    }
+
     // Offers: decide now through the API; the recommendation API shows the current offer.
     let (status, decision) = post(
         &fleet,

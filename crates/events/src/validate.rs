@@ -204,21 +204,32 @@ fn wrong_type(field: &str, expected: &str, got: &Value) -> FieldError {
 fn string(obj: &Map<String, Value>, field: &str, max: usize) -> Result<Option<String>, FieldError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => {
-            let s = s.trim();
-            if s.is_empty() {
-                return Err(FieldError::new(field, "must not be empty"));
-            }
-            if s.chars().count() > max {
-                return Err(FieldError::new(field, format!("is longer than {max} characters")));
-            }
-            if s.chars().any(char::is_control) {
-                return Err(FieldError::new(field, "must not contain control characters"));
-            }
-            Ok(Some(s.to_owned()))
-        }
+        Some(Value::String(s)) => text(field, s, max).map(|s| Some(s.to_owned())),
         Some(other) => Err(wrong_type(field, "a string", other)),
     }
+}
+
+/// Text checked as a string field is: trimmed, non-empty, at most `max` characters, no
+/// control characters.
+fn text<'a>(field: &str, s: &'a str, max: usize) -> Result<&'a str, FieldError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if s.chars().count() > max {
+        return Err(FieldError::new(field, format!("is longer than {max} characters")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(FieldError::new(field, "must not contain control characters"));
+    }
+    Ok(s)
+}
+
+/// A user id given outside a message (a URL's path): the rules of an event's `userId`, so a
+/// lookup finds what ingestion stored — surrounding whitespace trimmed, non-empty, at most
+/// [`MAX_ID_LEN`] characters, no control characters.
+pub fn user_id(raw: &str) -> Result<&str, FieldError> {
+    text("userId", raw, MAX_ID_LEN)
 }
 
 /// A product id: an opaque string of at most [`MAX_ID_LEN`] characters with no whitespace or
@@ -346,6 +357,19 @@ mod tests {
 
     fn field_of<T: std::fmt::Debug>(r: Result<T, FieldError>) -> String {
         r.expect_err("must be rejected").field
+    }
+
+    #[test]
+    fn a_user_id_from_a_path_follows_the_event_rules() {
+        assert_eq!(user_id(" u1 "), Ok("u1"));
+        assert_eq!(user_id(&"é".repeat(MAX_ID_LEN)).map(|u| u.chars().count()), Ok(MAX_ID_LEN));
+        for bad in ["", "  ", "u\u{1}1", &"x".repeat(MAX_ID_LEN + 1)] {
+            let e = user_id(bad).expect_err(bad);
+            assert_eq!(e.field, "userId", "{bad:?}: {e}");
+        }
+        // The same id is accepted in an event and in a path, and comes out the same.
+        let event = act(json!({"userId": "\tu1 ", "eventType": "click", "productId": "P00001"})).expect("valid");
+        assert_eq!(user_id("\tu1 "), Ok(event.user_id.as_str()));
     }
 
     #[test]

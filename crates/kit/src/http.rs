@@ -193,6 +193,25 @@ where
     }
 }
 
+/// A `{user_id}` path segment, held to the rules of an event's `userId`
+/// ([`events::validate::user_id`]): surrounding whitespace trimmed, so a lookup finds what
+/// ingestion stored; an empty, overlong (over 128 characters) or control-character id is a
+/// `400` naming `userId`, not an empty answer.
+#[derive(Debug)]
+pub struct UserId(pub String);
+
+impl<S> axum::extract::FromRequestParts<S> for UserId
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
+        Ok(UserId(events::validate::user_id(&raw)?.to_owned()))
+    }
+}
+
 /// An extractor's rejection: the client's mistake as a 400, a route's own (a path parameter
 /// the route does not declare) as an internal error.
 fn rejected(status: StatusCode, text: String) -> ApiError {

@@ -34,7 +34,7 @@ use chrono::{DateTime, Duration, Utc};
 use events::{EventCounts, EventType, OfferAction, OfferDecision, ProcessedEvent, Topic};
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, Path, found};
+use kit::http::{ApiError, UserId, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
@@ -592,7 +592,7 @@ async fn summary(State(k): State<Shared<Kpis>>) -> Json<Summary> {
     Json(k.read().summary(Utc::now()))
 }
 
-async fn user(State(k): State<Shared<Kpis>>, Path(user_id): Path<String>) -> Result<Json<UserStats>, ApiError> {
+async fn user(State(k): State<Shared<Kpis>>, UserId(user_id): UserId) -> Result<Json<UserStats>, ApiError> {
     found(k.read().user(&user_id).cloned(), || format!("no analytics for user {user_id:?}: no events seen"))
 }
 

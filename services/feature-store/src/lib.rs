@@ -25,7 +25,7 @@ use events::{EventCounts, EventType, ProcessedEvent, Topic, UserFeatures, Window
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, OpsToken, Path, found};
+use kit::http::{ApiError, OpsToken, UserId, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
@@ -347,7 +347,7 @@ struct AppState {
     token: OpsToken,
 }
 
-async fn get_features(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<Json<UserFeatures>, ApiError> {
+async fn get_features(State(s): State<AppState>, UserId(user_id): UserId) -> Result<Json<UserFeatures>, ApiError> {
     let store = s.store.read();
     found(store.get(&user_id).cloned(), || format!("no features for user {user_id:?}: no events seen for this user"))
 }
@@ -357,7 +357,7 @@ async fn get_features(State(s): State<AppState>, Path(user_id): Path<String>) ->
 async fn reset_features(
     State(s): State<AppState>,
     headers: axum::http::HeaderMap,
-    Path(user_id): Path<String>,
+    UserId(user_id): UserId,
 ) -> Result<axum::http::StatusCode, ApiError> {
     s.token.check(&headers)?;
     if s.store.write().reset(&user_id) {

@@ -52,7 +52,7 @@ use events::{CandidateSource, Candidates, ProcessedEvent, RankedItem, RankedReco
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, Path, found};
+use kit::http::{ApiError, UserId, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
@@ -639,7 +639,7 @@ const MAX_PEERS: usize = 1_000;
 
 async fn get_ranked(
     State(state): State<RankState>,
-    Path(user_id): Path<String>,
+    UserId(user_id): UserId,
 ) -> Result<Json<RankedRecommendations>, ApiError> {
     let latest = state.latest.read();
     let catalog = state.catalog.read();

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use events::{CandidateSource, OfferDecision, RankedRecommendations, Topic};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
-use kit::http::{ApiError, Path, Query};
+use kit::http::{ApiError, Query, UserId};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
@@ -228,7 +228,7 @@ pub fn answer(views: &ViewState, user_id: &str, params: &Params) -> Result<Respo
 
 async fn recommend(
     State(views): State<Views>,
-    Path(user_id): Path<String>,
+    UserId(user_id): UserId,
     Query(params): Query<Params>,
 ) -> Result<Json<Response>, ApiError> {
     let response = {

@@ -36,7 +36,7 @@ use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, Path, found};
+use kit::http::{ApiError, UserId, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
@@ -710,7 +710,7 @@ impl Handler for Retriever {
 
 async fn get_candidates(
     State(state): State<Shared<RetrievalState>>,
-    Path(user_id): Path<String>,
+    UserId(user_id): UserId,
 ) -> Result<Json<Candidates>, ApiError> {
     found(state.read().latest.peek(&user_id).cloned(), || format!("no candidates for user {user_id:?} yet"))
 }

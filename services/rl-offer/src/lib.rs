@@ -56,7 +56,7 @@ use events::{EventType, OfferAction, OfferDecision, ProcessedEvent, SessionStats
 use kit::clock::EventClock;
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, Path, found};
+use kit::http::{ApiError, UserId, found};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::{Context, Service};
@@ -751,7 +751,7 @@ struct AppState {
     producer: Producer,
 }
 
-async fn get_offer(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<Json<OfferDecision>, ApiError> {
+async fn get_offer(State(s): State<AppState>, UserId(user_id): UserId) -> Result<Json<OfferDecision>, ApiError> {
     found(s.state.read().current.peek(&user_id).cloned(), || format!("no offer decided for user {user_id:?} yet"))
 }
 
