@@ -730,5 +730,11 @@ async fn consumers_report_the_age_of_what_they_handle() -> anyhow::Result<()> {
     let sum = value("sum").unwrap_or_default();
     // A minute old each when given, and handled within seconds of that.
     assert!((60.0 * messages as f64..90.0 * messages as f64).contains(&sum), "sum {sum}: {text}");
+    // The buckets reach past a backlog of seconds: a minute-old message is counted as one.
+    let bucket = |le: &str| -> Option<f64> {
+        let prefix = format!("consumer_message_age_seconds_bucket{{consumer=\"age-test\",le=\"{le}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok())
+    };
+    assert_eq!((bucket("30"), bucket("120")), (Some(0.0), Some(messages as f64)), "{text}");
     Ok(())
 }
