@@ -501,6 +501,8 @@ struct Explained {
 #[template(path = "user.html")]
 struct UserPage {
     flash: Option<String>,
+    /// Why no user can have the id asked for; the page then shows only that.
+    refused: Option<String>,
     user_id: String,
     recommendations: Result<RecsView, String>,
     features: Result<Vec<(String, String)>, String>,
@@ -533,7 +535,26 @@ fn fields(v: &Value) -> Vec<(String, String)> {
     v.as_object().map(|o| o.iter().map(|(k, v)| (k.clone(), text(v))).collect()).unwrap_or_default()
 }
 
-async fn user_page(State(ui): State<Arc<Ui>>, Path(user_id): Path<String>, Query(q): Query<PageQuery>) -> Response {
+async fn user_page(State(ui): State<Arc<Ui>>, Path(raw_id): Path<String>, Query(q): Query<PageQuery>) -> Response {
+    // The services look users up by the id ingestion stored (trimmed); an id no event can
+    // carry is the visitor's mistake, shown as such rather than as services "unavailable".
+    let user_id = match events::validate::user_id(&raw_id) {
+        Ok(id) => id.to_owned(),
+        Err(e) => {
+            let page = UserPage {
+                flash: None,
+                refused: Some(e.reason),
+                user_id: raw_id,
+                recommendations: Err(String::new()),
+                features: Err(String::new()),
+                explanation: Err(String::new()),
+                candidates: Err(String::new()),
+                offer: Err(String::new()),
+                recent: Err(String::new()),
+            };
+            return (axum::http::StatusCode::BAD_REQUEST, render(&page)).into_response();
+        }
+    };
     let c = &ui.config;
     let (recs, features, ranked, candidates, offer, stats) = tokio::join!(
         ui.get(endpoint(&c.recommendation_api, &["recommend", &user_id])),
@@ -605,6 +626,7 @@ async fn user_page(State(ui): State<Arc<Ui>>, Path(user_id): Path<String>, Query
     });
     render(&UserPage {
         flash: flash(&q),
+        refused: None,
         user_id,
         recommendations,
         features,
@@ -797,6 +819,21 @@ mod tests {
             .await
             .expect("response");
         assert_eq!(resp.headers()["location"], "/users/a%2Fb%20c");
+    }
+
+    #[tokio::test]
+    async fn an_id_no_event_can_carry_is_a_400_page() {
+        let app = router(unreachable_backends(), Feed::new(CancellationToken::new())).expect("router");
+        let long = "u".repeat(events::validate::MAX_ID_LEN + 1);
+        for bad in [long.as_str(), "%20", "a%01b"] {
+            let (status, html) = get(app.clone(), &format!("/users/{bad}")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {html}");
+            assert!(html.contains("No user can have this id"), "{bad}: {html}");
+            assert!(
+                !html.contains("are unavailable") && !html.contains("simulate-user-session"),
+                "{bad}: only the refusal: {html}"
+            );
+        }
     }
 
     #[test]
