@@ -722,19 +722,17 @@ async fn consumers_report_the_age_of_what_they_handle() -> anyhow::Result<()> {
     running.await??;
     handled?;
     let text = metrics.render();
+    // The value of one series, e.g. `_count{consumer="age-test"}`.
     let value = |series: &str| -> Option<f64> {
-        let prefix = format!("consumer_message_age_seconds_{series}{{consumer=\"age-test\"}} ");
+        let prefix = format!("consumer_message_age_seconds{series} ");
         text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok())
     };
-    assert_eq!(value("count"), Some(messages as f64), "{text}");
-    let sum = value("sum").unwrap_or_default();
+    assert_eq!(value(r#"_count{consumer="age-test"}"#), Some(messages as f64), "{text}");
+    let sum = value(r#"_sum{consumer="age-test"}"#).unwrap_or_default();
     // A minute old each when given, and handled within seconds of that.
     assert!((60.0 * messages as f64..90.0 * messages as f64).contains(&sum), "sum {sum}: {text}");
     // The buckets reach past a backlog of seconds: a minute-old message is counted as one.
-    let bucket = |le: &str| -> Option<f64> {
-        let prefix = format!("consumer_message_age_seconds_bucket{{consumer=\"age-test\",le=\"{le}\"}} ");
-        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok())
-    };
+    let bucket = |le: &str| value(&format!(r#"_bucket{{consumer="age-test",le="{le}"}}"#));
     assert_eq!((bucket("30"), bucket("120")), (Some(0.0), Some(messages as f64)), "{text}");
     Ok(())
 }
