@@ -225,9 +225,9 @@ fn text<'a>(field: &str, s: &'a str, max: usize) -> Result<&'a str, FieldError> 
     Ok(s)
 }
 
-/// A user id given outside a message (a URL's path): the rules of an event's `userId`, so a
-/// lookup finds what ingestion stored — surrounding whitespace trimmed, non-empty, at most
-/// [`MAX_ID_LEN`] characters, no control characters.
+/// A user id given outside a message (a URL's path, a request's body): the rules of an
+/// event's `userId`, so a lookup finds what ingestion stored — surrounding whitespace trimmed,
+/// non-empty, at most [`MAX_ID_LEN`] characters, no control characters.
 pub fn user_id(raw: &str) -> Result<&str, FieldError> {
     text("userId", raw, MAX_ID_LEN)
 }

@@ -156,6 +156,7 @@ pub fn app(service: &'static str, health: Health, routes: Router) -> Router {
                 uri.path()
             ))
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)))
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()))
@@ -184,8 +185,9 @@ where
     }
 }
 
-/// axum's `Query`, refusing a query string it cannot read with an [`ApiError`] naming the
-/// parameter, instead of axum's plain text.
+/// The query string read as axum's `Query` reads it, refusing one it cannot read with a `400`
+/// whose `field` is the parameter (`?limit=many` is `limit: invalid digit found in string`),
+/// instead of axum's plain text.
 #[derive(Debug)]
 pub struct Query<T>(pub T);
 
@@ -196,10 +198,53 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(value)) => Ok(Query(value)),
-            Err(e) => Err(rejected(e.status(), e.body_text())),
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de).map(Query).map_err(|e| at_path(&e))
+    }
+}
+
+/// A value that did not deserialize as a `400` whose `field` is where it failed: the path
+/// (`ids[2]`, `limit`), the name of a missing field, or `$` for the value as a whole.
+fn at_path<E: std::fmt::Display>(e: &serde_path_to_error::Error<E>) -> ApiError {
+    let (path, reason) = (e.path().to_string(), e.inner().to_string());
+    // A missing field has no path; serde's message names it ("missing field `k`").
+    let missing = reason.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`'));
+    match (path.as_str(), missing) {
+        (".", Some(name)) => ApiError::Invalid { field: name.into(), reason: "is required".into() },
+        (".", None) => ApiError::Invalid { field: "$".into(), reason },
+        _ => ApiError::Invalid { field: path, reason },
+    }
+}
+
+/// A request body as a `T`: read as [`json_body`] reads it, then deserialized, a mismatch
+/// being a `400` naming where (`ids[2]: invalid type: integer `7`, expected a string`).
+pub fn json_as<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(json_body(body)?).map_err(|e| at_path(&e))
+}
+
+/// Most bytes a request body may hold, on every route of [`app`]; a larger body is a `413`.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A request body's bytes, refusing one over [`MAX_BODY_BYTES`] with a `413` naming `$` (and
+/// one that cannot be read with a `400`) in JSON, instead of axum's plain text.
+#[derive(Debug)]
+pub struct Body(pub bytes::Bytes);
+
+impl<S> axum::extract::FromRequest<S> for Body
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match bytes::Bytes::from_request(req, state).await {
+            Ok(body) => Ok(Body(body)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge(format!("the body is larger than {MAX_BODY_BYTES} bytes")))
+            }
+            Err(e) => Err(ApiError::BadRequest(format!("could not read the body: {}", e.body_text()))),
         }
     }
 }
@@ -346,9 +391,12 @@ impl IntoResponse for ApiError {
             ApiError::Invalid { field, reason } => {
                 json!({"error": format!("{field}: {reason}"), "field": field, "reason": reason})
             }
+            // The body as a whole is too large: the field is the body, `$`.
+            ApiError::PayloadTooLarge(reason) => {
+                json!({"error": format!("$: {reason}"), "field": "$", "reason": reason})
+            }
             ApiError::BadRequest(m)
             | ApiError::NotFound(m)
-            | ApiError::PayloadTooLarge(m)
             | ApiError::Unauthorized(m)
             | ApiError::MethodNotAllowed(m)
             | ApiError::Unavailable(m) => json!({"error": m}),
@@ -401,10 +449,20 @@ mod tests {
             #[allow(dead_code)]
             limit: u32,
         }
+        #[derive(serde::Deserialize)]
+        struct Ids {
+            ids: Vec<String>,
+        }
         let routes = Router::new()
             .route("/items", axum::routing::post(|| async { StatusCode::ACCEPTED }))
             .route("/items/{id}", get(|Path(id): Path<String>| async move { id }))
-            .route("/search", get(|_: Query<Q>| async { "ok" }));
+            .route("/search", get(|_: Query<Q>| async { "ok" }))
+            .route(
+                "/echo",
+                axum::routing::post(|super::Body(b): super::Body| async move {
+                    json_as::<Ids>(&b).map(|ids| Json(json!({"ids": ids.ids})))
+                }),
+            );
         let app = app("svc", Health::default(), routes);
         let send = |req: Request| {
             let app = app.clone();
@@ -424,7 +482,25 @@ mod tests {
         assert!(body["error"].as_str().is_some_and(|e| e.contains("UTF-8") && e.contains("id")), "{body}");
         let (status, _, body) = send(Request::get("/search?limit=many").body(Body::empty()).expect("request")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(body["error"].as_str().is_some_and(|e| e.contains("limit")), "{body}");
+        assert_eq!(
+            (body["field"].as_str(), body["reason"].as_str()),
+            (Some("limit"), Some("invalid digit found in string"))
+        );
+        let (status, _, body) = send(Request::get("/search?other=1").body(Body::empty()).expect("request")).await;
+        assert_eq!((status, body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("limit")), "{body}");
+        assert_eq!(body["reason"], "is required");
+        let (status, _, body) = send(Request::get("/search?limit=3").body(Body::empty()).expect("request")).await;
+        assert_eq!((status, body), (StatusCode::OK, serde_json::Value::Null));
+        // A body over the limit: JSON naming the body, not axum's plain text.
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        let (status, _, body) = send(Request::post("/echo").body(Body::from(big)).expect("request")).await;
+        assert_eq!((status, body["field"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("$")), "{body}");
+        let (status, _, body) =
+            send(Request::post("/echo").body(Body::from(r#"{"ids":["a",7]}"#)).expect("request")).await;
+        assert_eq!((status, body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("ids[1]")), "{body}");
+        let (status, _, body) =
+            send(Request::post("/echo").body(Body::from(r#"{"ids":["a"]}"#)).expect("request")).await;
+        assert_eq!((status, body["ids"][0].as_str()), (StatusCode::OK, Some("a")), "{body}");
         let (status, _, body) = send(Request::get("/items/a%20b").body(Body::empty()).expect("request")).await;
         assert_eq!((status, body), (StatusCode::OK, serde_json::Value::Null), "a readable segment is decoded");
         let (status, _, body) = send(Request::get("/nope").body(Body::empty()).expect("request")).await;

@@ -15,22 +15,18 @@
 use std::sync::Mutex;
 
 use axum::Json;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{post, put};
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use events::generate::Generator;
 use events::validate::{self, FieldError, Strictness};
 use events::{ActivityEvent, CatalogProduct, Message, OrderEvent};
 use serde_json::{Value, json};
 
-use crate::http::ApiError;
+use crate::http::{ApiError, Body, MAX_BODY_BYTES};
 use crate::kafka::{ProduceError, Producer};
 
-/// Largest accepted request body.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Most events in one batch.
 pub const MAX_BATCH: usize = 500;
 
@@ -346,14 +342,8 @@ pub fn parse_body<T: Ingest>(
 async fn ingest<T: Ingest>(
     State(state): State<std::sync::Arc<IngestState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::PayloadTooLarge(format!("the body is larger than {MAX_BODY_BYTES} bytes"))
-        }
-        _ => ApiError::BadRequest(format!("could not read the body: {e}")),
-    })?;
     let events: Vec<T> = parse_body(&body, Utc::now(), &state.generator)?;
     if !state.producer.is_connected() {
         return Err(ApiError::Unavailable("the event broker is unavailable; nothing was stored, retry later".into()));

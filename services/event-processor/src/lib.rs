@@ -35,7 +35,7 @@ use events::{
 use kit::catalog::{CatalogSync, LiveCatalog};
 use kit::config::{ConfigError, Env, positive};
 use kit::dedup::SeenSet;
-use kit::http::{ApiError, OpsToken, Query};
+use kit::http::{ApiError, Body, OpsToken, Query};
 use kit::kafka::{ConsumerSpec, Handler, HandlerError, Outbox, Producer, Record};
 use kit::state::{Shared, UserMap, user_map};
 use kit::telemetry::LineBudget;
@@ -409,10 +409,10 @@ struct ReplayRequest {
 async fn replay_letters(
     State(s): State<AppState>,
     headers: axum::http::HeaderMap,
-    body: Result<Json<ReplayRequest>, axum::extract::rejection::JsonRejection>,
+    Body(body): Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     s.token.check(&headers)?;
-    let Json(req) = body.map_err(|e| ApiError::Invalid { field: "$".into(), reason: e.body_text() })?;
+    let req: ReplayRequest = kit::http::json_as(&body)?;
     let letters: Vec<DeadLetter> = s.letters.read().iter().cloned().collect();
     let plan = kit::dead_letters::replay_plan(&letters, &req.ids, req.all)
         .map_err(|reason| ApiError::Invalid { field: "ids".into(), reason })?;

@@ -759,6 +759,10 @@ async fn get_policy(State(s): State<AppState>) -> Json<PolicyStats> {
     Json(s.state.read().stats())
 }
 
+/// The keys `POST /offer/select` takes in `context`.
+const CONTEXT_KEYS: [&str; 6] =
+    ["purchaseIntent", "recency", "activity", "cartValue", "daysSinceLastVisit", "category"];
+
 /// Parses a `POST /offer/select` body against the user's latest features.
 pub fn parse_select(
     body: &Value,
@@ -768,18 +772,21 @@ pub fn parse_select(
     let invalid = |field: &str, reason: &str| ApiError::Invalid { field: field.into(), reason: reason.into() };
     let obj = body.as_object().ok_or_else(|| invalid("$", "must be a JSON object with userId"))?;
     let user_id = match obj.get("userId") {
-        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= events::validate::MAX_ID_LEN => {
-            s.trim().to_owned()
-        }
-        Some(Value::String(_)) => {
-            return Err(invalid("userId", "must be a non-empty string of at most 128 characters"));
-        }
+        // The rule of an event's userId: trimmed, 1 to 128 characters, no control characters.
+        Some(Value::String(s)) => events::validate::user_id(s)?.to_owned(),
         Some(_) => return Err(invalid("userId", "must be a string")),
         None => return Err(invalid("userId", "is required")),
     };
     let mut ctx = known.map(|f| OfferContext::from_features(f, now)).unwrap_or_default();
     if let Some(c) = obj.get("context") {
         let c = c.as_object().ok_or_else(|| invalid("context", "must be an object"))?;
+        // A misspelt key would otherwise be ignored silently, the user's own value deciding.
+        if let Some(unknown) = c.keys().find(|k| !CONTEXT_KEYS.contains(&k.as_str())) {
+            return Err(invalid(
+                &format!("context.{unknown}"),
+                &format!("is not a context value; the context takes {}", CONTEXT_KEYS.join(", ")),
+            ));
+        }
         let fields: [(&str, &mut f64, f64); 5] = [
             ("purchaseIntent", &mut ctx.purchase_intent, 1.0),
             ("recency", &mut ctx.recency, 1.0),
@@ -811,7 +818,7 @@ pub fn parse_select(
 
 async fn select(
     State(s): State<AppState>,
-    body: axum::body::Bytes,
+    kit::http::Body(body): kit::http::Body,
 ) -> Result<(StatusCode, Json<OfferDecision>), ApiError> {
     let body = kit::http::json_body(&body)?;
     let decision = {
@@ -1204,5 +1211,11 @@ mod tests {
         assert_eq!(field(json!({"userId": "u", "context": {"category": 7}})), "context.category");
         assert_eq!(field(json!({"userId": "u", "context": []})), "context");
         assert_eq!(field(json!([])), "$");
+        // A misspelt context key is refused, not ignored.
+        assert_eq!(field(json!({"userId": "u", "context": {"purchase_intent": 0.9}})), "context.purchase_intent");
+        // userId follows an event's rule: control characters refused, surrounding spaces trimmed.
+        assert_eq!(field(json!({"userId": "a\u{7}b"})), "userId");
+        let (user, _) = parse_select(&json!({"userId": "  u  "}), None, now).expect("trimmed");
+        assert_eq!(user, "u");
     }
 }
