@@ -25,7 +25,6 @@ use chrono::{DateTime, Duration, TimeZone as _, Utc};
 use events::generate::Step;
 use events::{ActivityEvent, EventType, OrderEvent, OrderItem};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::replay::{Attribution, Platform};
 
@@ -46,7 +45,17 @@ pub enum Kind {
     View,
     Favourite,
     Cart,
+    /// Taken out of the cart: replayed (the cart is part of a user's features) but not an
+    /// engagement: neither a relevant item in the held-out period nor a baseline's signal.
+    RemoveFromCart,
     Purchase,
+}
+
+impl Kind {
+    /// Whether the interaction shows interest in the product (all but a removal from the cart).
+    pub fn engages(self) -> bool {
+        self != Kind::RemoveFromCart
+    }
 }
 
 /// One interaction of a history.
@@ -66,31 +75,120 @@ pub struct Interaction {
 pub struct History {
     pub interactions: Vec<Interaction>,
     pub products: BTreeMap<String, catalog::Product>,
-    /// Lines that could not be read (malformed, unknown kinds).
+    /// Lines that could not be read (malformed, unknown kinds, ids the APIs would refuse).
     pub skipped: usize,
+    /// The first of them (up to ten): line number (from 1) and why.
+    pub first_skipped: Vec<(u64, String)>,
 }
 
-/// Reads a history file.
+/// How many skipped lines are named one by one (on stderr); the rest are counted.
+const SKIPS_NAMED: usize = 10;
+
+impl History {
+    fn skip(&mut self, line: u64, reason: &str) {
+        self.skipped += 1;
+        if self.skipped <= SKIPS_NAMED {
+            tracing::warn!(line, reason, "history line skipped");
+            self.first_skipped.push((line, reason.to_owned()));
+        }
+    }
+}
+
+/// Reads a history file. Lines that cannot be read are skipped and counted ([`History::skipped`],
+/// the first few named with their line number on stderr).
 pub fn read(path: &Path, format: Format) -> anyhow::Result<History> {
     let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     let mut history = History::default();
+    // REES46's columns, from its header (the dataset's order without one).
+    let mut columns = Rees46Columns::DATASET;
+    // One CSV record per line (neither dataset breaks a line inside a field), so a skipped
+    // line is named by its own number whatever the line ends: the csv crate's record
+    // positions are off after CRLF and blank lines (rust-csv #395, #208).
+    let mut csv = csv::ReaderBuilder::new();
+    csv.has_headers(false).flexible(true).trim(csv::Trim::All);
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        let line = line.trim();
-        if line.is_empty() || (format == Format::Rees46 && i == 0 && line.starts_with("event_time")) {
+        // A byte-order mark (spreadsheets write one) is not part of the first field.
+        let line = if i == 0 { line.trim_start_matches('\u{feff}') } else { line.as_str() }.trim();
+        if line.is_empty() {
             continue;
         }
         let read = match format {
-            Format::Rees46 => rees46(line, &mut history),
-            Format::Taobao => taobao(line, &mut history),
             Format::Platform => platform(line, &mut history),
+            Format::Rees46 | Format::Taobao => match csv.from_reader(line.as_bytes()).records().next() {
+                None => continue,
+                Some(Err(e)) => Err(format!("not CSV: {e}")),
+                Some(Ok(record)) if format == Format::Taobao => taobao(&record, &mut history),
+                Some(Ok(record)) => {
+                    if i == 0
+                        && let Some(named) = Rees46Columns::from_header(&record)?
+                    {
+                        columns = named;
+                        continue;
+                    }
+                    rees46(&record, columns, &mut history)
+                }
+            },
         };
-        if read.is_none() {
-            history.skipped += 1;
+        if let Err(reason) = read {
+            history.skip(i as u64 + 1, &reason);
         }
+    }
+    if history.skipped > SKIPS_NAMED {
+        tracing::warn!(more = history.skipped - SKIPS_NAMED, "more history lines skipped");
     }
     history.interactions.sort_by_key(|x| x.at);
     Ok(history)
+}
+
+/// The columns of a REES46 file, found by name in its header (any order; the dataset's own
+/// order when the file has no header).
+#[derive(Debug, Clone, Copy)]
+struct Rees46Columns {
+    time: usize,
+    kind: usize,
+    product: usize,
+    category_id: Option<usize>,
+    category_code: Option<usize>,
+    brand: Option<usize>,
+    price: Option<usize>,
+    user: usize,
+    session: Option<usize>,
+}
+
+impl Rees46Columns {
+    const DATASET: Self = Self {
+        time: 0,
+        kind: 1,
+        product: 2,
+        category_id: Some(3),
+        category_code: Some(4),
+        brand: Some(5),
+        price: Some(6),
+        user: 7,
+        session: Some(8),
+    };
+
+    /// The columns named by `header`, or `None` when it is not a header (no `event_time`).
+    fn from_header(header: &csv::StringRecord) -> anyhow::Result<Option<Self>> {
+        let names: Vec<&str> = header.iter().collect();
+        if !names.contains(&"event_time") {
+            return Ok(None);
+        }
+        let find = |name: &str| names.iter().position(|n| *n == name);
+        let need = |name: &str| find(name).ok_or_else(|| anyhow::anyhow!("the header has no `{name}` column"));
+        Ok(Some(Self {
+            time: need("event_time")?,
+            kind: need("event_type")?,
+            product: need("product_id")?,
+            category_id: find("category_id"),
+            category_code: find("category_code"),
+            brand: find("brand"),
+            price: find("price"),
+            user: need("user_id")?,
+            session: find("user_session"),
+        }))
+    }
 }
 
 fn product(history: &mut History, id: &str, category: &str, price: Option<f64>, brand: Option<&str>) {
@@ -111,66 +209,92 @@ fn product(history: &mut History, id: &str, category: &str, price: Option<f64>, 
     }
 }
 
-fn rees46(line: &str, history: &mut History) -> Option<()> {
-    let f: Vec<&str> = line.split(',').collect();
-    let [time, kind, product_id, category_id, category_code, brand, price, user, session] = f.as_slice() else {
-        return None;
-    };
-    let at = Utc.from_utc_datetime(
-        &chrono::NaiveDateTime::parse_from_str(time.trim_end_matches(" UTC"), "%Y-%m-%d %H:%M:%S").ok()?,
-    );
-    let kind = match *kind {
+/// The user and product of a history line, held to the ingestion APIs' rules (so `events
+/// import` sends nothing they refuse).
+fn ids<'a>(user: &'a str, product: &'a str) -> Result<(&'a str, &'a str), String> {
+    let user = events::validate::user_id(user).map_err(|e| e.to_string())?;
+    let product = events::validate::product_id(product).map_err(|e| e.to_string())?;
+    Ok((user, product))
+}
+
+fn rees46(record: &csv::StringRecord, columns: Rees46Columns, history: &mut History) -> Result<(), String> {
+    let field = |i: Option<usize>| i.and_then(|i| record.get(i)).unwrap_or("");
+    let needed = [columns.time, columns.kind, columns.product, columns.user];
+    if needed.iter().any(|i| record.get(*i).is_none()) {
+        return Err(format!("{} fields where the header has more", record.len()));
+    }
+    let time = field(Some(columns.time));
+    let at = chrono::NaiveDateTime::parse_from_str(time.trim_end_matches(" UTC"), "%Y-%m-%d %H:%M:%S")
+        .map(|t| Utc.from_utc_datetime(&t))
+        .or_else(|_| DateTime::parse_from_rfc3339(time).map(|t| t.with_timezone(&Utc)))
+        .map_err(|_| format!("event_time {time:?} is neither `YYYY-MM-DD hh:mm:ss UTC` nor RFC 3339"))?;
+    let kind = match field(Some(columns.kind)) {
         "view" => Kind::View,
         "cart" => Kind::Cart,
+        "remove_from_cart" => Kind::RemoveFromCart,
         "purchase" => Kind::Purchase,
-        _ => return None,
+        other => {
+            return Err(format!("unknown event_type {other:?}; expected view, cart, remove_from_cart or purchase"));
+        }
     };
-    let category = if category_code.is_empty() { category_id } else { category_code };
-    product(history, product_id, category, price.parse().ok(), Some(brand));
+    let (user, product_id) = ids(field(Some(columns.user)), field(Some(columns.product)))?;
+    let (code, id) = (field(columns.category_code), field(columns.category_id));
+    let category = if code.is_empty() { id } else { code };
+    product(history, product_id, category, field(columns.price).parse().ok(), Some(field(columns.brand)));
+    let session = field(columns.session);
     history.interactions.push(Interaction {
-        user: (*user).to_owned(),
-        session: (!session.is_empty()).then(|| (*session).to_owned()),
+        user: user.to_owned(),
+        session: (!session.is_empty()).then(|| session.to_owned()),
         kind,
-        product: (*product_id).to_owned(),
+        product: product_id.to_owned(),
         at,
         recommendation: None,
     });
-    Some(())
+    Ok(())
 }
 
-fn taobao(line: &str, history: &mut History) -> Option<()> {
-    let f: Vec<&str> = line.split(',').collect();
-    let [user, item, category, behaviour, timestamp] = f.as_slice() else { return None };
+fn taobao(record: &csv::StringRecord, history: &mut History) -> Result<(), String> {
+    let f: Vec<&str> = record.iter().collect();
+    let [user, item, category, behaviour, timestamp] = f.as_slice() else {
+        return Err(format!("{} fields; expected user_id,item_id,category_id,behavior,timestamp", f.len()));
+    };
     let kind = match *behaviour {
         "pv" => Kind::View,
         "fav" => Kind::Favourite,
         "cart" => Kind::Cart,
         "buy" => Kind::Purchase,
-        _ => return None,
+        other => return Err(format!("unknown behavior {other:?}; expected pv, fav, cart or buy")),
     };
-    let at = Utc.timestamp_opt(timestamp.parse().ok()?, 0).single()?;
+    let at = timestamp
+        .parse()
+        .ok()
+        .and_then(|t| Utc.timestamp_opt(t, 0).single())
+        .ok_or_else(|| format!("timestamp {timestamp:?} is not Unix seconds"))?;
+    let (user, item) = ids(user, item)?;
     product(history, item, category, None, None);
     history.interactions.push(Interaction {
-        user: (*user).to_owned(),
+        user: user.to_owned(),
         session: None,
         kind,
-        product: (*item).to_owned(),
+        product: item.to_owned(),
         at,
         recommendation: None,
     });
-    Some(())
+    Ok(())
 }
 
-fn platform(line: &str, history: &mut History) -> Option<()> {
-    let v: Value = serde_json::from_str(line).ok()?;
+fn platform(line: &str, history: &mut History) -> Result<(), String> {
+    // Read as the APIs read a body: an object that gives a key twice is refused.
+    let v = kit::json::value_from_bytes(line.as_bytes()).map_err(|e| format!("not JSON: {e}"))?;
     let far_future = Utc::now() + Duration::days(36_500);
     if v.get("userId").is_none() {
-        let p = events::validate::catalog_product(&v, Utc::now()).ok()?;
+        let p = events::validate::catalog_product(&v, Utc::now()).map_err(|e| format!("not a product: {e}"))?;
         history.products.insert(p.product_id.clone(), p.to_product());
-        return Some(());
+        return Ok(());
     }
     if v.get("items").is_some() {
-        let o = events::validate::order(&v, far_future, events::validate::Strictness::Api).ok()?;
+        let o = events::validate::order(&v, far_future, events::validate::Strictness::Api)
+            .map_err(|e| format!("not an order: {e}"))?;
         for item in &o.items {
             history.interactions.push(Interaction {
                 user: o.user_id.clone(),
@@ -181,23 +305,27 @@ fn platform(line: &str, history: &mut History) -> Option<()> {
                 recommendation: None,
             });
         }
-        return Some(());
+        return Ok(());
     }
-    let a = events::validate::activity(&v, far_future, events::validate::Strictness::Api).ok()?;
+    let a = events::validate::activity(&v, far_future, events::validate::Strictness::Api)
+        .map_err(|e| format!("not an activity event: {e}"))?;
     let kind = match a.event_type {
         EventType::ProductView | EventType::Click => Kind::View,
         EventType::AddToCart => Kind::Cart,
-        _ => return Some(()),
+        EventType::RemoveFromCart => Kind::RemoveFromCart,
+        // Page views and searches name no product: valid, not an interaction with one.
+        _ => return Ok(()),
     };
+    let Some(product) = a.product_id else { return Err("no productId".into()) };
     history.interactions.push(Interaction {
         user: a.user_id,
         session: a.session_id,
         kind,
-        product: a.product_id?,
+        product,
         at: a.timestamp,
         recommendation: a.recommendation_id,
     });
-    Some(())
+    Ok(())
 }
 
 /// The interactions as the ingestion APIs would have received them.
@@ -231,6 +359,7 @@ pub fn steps(interactions: &[Interaction], products: &BTreeMap<String, catalog::
                     session_id: x.session.clone(),
                     event_type: match kind {
                         Kind::Cart => EventType::AddToCart,
+                        Kind::RemoveFromCart => EventType::RemoveFromCart,
                         Kind::Favourite => EventType::Click,
                         _ => EventType::ProductView,
                     },
@@ -282,6 +411,9 @@ pub struct Report {
     #[serde(rename = "attributedEvents")]
     pub attributed_events: usize,
     pub products: usize,
+    /// Lines of the history file that could not be read (named on stderr).
+    #[serde(rename = "skippedLines")]
+    pub skipped_lines: usize,
     pub k: usize,
 }
 
@@ -305,6 +437,14 @@ impl Report {
              | method | hit rate@{k} | MRR@{k} | NDCG@{k} |\n|---|---:|---:|---:|\n",
             self.users, self.training_events, self.held_out_events, self.products
         );
+        if self.skipped_lines > 0 {
+            let lines = if self.skipped_lines == 1 { "line" } else { "lines" };
+            out = out.replacen(
+                "\n\n",
+                &format!("; {} {lines} of the file skipped (named on stderr)\n\n", self.skipped_lines),
+                1,
+            );
+        }
         if self.attributed_events == 0 {
             out = out.replacen(
                 "\n\n",
@@ -367,7 +507,7 @@ impl<'h> Split<'h> {
         anyhow::ensure!(!train.is_empty(), "nothing before the held-out period: shorten --holdout-hours");
         let trained: HashSet<&str> = train.iter().map(|x| x.user.as_str()).collect();
         let mut truth: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
-        for x in test.iter().filter(|x| trained.contains(x.user.as_str())) {
+        for x in test.iter().filter(|x| x.kind.engages() && trained.contains(x.user.as_str())) {
             truth.entry(x.user.as_str()).or_default().insert(x.product.as_str());
         }
         anyhow::ensure!(!truth.is_empty(), "no user is active both before and during the held-out period");
@@ -431,6 +571,7 @@ impl<'h> Split<'h> {
             held_out_events: self.test.len(),
             attributed_events: self.attributed(),
             products: self.history.products.len(),
+            skipped_lines: self.history.skipped,
             k,
         }
     }
@@ -505,7 +646,7 @@ impl Baselines {
         let mut last_session: HashMap<String, usize> = HashMap::new();
         // Per user: when they were last seen, and how many sessions were derived for them.
         let mut derived: HashMap<&str, (DateTime<Utc>, usize)> = HashMap::new();
-        for x in train {
+        for x in train.iter().filter(|x| x.kind.engages()) {
             *counts.entry(&x.product).or_default() += 1;
             by_user.entry(x.user.clone()).or_default().push((x.product.clone(), x.at));
             // The history's session, or one derived from gaps of inactivity.
@@ -652,6 +793,8 @@ fn ranked(scores: HashMap<&str, f64>, k: usize) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     #[test]
@@ -736,24 +879,109 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    fn written(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("history-{name}-{}", std::process::id()));
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
     #[test]
     fn taobao_and_platform_lines_are_read() {
-        let mut h = History::default();
-        assert!(taobao("1,2,3,pv,1511544070", &mut h).is_some());
-        assert!(taobao("1,2,3,buy,1511544071", &mut h).is_some());
-        assert!(taobao("1,2,3,teleport,1511544071", &mut h).is_none());
+        let taobao =
+            written("taobao.csv", "1,2,3,pv,1511544070\n1,2,3,buy,1511544071\n1,2,3,teleport,1511544071\n1,2,3,pv\n");
+        let h = read(&taobao, Format::Taobao).expect("read");
         assert_eq!(h.interactions.iter().map(|x| x.kind).collect::<Vec<_>>(), [Kind::View, Kind::Purchase]);
-        let mut p = History::default();
-        assert!(platform(r#"{"productId":"SKU-1","name":"Shoe","category":"shoes","price":5}"#, &mut p).is_some());
-        assert!(
-            platform(
+        assert_eq!(h.skipped, 2, "an unknown behaviour and a short line");
+        let platform = written(
+            "platform.jsonl",
+            &[
+                r#"{"productId":"SKU-1","name":"Shoe","category":"shoes","price":5}"#,
                 r#"{"userId":"u","eventType":"product_view","productId":"SKU-1","timestamp":"2024-01-01T00:00:00Z"}"#,
-                &mut p
-            )
-            .is_some()
+                r#"{"userId":"u","eventType":"remove_from_cart","productId":"SKU-1","timestamp":"2024-01-01T00:30:00Z"}"#,
+                r#"{"userId":"u","eventType":"page_view","timestamp":"2024-01-01T00:40:00Z"}"#,
+                r#"{"userId":"u","items":[{"productId":"SKU-1","quantity":1,"unitPrice":5}],"amount":5,"timestamp":"2024-01-02T00:00:00Z"}"#,
+                r#"{"userId":"u","userId":"v","eventType":"product_view","productId":"SKU-1","timestamp":"2024-01-01T00:00:00Z"}"#,
+            ]
+            .join("\n"),
         );
-        assert!(platform(r#"{"userId":"u","items":[{"productId":"SKU-1","quantity":1,"unitPrice":5}],"amount":5,"timestamp":"2024-01-02T00:00:00Z"}"#, &mut p).is_some());
+        let p = read(&platform, Format::Platform).expect("read");
         assert_eq!(p.products["SKU-1"].category, "shoes");
-        assert_eq!(p.interactions.iter().map(|x| x.kind).collect::<Vec<_>>(), [Kind::View, Kind::Purchase]);
+        assert_eq!(
+            p.interactions.iter().map(|x| x.kind).collect::<Vec<_>>(),
+            [Kind::View, Kind::RemoveFromCart, Kind::Purchase],
+            "a page view is valid and no interaction with a product"
+        );
+        assert_eq!(p.skipped, 1, "the line with two userIds");
+        std::fs::remove_file(taobao).ok();
+        std::fs::remove_file(platform).ok();
+    }
+
+    /// REES46 files as other exports write them: a byte-order mark, CRLF, columns in another
+    /// order, quoted fields with commas, the cosmetics shop's `remove_from_cart`, and lines no
+    /// API would take (an empty user, a product id with a space).
+    #[test]
+    fn rees46_files_are_read_as_csv_by_their_header() {
+        let path = written(
+            "rees46.csv",
+            &[
+                "\u{feff}user_id,event_type,event_time,product_id,price,brand,category_code,category_id,user_session",
+                "7,view,2019-10-01 02:00:00 UTC,P1,10.5,\"Smith, Jones & Co\",,55,s1",
+                "7,cart,2019-10-01 02:01:00 UTC,P1,10.5,\"Smith, Jones & Co\",,55,s1",
+                "7,remove_from_cart,2019-10-01 02:02:00 UTC,P1,10.5,,,55,s1",
+                "8,purchase,2019-10-01T02:03:00Z,P2,3,,kitchen.knife,56,",
+                ",view,2019-10-01 02:04:00 UTC,P1,10.5,,,55,s9",
+                "9,view,2019-10-01 02:04:00 UTC,P 3,10.5,,,55,s9",
+                "9,wish,2019-10-01 02:04:00 UTC,P3,10.5,,,55,s9",
+                "9,view,yesterday,P3,10.5,,,55,s9",
+                "",
+            ]
+            .join("\r\n"),
+        );
+        let h = read(&path, Format::Rees46).expect("read");
+        let kinds: Vec<_> = h.interactions.iter().map(|x| (x.user.as_str(), x.kind)).collect();
+        assert_eq!(kinds, [("7", Kind::View), ("7", Kind::Cart), ("7", Kind::RemoveFromCart), ("8", Kind::Purchase)]);
+        assert_eq!(h.skipped, 4, "empty user, product id with a space, unknown event type, bad time");
+        let lines: Vec<u64> = h.first_skipped.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [6, 7, 8, 9], "CRLF line ends counted once: {:?}", h.first_skipped);
+        assert!(h.first_skipped[2].1.contains(r#"unknown event_type "wish""#), "{:?}", h.first_skipped);
+        assert_eq!(h.products["P1"].brand.as_deref(), Some("Smith, Jones & Co"));
+        assert_eq!((h.products["P1"].category.as_str(), h.products["P2"].category.as_str()), ("55", "kitchen.knife"));
+        assert_eq!(h.products["P2"].price, 3.0);
+        assert_eq!(h.interactions[3].session, None);
+        assert!(h.interactions[0].session.as_deref() == Some("s1"));
+        let removal = steps(&h.interactions, &h.products);
+        assert!(
+            matches!(&removal[2], Step::Activity(a) if a.event_type == EventType::RemoveFromCart),
+            "a removal is replayed as one"
+        );
+        let no_user = written("rees46-bad-header.csv", "event_time,event_type,product_id\n");
+        let e = read(&no_user, Format::Rees46).expect_err("no user_id column");
+        assert!(e.to_string().contains("user_id"), "{e}");
+        std::fs::remove_file(path).ok();
+        std::fs::remove_file(no_user).ok();
+    }
+
+    /// Taking a product out of the cart in the held-out period is not an engagement with it.
+    #[test]
+    fn removals_are_not_relevant_items() {
+        let path = written(
+            "rees46-removals.csv",
+            &[
+                "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session",
+                "2019-10-01 01:00:00 UTC,view,P1,1,,,1,a,s",
+                "2019-10-01 01:00:00 UTC,view,P1,1,,,1,b,s2",
+                "2019-10-01 03:00:00 UTC,remove_from_cart,P1,1,,,1,a,s",
+                "2019-10-01 03:00:00 UTC,view,P1,1,,,1,b,s2",
+                "not,a,line",
+            ]
+            .join("\n"),
+        );
+        let h = read(&path, Format::Rees46).expect("read");
+        let report = evaluate(&h, 1.0, 10).expect("evaluates");
+        assert_eq!(report.users, 1, "only b engaged while held out: {}", report.markdown());
+        assert_eq!((report.held_out_events, report.skipped_lines), (2, 1));
+        assert!(report.markdown().contains("1 line of the file skipped"), "{}", report.markdown());
+        assert_eq!(serde_json::from_str::<Value>(&report.json()).expect("JSON")["skippedLines"], 1);
+        std::fs::remove_file(path).ok();
     }
 }

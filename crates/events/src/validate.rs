@@ -236,11 +236,26 @@ pub fn user_id(raw: &str) -> Result<&str, FieldError> {
 /// control characters. Products need not be in the catalog yet (catalog feeds lag behind):
 /// the event processor enriches such an event as unknown.
 fn product(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, FieldError> {
-    let Some(id) = string(obj, field, MAX_ID_LEN)? else { return Ok(None) };
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => product_id_in(field, s).map(|id| Some(id.to_owned())),
+        Some(other) => Err(wrong_type(field, "a string", other)),
+    }
+}
+
+/// A product id given outside a message (a history file's column): the rules of an event's
+/// `productId` — surrounding whitespace trimmed, at most [`MAX_ID_LEN`] characters, no
+/// whitespace or control characters inside.
+pub fn product_id(raw: &str) -> Result<&str, FieldError> {
+    product_id_in("productId", raw)
+}
+
+fn product_id_in<'a>(field: &str, raw: &'a str) -> Result<&'a str, FieldError> {
+    let id = text(field, raw, MAX_ID_LEN)?;
     if id.chars().any(char::is_whitespace) {
         return Err(FieldError::new(field, format!("{id:?} contains whitespace; product ids are single tokens")));
     }
-    Ok(Some(id))
+    Ok(id)
 }
 
 /// Most products in one catalog request.
