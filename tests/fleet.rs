@@ -461,12 +461,13 @@ async fn a_shops_own_catalog_flows_live_through_the_pipeline() -> anyhow::Result
     assert_eq!(resp.json::<Value>().await?["field"], "[1].price");
 
     // `retargetiq catalog import`: good lines go in (in batches), bad ones are reported by
-    // line number, and the imported products reach the services.
+    // line number, and the imported products reach the services. The file starts with a
+    // byte-order mark, as spreadsheets and some editors write it.
     let file = std::env::temp_dir().join(format!("catalog-import-{}.jsonl", std::process::id()));
     std::fs::write(
         &file,
         [
-            r#"{"productId":"IMP-1","name":"Imported one","category":"imports","price":10}"#,
+            "\u{feff}{\"productId\":\"IMP-1\",\"name\":\"Imported one\",\"category\":\"imports\",\"price\":10}",
             "",
             r#"{"productId":"IMP-2","name":"Imported two","category":"imports","price":-1}"#,
             "not json",
@@ -484,7 +485,7 @@ async fn a_shops_own_catalog_flows_live_through_the_pipeline() -> anyhow::Result
     let summary = retargetiq::catalog_import::run(&args).await?;
     std::fs::remove_file(&file)?;
     assert_eq!((summary.lines, summary.accepted), (6, 3), "{}", summary.report());
-    let lines: Vec<usize> = summary.rejected.iter().map(|(line, _)| *line).collect();
+    let lines: Vec<u64> = summary.rejected.iter().map(|(line, _)| *line).collect();
     assert_eq!(lines, [3, 4, 7], "{}", summary.report());
     assert!(summary.rejected[0].1.contains("price"), "{}", summary.report());
     assert!(summary.rejected[2].1.contains(r#"the key "price" is given twice"#), "{}", summary.report());

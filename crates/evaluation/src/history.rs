@@ -94,10 +94,25 @@ impl History {
     }
 }
 
+/// The lines of a text file with their numbers (from 1), trimmed, blank ones left out, and a
+/// byte-order mark (spreadsheets and some editors write one) taken off the first: how every
+/// line-oriented file of ours is read (histories, `catalog import`, `events import`).
+pub fn numbered_lines(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<(u64, String)>>> {
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let path = path.to_owned();
+    Ok(std::io::BufReader::new(file).lines().enumerate().filter_map(move |(i, line)| {
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => return Some(Err(anyhow::anyhow!("reading {}: {e}", path.display()))),
+        };
+        let text = if i == 0 { line.trim_start_matches('\u{feff}') } else { line.as_str() }.trim();
+        (!text.is_empty()).then(|| Ok((i as u64 + 1, text.to_owned())))
+    }))
+}
+
 /// Reads a history file. Lines that cannot be read are skipped and counted ([`History::skipped`],
 /// the first few named with their line number on stderr).
 pub fn read(path: &Path, format: Format) -> anyhow::Result<History> {
-    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     let mut history = History::default();
     // REES46's columns, from its header (the dataset's order without one).
     let mut columns = Rees46Columns::DATASET;
@@ -106,21 +121,16 @@ pub fn read(path: &Path, format: Format) -> anyhow::Result<History> {
     // positions are off after CRLF and blank lines (rust-csv #395, #208).
     let mut csv = csv::ReaderBuilder::new();
     csv.has_headers(false).flexible(true).trim(csv::Trim::All);
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        // A byte-order mark (spreadsheets write one) is not part of the first field.
-        let line = if i == 0 { line.trim_start_matches('\u{feff}') } else { line.as_str() }.trim();
-        if line.is_empty() {
-            continue;
-        }
+    for line in numbered_lines(path)? {
+        let (number, line) = line?;
         let read = match format {
-            Format::Platform => platform(line, &mut history),
+            Format::Platform => platform(&line, &mut history),
             Format::Rees46 | Format::Taobao => match csv.from_reader(line.as_bytes()).records().next() {
                 None => continue,
                 Some(Err(e)) => Err(format!("not CSV: {e}")),
                 Some(Ok(record)) if format == Format::Taobao => taobao(&record, &mut history),
                 Some(Ok(record)) => {
-                    if i == 0
+                    if number == 1
                         && let Some(named) = Rees46Columns::from_header(&record)?
                     {
                         columns = named;
@@ -131,7 +141,7 @@ pub fn read(path: &Path, format: Format) -> anyhow::Result<History> {
             },
         };
         if let Err(reason) = read {
-            history.skip(i as u64 + 1, &reason);
+            history.skip(number, &reason);
         }
     }
     if history.skipped > SKIPS_NAMED {

@@ -6,7 +6,6 @@
 //! line number and skipped while the rest goes in. A batch the service cannot store right now
 //! (`503`) is sent again after a pause: products are upserts keyed by id, so a retry is safe.
 
-use std::io::BufRead as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -35,7 +34,7 @@ pub struct Summary {
     pub lines: usize,
     pub accepted: usize,
     /// (line number, reason) of the lines that were not sent.
-    pub rejected: Vec<(usize, String)>,
+    pub rejected: Vec<(u64, String)>,
     pub elapsed: Duration,
 }
 
@@ -62,26 +61,22 @@ impl Summary {
 
 /// Reads `args.file` and sends its products.
 pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
-    let file =
-        std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", args.file.display()))?;
+    let lines = evaluation::history::numbered_lines(&args.file)?;
     let endpoint = format!("{}/api/catalog/products", args.url.trim_end_matches('/'));
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let started = Instant::now();
     let mut summary = Summary::default();
     let mut batch: Vec<Value> = Vec::with_capacity(usize::from(args.batch));
     let mut last_progress = Instant::now();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| anyhow::anyhow!("reading {}: {e}", args.file.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for line in lines {
+        let (number, line) = line?;
         summary.lines += 1;
         let checked = kit::json::value_from_bytes(line.as_bytes())
             .map_err(|e| format!("not JSON: {e}"))
             .and_then(|v| events::validate::catalog_product(&v, Utc::now()).map(|_| v).map_err(|e| e.to_string()));
         match checked {
             Ok(v) => batch.push(v),
-            Err(reason) => summary.rejected.push((i + 1, reason)),
+            Err(reason) => summary.rejected.push((number, reason)),
         }
         if batch.len() == usize::from(args.batch) {
             summary.accepted += send(&http, reqwest::Method::PUT, &endpoint, &batch).await?;

@@ -9,7 +9,6 @@
 //! Events keep their ids (the datasets' get `h<line>`), so importing the same file twice stores
 //! every event once. Lines that cannot be read are reported by number and skipped.
 
-use std::io::BufRead as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -74,21 +73,16 @@ fn plan(args: &ImportArgs) -> anyhow::Result<Plan> {
         let (products, events) = import::messages(&h, &h.interactions)?;
         return Ok(Plan { products, events, skipped: h.skipped });
     }
-    let file =
-        std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", args.file.display()))?;
     let mut plan = Plan { products: Vec::new(), events: Vec::new(), skipped: 0 };
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for line in history::numbered_lines(&args.file)? {
+        let (number, line) = line?;
         // A line whose object gives a key twice is skipped like any unreadable one, not sent
         // with the key's last value.
         match kit::json::value_from_bytes(line.as_bytes()) {
             Ok(v) if v.get("userId").is_none() && v.get("productId").is_some() => plan.products.push(v),
             Ok(v) if v.get("userId").is_some() => plan.events.push((v.get("items").is_some(), v)),
             _ => {
-                tracing::warn!(line = i + 1, "skipped: neither an event, an order nor a product");
+                tracing::warn!(line = number, "skipped: neither an event, an order nor a product");
                 plan.skipped += 1;
             }
         }
@@ -123,7 +117,8 @@ mod tests {
         std::fs::write(
             &file,
             [
-                r#"{"userId":"a","eventType":"page_view"}"#,
+                // A byte-order mark before the first line is not part of it.
+                "\u{feff}{\"userId\":\"a\",\"eventType\":\"page_view\"}",
                 r#"{"productId":"P1","name":"One","category":"c","price":1}"#,
                 r#"{"userId":"b","items":[{"productId":"P1","quantity":1,"unitPrice":1}],"amount":1}"#,
                 "not json",
