@@ -6,8 +6,9 @@
 //! - `rees46`, `taobao`: the two public datasets, mapped to the platform's event types (views,
 //!   carts, favourites as clicks, purchases as orders); their products go to the catalog first.
 //!
-//! Events keep their ids (the datasets' get `h<n>`, their place in the file's time order), so
-//! importing the same file twice stores every event once. Lines that cannot be read are reported by number and skipped.
+//! Events keep their ids (the datasets' get `h<n>`, their place among the file's readable lines
+//! in time order), so importing the same file twice stores every event once. Lines that cannot
+//! be read are reported by number and skipped.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
