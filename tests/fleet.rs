@@ -495,16 +495,17 @@ async fn a_shops_own_catalog_flows_live_through_the_pipeline() -> anyhow::Result
     })
     .await?;
 
-    // `retargetiq events import` of a REES46 file: its products go to the catalog, its views,
-    // carts and purchases through the ingestion APIs; a second import stores nothing twice.
+    // `retargetiq events import` of a REES46 file (a line out of time order, so it is sorted):
+    // its products go to the catalog, its views, carts and purchases through the ingestion
+    // APIs in time order; a second import stores nothing twice.
     let history = std::env::temp_dir().join(format!("events-import-{}.csv", std::process::id()));
     std::fs::write(
         &history,
         "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n\
+         2019-10-01 02:03:00 UTC,view,5002,7,appliances.kettle,,12.00,r46-user,s1\n\
          2019-10-01 02:00:00 UTC,view,5001,7,appliances.kettle,acme,30.50,r46-user,s1\n\
          2019-10-01 02:01:00 UTC,cart,5001,7,appliances.kettle,acme,30.50,r46-user,s1\n\
          2019-10-01 02:02:00 UTC,purchase,5001,7,appliances.kettle,acme,30.50,r46-user,s1\n\
-         2019-10-01 02:03:00 UTC,view,5002,7,appliances.kettle,,12.00,r46-user,s1\n\
          garbage line\n",
     )?;
     let args = retargetiq::events_import::ImportArgs {

@@ -1,7 +1,10 @@
 //! A history sent through the ingestion APIs, in batches, in the file's order: what
 //! `retargetiq events import` and `retargetiq evaluate --live` do.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+use events::generate::Step;
 
 use serde_json::Value;
 
@@ -36,20 +39,22 @@ pub type Events = Vec<(bool, Value)>;
 /// The messages of a history: its products as catalog entries, and its interactions as the
 /// APIs take them.
 pub fn messages(history: &History, interactions: &[Interaction]) -> anyhow::Result<(Vec<Value>, Events)> {
+    let events = history::steps(interactions, &history.products).into_iter().map(message).collect::<Result<_, _>>()?;
+    Ok((catalog_products(&history.products)?, events))
+}
+
+/// Products as `PUT /api/catalog/products` takes them.
+pub fn catalog_products(products: &BTreeMap<String, catalog::Product>) -> anyhow::Result<Vec<Value>> {
     let now = chrono::Utc::now();
-    let products = history
-        .products
-        .values()
-        .map(|p| serde_json::to_value(events::CatalogProduct::of(p, now)))
-        .collect::<Result<_, _>>()?;
-    let events = history::steps(interactions, &history.products)
-        .into_iter()
-        .map(|s| match s {
-            events::generate::Step::Activity(a) => serde_json::to_value(a).map(|v| (false, v)),
-            events::generate::Step::Order(o) => serde_json::to_value(o).map(|v| (true, v)),
-        })
-        .collect::<Result<_, _>>()?;
-    Ok((products, events))
+    Ok(products.values().map(|p| serde_json::to_value(events::CatalogProduct::of(p, now))).collect::<Result<_, _>>()?)
+}
+
+/// An interaction as its ingestion API takes it: (is an order, JSON).
+pub fn message(step: Step) -> anyhow::Result<(bool, Value)> {
+    Ok(match step {
+        Step::Activity(a) => (false, serde_json::to_value(a)?),
+        Step::Order(o) => (true, serde_json::to_value(o)?),
+    })
 }
 
 /// Sends the products to the catalog, then the events in batches of `batch` (at most `rate`
@@ -62,39 +67,103 @@ pub async fn send_all(
     batch: usize,
     rate: f64,
 ) -> anyhow::Result<Sent> {
-    let started = Instant::now();
-    let mut sent = Sent::default();
-    let catalog = Endpoints::url(&endpoints.user_activity, "/api/catalog/products");
-    for chunk in products.chunks(events::validate::MAX_CATALOG_BATCH) {
-        sent.products += send(http, reqwest::Method::PUT, &catalog, chunk).await?;
+    let mut sender = Sender::new(http, endpoints, batch, rate, events.len());
+    sender.products(products).await?;
+    for (order, event) in events {
+        sender.push(*order, event.clone()).await?;
     }
-    let activity = Endpoints::url(&endpoints.user_activity, "/api/users/activity");
-    let orders = Endpoints::url(&endpoints.order, "/api/orders/place");
-    let mut last_progress = Instant::now();
-    let mut done = 0usize;
-    // Consecutive events of one kind go together, so the order of the file is kept.
-    for run in events.chunk_by(|a, b| a.0 == b.0) {
-        for chunk in run.chunks(batch.max(1)) {
-            let values: Vec<Value> = chunk.iter().map(|(_, v)| v.clone()).collect();
-            if chunk[0].0 {
-                sent.orders += send(http, reqwest::Method::POST, &orders, &values).await?;
-            } else {
-                sent.activity += send(http, reqwest::Method::POST, &activity, &values).await?;
-            }
-            done += values.len();
-            if rate > 0.0 {
-                let due = Duration::from_secs_f64(done as f64 / rate);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-            }
-            if last_progress.elapsed() >= Duration::from_secs(2) {
-                eprintln!("{done} of {} events sent", events.len());
-                last_progress = Instant::now();
-            }
+    sender.finish().await
+}
+
+/// Sends events in the order they are pushed, in batches of consecutive events of one kind
+/// (activity or orders) of at most `batch`, at most `rate` per second when positive; prints
+/// progress every 2 s to stderr. Holds one batch at a time, so a history of any length can be
+/// sent as it is read.
+pub struct Sender<'a> {
+    http: &'a reqwest::Client,
+    catalog: String,
+    activity: String,
+    orders: String,
+    batch: usize,
+    rate: f64,
+    /// How many events there are in all, for the progress lines.
+    total: usize,
+    /// The batch being filled, and whether it holds orders.
+    pending: Vec<Value>,
+    pending_orders: bool,
+    sent: Sent,
+    /// Events sent so far.
+    done: usize,
+    started: Instant,
+    last_progress: Instant,
+}
+
+impl<'a> Sender<'a> {
+    pub fn new(http: &'a reqwest::Client, endpoints: &Endpoints, batch: usize, rate: f64, total: usize) -> Self {
+        Self {
+            http,
+            catalog: Endpoints::url(&endpoints.user_activity, "/api/catalog/products"),
+            activity: Endpoints::url(&endpoints.user_activity, "/api/users/activity"),
+            orders: Endpoints::url(&endpoints.order, "/api/orders/place"),
+            batch: batch.max(1),
+            rate,
+            total,
+            pending: Vec::new(),
+            pending_orders: false,
+            sent: Sent::default(),
+            done: 0,
+            started: Instant::now(),
+            last_progress: Instant::now(),
         }
     }
-    Ok(sent)
+
+    /// Puts products in the catalog (before the events that name them).
+    pub async fn products(&mut self, products: &[Value]) -> anyhow::Result<()> {
+        for chunk in products.chunks(events::validate::MAX_CATALOG_BATCH) {
+            self.sent.products += send(self.http, reqwest::Method::PUT, &self.catalog, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds an event (an order when `order`), sending the batch it closes.
+    pub async fn push(&mut self, order: bool, event: Value) -> anyhow::Result<()> {
+        if !self.pending.is_empty() && (order != self.pending_orders || self.pending.len() >= self.batch) {
+            self.flush().await?;
+        }
+        self.pending_orders = order;
+        self.pending.push(event);
+        Ok(())
+    }
+
+    /// Sends what is left; what was sent.
+    pub async fn finish(mut self) -> anyhow::Result<Sent> {
+        self.flush().await?;
+        Ok(self.sent)
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.pending_orders {
+            self.sent.orders += send(self.http, reqwest::Method::POST, &self.orders, &self.pending).await?;
+        } else {
+            self.sent.activity += send(self.http, reqwest::Method::POST, &self.activity, &self.pending).await?;
+        }
+        self.done += self.pending.len();
+        self.pending.clear();
+        if self.rate > 0.0 {
+            let due = Duration::from_secs_f64(self.done as f64 / self.rate);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if self.last_progress.elapsed() >= Duration::from_secs(2) {
+            eprintln!("{} of {} events sent", self.done, self.total);
+            self.last_progress = Instant::now();
+        }
+        Ok(())
+    }
 }
 
 /// Sends one batch to an ingestion endpoint, retrying while the service answers `503` or

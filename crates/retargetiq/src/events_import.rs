@@ -9,6 +9,11 @@
 //! Events keep their ids (the datasets' get `h<n>`, their place among the file's readable lines
 //! in time order), so importing the same file twice stores every event once. Lines that cannot
 //! be read are reported by number and skipped.
+//!
+//! The file is read twice, not held: first for its products, counts and (when it is not in
+//! time order) the order of its lines, then again line by line as the batches go out
+//! ([`evaluation::history::scan`]). Memory holds the products, one batch and, for a file out
+//! of time order, 16 bytes a line; a file that changes between the readings is refused.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -60,50 +65,85 @@ impl Summary {
     }
 }
 
-/// The messages to send, in the file's order (the datasets': in time order).
-struct Plan {
+/// What a platform file's first reading found: its products (sent first), how many events
+/// it holds, how many lines are skipped.
+struct PlatformScan {
     products: Vec<Value>,
-    /// (is an order, the JSON the API takes).
-    events: Vec<(bool, Value)>,
+    events: usize,
     skipped: usize,
 }
 
-fn plan(args: &ImportArgs) -> anyhow::Result<Plan> {
-    if args.format != Format::Platform {
-        let h = history::read(&args.file, args.format)?;
-        let (products, events) = import::messages(&h, &h.interactions)?;
-        return Ok(Plan { products, events, skipped: h.skipped });
+/// A line of a platform file: a product, or an event (an order when it has `items`).
+enum PlatformLine {
+    Product(Value),
+    Event { order: bool, value: Value },
+    Unreadable,
+}
+
+fn platform_line(line: &str) -> PlatformLine {
+    // A line whose object gives a key twice is skipped like any unreadable one, not sent
+    // with the key's last value.
+    match kit::json::value_from_bytes(line.as_bytes()) {
+        Ok(v) if v.get("userId").is_none() && v.get("productId").is_some() => PlatformLine::Product(v),
+        Ok(v) if v.get("userId").is_some() => PlatformLine::Event { order: v.get("items").is_some(), value: v },
+        _ => PlatformLine::Unreadable,
     }
-    let mut plan = Plan { products: Vec::new(), events: Vec::new(), skipped: 0 };
+}
+
+fn platform_scan(args: &ImportArgs) -> anyhow::Result<PlatformScan> {
+    let mut scan = PlatformScan { products: Vec::new(), events: 0, skipped: 0 };
     for line in history::numbered_lines(&args.file)? {
         let (number, line) = line?;
-        // A line whose object gives a key twice is skipped like any unreadable one, not sent
-        // with the key's last value.
-        match kit::json::value_from_bytes(line.as_bytes()) {
-            Ok(v) if v.get("userId").is_none() && v.get("productId").is_some() => plan.products.push(v),
-            Ok(v) if v.get("userId").is_some() => plan.events.push((v.get("items").is_some(), v)),
-            _ => {
+        match platform_line(&line) {
+            PlatformLine::Product(v) => scan.products.push(v),
+            PlatformLine::Event { .. } => scan.events += 1,
+            PlatformLine::Unreadable => {
                 tracing::warn!(line = number, "skipped: neither an event, an order nor a product");
-                plan.skipped += 1;
+                scan.skipped += 1;
             }
         }
     }
-    Ok(plan)
+    Ok(scan)
 }
 
-/// Reads the file and sends it.
+/// Reads the file and sends it: products first, then the events in the file's order (the
+/// datasets': in time order). The file is read twice, once for its products and once for its
+/// events, so that memory holds its products and one batch, not the history.
 pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
-    let plan = plan(args)?;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-    let started = Instant::now();
     let endpoints = Endpoints { user_activity: args.user_activity_url.clone(), order: args.order_url.clone() };
-    let sent =
-        import::send_all(&http, &endpoints, &plan.products, &plan.events, usize::from(args.batch), args.rate).await?;
+    let started = Instant::now();
+    let skipped;
+    let sent = if args.format == Format::Platform {
+        let stamp = history::Stamp::of(&args.file)?;
+        let scan = platform_scan(args)?;
+        skipped = scan.skipped;
+        let mut sender = import::Sender::new(&http, &endpoints, usize::from(args.batch), args.rate, scan.events);
+        sender.products(&scan.products).await?;
+        drop(scan);
+        stamp.check(&args.file)?;
+        for line in history::numbered_lines(&args.file)? {
+            if let PlatformLine::Event { order, value } = platform_line(&line?.1) {
+                sender.push(order, value).await?;
+            }
+        }
+        sender.finish().await?
+    } else {
+        let scan = history::scan(&args.file, args.format)?;
+        skipped = scan.skipped;
+        let mut sender = import::Sender::new(&http, &endpoints, usize::from(args.batch), args.rate, scan.interactions);
+        sender.products(&import::catalog_products(&scan.products)?).await?;
+        for step in scan.steps()? {
+            let (order, value) = import::message(step?)?;
+            sender.push(order, value).await?;
+        }
+        sender.finish().await?
+    };
     Ok(Summary {
         products: sent.products,
         activity: sent.activity,
         orders: sent.orders,
-        skipped: plan.skipped,
+        skipped,
         elapsed: started.elapsed(),
     })
 }
@@ -113,7 +153,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn platform_lines_are_sorted_and_unreadable_ones_skipped() {
+    fn platform_lines_are_told_apart_and_unreadable_ones_skipped() {
         let file = std::env::temp_dir().join(format!("events-import-plan-{}.jsonl", std::process::id()));
         std::fs::write(
             &file,
@@ -137,12 +177,17 @@ mod tests {
             user_activity_url: String::new(),
             order_url: String::new(),
         };
-        let plan = plan(&args);
+        let scan = platform_scan(&args).expect("scan");
+        let kinds: Vec<bool> = history::numbered_lines(&file)
+            .expect("read")
+            .filter_map(|line| match platform_line(&line.expect("line").1) {
+                PlatformLine::Event { order, .. } => Some(order),
+                _ => None,
+            })
+            .collect();
         std::fs::remove_file(&file).expect("remove");
-        let plan = plan.expect("plan");
-        assert_eq!(plan.products.len(), 1);
-        let kinds: Vec<bool> = plan.events.iter().map(|(order, _)| *order).collect();
+        assert_eq!((scan.products.len(), scan.events), (1, 2));
         assert_eq!(kinds, [false, true]);
-        assert_eq!(plan.skipped, 2, "the line that is not JSON and the one with a repeated key");
+        assert_eq!(scan.skipped, 2, "the line that is not JSON and the one with a repeated key");
     }
 }
