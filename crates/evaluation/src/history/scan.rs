@@ -3,8 +3,10 @@
 //! sends a history of any length with memory for its products only (and, when the file is not
 //! in time order, 16 bytes a line to sort it by).
 //!
-//! The interactions come out exactly as [`super::steps`] makes them from [`super::read`]:
-//! in time order (equal times in the file's order), with the same event ids.
+//! The interactions come out as [`super::steps`] makes them from [`super::read`]: in time
+//! order (equal times in the file's order), with the same event ids. Times are compared to
+//! the microsecond: two events of a platform file less than a microsecond apart keep the
+//! file's order (the datasets' times are whole seconds).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
