@@ -63,14 +63,14 @@ pub async fn send_all(
     http: &reqwest::Client,
     endpoints: &Endpoints,
     products: &[Value],
-    events: &[(bool, Value)],
+    events: Events,
     batch: usize,
     rate: f64,
 ) -> anyhow::Result<Sent> {
     let mut sender = Sender::new(http, endpoints, batch, rate, events.len());
     sender.products(products).await?;
     for (order, event) in events {
-        sender.push(*order, event.clone()).await?;
+        sender.push(order, event).await?;
     }
     sender.finish().await
 }

@@ -38,7 +38,7 @@ pub async fn run(options: &Options, stack: &Stack) -> anyhow::Result<Report> {
 
     let (products, events) = import::messages(&history, split.train)?;
     let started = Instant::now();
-    let sent = import::send_all(&http, &stack.endpoints, &products, &events, 500, 0.0).await?;
+    let sent = import::send_all(&http, &stack.endpoints, &products, events, 500, 0.0).await?;
     eprintln!(
         "evaluate --live: {} products, {} activity events and {} orders sent in {:.1} s; waiting for the stack to catch up",
         sent.products,
