@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use events::generate::Step;
 
-use super::{Format, History, Interaction, LineReader, Lines};
+use super::{Format, History, Interaction, Line, LineReader, Lines};
 
 /// What the first reading found.
 pub struct Scan {
@@ -67,14 +67,15 @@ pub fn scan(path: &Path, format: Format) -> anyhow::Result<Scan> {
     let mut order: Option<Vec<Place>> = None;
     while let Some(line) = lines.next_line() {
         let line = line?;
-        if let Err(reason) = reader.read(line.number, &line.text, &mut history)? {
-            history.skip(line.number, &reason);
-            continue;
-        }
-        let Some(first) = history.interactions.first() else { continue };
-        let at = first.at.timestamp_micros();
-        interactions += history.interactions.len();
-        history.interactions.clear();
+        let (at, count) = match timed(&mut reader, &line, &mut history)? {
+            Err(reason) => {
+                history.skip(line.number, &reason);
+                continue;
+            }
+            Ok(None) => continue,
+            Ok(Some(timed)) => timed,
+        };
+        interactions += count;
         if order.is_none() && at < last {
             // Out of time order: the places of the lines before this one, read again.
             order = Some(places(path, format, line.offset)?);
@@ -99,6 +100,20 @@ pub fn scan(path: &Path, format: Format) -> anyhow::Result<Scan> {
     })
 }
 
+/// Reads one line into `history` (its products kept, its interactions not): its time in
+/// microseconds and how many interactions it holds, `None` when it holds none. The inner error
+/// says why the line is skipped.
+fn timed(
+    reader: &mut LineReader,
+    line: &Line,
+    history: &mut History,
+) -> anyhow::Result<Result<Option<(i64, usize)>, String>> {
+    let read = reader.read(line.number, &line.text, history)?;
+    let timed = history.interactions.first().map(|x| (x.at.timestamp_micros(), history.interactions.len()));
+    history.interactions.clear();
+    Ok(read.map(|()| timed))
+}
+
 /// The places of the readable lines that start before byte `end`.
 fn places(path: &Path, format: Format, end: u64) -> anyhow::Result<Vec<Place>> {
     let mut places = Vec::new();
@@ -110,13 +125,9 @@ fn places(path: &Path, format: Format, end: u64) -> anyhow::Result<Vec<Place>> {
         if line.offset >= end {
             break;
         }
-        if reader.read(line.number, &line.text, &mut scratch)?.is_ok()
-            && let Some(first) = scratch.interactions.first()
-        {
-            places.push((first.at.timestamp_micros(), line.offset));
+        if let Ok(Some((at, _))) = timed(&mut reader, &line, &mut scratch)? {
+            places.push((at, line.offset));
         }
-        scratch.interactions.clear();
-        scratch.products.clear();
     }
     Ok(places)
 }
