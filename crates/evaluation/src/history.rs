@@ -654,11 +654,13 @@ impl<'h> Split<'h> {
     /// training event was attributed to a shown list (otherwise ranking learns nothing).
     pub fn replayed(&self) -> anyhow::Result<Lists> {
         let catalog = kit::state::Shared::new(catalog::Catalog::from_products(self.history.products.values().cloned()));
-        let training = steps(self.train, &self.history.products);
+        let products = &self.history.products;
         let users = self.users();
         let lists = |config: ranking::Config| -> anyhow::Result<Vec<Vec<String>>> {
-            let platform =
-                Platform::replay(&training, kit::state::Shared::clone(&catalog), config, Attribution::AsRecorded)?;
+            // One step at a time from the interactions: the events are not held.
+            let training = self.train.iter().enumerate().map(|(i, x)| step(i, x, products));
+            let catalog = kit::state::Shared::clone(&catalog);
+            let platform = Platform::replay(training, catalog, config, Attribution::AsRecorded, |_| {})?;
             users.iter().map(|u| platform.recommend(u, self.k)).collect()
         };
         let mut rows = vec![(PLATFORM, lists(ranking::Config::default())?)];

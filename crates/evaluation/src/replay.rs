@@ -4,6 +4,8 @@
 //! views, in the order the topics deliver; messages are passed in memory instead of through
 //! Kafka. Every time-based feature advances by the events' own time.
 
+use std::borrow::Borrow;
+
 use events::generate::Step;
 use events::{ActivityEvent, ProcessedEvent, Topic};
 use kit::kafka::{Handler, Outbox, Record};
@@ -21,31 +23,36 @@ pub enum Attribution {
 
 /// The services' logic wired together in memory.
 pub struct Platform {
-    pub processed: Vec<ProcessedEvent>,
+    /// How many processed events the replay produced.
+    pub processed: usize,
     /// The recommendation API's views at the end of the replay.
     pub views: recommendation_api::ViewState,
     pub model_updates: u64,
 }
 
 impl Platform {
-    /// Replays the training traffic in order; returns the state at the end.
+    /// Replays the training traffic in order, handing each processed event to `observe` as
+    /// it is made; returns the state at the end. The traffic is taken one step at a time, so
+    /// a history need not be held as events.
     pub fn replay(
-        training: &[Step],
+        training: impl IntoIterator<Item = impl Borrow<Step>>,
         catalog: kit::catalog::LiveCatalog,
         ranking_config: ranking::Config,
         attribution: Attribution,
+        observe: impl FnMut(&ProcessedEvent),
     ) -> anyhow::Result<Self> {
         // The services log every event; a replay of a whole history would only drown the report.
         tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
-            Self::replay_quietly(training, catalog, ranking_config, attribution)
+            Self::replay_quietly(training, catalog, ranking_config, attribution, observe)
         })
     }
 
     fn replay_quietly(
-        training: &[Step],
+        training: impl IntoIterator<Item = impl Borrow<Step>>,
         catalog: kit::catalog::LiveCatalog,
         ranking_config: ranking::Config,
         attribution: Attribution,
+        mut observe: impl FnMut(&ProcessedEvent),
     ) -> anyhow::Result<Self> {
         let mut processor = event_processor::Processor::new(
             event_processor::Config::default(),
@@ -58,9 +65,9 @@ impl Platform {
         );
         let mut model = retrieval::Model::default();
         let mut ranker = ranking::Ranker::new(ranking::LinearModel::initial(), ranking_config, Shared::clone(&catalog));
-        let mut processed = Vec::with_capacity(training.len());
-        for (offset, step) in training.iter().enumerate() {
-            let (topic, payload, at) = match step {
+        let mut processed = 0;
+        for (offset, step) in training.into_iter().enumerate() {
+            let (topic, payload, at) = match step.borrow() {
                 Step::Activity(a)
                     if attribution == Attribution::ShownList
                         && a.recommendation_id.is_none()
@@ -98,12 +105,16 @@ impl Platform {
                     };
                     ranker.rank(&candidates);
                 }
-                processed.push(event);
+                observe(&event);
+                processed += 1;
             }
         }
+        // The lists move to the views one by one, least recently ranked first (the views'
+        // order of forgetting stays ranking's); no second copy of every list is made.
+        let mut latest = std::mem::replace(&mut *ranker.latest.write(), kit::state::user_map());
         let mut ranked = kit::state::user_map();
-        for (user, kept) in ranker.latest.read().iter().rev() {
-            ranked.put(user.clone(), kept.ranked().clone());
+        while let Some((user, kept)) = latest.pop_lru() {
+            ranked.put(user, kept.into_ranked());
         }
         let views = recommendation_api::ViewState { ranked, offers: kit::state::user_map(), catalog };
         let model_updates = ranker.model.read().updates;

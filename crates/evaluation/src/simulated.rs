@@ -154,25 +154,25 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<Report> {
     anyhow::ensure!((1..=ranking::MAX_RANKED).contains(&args.k), "k must be from 1 to {}", ranking::MAX_RANKED);
     let (training, truth) = simulate(args);
 
+    // Most popular in training, by engagement.
+    let mut engagement: HashMap<String, f64> = HashMap::new();
     let learned =
-        Platform::replay(&training, kit::catalog::demo(), ranking::Config::default(), Attribution::ShownList)?;
+        Platform::replay(&training, kit::catalog::demo(), ranking::Config::default(), Attribution::ShownList, |e| {
+            for (product, weight) in interactions(e) {
+                *engagement.entry(product.to_owned()).or_default() += weight;
+            }
+        })?;
     let initial = Platform::replay(
         &training,
         kit::catalog::demo(),
         ranking::Config { learning_rate: 0.0, ..Default::default() },
         Attribution::ShownList,
+        |_| {},
     )?;
 
-    // Most popular in training, by engagement.
-    let mut engagement: HashMap<&str, f64> = HashMap::new();
-    for e in &learned.processed {
-        for (product, weight) in interactions(e) {
-            *engagement.entry(product).or_default() += weight;
-        }
-    }
-    let mut popular: Vec<(&str, f64)> = engagement.into_iter().collect();
-    popular.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-    let popular: Vec<String> = popular.into_iter().map(|(p, _)| p.to_owned()).collect();
+    let mut popular: Vec<(String, f64)> = engagement.into_iter().collect();
+    popular.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let popular: Vec<String> = popular.into_iter().map(|(p, _)| p).collect();
 
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
     let products = catalog::Catalog::demo().products();
@@ -205,7 +205,7 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<Report> {
         .collect();
     Ok(Report {
         args: args.clone(),
-        training_events: learned.processed.len(),
+        training_events: learned.processed,
         users: users.len(),
         model_updates: learned.model_updates,
         rows,

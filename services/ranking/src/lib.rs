@@ -445,6 +445,11 @@ impl Kept {
         &self.ranked
     }
 
+    /// The list as published, taken out (copied only if someone else still holds it).
+    pub fn into_ranked(self) -> RankedRecommendations {
+        Arc::unwrap_or_clone(self.ranked)
+    }
+
     /// The list with each item's name, category and price as `catalog` has them now, and the
     /// contributions of its features when it was ranked.
     pub fn explained(&self, catalog: &Catalog) -> RankedRecommendations {
