@@ -5,10 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use events::generate::Step;
-
 use serde_json::Value;
-
-use crate::history::{self, History, Interaction};
 
 /// Where the ingestion APIs are.
 #[derive(Debug, Clone)]
@@ -33,16 +30,6 @@ pub struct Sent {
     pub orders: usize,
 }
 
-/// Events as the ingestion APIs take them: (is an order, JSON), in time order.
-pub type Events = Vec<(bool, Value)>;
-
-/// The messages of a history: its products as catalog entries, and its interactions as the
-/// APIs take them.
-pub fn messages(history: &History, interactions: &[Interaction]) -> anyhow::Result<(Vec<Value>, Events)> {
-    let events = history::steps(interactions, &history.products).into_iter().map(message).collect::<Result<_, _>>()?;
-    Ok((catalog_products(&history.products)?, events))
-}
-
 /// Products as `PUT /api/catalog/products` takes them.
 pub fn catalog_products(products: &BTreeMap<String, catalog::Product>) -> anyhow::Result<Vec<Value>> {
     let now = chrono::Utc::now();
@@ -50,29 +37,11 @@ pub fn catalog_products(products: &BTreeMap<String, catalog::Product>) -> anyhow
 }
 
 /// An interaction as its ingestion API takes it: (is an order, JSON).
-pub fn message(step: Step) -> anyhow::Result<(bool, Value)> {
+fn message(step: Step) -> anyhow::Result<(bool, Value)> {
     Ok(match step {
         Step::Activity(a) => (false, serde_json::to_value(a)?),
         Step::Order(o) => (true, serde_json::to_value(o)?),
     })
-}
-
-/// Sends the products to the catalog, then the events in batches of `batch` (at most `rate`
-/// per second when positive), keeping their order; prints progress every 2 s to stderr.
-pub async fn send_all(
-    http: &reqwest::Client,
-    endpoints: &Endpoints,
-    products: &[Value],
-    events: Events,
-    batch: usize,
-    rate: f64,
-) -> anyhow::Result<Sent> {
-    let mut sender = Sender::new(http, endpoints, batch, rate, events.len());
-    sender.products(products).await?;
-    for (order, event) in events {
-        sender.push(order, event).await?;
-    }
-    sender.finish().await
 }
 
 /// Sends events in the order they are pushed, in batches of consecutive events of one kind
@@ -132,6 +101,16 @@ impl<'a> Sender<'a> {
         }
         self.pending_orders = order;
         self.pending.push(event);
+        Ok(())
+    }
+
+    /// Adds each step in turn (as [`message`] writes it), sending the batches they fill;
+    /// stops at the first error.
+    pub async fn steps(&mut self, steps: impl IntoIterator<Item = anyhow::Result<Step>>) -> anyhow::Result<()> {
+        for step in steps {
+            let (order, event) = message(step?)?;
+            self.push(order, event).await?;
+        }
         Ok(())
     }
 

@@ -36,9 +36,13 @@ pub async fn run(options: &Options, stack: &Stack) -> anyhow::Result<Report> {
     let split = Split::new(&history, options.holdout_hours, options.k)?;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
 
-    let (products, events) = import::messages(&history, split.train)?;
     let started = Instant::now();
-    let sent = import::send_all(&http, &stack.endpoints, &products, events, 500, 0.0).await?;
+    // One batch at a time, each event made as it goes: the events are not held.
+    let mut sender = import::Sender::new(&http, &stack.endpoints, 500, 0.0, split.train.len());
+    sender.products(&import::catalog_products(&history.products)?).await?;
+    let steps = split.train.iter().enumerate().map(|(i, x)| Ok(history::step(i, x, &history.products)));
+    sender.steps(steps).await?;
+    let sent = sender.finish().await?;
     eprintln!(
         "evaluate --live: {} products, {} activity events and {} orders sent in {:.1} s; waiting for the stack to catch up",
         sent.products,

@@ -133,10 +133,7 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
         skipped = scan.skipped;
         let mut sender = import::Sender::new(&http, &endpoints, usize::from(args.batch), args.rate, scan.interactions);
         sender.products(&import::catalog_products(&scan.products)?).await?;
-        for step in scan.steps()? {
-            let (order, value) = import::message(step?)?;
-            sender.push(order, value).await?;
-        }
+        sender.steps(scan.steps()?).await?;
         sender.finish().await?
     };
     Ok(Summary {
