@@ -104,7 +104,7 @@ impl<'a> Sender<'a> {
         Ok(())
     }
 
-    /// Adds each step in turn (as [`message`] writes it), sending the batches they fill;
+    /// Adds each step in turn (as its ingestion API takes it), sending the batches they fill;
     /// stops at the first error.
     pub async fn steps(&mut self, steps: impl IntoIterator<Item = anyhow::Result<Step>>) -> anyhow::Result<()> {
         for step in steps {
