@@ -26,6 +26,7 @@ use events::generate::Step;
 use events::{ActivityEvent, EventType, OrderEvent, OrderItem};
 use serde::Serialize;
 
+use crate::progress::Progress;
 use crate::replay::{Attribution, Platform};
 
 mod scan;
@@ -254,8 +255,12 @@ pub fn read(path: &Path, format: Format) -> anyhow::Result<History> {
     let mut history = History::default();
     let mut reader = LineReader::new(format);
     let mut lines = Lines::open(path)?;
+    let megabytes = |bytes: u64| usize::try_from(bytes / 1_000_000).unwrap_or(usize::MAX);
+    let mut progress =
+        Progress::new("MB of the history read", megabytes(std::fs::metadata(path).map_or(0, |m| m.len())));
     while let Some(line) = lines.next_line() {
         let line = line?;
+        progress.at(megabytes(line.offset));
         if let Err(reason) = reader.read(line.number, &line.text, &mut history)? {
             history.skip(line.number, &reason);
         }
@@ -656,16 +661,21 @@ impl<'h> Split<'h> {
         let catalog = kit::state::Shared::new(catalog::Catalog::from_products(self.history.products.values().cloned()));
         let products = &self.history.products;
         let users = self.users();
-        let lists = |config: ranking::Config| -> anyhow::Result<Vec<Vec<String>>> {
+        let lists = |config: ranking::Config, what: &'static str| -> anyhow::Result<Vec<Vec<String>>> {
             // One step at a time from the interactions: the events are not held.
-            let training = self.train.iter().enumerate().map(|(i, x)| step(i, x, products));
+            let mut progress = Progress::new(what, self.train.len());
+            let training = self.train.iter().enumerate().map(|(i, x)| {
+                progress.at(i);
+                step(i, x, products)
+            });
             let catalog = kit::state::Shared::clone(&catalog);
             let platform = Platform::replay(training, catalog, config, Attribution::AsRecorded, |_| {})?;
             users.iter().map(|u| platform.recommend(u, self.k)).collect()
         };
-        let mut rows = vec![(PLATFORM, lists(ranking::Config::default())?)];
+        let mut rows = vec![(PLATFORM, lists(ranking::Config::default(), "training events replayed")?)];
         if self.attributed() > 0 {
-            rows.push((PLATFORM_INITIAL, lists(ranking::Config { learning_rate: 0.0, ..Default::default() })?));
+            let initial = ranking::Config { learning_rate: 0.0, ..Default::default() };
+            rows.push((PLATFORM_INITIAL, lists(initial, "training events replayed with the initial ranking weights")?));
         }
         Ok(rows)
     }

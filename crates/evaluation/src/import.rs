@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use events::generate::Step;
 use serde_json::Value;
 
+use crate::progress::Progress;
+
 /// Where the ingestion APIs are.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
@@ -55,8 +57,6 @@ pub struct Sender<'a> {
     orders: String,
     batch: usize,
     rate: f64,
-    /// How many events there are in all, for the progress lines.
-    total: usize,
     /// The batch being filled, and whether it holds orders.
     pending: Vec<Value>,
     pending_orders: bool,
@@ -64,7 +64,7 @@ pub struct Sender<'a> {
     /// Events sent so far.
     done: usize,
     started: Instant,
-    last_progress: Instant,
+    progress: Progress,
 }
 
 impl<'a> Sender<'a> {
@@ -76,13 +76,12 @@ impl<'a> Sender<'a> {
             orders: Endpoints::url(&endpoints.order, "/api/orders/place"),
             batch: batch.max(1),
             rate,
-            total,
             pending: Vec::new(),
             pending_orders: false,
             sent: Sent::default(),
             done: 0,
             started: Instant::now(),
-            last_progress: Instant::now(),
+            progress: Progress::new("events sent", total),
         }
     }
 
@@ -137,10 +136,7 @@ impl<'a> Sender<'a> {
                 tokio::time::sleep(wait).await;
             }
         }
-        if self.last_progress.elapsed() >= Duration::from_secs(2) {
-            eprintln!("{} of {} events sent", self.done, self.total);
-            self.last_progress = Instant::now();
-        }
+        self.progress.at(self.done);
         Ok(())
     }
 }

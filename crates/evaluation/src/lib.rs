@@ -17,5 +17,6 @@ pub mod history;
 pub mod import;
 pub mod live;
 pub mod offers;
+pub mod progress;
 pub mod replay;
 pub mod simulated;
