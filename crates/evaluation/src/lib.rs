@@ -12,6 +12,7 @@
 //! - [`offers`]: the offer bandit against the original rule engine.
 //! - [`replay`]: the services' logic wired together in memory, which both recommendation
 //!   evaluations replay through.
+//! - [`progress`]: the progress lines of long passes (reading a history, replaying, sending).
 
 pub mod history;
 pub mod import;
