@@ -208,7 +208,13 @@ impl LongPollFetch {
                     self.tails.saw_log_start(&name, data.partition_index, log_start);
                 }
                 let (bytes, errors) = summary([data]);
-                if bytes == 0 && !errors {
+                // Empty because it is caught up, not because the fetch's byte budget went to
+                // the partitions before it (Tansu's handler spends it in order): a replica
+                // reading a long topic from the start had each partition after the first
+                // answered empty from memory for REVALIDATE, one after the other (a shop's
+                // catalog took 30 s to load after a restart instead of 1 s).
+                let caught_up = wanted[i].offset >= data.high_watermark;
+                if bytes == 0 && !errors && caught_up {
                     let entry =
                         EmptyPartition { offset: wanted[i].offset, generation: generations[i], data: data.clone(), at };
                     memory.partitions.insert(key, entry);
@@ -433,6 +439,39 @@ mod tests {
         assert!(!b.has_changed().expect("open"));
         a.borrow_and_update();
         assert!(tokio::time::timeout(Duration::from_millis(20), b.changed()).await.is_err());
+    }
+
+    /// Only a partition with nothing past the offset asked is remembered as empty: one the
+    /// fetch's byte budget did not reach is asked about again on the next pass.
+    #[test]
+    fn only_caught_up_partitions_are_remembered_as_empty() {
+        let poll = LongPollFetch::new(Arc::default(), Arc::default());
+        let wanted: Vec<Wanted> = (0..2)
+            .map(|partition| Wanted {
+                topic: 0,
+                id: None,
+                name: "catalog".into(),
+                partition,
+                offset: 40,
+                max_bytes: 1 << 20,
+            })
+            .collect();
+        let partition = |index: i32, high_watermark: i64| {
+            PartitionData::default()
+                .partition_index(index)
+                .error_code(ErrorCode::None.into())
+                .high_watermark(high_watermark)
+                .records(None)
+        };
+        // Partition 0 is caught up at 40; partition 1 holds records up to 90 that the
+        // answer did not reach.
+        let topic = FetchableTopicResponse::default()
+            .topic(Some("catalog".into()))
+            .partitions(Some(vec![partition(0, 40), partition(1, 90)]));
+        let fresh = FetchResponse::default().responses(Some(vec![topic]));
+        poll.learn(&fresh, &wanted, &[0, 0]);
+        let remembered: Vec<i32> = poll.memory().partitions.keys().map(|(_, p)| *p).collect();
+        assert_eq!(remembered, [0]);
     }
 
     #[test]
