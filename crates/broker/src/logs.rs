@@ -1006,6 +1006,25 @@ mod tests {
         Ok([Logs::new(sqlite_storage(db).await?, dir)?, Logs::new(memory_storage().await?, scratch)?])
     }
 
+    /// Logs over Tansu's SQLite engine with the repairs the broker installs.
+    struct Repaired {
+        /// The SQLite file (see [`remove_sqlite_files`]).
+        db: String,
+        /// The log files' directory, removed when dropped.
+        dir: tempfile::TempDir,
+        logs: Logs<tansu_storage::StorageContainer>,
+    }
+
+    /// [`Repaired`] logs in the file `<pid>.<name>.logs-test.db`.
+    async fn repaired_sqlite(name: &str) -> anyhow::Result<Repaired> {
+        let db = format!("{}.{name}.logs-test.db", std::process::id());
+        let dir = tempfile::tempdir()?;
+        let sqlite = sqlite_storage(&db).await?;
+        let repairs = crate::sqlite::Repairs::install(&db, "logs-test").await?;
+        let logs = Logs::new(sqlite, dir.path())?.with_repairs(repairs);
+        Ok(Repaired { db, dir, logs })
+    }
+
     /// Removes the SQLite database `db` and its journal files.
     fn remove_sqlite_files(db: &str) {
         for suffix in ["", "-wal", "-shm"] {
@@ -1106,11 +1125,7 @@ mod tests {
     /// group it does not have is not found.
     #[tokio::test]
     async fn groups_are_described_from_sqlite() -> anyhow::Result<()> {
-        let db = format!("{}.groups.logs-test.db", std::process::id());
-        let dir = tempfile::tempdir()?;
-        let sqlite = sqlite_storage(&db).await?;
-        let repairs = crate::sqlite::Repairs::install(&db, "logs-test").await?;
-        let logs = Logs::new(sqlite, dir.path())?.with_repairs(repairs);
+        let Repaired { db, dir: _dir, logs } = repaired_sqlite("groups").await?;
         let detail = GroupDetail { generation_id: 3, session_timeout_ms: 10_000, ..GroupDetail::default() };
         logs.update_group("g", detail.clone(), None).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let groups = ["g".to_owned(), "missing".to_owned()];
@@ -1134,11 +1149,7 @@ mod tests {
     async fn compacted_records_read_back_from_sqlite_with_their_own_headers() -> anyhow::Result<()> {
         use tansu_sans_io::create_topics_request::CreatableTopicConfig;
         use tansu_sans_io::record::{Header, Record, inflated};
-        let db = format!("{}.compacted.logs-test.db", std::process::id());
-        let dir = tempfile::tempdir()?;
-        let sqlite = sqlite_storage(&db).await?;
-        let repairs = crate::sqlite::Repairs::install(&db, "logs-test").await?;
-        let logs = Logs::new(sqlite, dir.path())?.with_repairs(repairs);
+        let Repaired { db, dir: _dir, logs } = repaired_sqlite("compacted").await?;
         let configs = vec![CreatableTopicConfig::default().name("cleanup.policy".into()).value(Some("compact".into()))];
         let topic = CreatableTopic::default().name("catalog".into()).num_partitions(1).replication_factor(1);
         logs.create_topic(topic.configs(Some(configs)), false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
