@@ -463,7 +463,7 @@ impl Model {
         let moved = (top - lists.top).abs();
         let top_due = lists.top.to_bits() != top.to_bits()
             && (!lists.top.is_finite()
-                || (moved.is_nan() || moved >= TOP_DRIFT)
+                || moved >= TOP_DRIFT
                     && lists.top_taken.zip(self.latest).is_none_or(|(taken, latest)| latest - taken >= TOP_REFRESH));
         if lists.catalog != catalog.revision() || top_due || lists.changed.len() > CHANGES_KEPT {
             lists.by_category.clear();
@@ -516,13 +516,8 @@ impl Model {
             }
             scored.push((&p.id, self.popularity_of(p, top)));
         }
-        // The best PER_SOURCE in order, without sorting the (up to the whole catalog) others.
-        let best = |a: &(&str, f64), b: &(&str, f64)| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0));
-        if scored.len() > PER_SOURCE {
-            scored.select_nth_unstable_by(PER_SOURCE, best);
-            scored.truncate(PER_SOURCE);
-        }
-        scored.sort_by(best);
+        // Up to the whole catalog scored: only the best are sorted.
+        keep_best(&mut scored, PER_SOURCE);
         list.popular = scored.into_iter().map(|(id, score)| (id.to_owned(), score)).collect();
         list
     }
@@ -568,6 +563,16 @@ impl Model {
     fn popular(&self, catalog: &Catalog, category: Option<&str>, n: usize) -> Vec<(String, f64)> {
         self.with_list(catalog, category, |list| list.popular.iter().take(n).cloned().collect())
     }
+}
+
+/// Keeps the `n` best of `scored` (by score, then id), best first, without sorting the others.
+fn keep_best(scored: &mut Vec<(&str, f64)>, n: usize) {
+    let best = |a: &(&str, f64), b: &(&str, f64)| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0));
+    if scored.len() > n {
+        scored.select_nth_unstable_by(n, best);
+        scored.truncate(n);
+    }
+    scored.sort_by(best);
 }
 
 fn bound(n: usize) -> std::num::NonZeroUsize {
@@ -667,13 +672,8 @@ pub fn generate(model: &Model, catalog: &Catalog, f: &UserFeatures, now: DateTim
     }
     let max = covis.values().copied().fold(0.0, f64::max);
     let mut covis: Vec<(&str, f64)> = covis.into_iter().collect();
-    let strongest = |a: &(&str, f64), b: &(&str, f64)| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0));
-    // The best PER_SOURCE in order, without sorting the (up to a thousand) others.
-    if covis.len() > PER_SOURCE {
-        covis.select_nth_unstable_by(PER_SOURCE, strongest);
-        covis.truncate(PER_SOURCE);
-    }
-    covis.sort_by(strongest);
+    // Up to a thousand neighbours summed: only the best are sorted.
+    keep_best(&mut covis, PER_SOURCE);
     for (id, c) in covis {
         push(&mut out, Cow::Borrowed(id), CandidateSource::CoVisitation, c / max);
     }
