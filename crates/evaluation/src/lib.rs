@@ -12,7 +12,8 @@
 //! - [`offers`]: the offer bandit against the original rule engine.
 //! - [`replay`]: the services' logic wired together in memory, which both recommendation
 //!   evaluations replay through.
-//! - [`progress`]: the progress lines of long passes (reading a history, replaying, sending).
+//! - [`progress`]: the progress lines of long passes (reading a history, replaying, sending,
+//!   importing a catalog).
 
 pub mod history;
 pub mod import;

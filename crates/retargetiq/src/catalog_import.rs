@@ -67,7 +67,7 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let mut summary = Summary::default();
     let mut batch: Vec<Value> = Vec::with_capacity(usize::from(args.batch));
-    let mut last_progress = Instant::now();
+    let mut progress = evaluation::progress::Ticker::default();
     for line in lines {
         let (number, line) = line?;
         summary.lines += 1;
@@ -82,9 +82,8 @@ pub async fn run(args: &ImportArgs) -> anyhow::Result<Summary> {
             summary.accepted += send(&http, reqwest::Method::PUT, &endpoint, &batch).await?;
             batch.clear();
         }
-        if last_progress.elapsed() >= Duration::from_secs(2) {
+        if progress.due() {
             eprintln!("catalog import: {} lines read, {} products accepted", summary.lines, summary.accepted);
-            last_progress = Instant::now();
         }
     }
     if !batch.is_empty() {
