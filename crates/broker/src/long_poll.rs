@@ -211,8 +211,9 @@ impl LongPollFetch {
                 // Empty because it is caught up, not because the fetch's byte budget went to
                 // the partitions before it (Tansu's handler spends it in order): a replica
                 // reading a long topic from the start had each partition after the first
-                // answered empty from memory for REVALIDATE, one after the other (a shop's
-                // catalog took 30 s to load after a restart instead of 1 s).
+                // answered empty from memory for REVALIDATE, one after the other (with a
+                // 200,000-product catalog the stack was ready 32.9 s after a restart; 5.0 s
+                // without these waits).
                 let caught_up = wanted[i].offset >= data.high_watermark;
                 if bytes == 0 && !errors && caught_up {
                     let entry =
