@@ -19,7 +19,7 @@
 //! several times the cost (`docs/broker.md`): the tail's reach is how far a consumer may fall
 //! behind (a moment of full CPU) and still catch up at the tail's price. The data is the same: a batch
 //! enters the tail only after the storage committed it, produces are appended in the order the
-//! storage committed them (they run one at a time, see [`Tails::produce_lock`]), and a deleted
+//! storage committed them (they run one at a time, see [`Tails::produce`]), and a deleted
 //! topic or deleted records empty the tails. Transactional and control batches are not kept:
 //! a partition that gets one is answered by the storage until its tail starts afresh.
 
