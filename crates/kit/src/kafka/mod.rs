@@ -35,7 +35,7 @@ pub struct KafkaSettings {
     /// it fails with an error (`message.timeout.ms`, default 120000): a deleted topic or a
     /// partition offline for that long stops a pipeline with a clear error rather than
     /// silently. `0` (never give up) is for the embedded broker only, which `retargetiq up`
-    /// sets: see [`super::producer`] for why.
+    /// sets: see [`producer`] for why.
     pub message_timeout: Duration,
     /// `KAFKA_COMPRESSION`: how producers compress batches (`none`, `gzip`, `snappy`, `lz4`,
     /// `zstd`; default `lz4`). `retargetiq up` gives the clients of its embedded broker `none`
