@@ -104,23 +104,31 @@ impl<S: Storage> Logs<S> {
     /// The log of `topition` when its topic is kept in files; `None` when the inner engine
     /// keeps it (or does not know it, and answers for it).
     async fn log(&self, topition: &Topition) -> Result<Option<SharedLog>> {
-        let Some(dir) = &self.dir else { return Ok(None) };
+        Ok(match self.place(topition).await? {
+            Place::Files(log) => Some(log),
+            Place::Inner | Place::Unrouted => None,
+        })
+    }
+
+    /// Where `topition`'s records are kept.
+    async fn place(&self, topition: &Topition) -> Result<Place> {
+        let Some(dir) = &self.dir else { return Ok(Place::Unrouted) };
         let topic = topition.topic();
         let known = dir.routes().get(topic).copied();
         let route = match known {
             Some(route) => route,
             None => {
-                let Some(route) = self.route(dir, topic).await? else { return Ok(None) };
+                let Some(route) = self.route(dir, topic).await? else { return Ok(Place::Unrouted) };
                 dir.routes().insert(topic.to_owned(), route);
                 route
             }
         };
-        let Route::Files { partitions } = route else { return Ok(None) };
+        let Route::Files { partitions } = route else { return Ok(Place::Inner) };
         let partition = topition.partition();
         if !(0..partitions).contains(&partition) {
             return Err(Error::Api(ErrorCode::UnknownTopicOrPartition));
         }
-        dir.partition(topic, partition).map(Some).map_err(io_error)
+        dir.partition(topic, partition).map(Place::Files).map_err(io_error)
     }
 
     /// Where `topic`'s records are kept; `None` for a topic the inner engine does not know.
@@ -203,7 +211,17 @@ impl<S: Storage> Logs<S> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a partition's records are kept, as [`Logs::place`] finds it.
+enum Place {
+    /// In the partition's log files.
+    Files(SharedLog),
+    /// In the inner engine, routed there (a compacted topic, or a name the files cannot hold).
+    Inner,
+    /// Not routed: no log directory, or a topic the inner engine does not know.
+    Unrouted,
+}
+
+#[derive(Debug, Clone, Copy)]
 enum Route {
     /// The inner engine keeps the topic's records.
     Inner,
@@ -621,10 +639,11 @@ impl<S: Storage> Storage for Logs<S> {
         max_bytes: u32,
         isolation: IsolationLevel,
     ) -> Result<Vec<Batch>> {
-        if let Some(log) = self.log(topition).await? {
-            return lock(&log).read(offset, max_bytes).map_err(io_error);
-        }
-        let in_sqlite = self.dir.as_ref().is_some_and(|dir| dir.routes().get(topition.topic()) == Some(&Route::Inner));
+        let in_sqlite = match self.place(topition).await? {
+            Place::Files(log) => return lock(&log).read(offset, max_bytes).map_err(io_error),
+            Place::Inner => true,
+            Place::Unrouted => false,
+        };
         if let Some(repairs) = self.repairs.as_ref().filter(|_| in_sqlite) {
             let stage = self.inner.offset_stage(topition).await?;
             let end = match isolation {

@@ -31,8 +31,9 @@ use tansu_sans_io::record::{Header, Record, deflated, inflated};
 /// then one more per record for its headers, each prepared from its text: with a shop's
 /// catalog of 200,000 products, the broker spent a restart parsing SQL (the stack ready after
 /// 40.6 s, 32.9 s with this; the rest was the long poll's, `crate::long_poll`). A first
-/// record larger than the fetch's byte limit was not returned at all, so its reader stalled. [`Repairs::fetch`] reads a fetch's records, then
-/// their headers, with one query each, and always returns a first record, as Kafka does.
+/// record larger than the fetch's byte limit was not returned at all, so its reader stalled.
+/// [`Repairs::fetch`] reads a fetch's records, then their headers, with one query each, and
+/// always returns a first record, as Kafka does.
 #[derive(Debug)]
 pub struct Repairs {
     // Kept open with its connection.
