@@ -18,6 +18,11 @@ use crate::config::{ConfigError, Env, positive};
 /// docs/measurements.md).
 pub const EMBEDDED_BROKER_ENV: [(&str, &str); 2] = [("KAFKA_MESSAGE_TIMEOUT_MS", "0"), ("KAFKA_COMPRESSION", "none")];
 
+/// The record-batch codecs of Kafka, as `KAFKA_COMPRESSION` (and every Kafka client) names
+/// them. Consumers read batches in any of them, whoever produced them: librdkafka is built
+/// with each (zstd through the `rdkafka` crate's `zstd` feature).
+pub const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
+
 /// Broker settings shared by every client of a service.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
@@ -139,7 +144,7 @@ impl KafkaSettings {
             delivery_timeout: env.millis("KAFKA_DELIVERY_TIMEOUT_MS", Duration::from_secs(5))?,
             message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", Duration::from_secs(120))?,
             compression: env.checked("KAFKA_COMPRESSION", "lz4".to_owned(), |c: &String| {
-                if ["none", "gzip", "snappy", "lz4", "zstd"].contains(&c.as_str()) {
+                if CODECS.contains(&c.as_str()) {
                     Ok(())
                 } else {
                     Err("expected none, gzip, snappy, lz4 or zstd".to_owned())
