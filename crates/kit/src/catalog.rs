@@ -49,10 +49,9 @@ impl Handler for CatalogFollower {
 
 impl CatalogFollower {
     fn apply(&mut self, rec: &Record<'_>) -> Result<(), HandlerError> {
-        let message: CatalogProduct = rec.json()?;
-        // The topic may be written by anyone: the same rules as the catalog API.
-        let value = serde_json::to_value(&message).map_err(|e| HandlerError::malformed(e.to_string()))?;
-        validate::catalog_product(&value, Utc::now()).map_err(HandlerError::invalid)?;
+        // The topic may be written by anyone (a shop's own client too): the same shape and
+        // rules as the catalog API, so the platform's own `updatedAt` is not required.
+        let message = validate::catalog_product(&rec.value()?, Utc::now()).map_err(HandlerError::invalid)?;
         if rec.key.is_some_and(|k| k != message.product_id) {
             return Err(HandlerError::malformed(format!(
                 "the key {:?} is not the product id {:?}",
@@ -242,6 +241,7 @@ pub fn demo() -> LiveCatalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use events::DeadLetterKind;
 
     /// Only a message that may have been written after the moment up to which the catalog is
     /// known to be complete is made to wait (one without a timestamp always may); a catalog
@@ -259,5 +259,40 @@ mod tests {
         sync.catch_up(Some(5_000)).await;
         assert!(sync.wait_if_behind(Some(5_000)).is_none());
         Ok(())
+    }
+
+    /// The topic takes a product in the shape the catalog API and `catalog import` take (a
+    /// shop's own client may write it there), and holds it to the same rules.
+    #[test]
+    fn a_product_written_to_the_topic_is_held_to_the_api_rules() {
+        let mut follower = CatalogFollower { catalog: LiveCatalog::default(), sync: CatalogSync::always_current() };
+        let mut apply = |key: &str, payload: &str| {
+            let mut rec = Record::bare(Topic::Catalog, payload.as_bytes());
+            rec.key = Some(key);
+            follower.apply(&rec)
+        };
+        apply("SKU-1", r#"{"productId":"SKU-1","name":"Red shoe","category":"shoes","price":59.9}"#)
+            .expect("the API's own shape");
+        apply("SKU-2", r#"{"productId":"SKU-2","name":"Mug","category":"home","price":9.5,"brand":"Acme","available":false,"updatedAt":"2026-12-07T00:00:00Z"}"#)
+            .expect("with the optional fields and the platform's own updatedAt");
+        let mut refused = |key: &str, payload: &str, field: &str| match apply(key, payload) {
+            Err(HandlerError::Reject { reason, field: got, .. }) => {
+                assert!(reason.contains(field), "{reason}");
+                assert_eq!(got.as_deref(), (field != "key").then_some(field), "{reason}");
+            }
+            other => panic!("{payload}: expected a refusal naming {field}, got {other:?}"),
+        };
+        refused("SKU-3", r#"{"productId":"SKU-3","name":"x","category":"c","price":-1}"#, "price");
+        refused("SKU-4", r#"{"productId":"SKU-4","category":"c","price":1}"#, "name");
+        refused("SKU-5", r#"{"productId":"SKU-5","name":"x","category":"c","price":1,"popularity":2}"#, "popularity");
+        refused("other", r#"{"productId":"SKU-6","name":"x","category":"c","price":1}"#, "key");
+        assert!(matches!(
+            apply("SKU-7", "{\"productId\":1"),
+            Err(HandlerError::Reject { kind: DeadLetterKind::Malformed, .. })
+        ));
+        let catalog = follower.catalog.read();
+        assert_eq!(catalog.len(), 2);
+        let mug = catalog.get("SKU-2").expect("SKU-2");
+        assert_eq!((mug.brand.as_deref(), mug.available, mug.price), (Some("Acme"), false, 9.5));
     }
 }
