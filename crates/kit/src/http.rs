@@ -18,6 +18,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
@@ -144,6 +145,21 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     response
 }
 
+/// A `Content-Encoding` in lower case without surrounding space (`GZIP ` is `gzip`: content
+/// codings are case-insensitive), for the decompression layer, which compares bytes.
+fn normalize_content_encoding(mut req: Request) -> Request {
+    let header = axum::http::header::CONTENT_ENCODING;
+    if let Some(value) = req.headers().get(&header).and_then(|v| v.to_str().ok()) {
+        let normal = value.trim().to_ascii_lowercase();
+        if normal != value
+            && let Ok(normal) = axum::http::HeaderValue::from_str(&normal)
+        {
+            req.headers_mut().insert(header, normal);
+        }
+    }
+    req
+}
+
 /// Adds the ops routes and the standard layers to a service's router.
 pub fn app(service: &'static str, health: Health, routes: Router) -> Router {
     routes
@@ -157,6 +173,11 @@ pub fn app(service: &'static str, health: Health, routes: Router) -> Router {
             ))
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // A body sent with `Content-Encoding: gzip`, `deflate` or `zstd` is read decompressed
+        // (the limit above counts the decompressed bytes); any other encoding is left for
+        // [`Body`] to refuse with a 415.
+        .layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
+        .layer(tower::util::MapRequestLayer::new(normalize_content_encoding))
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)))
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()))
@@ -227,8 +248,12 @@ pub fn json_as<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiErro
 /// Most bytes a request body may hold, on every route of [`app`]; a larger body is a `413`.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// A request body's bytes, refusing one over [`MAX_BODY_BYTES`] with a `413` naming `$` (and
-/// one that cannot be read with a `400`) in JSON, instead of axum's plain text.
+/// The `Content-Encoding`s a request body may have (one at a time), besides none.
+pub const SUPPORTED_ENCODINGS: &str = "gzip, deflate, zstd";
+
+/// A request body's bytes, decompressed ([`app`]), refusing one over [`MAX_BODY_BYTES`] with a
+/// `413` naming `$`, one in an encoding not among [`SUPPORTED_ENCODINGS`] with a `415`, and one
+/// that cannot be read (a corrupt stream) with a `400`, in JSON instead of axum's plain text.
 #[derive(Debug)]
 pub struct Body(pub bytes::Bytes);
 
@@ -239,6 +264,18 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // What the decompression layer of [`app`] decoded has lost its header; what is left
+        // is an encoding this service cannot read.
+        if let Some(encoding) = req.headers().get(axum::http::header::CONTENT_ENCODING) {
+            let encoding = String::from_utf8_lossy(encoding.as_bytes());
+            if !encoding.trim().eq_ignore_ascii_case("identity") {
+                return Err(ApiError::UnsupportedEncoding(format!(
+                    "Content-Encoding {:?} is not supported: send the body as it is, or compressed \
+                     with one of {SUPPORTED_ENCODINGS}",
+                    encoding.trim()
+                )));
+            }
+        }
         match bytes::Bytes::from_request(req, state).await {
             Ok(body) => Ok(Body(body)),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -294,6 +331,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The body is compressed in a way the service cannot read.
+    #[error("{0}")]
+    UnsupportedEncoding(String),
     #[error("{0}")]
     Unauthorized(String),
     /// The endpoint exists but does not take the request's method.
@@ -376,6 +416,7 @@ impl ApiError {
             ApiError::Invalid { .. } | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -394,6 +435,9 @@ impl IntoResponse for ApiError {
             // The body as a whole is too large: the field is the body, `$`.
             ApiError::PayloadTooLarge(reason) => {
                 json!({"error": format!("$: {reason}"), "field": "$", "reason": reason})
+            }
+            ApiError::UnsupportedEncoding(reason) => {
+                json!({"error": reason, "field": "Content-Encoding", "reason": reason})
             }
             ApiError::BadRequest(m)
             | ApiError::NotFound(m)
@@ -505,6 +549,68 @@ mod tests {
         assert_eq!((status, body), (StatusCode::OK, serde_json::Value::Null), "a readable segment is decoded");
         let (status, _, body) = send(Request::get("/nope").body(Body::empty()).expect("request")).await;
         assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("no such endpoint")));
+    }
+
+    /// A body compressed the way HTTP clients compress it is read as if sent plain, its size
+    /// limit counted decompressed; an encoding the service cannot read is a `415` naming
+    /// `Content-Encoding`, a corrupt stream a `400` — never "malformed JSON".
+    #[tokio::test]
+    async fn compressed_bodies_are_read_and_other_encodings_refused() {
+        use std::io::Write as _;
+        let routes = Router::new().route(
+            "/echo",
+            axum::routing::post(
+                |super::Body(b): super::Body| async move { json_body(&b).map(|v| Json(json!({"got": v}))) },
+            ),
+        );
+        let app = app("svc", Health::default(), routes);
+        let send = |encoding: &str, body: Vec<u8>| {
+            let req = Request::post("/echo").header("content-encoding", encoding).body(Body::from(body));
+            let app = app.clone();
+            async move {
+                let resp = app.oneshot(req.expect("request")).await.expect("response");
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+                (status, serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default())
+            }
+        };
+        let gzip = |plain: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(plain).expect("gzip");
+            e.finish().expect("gzip")
+        };
+        let plain = br#"{"userId":"u1","eventType":"page_view"}"#;
+        let deflate = {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(plain).expect("deflate");
+            e.finish().expect("deflate")
+        };
+        let zstd = zstd::encode_all(&plain[..], 3).expect("zstd");
+        for (encoding, body) in [("gzip", gzip(plain)), (" GZip", gzip(plain)), ("deflate", deflate), ("zstd", zstd)] {
+            let (status, body) = send(encoding, body).await;
+            assert_eq!((status, body["got"]["userId"].as_str()), (StatusCode::OK, Some("u1")), "{encoding}: {body}");
+        }
+        let (status, body) = send("Identity", plain.to_vec()).await;
+        assert_eq!((status, body["got"]["userId"].as_str()), (StatusCode::OK, Some("u1")), "{body}");
+        for encoding in ["br", "compress", "gzip, zstd", "x-custom"] {
+            let (status, body) = send(encoding, gzip(plain)).await;
+            assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{encoding}: {body}");
+            assert_eq!(body["field"], "Content-Encoding", "{body}");
+            assert!(body["error"].as_str().is_some_and(|e| e.contains(encoding) && e.contains("gzip")), "{body}");
+        }
+        // Not a gzip stream at all, and a stream cut short.
+        let (status, body) = send("gzip", plain.to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.starts_with("could not read the body")), "{body}");
+        let mut cut = gzip(plain);
+        cut.truncate(cut.len() / 2);
+        let (status, body) = send("gzip", cut).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        // Small on the wire, over the limit decompressed.
+        let bomb = gzip(&vec![b' '; MAX_BODY_BYTES + 1]);
+        assert!(bomb.len() < MAX_BODY_BYTES / 100);
+        let (status, body) = send("gzip", bomb).await;
+        assert_eq!((status, body["field"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("$")), "{body}");
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use events::validate::{self, FieldError, Strictness};
 use events::{ActivityEvent, CatalogProduct, Message, OrderEvent};
 use serde_json::{Value, json};
 
-use crate::http::{ApiError, Body, MAX_BODY_BYTES};
+use crate::http::{ApiError, Body, MAX_BODY_BYTES, SUPPORTED_ENCODINGS};
 use crate::kafka::{ProduceError, Producer};
 
 /// Most events in one batch.
@@ -203,7 +203,7 @@ pub fn openapi<T: Ingest>(service: &str, path: &str) -> Value {
             path: {T::METHOD: {
                 "summary": T::summary(),
                 "description": format!(
-                    "{random}A JSON object publishes that {event}; an array publishes a batch of at most {max} (validated as a whole). The body is read as JSON whatever its Content-Type; at most {MAX_BODY_BYTES} bytes."),
+                    "{random}A JSON object publishes that {event}; an array publishes a batch of at most {max} (validated as a whole). The body is read as JSON whatever its Content-Type; at most {MAX_BODY_BYTES} bytes, decompressed when sent with a Content-Encoding of {SUPPORTED_ENCODINGS} (another is a 415)."),
                 "requestBody": {"required": false, "content": {"application/json": {
                     "schema": {"oneOf": [{"$ref": schema_ref}, {"type": "array", "items": {"$ref": schema_ref}, "maxItems": max}]},
                     "example": T::example()}}},
@@ -212,6 +212,7 @@ pub fn openapi<T: Ingest>(service: &str, path: &str) -> Value {
                         "type": "object", "properties": {"accepted": {"type": "integer"}, format!("{event}Ids"): {"type": "array", "items": {"type": "string"}}, "correlationId": {"type": "string"}}}}}},
                     "400": {"description": "Invalid input; nothing was published", "content": {"application/json": {"schema": error}}},
                     "413": {"description": "Body or batch too large; nothing was published", "content": {"application/json": {"schema": error}}},
+                    "415": {"description": format!("A Content-Encoding other than {SUPPORTED_ENCODINGS}; nothing was published"), "content": {"application/json": {"schema": error}}},
                     "503": {"description": "The broker is unavailable", "content": {"application/json": {"schema": failure}}}
                 }
             }}
