@@ -268,11 +268,11 @@ where
         // is an encoding this service cannot read.
         if let Some(encoding) = req.headers().get(axum::http::header::CONTENT_ENCODING) {
             let encoding = String::from_utf8_lossy(encoding.as_bytes());
-            if !encoding.trim().eq_ignore_ascii_case("identity") {
+            let encoding = encoding.trim();
+            if !encoding.eq_ignore_ascii_case("identity") {
                 return Err(ApiError::UnsupportedEncoding(format!(
-                    "Content-Encoding {:?} is not supported: send the body as it is, or compressed \
-                     with one of {SUPPORTED_ENCODINGS}",
-                    encoding.trim()
+                    "Content-Encoding {encoding:?} is not supported: send the body as it is, or compressed \
+                     with one of {SUPPORTED_ENCODINGS}"
                 )));
             }
         }

@@ -147,7 +147,7 @@ impl KafkaSettings {
                 if CODECS.contains(&c.as_str()) {
                     Ok(())
                 } else {
-                    Err("expected none, gzip, snappy, lz4 or zstd".to_owned())
+                    Err(format!("expected one of {}", CODECS.join(", ")))
                 }
             })?,
             consumer_queue_kb: env.checked("KAFKA_CONSUMER_FETCH_MAX_KB", 2_048, positive)?,

@@ -158,20 +158,21 @@ pub(super) async fn process<H: Handler>(
                 };
                 metrics::counter!("consumer_messages_total", "consumer" => spec.name, "outcome" => "dead_letter")
                     .increment(1);
-                if !owns_its_partitions(spec) {
-                    // Every replica reads every partition: a dead letter from each would be
-                    // one per instance and per start. The group that owns the partition writes it.
-                    tracing::warn!(
-                        consumer = spec.name, topic = %topic, partition = record.partition, offset = record.offset,
-                        correlation_id = record.correlation_id.unwrap_or(""), reason = %e,
-                        "message refused and skipped (a replica: dead letters are written by the group that owns the partition)"
-                    );
-                    break Vec::new();
-                }
+                // Every replica reads every partition: a dead letter from each would be one per
+                // instance and per start. The group that owns the partition writes it.
+                let owner = owns_its_partitions(spec);
+                let what = if owner {
+                    "message sent to the dead-letter topic"
+                } else {
+                    "message refused and skipped (a replica: dead letters are written by the group that owns the partition)"
+                };
                 tracing::warn!(
                     consumer = spec.name, topic = %topic, partition = record.partition, offset = record.offset,
-                    correlation_id = record.correlation_id.unwrap_or(""), reason = %e, "message sent to the dead-letter topic"
+                    correlation_id = record.correlation_id.unwrap_or(""), reason = %e, "{what}"
                 );
+                if !owner {
+                    break Vec::new();
+                }
                 let letter = dead_letter(env.service, &record, kind, e.to_string(), field, attempt);
                 let mut out = Outbox::new(record.correlation_id);
                 out.send(&letter);
