@@ -163,6 +163,71 @@ async fn the_ui_in_a_real_browser() -> anyhow::Result<()> {
     .await?;
     screenshot(&browser, "dead-letters").await?;
 
+    // A shop's own page calls the APIs from the browser (CORS): from the allowed origin it
+    // sends JSON events, reads the answers (a refusal too) and the recommendations; the same
+    // page from an origin not allowed can do neither.
+    browser.goto(&format!("{}/", fleet.allowed_origin)).await?;
+    let from_the_page = browser
+        .execute_async(
+            CALL_THE_APIS,
+            vec![
+                json!(fleet.url("user-activity", "/api/users/activity")),
+                json!(fleet.url("recommendation-api", "/recommend/page-shopper?k=3")),
+            ],
+        )
+        .await?;
+    assert_eq!(from_the_page["event"]["status"], 202, "{from_the_page}");
+    assert_eq!(from_the_page["event"]["body"]["accepted"], 1, "{from_the_page}");
+    assert_eq!(from_the_page["refused"]["status"], 400, "{from_the_page}");
+    assert_eq!(from_the_page["refused"]["body"]["field"], "eventType", "{from_the_page}");
+    assert_eq!(from_the_page["recommend"]["status"], 200, "{from_the_page}");
+    assert_eq!(from_the_page["recommend"]["body"]["recommendations"].as_array().map(Vec::len), Some(3));
+    let elsewhere = fleet.url("frontend-ui", "/");
+    assert_ne!(url_origin(&elsewhere), fleet.allowed_origin);
+    browser.goto(&elsewhere).await?;
+    let not_allowed = browser
+        .execute_async(
+            CALL_THE_APIS,
+            vec![
+                json!(fleet.url("user-activity", "/api/users/activity")),
+                json!(fleet.url("recommendation-api", "/recommend/page-shopper?k=3")),
+            ],
+        )
+        .await?;
+    for call in ["event", "refused", "recommend"] {
+        assert!(not_allowed[call]["blocked"].is_string(), "{call} from another origin: {not_allowed}");
+    }
+
     browser.close().await?;
     fleet.stop().await
 }
+
+/// `scheme://host:port` of a URL.
+fn url_origin(url: &str) -> String {
+    url.splitn(4, '/').take(3).collect::<Vec<_>>().join("/")
+}
+
+/// A page's script sending an event as JSON (which needs a preflight), an invalid one, and
+/// asking for recommendations; each call's status and body, or `blocked` when the browser
+/// refused it.
+const CALL_THE_APIS: &str = r"
+const [ingest, recommend, done] = arguments;
+const call = async (url, init) => {
+  try {
+    const r = await fetch(url, init);
+    return {status: r.status, body: await r.json()};
+  } catch (e) {
+    return {blocked: String(e)};
+  }
+};
+const post = (event) => ({
+  method: 'POST',
+  headers: {'Content-Type': 'application/json', 'X-Correlation-Id': 'from-a-page'},
+  body: JSON.stringify(event),
+});
+Promise.all([
+  call(ingest, post({userId: 'page-shopper', eventType: 'product_view', productId: 'P00042'})),
+  call(ingest, post({userId: 'page-shopper', eventType: 'teleport'})),
+  call(recommend),
+]).then(([event, refused, recommend]) => done({event, refused, recommend}));
+";

@@ -20,6 +20,11 @@ pub const OPS_TOKEN: &str = "fleet-test-operations-token";
 pub struct Fleet {
     pub broker: TestBroker,
     pub addrs: BTreeMap<&'static str, SocketAddr>,
+    /// The one origin every service allows browser scripts from (`CORS_ALLOWED_ORIGINS`): the
+    /// UI's port named `localhost`, so that the UI's pages opened as `http://localhost:<port>`
+    /// may call the APIs and the same pages opened as `http://127.0.0.1:<port>` may not.
+    pub allowed_origin: String,
+    cors: kit::http::Cors,
     shutdown: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
     http: reqwest::Client,
@@ -34,9 +39,13 @@ impl Fleet {
     pub async fn start() -> anyhow::Result<Self> {
         testkit::exit_on_panic();
         let broker = TestBroker::start().await?;
+        let ui_listener = bind().await?;
+        let allowed_origin = format!("http://localhost:{}", ui_listener.local_addr()?.port());
         let mut fleet = Fleet {
             broker,
             addrs: BTreeMap::new(),
+            cors: allowed_origin.parse().map_err(anyhow::Error::msg)?,
+            allowed_origin,
             shutdown: CancellationToken::new(),
             tasks: Vec::new(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
@@ -65,7 +74,7 @@ impl Fleet {
             rl_offer: url("rl-offer")?,
             recommendation_api: url("recommendation-api")?,
         };
-        fleet.spawn::<frontend_ui::FrontendUi>(ui).await?;
+        fleet.spawn_on::<frontend_ui::FrontendUi>(ui_listener, ui)?;
         for name in fleet.addrs.keys().copied().collect::<Vec<_>>() {
             let url = fleet.url(name, "/ready");
             let http = fleet.http.clone();
@@ -79,9 +88,13 @@ impl Fleet {
     }
 
     async fn spawn<S: Service>(&mut self, config: S::Config) -> anyhow::Result<()> {
-        let listener = bind().await?;
+        self.spawn_on::<S>(bind().await?, config)
+    }
+
+    fn spawn_on<S: Service>(&mut self, listener: TcpListener, config: S::Config) -> anyhow::Result<()> {
         self.addrs.insert(S::NAME, listener.local_addr()?);
-        let task = kit::service::start::<S>(config, self.broker.settings(), listener, &self.shutdown);
+        let task =
+            kit::service::start::<S>(config, self.broker.settings(), self.cors.clone(), listener, &self.shutdown);
         self.tasks.push((S::NAME, task));
         Ok(())
     }

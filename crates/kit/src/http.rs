@@ -160,9 +160,118 @@ fn normalize_content_encoding(mut req: Request) -> Request {
     req
 }
 
-/// Adds the ops routes and the standard layers to a service's router.
-pub fn app(service: &'static str, health: Health, routes: Router) -> Router {
-    routes
+/// Which web pages may call a service from a browser script: `CORS_ALLOWED_ORIGINS`, a
+/// comma-separated list of origins (`https://shop.example,http://localhost:3000`) or `*` for
+/// any. Unset, a service sends no CORS headers, and a page on another origin can send only
+/// what needs no preflight (a `text/plain` POST, `navigator.sendBeacon`) and read no answer.
+///
+/// An origin is written as browsers send it (scheme, host, port if not the default); it is
+/// stored lower-cased, a default port and a trailing `/` dropped, so that
+/// `HTTPS://Shop.example:443/` matches what a browser sends. A path, a query, a user or a
+/// wildcard inside a host is refused at start: CORS matches whole origins.
+///
+/// CORS decides which pages may read answers and send JSON; it is not access control (any
+/// non-browser client sends what it likes): the operations endpoints keep their token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Cors {
+    /// No CORS headers (the default).
+    #[default]
+    Off,
+    /// `*`: any origin.
+    AnyOrigin,
+    /// Only these origins, normalized.
+    Origins(Vec<String>),
+}
+
+impl std::str::FromStr for Cors {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let listed: Vec<&str> = s.split(',').map(str::trim).filter(|o| !o.is_empty()).collect();
+        match listed.as_slice() {
+            [] => Ok(Cors::Off),
+            ["*"] => Ok(Cors::AnyOrigin),
+            _ if listed.contains(&"*") => Err("`*` allows any origin and cannot be listed with others".into()),
+            _ => {
+                let mut origins = Vec::with_capacity(listed.len());
+                for origin in listed {
+                    let normal = normalize_origin(origin)?;
+                    if !origins.contains(&normal) {
+                        origins.push(normal);
+                    }
+                }
+                Ok(Cors::Origins(origins))
+            }
+        }
+    }
+}
+
+/// An origin as a browser's `Origin` header spells it, or why `origin` is not one.
+fn normalize_origin(origin: &str) -> Result<String, String> {
+    let not_origin = |why: &str| {
+        format!("{origin:?} is not an origin ({why}); write scheme, host and port only, as in https://shop.example")
+    };
+    let uri: axum::http::Uri = origin.parse().map_err(|e| not_origin(&format!("{e}")))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(not_origin("no scheme or host"));
+    };
+    if uri.path() != "/" || uri.query().is_some() {
+        return Err(not_origin("a path or a query"));
+    }
+    if authority.as_str().contains('@') {
+        return Err(not_origin("a user"));
+    }
+    let host = authority.host().to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(not_origin("no host"));
+    }
+    if host.contains('*') {
+        return Err(not_origin("a wildcard; list each origin, or give `*` alone for any"));
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    };
+    Ok(match authority.port_u16() {
+        Some(port) if Some(port) != default_port => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+impl Cors {
+    /// `CORS_ALLOWED_ORIGINS` (default: unset, [`Cors::Off`]).
+    pub fn from_env(env: &crate::config::Env) -> Result<Self, crate::config::ConfigError> {
+        env.get("CORS_ALLOWED_ORIGINS", Cors::Off)
+    }
+
+    /// The layer answering preflights and marking answers for the allowed origins. Methods and
+    /// request headers are allowed as asked (each route still refuses a method it does not
+    /// take, with a `405` the page can read); a browser may keep a preflight's answer an hour.
+    fn layer(&self) -> Option<tower_http::cors::CorsLayer> {
+        use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
+        let origin = match self {
+            Cors::Off => return None,
+            Cors::AnyOrigin => AllowOrigin::any(),
+            Cors::Origins(origins) => {
+                AllowOrigin::list(origins.iter().filter_map(|o| axum::http::HeaderValue::from_str(o).ok()))
+            }
+        };
+        Some(
+            CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods(AllowMethods::mirror_request())
+                .allow_headers(AllowHeaders::mirror_request())
+                .max_age(Duration::from_secs(3600)),
+        )
+    }
+}
+
+/// Adds the ops routes and the standard layers to a service's router, and answers browsers'
+/// CORS requests as `cors` says.
+pub fn app(service: &'static str, health: Health, cors: &Cors, routes: Router) -> Router {
+    let routes = routes
         .merge(ops_routes(service, health))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()) })
         // axum sets the `Allow` header on this answer.
@@ -180,7 +289,14 @@ pub fn app(service: &'static str, health: Health, routes: Router) -> Router {
         .layer(tower::util::MapRequestLayer::new(normalize_content_encoding))
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)))
-        .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()))
+        .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()));
+    // Outside the other layers, so that every answer (a 4xx, a timeout's 503) carries the
+    // CORS headers a page needs to read it, and a preflight is answered without routing.
+    let routes = match cors.layer() {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes
         // 5xx answers are logged where they arise (ApiError::Internal); a 503 from /ready while
         // a service starts is not an error worth a log line.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
@@ -472,7 +588,7 @@ mod tests {
     async fn ready_follows_the_conditions() {
         let health = Health::default();
         let kafka = health.condition("kafka");
-        let app = app("svc", health.clone(), Router::new());
+        let app = app("svc", health.clone(), &Cors::Off, Router::new());
         let (status, body) = get_json(app.clone(), "/ready").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["checks"]["kafka"], false);
@@ -507,7 +623,7 @@ mod tests {
                     json_as::<Ids>(&b).map(|ids| Json(json!({"ids": ids.ids})))
                 }),
             );
-        let app = app("svc", Health::default(), routes);
+        let app = app("svc", Health::default(), &Cors::Off, routes);
         let send = |req: Request| {
             let app = app.clone();
             async move {
@@ -563,7 +679,7 @@ mod tests {
                 |super::Body(b): super::Body| async move { json_body(&b).map(|v| Json(json!({"got": v}))) },
             ),
         );
-        let app = app("svc", Health::default(), routes);
+        let app = app("svc", Health::default(), &Cors::Off, routes);
         let send = |encoding: &str, body: Vec<u8>| {
             let req = Request::post("/echo").header("content-encoding", encoding).body(Body::from(body));
             let app = app.clone();
@@ -613,9 +729,95 @@ mod tests {
         assert_eq!((status, body["field"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("$")), "{body}");
     }
 
+    #[test]
+    fn allowed_origins_are_read_as_browsers_send_them() {
+        let parsed = |s: &str| s.parse::<Cors>();
+        assert_eq!(parsed(""), Ok(Cors::Off));
+        assert_eq!(parsed(" * "), Ok(Cors::AnyOrigin));
+        assert_eq!(
+            parsed("HTTPS://Shop.Example:443/, http://localhost:3000,https://shop.example,http://[::1]:80"),
+            Ok(Cors::Origins(vec![
+                "https://shop.example".into(),
+                "http://localhost:3000".into(),
+                "http://[::1]".into()
+            ]))
+        );
+        for (bad, says) in [
+            ("https://shop.example/cart", "a path"),
+            ("https://shop.example?a=1", "a path or a query"),
+            ("shop.example", "no scheme"),
+            ("https://user@shop.example", "a user"),
+            ("https://*.shop.example", "wildcard"),
+            ("*, https://shop.example", "cannot be listed"),
+            ("https://shop example", "not an origin"),
+        ] {
+            let e = parsed(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let env = crate::config::Env::from_pairs([("CORS_ALLOWED_ORIGINS", "https://shop.example/x")]);
+        let e = Cors::from_env(&env).expect_err("a path is refused at start");
+        assert_eq!(e.var, "CORS_ALLOWED_ORIGINS");
+    }
+
+    /// A preflight from an allowed origin is answered for the method and headers it asks, and
+    /// every answer to that origin (a 4xx too) says it may be read; another origin gets no
+    /// such header; with CORS off, nothing changes (`OPTIONS` is a 405 as before).
+    #[tokio::test]
+    async fn browsers_are_answered_for_the_allowed_origins_only() {
+        let routes = Router::new().route(
+            "/echo",
+            axum::routing::post(
+                |super::Body(b): super::Body| async move { json_body(&b).map(|v| Json(json!({"got": v}))) },
+            ),
+        );
+        let send = |app: Router, req: axum::http::request::Builder, body: &'static str| async move {
+            let resp = app.oneshot(req.body(Body::from(body)).expect("request")).await.expect("response");
+            let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            (
+                resp.status(),
+                header("access-control-allow-origin"),
+                header("access-control-allow-methods"),
+                header("access-control-allow-headers"),
+            )
+        };
+        let preflight = |origin: &str| {
+            Request::options("/echo")
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .header("access-control-request-headers", "content-type,x-correlation-id")
+        };
+        let allowed: Cors = "https://shop.example".parse().expect("an origin");
+        let shop = app("svc", Health::default(), &allowed, routes.clone());
+        let (status, origin, methods, headers) = send(shop.clone(), preflight("https://shop.example"), "").await;
+        assert!(status.is_success(), "{status}");
+        assert_eq!(origin.as_deref(), Some("https://shop.example"));
+        assert_eq!(methods.as_deref(), Some("POST"));
+        assert_eq!(headers.as_deref(), Some("content-type,x-correlation-id"));
+        let post =
+            |origin: &str| Request::post("/echo").header("origin", origin).header("content-type", "application/json");
+        let (status, origin, ..) = send(shop.clone(), post("https://shop.example"), r#"{"a":1}"#).await;
+        assert_eq!((status, origin.as_deref()), (StatusCode::OK, Some("https://shop.example")));
+        let (status, origin, ..) = send(shop.clone(), post("https://shop.example"), "{").await;
+        assert_eq!((status, origin.as_deref()), (StatusCode::BAD_REQUEST, Some("https://shop.example")));
+        let (_, origin, ..) = send(shop.clone(), preflight("https://elsewhere.example"), "").await;
+        assert_eq!(origin, None, "another origin is not allowed");
+        let (_, origin, ..) = send(shop.clone(), post("https://elsewhere.example"), r#"{"a":1}"#).await;
+        assert_eq!(origin, None, "another origin cannot read the answer");
+
+        let any = app("svc", Health::default(), &Cors::AnyOrigin, routes.clone());
+        let (_, origin, ..) = send(any, preflight("https://elsewhere.example"), "").await;
+        assert_eq!(origin.as_deref(), Some("*"));
+
+        let off = app("svc", Health::default(), &Cors::Off, routes);
+        let (status, origin, ..) = send(off.clone(), preflight("https://shop.example"), "").await;
+        assert_eq!((status, origin), (StatusCode::METHOD_NOT_ALLOWED, None));
+        let (status, origin, ..) = send(off, post("https://shop.example"), r#"{"a":1}"#).await;
+        assert_eq!((status, origin), (StatusCode::OK, None));
+    }
+
     #[tokio::test]
     async fn metrics_are_prometheus_text() {
-        let app = app("svc", Health::default(), Router::new());
+        let app = app("svc", Health::default(), &Cors::Off, Router::new());
         let _ = get_json(app.clone(), "/health").await;
         let resp = app.oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
         assert_eq!(resp.status(), StatusCode::OK);

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::config::{ConfigError, Env};
-use crate::http::{self, Health, ReadyFlag};
+use crate::http::{self, Cors, Health, ReadyFlag};
 use crate::kafka::consumer::ConsumerEnv;
 use crate::kafka::{ConsumerSpec, Handler, KafkaSettings, Producer, run_consumer};
 use crate::telemetry::{self, LogFormat};
@@ -57,6 +57,8 @@ pub struct CommonConfig {
     pub log_format: LogFormat,
     /// `SHUTDOWN_TIMEOUT_MS`: how long draining may take after SIGTERM (default 10000).
     pub shutdown_timeout: Duration,
+    /// `CORS_ALLOWED_ORIGINS`: which web pages may call the service from a browser.
+    pub cors: Cors,
 }
 
 impl CommonConfig {
@@ -72,6 +74,7 @@ impl CommonConfig {
             http_addr: SocketAddr::new(host, port),
             log_format: env.get("LOG_FORMAT", LogFormat::Text)?,
             shutdown_timeout: env.millis("SHUTDOWN_TIMEOUT_MS", Duration::from_secs(10))?,
+            cors: Cors::from_env(env)?,
         })
     }
 }
@@ -83,6 +86,7 @@ pub struct Context {
     /// Cancelled on shutdown, or when a consumer or task of this service failed.
     pub shutdown: CancellationToken,
     pub health: Health,
+    cors: Cors,
     listener: TcpListener,
     tasks: Vec<JoinHandle<()>>,
     producers: Vec<Producer>,
@@ -96,6 +100,7 @@ impl Context {
     pub fn new(
         service: &'static str,
         kafka: KafkaSettings,
+        cors: Cors,
         listener: TcpListener,
         shutdown: &CancellationToken,
     ) -> Self {
@@ -109,6 +114,7 @@ impl Context {
             // (in tests, several services share one process and one shutdown).
             shutdown: shutdown.child_token(),
             health,
+            cors,
             listener,
             tasks: Vec::new(),
             producers: Vec::new(),
@@ -245,7 +251,7 @@ impl Context {
     /// Serves `routes` (plus the ops routes) until shutdown, then waits for the consumers
     /// and tasks to drain and flushes the producers.
     pub async fn serve(self, routes: Router) -> anyhow::Result<()> {
-        let app = http::app(self.service, self.health.clone(), routes);
+        let app = http::app(self.service, self.health.clone(), &self.cors, routes);
         let served = http::serve(self.listener, app, self.shutdown.clone()).await;
         // The server only returns on shutdown or a fatal error: stop everything either way.
         self.shutdown.cancel();
@@ -262,26 +268,28 @@ impl Context {
     }
 }
 
-/// Starts a service on `listener` inside its `service` span; the handle ends when it has
-/// drained after `shutdown`.
+/// Starts a service on `listener` inside its `service` span, answering browsers as `cors`
+/// says; the handle ends when it has drained after `shutdown`.
 pub fn start<S: Service>(
     config: S::Config,
     kafka: KafkaSettings,
+    cors: Cors,
     listener: TcpListener,
     shutdown: &CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
     let span = tracing::info_span!("service", name = S::NAME);
     let _entered = span.enter();
-    spawn_in_current_span::<S>(config, kafka, listener, shutdown)
+    spawn_in_current_span::<S>(config, kafka, cors, listener, shutdown)
 }
 
 fn spawn_in_current_span<S: Service>(
     config: S::Config,
     kafka: KafkaSettings,
+    cors: Cors,
     listener: TcpListener,
     shutdown: &CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
-    crate::spawn(S::run(config, Context::new(S::NAME, kafka, listener, shutdown)))
+    crate::spawn(S::run(config, Context::new(S::NAME, kafka, cors, listener, shutdown)))
 }
 
 /// A cancellation token cancelled by SIGINT or SIGTERM.
@@ -496,7 +504,7 @@ async fn run_until_signal<S: Service>(mut common: CommonConfig, config: S::Confi
             return ExitCode::FAILURE;
         }
     };
-    let mut task = spawn_in_current_span::<S>(config, common.kafka, listener, &shutdown);
+    let mut task = spawn_in_current_span::<S>(config, common.kafka, common.cors, listener, &shutdown);
     let result = tokio::select! {
         r = &mut task => r,
         () = shutdown.cancelled() => match tokio::time::timeout(common.shutdown_timeout, &mut task).await {

@@ -117,7 +117,13 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Vec<Row>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let service = listener.local_addr()?;
     let stop_service = CancellationToken::new();
-    let task = kit::service::start::<user_activity::UserActivity>((), settings.clone(), listener, &stop_service);
+    let task = kit::service::start::<user_activity::UserActivity>(
+        (),
+        settings.clone(),
+        kit::http::Cors::Off,
+        listener,
+        &stop_service,
+    );
     let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
     let ready = format!("http://{service}/ready");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -342,7 +342,7 @@ async fn a_panicking_handler_ends_its_service_with_an_error() -> anyhow::Result<
     let broker = TestBroker::start().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let shutdown = CancellationToken::new();
-    let service = kit::service::start::<Panicky>((), broker.settings(), listener, &shutdown);
+    let service = kit::service::start::<Panicky>((), broker.settings(), kit::http::Cors::Off, listener, &shutdown);
     let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
     raw.send(
         FutureRecord::to(Topic::UserActivity.name()).key("k").payload(r#"{"userId":"a"}"#),
