@@ -367,6 +367,10 @@ pub fn end_with_supervisor() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The exit code of a service that stopped at start on a setting it could not read (the
+/// message names the variable): starting it again changes nothing until the setting does.
+pub const CONFIGURATION_ERROR_EXIT: u8 = 2;
+
 /// The whole `main` of a service binary. `<binary> healthcheck` instead asks the running
 /// service's `/ready` on `HTTP_PORT` and exits 0 when it answers 200 (for container health
 /// checks: the runtime image needs no curl).
@@ -379,7 +383,7 @@ pub fn main<S: Service>() -> ExitCode {
         Ok(v) => v,
         Err(e) => {
             eprintln!("{}: configuration error: {e}", S::NAME);
-            return ExitCode::from(2);
+            return ExitCode::from(CONFIGURATION_ERROR_EXIT);
         }
     };
     if let Err(e) = end_with_supervisor() {

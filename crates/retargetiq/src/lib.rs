@@ -347,7 +347,11 @@ fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("retargetiq: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<up::Misconfigured>() {
+                ExitCode::from(kit::service::CONFIGURATION_ERROR_EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -3,7 +3,10 @@
 //! Each child runs in its own process group, so a Ctrl-C in the terminal reaches only `up`,
 //! which then stops things in order: the services first (SIGTERM; each drains its in-flight
 //! work and commits its offsets), the broker last. A child that exits while `up` is running is
-//! restarted with exponential backoff, like `restart: unless-stopped` in Compose.
+//! restarted with exponential backoff, like `restart: unless-stopped` in Compose — except one
+//! that stopped on a setting it could not read ([`kit::service::CONFIGURATION_ERROR_EXIT`]):
+//! restarting it would print the same error every 30 s, so `up` stops the stack and exits
+//! with that code, the service's message naming the variable just above.
 //!
 //! The stream processors that only do throughput work ([`BACKGROUND`]) run at a lower CPU
 //! priority (`--background-nice`, like `cpu_shares` in Compose): on a machine the whole stack
@@ -106,15 +109,25 @@ struct Supervised {
     task: JoinHandle<()>,
 }
 
-fn supervise(
-    name: &'static str,
-    program: PathBuf,
+/// How to start a child: the program, its arguments and environment, and how much lower its
+/// CPU priority is than `up`'s.
+struct Program {
+    path: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
-    stop: CancellationToken,
-    grace: Duration,
     nice: i32,
+}
+
+/// Runs `program` as `name` until `stop`, restarting it when it exits; when it exits on a
+/// configuration error, it is not restarted and `misconfigured` is cancelled.
+fn supervise(
+    name: &'static str,
+    program: Program,
+    stop: CancellationToken,
+    misconfigured: CancellationToken,
+    grace: Duration,
 ) -> anyhow::Result<Supervised> {
+    let Program { path: program, args, env, nice } = program;
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_secs(1);
         loop {
@@ -147,6 +160,12 @@ fn supervise(
             tokio::select! {
                 status = child.wait() => {
                     if stop.is_cancelled() {
+                        return;
+                    }
+                    let code = kit::service::CONFIGURATION_ERROR_EXIT;
+                    if status.as_ref().is_ok_and(|s| s.code() == Some(i32::from(code))) {
+                        say(name, &format!("exited on a configuration error (exit status: {code}); not restarting it"));
+                        misconfigured.cancel();
                         return;
                     }
                     let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
@@ -237,6 +256,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let external = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok().filter(|s| !s.trim().is_empty());
 
     let broker_stop = CancellationToken::new();
+    // Cancelled when a child stopped on a setting it could not read: the stack stops.
+    let misconfigured = CancellationToken::new();
     let (bootstrap, broker) = match external {
         Some(b) => {
             say("up", &format!("using the broker at {b} (KAFKA_BOOTSTRAP_SERVERS)"));
@@ -259,10 +280,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 say("up", &format!("starting the embedded broker on {addr} (data in {})", dir.display()));
                 broker_args.extend(["--data-dir".to_owned(), dir.display().to_string()]);
             }
-            let child = supervise("broker", exe.clone(), broker_args, Vec::new(), broker_stop.clone(), grace, 0)?;
+            let program = Program { path: exe.clone(), args: broker_args, env: Vec::new(), nice: 0 };
+            let child = supervise("broker", program, broker_stop.clone(), misconfigured.clone(), grace)?;
             tokio::select! {
                 r = broker::wait_for_port(addr, Duration::from_secs(60)) => r?,
                 () = shutdown.cancelled() => anyhow::bail!("interrupted while the broker was starting"),
+                () = misconfigured.cancelled() => anyhow::bail!("the broker stopped on a configuration error"),
             }
             (addr.to_string(), Some(child))
         }
@@ -303,15 +326,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 env.push(("CLICOLOR_FORCE".to_owned(), "1".to_owned()));
             }
             let nice = if BACKGROUND.contains(&name) { args.background_nice } else { 0 };
-            let (program, args) = if args.service_binaries {
+            let (path, args) = if args.service_binaries {
                 (exe.with_file_name(name), vec![])
             } else {
                 (exe.clone(), vec!["service".into(), name.into()])
             };
-            children.push(supervise(name, program, args, env, services_stop.clone(), grace, nice)?);
+            let program = Program { path, args, env, nice };
+            children.push(supervise(name, program, services_stop.clone(), misconfigured.clone(), grace)?);
         }
         let announce = tokio::spawn(announce_ready(shutdown.clone(), offset));
-        shutdown.cancelled().await;
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = misconfigured.cancelled() => {}
+        }
         announce.abort();
         say("up", "stopping the services");
         services_stop.cancel();
@@ -329,8 +356,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = broker.task.await;
     }
     say("up", "stopped");
-    result
+    result?;
+    if misconfigured.is_cancelled() {
+        return Err(Misconfigured.into());
+    }
+    Ok(())
 }
+
+/// `up` stopped because a child stopped on a configuration error; `up` exits with the same code.
+#[derive(Debug)]
+pub struct Misconfigured;
+
+impl std::fmt::Display for Misconfigured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped: a service could not read a setting (its message above names the variable); fix it and start again")
+    }
+}
+
+impl std::error::Error for Misconfigured {}
 
 /// Says once when every service answers `/ready`.
 async fn announce_ready(shutdown: CancellationToken, offset: u16) {

@@ -259,3 +259,30 @@ async fn out_of_date_service_binaries_are_refused() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A service that stops on a setting it cannot read is not restarted every 30 s printing the
+/// same error: `up` stops the stack and exits with the service's configuration-error code,
+/// the service's message naming the variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_a_service_cannot_read_stops_up() -> anyhow::Result<()> {
+    let broker = format!("127.0.0.1:{}", free_port()?);
+    let offset = testkit::stack_port_offset(0)?.to_string();
+    let run = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
+        .args(["up", "--memory", "--broker-listen", &broker, "--port-offset", &offset])
+        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+        .env("OFFER_EPSILON", "lots")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .map_err(|_| anyhow::anyhow!("up ran on with a service that cannot start"))??;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(i32::from(kit::service::CONFIGURATION_ERROR_EXIT)), "{stdout}\n{stderr}");
+    assert!(stdout.contains("rl-offer: configuration error") && stdout.contains("OFFER_EPSILON"), "{stdout}");
+    assert!(stdout.contains("not restarting it"), "{stdout}");
+    assert!(!stdout.contains("restarting in"), "nothing is restarted: {stdout}");
+    assert!(stdout.contains("stopping the broker"), "the stack is stopped: {stdout}");
+    assert!(stderr.contains("fix it and start again"), "{stderr}");
+    Ok(())
+}
