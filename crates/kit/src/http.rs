@@ -291,7 +291,7 @@ pub fn app(service: &'static str, health: Health, cors: &Cors, routes: Router) -
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)))
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()));
     // Outside the other layers, so that every answer (a 4xx, a timeout's 503) carries the
-    // CORS headers a page needs to read it, and a preflight is answered without routing.
+    // CORS headers a page needs to read it, and a preflight is answered before the handler.
     let routes = match cors.layer() {
         Some(cors) => routes.layer(cors),
         None => routes,
