@@ -196,11 +196,23 @@ impl Processor {
     }
 
     fn reject(&self, e: validate::FieldError) -> HandlerError {
-        metrics::counter!("processor_rejected_total", "field" => e.field.clone()).increment(1);
+        self.count_rejection(&e.field);
+        HandlerError::invalid(e)
+    }
+
+    /// Counts a message refused for `field` (`$`: the payload as a whole, not JSON at all).
+    fn count_rejection(&self, field: &str) {
+        metrics::counter!("processor_rejected_total", "field" => field.to_owned()).increment(1);
         let mut s = self.stats();
         s.rejected += 1;
-        *s.rejected_by_field.entry(e.field.clone()).or_default() += 1;
-        HandlerError::invalid(e)
+        *s.rejected_by_field.entry(field.to_owned()).or_default() += 1;
+    }
+
+    /// A message that is not one at all (not JSON, or from a topic the processor does not
+    /// read): counted as rejected for `$`, the whole payload, like the invalid ones.
+    fn malformed(&self, e: HandlerError) -> HandlerError {
+        self.count_rejection("$");
+        e
     }
 
     /// The session of an event: the client's, or the user's current one, or (after
@@ -305,7 +317,7 @@ impl Handler for Processor {
 
     fn handle(&mut self, rec: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
         let now = Utc::now();
-        let value = rec.value()?;
+        let value = rec.value().map_err(|e| self.malformed(e))?;
         let processed = match rec.topic {
             Topic::UserActivity => {
                 let e = validate::activity(&value, now, Strictness::Stream).map_err(|e| self.reject(e))?;
@@ -329,7 +341,9 @@ impl Handler for Processor {
                 }
                 self.order(o, rec, out, now)
             }
-            other => return Err(HandlerError::malformed(format!("the processor does not read {other}"))),
+            other => {
+                return Err(self.malformed(HandlerError::malformed(format!("the processor does not read {other}"))));
+            }
         };
         // One line per event, as the original project's users read it with `docker logs`, up
         // to EVENT_LOG_PER_SECOND: past that the lines cost more than the processing.
@@ -601,6 +615,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(p.stats().rejected, 2);
+        // Every refusal is counted, the payload that is not JSON for the whole value (`$`).
+        let stats = p.stats().clone();
+        assert_eq!(stats.rejected, 3, "{stats:?}");
+        assert_eq!(stats.rejected_by_field.get("$"), Some(&1), "{stats:?}");
+        assert_eq!(stats.rejected_by_field.get("eventId"), Some(&1), "{stats:?}");
     }
 }
