@@ -133,6 +133,8 @@ echo "built in $(($(date +%s) - started)) s"
 # --- 4. up, and what a user does ------------------------------------------------------------
 step "starting the stack"
 compose down -v --remove-orphans >/dev/null 2>&1 || true
+# The shop whose pages may call the services from the browser (checked below).
+export CORS_ALLOWED_ORIGINS=https://shop.example
 compose up -d || fail "starting the stack"
 
 SERVICES=(user-activity order event-processor analytics feature-store retrieval ranking rl-offer recommendation-api frontend-ui)
@@ -207,6 +209,21 @@ done
 jq -c '{items: [.recommendations[].itemId], coldStart, requestId}' <<<"$reco"
 jq -e '[.recommendations[].itemId] | index("SMOKE-SHOE-1")' <<<"$reco" >/dev/null \
   || fail "the viewed, unbought SMOKE-SHOE-1 is not recommended: $reco"
+
+step "a shop's page may call the APIs from the browser (CORS_ALLOWED_ORIGINS), another may not"
+# What a browser asks before a page's JSON POST, and what it reads on the answer to a GET.
+allowed_origin() { # ORIGIN URL [METHOD] -> the Access-Control-Allow-Origin answered, if any
+  curl -sS -o /dev/null -D - -X "${3:-GET}" -H "Origin: $1" -H 'Access-Control-Request-Method: POST' \
+    -H 'Access-Control-Request-Headers: content-type' "$2" | tr -d '\r' \
+    | sed -n 's/^access-control-allow-origin: //Ip'
+}
+[[ "$(allowed_origin https://shop.example localhost:8081/api/users/activity OPTIONS)" == https://shop.example ]] \
+  || fail "user-activity did not allow the shop's preflight"
+[[ "$(allowed_origin https://shop.example "localhost:8089/recommend/$user?k=5")" == https://shop.example ]] \
+  || fail "recommendation-api did not let the shop's page read its answer"
+[[ -z "$(allowed_origin https://elsewhere.example "localhost:8089/recommend/$user?k=5")" ]] \
+  || fail "recommendation-api let another origin read its answer"
+echo "https://shop.example may call user-activity and recommendation-api; https://elsewhere.example may not"
 
 step "changing a price: the recommendation shows it"
 http PUT localhost:8081/api/catalog/products \
