@@ -166,16 +166,20 @@ async fn the_ui_in_a_real_browser() -> anyhow::Result<()> {
     // A shop's own page calls the APIs from the browser (CORS): from the allowed origin it
     // sends JSON events, reads the answers (a refusal too) and the recommendations; the same
     // page from an origin not allowed can do neither.
-    browser.goto(&format!("{}/", fleet.allowed_origin)).await?;
-    let from_the_page = browser
-        .execute_async(
-            CALL_THE_APIS,
+    let calls_from = |page: String| {
+        let (browser, args) = (
+            &browser,
             vec![
                 json!(fleet.url("user-activity", "/api/users/activity")),
                 json!(fleet.url("recommendation-api", "/recommend/page-shopper?k=3")),
             ],
-        )
-        .await?;
+        );
+        async move {
+            browser.goto(&page).await?;
+            anyhow::Ok(browser.execute_async(CALL_THE_APIS, args).await?)
+        }
+    };
+    let from_the_page = calls_from(format!("{}/", fleet.allowed_origin)).await?;
     assert_eq!(from_the_page["event"]["status"], 202, "{from_the_page}");
     assert_eq!(from_the_page["event"]["body"]["accepted"], 1, "{from_the_page}");
     assert_eq!(from_the_page["refused"]["status"], 400, "{from_the_page}");
@@ -184,16 +188,7 @@ async fn the_ui_in_a_real_browser() -> anyhow::Result<()> {
     assert_eq!(from_the_page["recommend"]["body"]["recommendations"].as_array().map(Vec::len), Some(3));
     let elsewhere = fleet.url("frontend-ui", "/");
     assert_ne!(url_origin(&elsewhere), fleet.allowed_origin);
-    browser.goto(&elsewhere).await?;
-    let not_allowed = browser
-        .execute_async(
-            CALL_THE_APIS,
-            vec![
-                json!(fleet.url("user-activity", "/api/users/activity")),
-                json!(fleet.url("recommendation-api", "/recommend/page-shopper?k=3")),
-            ],
-        )
-        .await?;
+    let not_allowed = calls_from(elsewhere).await?;
     for call in ["event", "refused", "recommend"] {
         assert!(not_allowed[call]["blocked"].is_string(), "{call} from another origin: {not_allowed}");
     }
