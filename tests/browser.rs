@@ -192,6 +192,26 @@ async fn the_ui_in_a_real_browser() -> anyhow::Result<()> {
     for call in ["event", "refused", "recommend"] {
         assert!(not_allowed[call]["blocked"].is_string(), "{call} from another origin: {not_allowed}");
     }
+    // And the other origin's event was never sent: a marker for the same shopper, sent after
+    // it (same key, same partition, so counted after anything sent before), is counted beside
+    // the allowed page's one view and no second view.
+    let marker = json!({"userId": "page-shopper", "eventType": "page_view"});
+    let resp = fleet.http().post(fleet.url("user-activity", "/api/users/activity")).json(&marker).send().await?;
+    assert_eq!(resp.status().as_u16(), 202);
+    let counts = eventually("the marker counted", PATIENCE, || async {
+        let user: serde_json::Value = fleet
+            .http()
+            .get(fleet.url("analytics", "/api/analytics/user/page-shopper"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (user["counts"]["pageViews"] == 1).then(|| user["counts"].clone())
+    })
+    .await?;
+    assert_eq!(counts["productViews"], 1, "only the allowed page's view: {counts}");
 
     browser.close().await?;
     fleet.stop().await
