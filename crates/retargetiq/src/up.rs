@@ -285,7 +285,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             tokio::select! {
                 r = broker::wait_for_port(addr, Duration::from_secs(60)) => r?,
                 () = shutdown.cancelled() => anyhow::bail!("interrupted while the broker was starting"),
-                () = misconfigured.cancelled() => anyhow::bail!("the broker stopped on a configuration error"),
+                () = misconfigured.cancelled() => {
+                    return Err(anyhow::Error::new(Misconfigured).context("the broker stopped on a configuration error"));
+                }
             }
             (addr.to_string(), Some(child))
         }
@@ -363,13 +365,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `up` stopped because a child stopped on a configuration error; `up` exits with the same code.
+/// `up` stopped because a child (a service, or the broker) stopped on a configuration error;
+/// `up` exits with the same code.
 #[derive(Debug)]
 pub struct Misconfigured;
 
 impl std::fmt::Display for Misconfigured {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("stopped: a service could not read a setting (its message above names the variable); fix it and start again")
+        f.write_str("stopped: a process could not read a setting (its message above names it); fix it and start again")
     }
 }
 
