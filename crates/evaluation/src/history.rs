@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone as _, Utc};
 use events::generate::Step;
@@ -62,16 +63,18 @@ impl Kind {
     }
 }
 
-/// One interaction of a history.
+/// One interaction of a history. Its ids are shared with every other interaction that names
+/// the same one ([`History::id`]): a history holds millions of rows and far fewer users,
+/// sessions and products.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Interaction {
-    pub user: String,
-    pub session: Option<String>,
+    pub user: Arc<str>,
+    pub session: Option<Arc<str>>,
     pub kind: Kind,
-    pub product: String,
+    pub product: Arc<str>,
     pub at: DateTime<Utc>,
     /// The recommendation response the interaction came from (`recommendationId`), if any.
-    pub recommendation: Option<String>,
+    pub recommendation: Option<Arc<str>>,
 }
 
 /// A history: interactions in time order, and the products they name.
@@ -83,12 +86,24 @@ pub struct History {
     pub skipped: usize,
     /// The first of them (up to ten): line number (from 1) and why.
     pub first_skipped: Vec<(u64, String)>,
+    /// The ids read so far, each held once (emptied when the reading ends).
+    ids: HashSet<Arc<str>>,
 }
 
 /// How many skipped lines are named one by one (on stderr); the rest are counted.
 const SKIPS_NAMED: usize = 10;
 
 impl History {
+    /// `id` as the interactions hold it: one allocation per distinct id, not one per row.
+    fn id(&mut self, id: &str) -> Arc<str> {
+        if let Some(held) = self.ids.get(id) {
+            return Arc::clone(held);
+        }
+        let held: Arc<str> = Arc::from(id);
+        self.ids.insert(Arc::clone(&held));
+        held
+    }
+
     fn skip(&mut self, line: u64, reason: &str) {
         self.skipped += 1;
         if self.skipped <= SKIPS_NAMED {
@@ -266,6 +281,7 @@ pub fn read(path: &Path, format: Format) -> anyhow::Result<History> {
         }
     }
     history.skipped_more();
+    history.ids = HashSet::new();
     history.interactions.sort_by_key(|x| x.at);
     Ok(history)
 }
@@ -371,14 +387,15 @@ fn rees46(record: &csv::StringRecord, columns: Rees46Columns, history: &mut Hist
     let category = if code.is_empty() { id } else { code };
     product(history, product_id, category, field(columns.price).parse().ok(), Some(field(columns.brand)));
     let session = field(columns.session);
-    history.interactions.push(Interaction {
-        user: user.to_owned(),
-        session: (!session.is_empty()).then(|| session.to_owned()),
+    let interaction = Interaction {
+        user: history.id(user),
+        session: (!session.is_empty()).then(|| history.id(session)),
         kind,
-        product: product_id.to_owned(),
+        product: history.id(product_id),
         at,
         recommendation: None,
-    });
+    };
+    history.interactions.push(interaction);
     Ok(())
 }
 
@@ -401,14 +418,15 @@ fn taobao(record: &csv::StringRecord, history: &mut History) -> Result<(), Strin
         .ok_or_else(|| format!("timestamp {timestamp:?} is not Unix seconds"))?;
     let (user, item) = ids(user, item)?;
     product(history, item, category, None, None);
-    history.interactions.push(Interaction {
-        user: user.to_owned(),
+    let interaction = Interaction {
+        user: history.id(user),
         session: None,
         kind,
-        product: item.to_owned(),
+        product: history.id(item),
         at,
         recommendation: None,
-    });
+    };
+    history.interactions.push(interaction);
     Ok(())
 }
 
@@ -425,14 +443,15 @@ fn platform(line: &str, history: &mut History) -> Result<(), String> {
         let o = events::validate::order(&v, far_future, events::validate::Strictness::Api)
             .map_err(|e| format!("not an order: {e}"))?;
         for item in &o.items {
-            history.interactions.push(Interaction {
-                user: o.user_id.clone(),
-                session: o.session_id.clone(),
+            let interaction = Interaction {
+                user: history.id(&o.user_id),
+                session: o.session_id.as_deref().map(|s| history.id(s)),
                 kind: Kind::Purchase,
-                product: item.product_id.clone(),
+                product: history.id(&item.product_id),
                 at: o.timestamp,
                 recommendation: None,
-            });
+            };
+            history.interactions.push(interaction);
         }
         return Ok(());
     }
@@ -446,14 +465,15 @@ fn platform(line: &str, history: &mut History) -> Result<(), String> {
         _ => return Ok(()),
     };
     let Some(product) = a.product_id else { return Err("no productId".into()) };
-    history.interactions.push(Interaction {
-        user: a.user_id,
-        session: a.session_id,
+    let interaction = Interaction {
+        user: history.id(&a.user_id),
+        session: a.session_id.as_deref().map(|s| history.id(s)),
         kind,
-        product,
+        product: history.id(&product),
         at: a.timestamp,
-        recommendation: a.recommendation_id,
-    });
+        recommendation: a.recommendation_id.as_deref().map(|r| history.id(r)),
+    };
+    history.interactions.push(interaction);
     Ok(())
 }
 
@@ -469,13 +489,13 @@ pub fn step(i: usize, x: &Interaction, products: &BTreeMap<String, catalog::Prod
     let event_id = format!("h{i}");
     match x.kind {
         Kind::Purchase => {
-            let price = products.get(&x.product).map_or(0.0, |p| p.price);
+            let price = products.get(&*x.product).map_or(0.0, |p| p.price);
             Step::Order(OrderEvent {
                 schema_version: events::SCHEMA_VERSION,
                 order_id: format!("o{i}"),
-                user_id: x.user.clone(),
-                session_id: x.session.clone(),
-                items: vec![OrderItem { product_id: x.product.clone(), quantity: 1, unit_price: price }],
+                user_id: x.user.to_string(),
+                session_id: x.session.as_deref().map(str::to_owned),
+                items: vec![OrderItem { product_id: x.product.to_string(), quantity: 1, unit_price: price }],
                 amount: price,
                 currency: "EUR".into(),
                 campaign_id: None,
@@ -487,18 +507,18 @@ pub fn step(i: usize, x: &Interaction, products: &BTreeMap<String, catalog::Prod
         kind => Step::Activity(ActivityEvent {
             schema_version: events::SCHEMA_VERSION,
             event_id,
-            user_id: x.user.clone(),
-            session_id: x.session.clone(),
+            user_id: x.user.to_string(),
+            session_id: x.session.as_deref().map(str::to_owned),
             event_type: match kind {
                 Kind::Cart => EventType::AddToCart,
                 Kind::RemoveFromCart => EventType::RemoveFromCart,
                 Kind::Favourite => EventType::Click,
                 _ => EventType::ProductView,
             },
-            product_id: Some(x.product.clone()),
+            product_id: Some(x.product.to_string()),
             campaign_id: None,
             query: None,
-            recommendation_id: x.recommendation.clone(),
+            recommendation_id: x.recommendation.as_deref().map(str::to_owned),
             timestamp: x.at,
         }),
     }
@@ -635,10 +655,10 @@ impl<'h> Split<'h> {
         let split = history.interactions.partition_point(|x| x.at < cutoff);
         let (train, test) = history.interactions.split_at(split);
         anyhow::ensure!(!train.is_empty(), "nothing before the held-out period: shorten --holdout-hours");
-        let trained: HashSet<&str> = train.iter().map(|x| x.user.as_str()).collect();
+        let trained: HashSet<&str> = train.iter().map(|x| &*x.user).collect();
         let mut truth: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
-        for x in test.iter().filter(|x| x.kind.engages() && trained.contains(x.user.as_str())) {
-            truth.entry(x.user.as_str()).or_default().insert(x.product.as_str());
+        for x in test.iter().filter(|x| x.kind.engages() && trained.contains(&*x.user)) {
+            truth.entry(&x.user).or_default().insert(&x.product);
         }
         anyhow::ensure!(!truth.is_empty(), "no user is active both before and during the held-out period");
         Ok(Self { history, train, test, truth, k })
@@ -748,23 +768,31 @@ pub fn metrics<'a>(cases: impl Iterator<Item = (&'a [String], &'a HashSet<&'a st
     Metrics { hit_rate: hits / n, mrr: rr / n, ndcg: ndcg / n }
 }
 
-/// The baselines' models, learned from the training interactions.
+/// The baselines' models, learned from the training interactions. Products and users are the
+/// history's own ids (shared, not copied).
 struct Baselines {
     /// Products by interaction count, most first (ties by id).
-    popular: Vec<String>,
+    popular: Vec<Arc<str>>,
     /// Per category, its products by interaction count.
-    popular_by_category: HashMap<String, Vec<String>>,
-    category_of: HashMap<String, String>,
-    /// Per user, their interactions in time order.
-    by_user: HashMap<String, Vec<(String, DateTime<Utc>)>>,
+    popular_by_category: HashMap<String, Vec<Arc<str>>>,
+    category_of: HashMap<Arc<str>, String>,
+    /// Per user, the products of their interactions in time order.
+    by_user: HashMap<Arc<str>, Vec<Arc<str>>>,
     /// Sessions: products in order of first interaction.
-    sessions: Vec<Vec<String>>,
+    sessions: Vec<Vec<Arc<str>>>,
     /// Per product, the sessions it is in.
-    sessions_of: HashMap<String, Vec<usize>>,
+    sessions_of: HashMap<Arc<str>, Vec<usize>>,
     /// Per user, their last session.
-    last_session: HashMap<String, usize>,
+    last_session: HashMap<Arc<str>, usize>,
     /// Per product, co-visitation counts with other products (same session).
-    covis: HashMap<String, HashMap<String, f64>>,
+    covis: HashMap<Arc<str>, HashMap<Arc<str>, f64>>,
+}
+
+/// A user's session: the history's own, or one derived from gaps of inactivity (numbered).
+#[derive(PartialEq, Eq, Hash)]
+enum SessionKey<'h> {
+    Named(&'h str),
+    Derived(usize),
 }
 
 /// Most neighbours session-kNN sums over.
@@ -776,60 +804,62 @@ const COVIS_SESSION_LEN: usize = 50;
 
 impl Baselines {
     fn new(train: &[Interaction], products: &BTreeMap<String, catalog::Product>) -> Self {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        let mut by_user: HashMap<String, Vec<(String, DateTime<Utc>)>> = HashMap::new();
-        let mut session_ids: HashMap<(String, String), usize> = HashMap::new();
-        let mut sessions: Vec<Vec<String>> = Vec::new();
-        let mut last_session: HashMap<String, usize> = HashMap::new();
+        let mut counts: HashMap<&Arc<str>, usize> = HashMap::new();
+        let mut by_user: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        let mut session_ids: HashMap<(&str, SessionKey<'_>), usize> = HashMap::new();
+        let mut sessions: Vec<Vec<Arc<str>>> = Vec::new();
+        let mut last_session: HashMap<Arc<str>, usize> = HashMap::new();
         // Per user: when they were last seen, and how many sessions were derived for them.
         let mut derived: HashMap<&str, (DateTime<Utc>, usize)> = HashMap::new();
         for x in train.iter().filter(|x| x.kind.engages()) {
             *counts.entry(&x.product).or_default() += 1;
-            by_user.entry(x.user.clone()).or_default().push((x.product.clone(), x.at));
-            // The history's session, or one derived from gaps of inactivity.
+            by_user.entry(Arc::clone(&x.user)).or_default().push(Arc::clone(&x.product));
             let key = match &x.session {
-                Some(s) => s.clone(),
+                Some(s) => SessionKey::Named(s),
                 None => {
                     let (last, n) = derived.entry(&x.user).or_insert((x.at, 0));
                     if x.at - *last > Duration::minutes(SESSION_GAP_MINUTES) {
                         *n += 1;
                     }
                     *last = x.at;
-                    format!("derived-{n}")
+                    SessionKey::Derived(*n)
                 }
             };
-            let id = *session_ids.entry((x.user.clone(), key)).or_insert_with(|| {
+            let id = *session_ids.entry((&x.user, key)).or_insert_with(|| {
                 sessions.push(Vec::new());
                 sessions.len() - 1
             });
             if !sessions[id].contains(&x.product) {
-                sessions[id].push(x.product.clone());
+                sessions[id].push(Arc::clone(&x.product));
             }
-            last_session.insert(x.user.clone(), id);
+            last_session.insert(Arc::clone(&x.user), id);
         }
-        let order = |v: &mut Vec<String>| {
-            v.sort_by(|a, b| counts[b.as_str()].cmp(&counts[a.as_str()]).then_with(|| a.cmp(b)));
+        drop(session_ids);
+        drop(derived);
+        let order = |v: &mut Vec<Arc<str>>| {
+            v.sort_by(|a, b| counts[b].cmp(&counts[a]).then_with(|| a.cmp(b)));
         };
-        let mut popular: Vec<String> = counts.keys().map(|p| (*p).to_owned()).collect();
+        let mut popular: Vec<Arc<str>> = counts.keys().map(|p| Arc::clone(p)).collect();
         order(&mut popular);
-        let category_of: HashMap<String, String> =
-            counts.keys().filter_map(|p| Some(((*p).to_owned(), products.get(*p)?.category.clone()))).collect();
-        let mut popular_by_category: HashMap<String, Vec<String>> = HashMap::new();
+        let category_of: HashMap<Arc<str>, String> =
+            counts.keys().filter_map(|p| Some((Arc::clone(p), products.get(&***p)?.category.clone()))).collect();
+        let mut popular_by_category: HashMap<String, Vec<Arc<str>>> = HashMap::new();
         for p in &popular {
             if let Some(c) = category_of.get(p) {
-                popular_by_category.entry(c.clone()).or_default().push(p.clone());
+                popular_by_category.entry(c.clone()).or_default().push(Arc::clone(p));
             }
         }
-        let mut sessions_of: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut covis: HashMap<String, HashMap<String, f64>> = HashMap::new();
+        let mut sessions_of: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        let mut covis: HashMap<Arc<str>, HashMap<Arc<str>, f64>> = HashMap::new();
         for (id, s) in sessions.iter().enumerate() {
             for p in s {
-                sessions_of.entry(p.clone()).or_default().push(id);
+                sessions_of.entry(Arc::clone(p)).or_default().push(id);
             }
             let s = &s[..s.len().min(COVIS_SESSION_LEN)];
             for a in s {
+                let row = covis.entry(Arc::clone(a)).or_default();
                 for b in s.iter().filter(|b| *b != a) {
-                    *covis.entry(a.clone()).or_default().entry(b.clone()).or_default() += 1.0;
+                    *row.entry(Arc::clone(b)).or_default() += 1.0;
                 }
             }
         }
@@ -837,67 +867,67 @@ impl Baselines {
     }
 
     fn popular(&self, k: usize) -> Vec<String> {
-        self.popular.iter().take(k).cloned().collect()
+        self.popular.iter().take(k).map(|p| p.to_string()).collect()
     }
 
     /// Fills `list` up to `k` with the most popular products it does not hold yet.
-    fn fill(&self, mut list: Vec<String>, k: usize) -> Vec<String> {
-        let have: HashSet<String> = list.iter().cloned().collect();
-        list.extend(self.popular.iter().filter(|p| !have.contains(*p)).take(k.saturating_sub(list.len())).cloned());
-        list.truncate(k);
-        list
+    fn fill(&self, list: &[&str], k: usize) -> Vec<String> {
+        let have: HashSet<&str> = list.iter().copied().collect();
+        let more = self.popular.iter().map(|p| &**p).filter(|p| !have.contains(p));
+        let more = more.take(k.saturating_sub(list.len()));
+        list.iter().copied().chain(more).take(k).map(str::to_owned).collect()
     }
 
     fn popular_in_categories(&self, user: &str, k: usize) -> Vec<String> {
         let mut categories: HashMap<&str, usize> = HashMap::new();
-        for (p, _) in self.by_user.get(user).into_iter().flatten() {
+        for p in self.by_user.get(user).into_iter().flatten() {
             if let Some(c) = self.category_of.get(p) {
                 *categories.entry(c).or_default() += 1;
             }
         }
         let mut categories: Vec<(&str, usize)> = categories.into_iter().collect();
         categories.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        let mut list: Vec<String> = Vec::new();
+        let mut list: Vec<&str> = Vec::new();
         for (c, _) in categories {
             for p in self.popular_by_category.get(c).into_iter().flatten() {
-                if list.len() < k && !list.contains(p) {
-                    list.push(p.clone());
+                if list.len() < k && !list.contains(&&**p) {
+                    list.push(p);
                 }
             }
         }
-        self.fill(list, k)
+        self.fill(&list, k)
     }
 
     /// The user's own distinct products, most recent first.
-    fn recent(&self, user: &str) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for (p, _) in self.by_user.get(user).into_iter().flatten().rev() {
-            if !out.contains(p) {
-                out.push(p.clone());
+    fn recent(&self, user: &str) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for p in self.by_user.get(user).into_iter().flatten().rev() {
+            if !out.contains(&&**p) {
+                out.push(p);
             }
         }
         out
     }
 
     fn recently_viewed(&self, user: &str, k: usize) -> Vec<String> {
-        self.fill(self.recent(user).into_iter().take(k).collect(), k)
+        self.fill(&self.recent(user), k)
     }
 
     /// Products co-visited with the user's five most recent ones, nearer ones weighing more.
     fn item_knn(&self, user: &str, k: usize) -> Vec<String> {
         let mut scores: HashMap<&str, f64> = HashMap::new();
         for (i, seed) in self.recent(user).iter().take(5).enumerate() {
-            for (q, c) in self.covis.get(seed).into_iter().flatten() {
+            for (q, c) in self.covis.get(*seed).into_iter().flatten() {
                 *scores.entry(q).or_default() += c / (1.0 + i as f64);
             }
         }
-        self.fill(ranked(scores, k), k)
+        self.fill(&ranked(scores, k), k)
     }
 
     /// Products of the past sessions most similar (cosine) to the user's last session.
     fn session_knn(&self, user: &str, k: usize) -> Vec<String> {
         let Some(&current) = self.last_session.get(user) else { return self.popular(k) };
-        let query: HashSet<&str> = self.sessions[current].iter().map(String::as_str).collect();
+        let query: HashSet<&str> = self.sessions[current].iter().map(|p| &**p).collect();
         let mut overlap: HashMap<usize, f64> = HashMap::new();
         for p in &query {
             for &s in self.sessions_of.get(*p).into_iter().flatten().rev().take(SESSIONS_PER_PRODUCT) {
@@ -917,15 +947,15 @@ impl Baselines {
                 *scores.entry(p).or_default() += similarity;
             }
         }
-        self.fill(ranked(scores, k), k)
+        self.fill(&ranked(scores, k), k)
     }
 }
 
 /// The `k` best-scored products, ties by id.
-fn ranked(scores: HashMap<&str, f64>, k: usize) -> Vec<String> {
+fn ranked(scores: HashMap<&str, f64>, k: usize) -> Vec<&str> {
     let mut scored: Vec<(&str, f64)> = scores.into_iter().collect();
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-    scored.into_iter().take(k).map(|(p, _)| p.to_owned()).collect()
+    scored.into_iter().take(k).map(|(p, _)| p).collect()
 }
 
 #[cfg(test)]
@@ -1023,6 +1053,30 @@ mod tests {
     }
 
     #[test]
+    fn each_id_is_held_once_however_many_rows_name_it() {
+        let rees46 = written(
+            "shared-ids.csv",
+            &[
+                "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session",
+                "2019-10-01 02:00:00 UTC,view,p1,c,,,1.0,u1,s1",
+                "2019-10-01 02:01:00 UTC,view,p2,c,,,1.0,u2,s2",
+                "2019-10-01 02:02:00 UTC,cart,p1,c,,,1.0,u1,s1",
+                "2019-10-01 02:03:00 UTC,view,p1,c,,,1.0,u2,s2",
+            ]
+            .join("\n"),
+        );
+        let h = read(&rees46, Format::Rees46).expect("read");
+        let [a, b, c, d] = h.interactions.as_slice() else { panic!("4 interactions: {:?}", h.interactions) };
+        assert!(Arc::ptr_eq(&a.user, &c.user) && Arc::ptr_eq(&b.user, &d.user), "a user's rows share its id");
+        assert!(Arc::ptr_eq(&a.product, &c.product) && Arc::ptr_eq(&a.product, &d.product), "so do a product's");
+        let session = |x: &Interaction| x.session.clone().expect("a session");
+        assert!(Arc::ptr_eq(&session(a), &session(c)), "and a session's");
+        assert!(!Arc::ptr_eq(&a.user, &b.user) && &*b.user == "u2");
+        // u1 is held by its two rows and p2 by its one: the reader keeps no share once done.
+        assert_eq!((Arc::strong_count(&a.user), Arc::strong_count(&b.product)), (2, 1));
+    }
+
+    #[test]
     fn taobao_and_platform_lines_are_read() {
         let taobao =
             written("taobao.csv", "1,2,3,pv,1511544070\n1,2,3,buy,1511544071\n1,2,3,teleport,1511544071\n1,2,3,pv\n");
@@ -1075,7 +1129,7 @@ mod tests {
             .join("\r\n"),
         );
         let h = read(&path, Format::Rees46).expect("read");
-        let kinds: Vec<_> = h.interactions.iter().map(|x| (x.user.as_str(), x.kind)).collect();
+        let kinds: Vec<_> = h.interactions.iter().map(|x| (&*x.user, x.kind)).collect();
         assert_eq!(kinds, [("7", Kind::View), ("7", Kind::Cart), ("7", Kind::RemoveFromCart), ("8", Kind::Purchase)]);
         assert_eq!(h.skipped, 4, "empty user, product id with a space, unknown event type, bad time");
         let lines: Vec<u64> = h.first_skipped.iter().map(|(line, _)| *line).collect();
@@ -1114,7 +1168,7 @@ mod tests {
         );
         let h = read(&path, Format::Rees46).expect("read");
         std::fs::remove_file(path).ok();
-        let read: Vec<(&str, &str)> = h.interactions.iter().map(|x| (x.user.as_str(), x.product.as_str())).collect();
+        let read: Vec<(&str, &str)> = h.interactions.iter().map(|x| (&*x.user, &*x.product)).collect();
         assert_eq!(read, [("b", "P2"), ("c", "P3")]);
         assert_eq!(h.first_skipped.iter().map(|(line, _)| *line).collect::<Vec<_>>(), [2]);
         assert_eq!(h.products["P2"].brand.as_deref(), Some("Smith, Jones"));

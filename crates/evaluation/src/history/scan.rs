@@ -111,6 +111,7 @@ fn timed(
     let read = reader.read(line.number, &line.text, history)?;
     let timed = history.interactions.first().map(|x| (x.at.timestamp_micros(), history.interactions.len()));
     history.interactions.clear();
+    history.ids.clear(); // kept by nothing: the interactions are not
     Ok(read.map(|()| timed))
 }
 
