@@ -287,7 +287,6 @@ pub fn app(service: &'static str, health: Health, cors: &Cors, routes: Router) -
         // [`Body`] to refuse with a 415.
         .layer(RequestDecompressionLayer::new().pass_through_unaccepted(true))
         .layer(tower::util::MapRequestLayer::new(normalize_content_encoding))
-        .layer(axum::middleware::from_fn(record_metrics))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)))
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()));
     // Outside the other layers, so that every answer (a 4xx, a timeout's 503) carries the
@@ -297,6 +296,9 @@ pub fn app(service: &'static str, health: Health, cors: &Cors, routes: Router) -
         None => routes,
     };
     routes
+        // Outside the timeout, the caught panic and CORS, so that their answers (a 503, a 500, a
+        // preflight's) are counted as the client got them.
+        .layer(axum::middleware::from_fn(record_metrics))
         // 5xx answers are logged where they arise (ApiError::Internal); a 503 from /ready while
         // a service starts is not an error worth a log line.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
@@ -813,6 +815,35 @@ mod tests {
         assert_eq!((status, origin), (StatusCode::METHOD_NOT_ALLOWED, None));
         let (status, origin, ..) = send(off, post("https://shop.example"), r#"{"a":1}"#).await;
         assert_eq!((status, origin), (StatusCode::OK, None));
+    }
+
+    #[tokio::test]
+    async fn every_answer_is_counted_as_sent() {
+        async fn buggy() -> &'static str {
+            panic!("a handler's bug")
+        }
+        let routes = Router::new()
+            .route("/counted-panic", get(buggy))
+            .route("/counted-preflight", axum::routing::post(|| async { "" }));
+        let allowed: Cors = "https://shop.example".parse().expect("origins");
+        let app = app("svc", Health::default(), &allowed, routes);
+        let panicked = app.clone().oneshot(Request::get("/counted-panic").body(Body::empty()).expect("request"));
+        assert_eq!(panicked.await.expect("response").status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let preflight = Request::options("/counted-preflight")
+            .header("origin", "https://shop.example")
+            .header("access-control-request-method", "POST")
+            .body(Body::empty())
+            .expect("request");
+        assert_eq!(app.clone().oneshot(preflight).await.expect("response").status(), StatusCode::OK);
+        let resp = app.oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
+        let text =
+            String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf8");
+        for series in [
+            r#"http_requests_total{method="GET",path="/counted-panic",status="500"} 1"#,
+            r#"http_requests_total{method="OPTIONS",path="/counted-preflight",status="200"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
+        }
     }
 
     #[tokio::test]
