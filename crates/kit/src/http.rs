@@ -817,18 +817,26 @@ mod tests {
         assert_eq!((status, origin), (StatusCode::OK, None));
     }
 
-    #[tokio::test]
+    // Paused: the timeout's 15 s pass at once.
+    #[tokio::test(start_paused = true)]
     async fn every_answer_is_counted_as_sent() {
         async fn buggy() -> &'static str {
             panic!("a handler's bug")
         }
+        async fn slow() -> &'static str {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "too late"
+        }
         let routes = Router::new()
             .route("/counted-panic", get(buggy))
+            .route("/counted-timeout", get(slow))
             .route("/counted-preflight", axum::routing::post(|| async { "" }));
         let allowed: Cors = "https://shop.example".parse().expect("origins");
         let app = app("svc", Health::default(), &allowed, routes);
         let panicked = app.clone().oneshot(Request::get("/counted-panic").body(Body::empty()).expect("request"));
         assert_eq!(panicked.await.expect("response").status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let timed_out = app.clone().oneshot(Request::get("/counted-timeout").body(Body::empty()).expect("request"));
+        assert_eq!(timed_out.await.expect("response").status(), StatusCode::SERVICE_UNAVAILABLE);
         let preflight = Request::options("/counted-preflight")
             .header("origin", "https://shop.example")
             .header("access-control-request-method", "POST")
@@ -840,6 +848,7 @@ mod tests {
             String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf8");
         for series in [
             r#"http_requests_total{method="GET",path="/counted-panic",status="500"} 1"#,
+            r#"http_requests_total{method="GET",path="/counted-timeout",status="503"} 1"#,
             r#"http_requests_total{method="OPTIONS",path="/counted-preflight",status="200"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
