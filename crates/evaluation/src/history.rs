@@ -64,8 +64,8 @@ impl Kind {
 }
 
 /// One interaction of a history. Its ids are shared with every other interaction that names
-/// the same one ([`History::id`]): a history holds millions of rows and far fewer users,
-/// sessions and products.
+/// the same one (read once into an [`Arc`]): a history holds millions of rows and far fewer
+/// users, sessions and products.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Interaction {
     pub user: Arc<str>,
