@@ -586,6 +586,13 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
     }
 
+    /// `GET /metrics`: a 200 with the Prometheus text.
+    async fn metrics_text(app: Router) -> String {
+        let resp = app.oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf8")
+    }
+
     #[tokio::test]
     async fn ready_follows_the_conditions() {
         let health = Health::default();
@@ -843,9 +850,7 @@ mod tests {
             .body(Body::empty())
             .expect("request");
         assert_eq!(app.clone().oneshot(preflight).await.expect("response").status(), StatusCode::OK);
-        let resp = app.oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
-        let text =
-            String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf8");
+        let text = metrics_text(app).await;
         for series in [
             r#"http_requests_total{method="GET",path="/counted-panic",status="500"} 1"#,
             r#"http_requests_total{method="GET",path="/counted-timeout",status="503"} 1"#,
@@ -859,10 +864,7 @@ mod tests {
     async fn metrics_are_prometheus_text() {
         let app = app("svc", Health::default(), &Cors::Off, Router::new());
         let _ = get_json(app.clone(), "/health").await;
-        let resp = app.oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
-        assert_eq!(resp.status(), StatusCode::OK);
-        let text =
-            String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf8");
+        let text = metrics_text(app).await;
         assert!(text.contains("http_requests_total"), "{text}");
     }
 
