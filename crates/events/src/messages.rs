@@ -447,7 +447,8 @@ pub struct UserFeatures {
     pub current_session_id: String,
     #[serde(default)]
     pub session: SessionStats,
-    /// Category -> affinity, decayed over time (half-life documented in the feature store).
+    /// Category -> affinity, decayed over time (the half-life and the number of categories kept
+    /// are documented in the feature store).
     pub category_affinity: BTreeMap<String, f64>,
     pub preferred_category: Option<String>,
     /// Most recent first.

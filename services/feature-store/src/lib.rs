@@ -9,7 +9,8 @@
 //! [`Windows`]), sessions (count, the current one's events and duration, the average events
 //! per session, the previous visit), category affinity with exponential time decay
 //! (half-life `AFFINITY_HALF_LIFE_HOURS`, default 72; weights: view 1, click 1.5, add to cart 3,
-//! purchase 5), recently viewed products (20), the current cart and its value, purchases,
+//! purchase 5; kept for the [`CATEGORIES_KEPT`] strongest categories), recently viewed products
+//! ([`RECENT_VIEWS`]), the current cart and its value, purchases,
 //! total spend, and three derived scores in [0, 1] (see [`derive_scores`]).
 //!
 //! Redeliveries are recognised by event id (the last 256 per user), so a snapshot is never
@@ -38,6 +39,8 @@ pub const PURCHASES_KEPT: usize = 50;
 pub const CART_KEPT: usize = 100;
 /// Event ids remembered per user for de-duplication.
 pub const SEEN_PER_USER: usize = 256;
+/// Categories whose affinity is kept per user (the strongest; beyond it the weakest drops out).
+pub const CATEGORIES_KEPT: usize = 50;
 
 /// The `feature-store` service.
 pub struct FeatureStore;
@@ -282,6 +285,25 @@ impl Store {
             let kept: foldhash::HashSet<&String> =
                 f.recently_viewed.iter().chain(&f.cart).chain(&f.purchased).collect();
             f.product_engagement.retain(|p, _| kept.contains(p));
+        }
+        // Affinity is kept for the strongest categories only; the categories this event
+        // engaged with stay (a new interest must be able to enter), the weakest others go.
+        if f.category_affinity.len() > CATEGORIES_KEPT {
+            let engaged = |c: &str| {
+                e.product.as_ref().and_then(|p| p.known_category()) == Some(c)
+                    || e.order.iter().flat_map(|o| &o.items).any(|i| i.product.known_category() == Some(c))
+            };
+            let mut others: Vec<(&String, f64)> =
+                f.category_affinity.iter().filter(|(c, _)| !engaged(c)).map(|(c, v)| (c, *v)).collect();
+            let excess = (f.category_affinity.len() - CATEGORIES_KEPT).min(others.len());
+            if excess > 0 {
+                // Weakest first; on a tie the later name goes (the preferred category's order).
+                others.select_nth_unstable_by(excess - 1, |a, b| a.1.total_cmp(&b.1).then(b.0.cmp(a.0)));
+                let dropped: Vec<String> = others[..excess].iter().map(|(c, _)| (*c).clone()).collect();
+                for c in &dropped {
+                    f.category_affinity.remove(c);
+                }
+            }
         }
         let catalog = self.catalog.read();
         f.cart_value = f.cart.iter().filter_map(|id| catalog.get(id)).map(|p| p.price).fold(0.0, |a, b| a + b);
@@ -528,6 +550,73 @@ mod tests {
         }
         let f = s.get("u").expect("known");
         assert_eq!((f.recently_viewed.len(), f.purchased.len()), (RECENT_VIEWS, PURCHASES_KEPT));
+    }
+
+    /// A user active in more categories than are kept (a shop's shared "guest" id, a crawler)
+    /// keeps the strongest affinities, always including the category just engaged with, so a
+    /// snapshot's size and the work per event stay bounded.
+    #[test]
+    fn category_affinity_is_kept_for_the_strongest_categories() {
+        let mut s = store();
+        let t = Utc::now() - Duration::hours(1);
+        let in_category = |id: &str, category: String| ProductInfo {
+            product_id: id.into(),
+            name: id.into(),
+            category,
+            price: 1.0,
+            unknown: false,
+        };
+        // A category viewed often, then 500 categories viewed once each.
+        for i in 0..10 {
+            let mut e = event(&format!("a{i}"), EventType::ProductView, None, t);
+            e.product = Some(in_category("A", "favourite".into()));
+            s.apply(&e, t).expect("new");
+        }
+        for i in 0..500 {
+            let at = t + Duration::seconds(i);
+            let mut e = event(&format!("b{i}"), EventType::ProductView, None, at);
+            e.product = Some(in_category(&format!("B{i}"), format!("c{i:03}")));
+            let f = s.apply(&e, at).expect("new");
+            assert!(
+                f.category_affinity.len() <= CATEGORIES_KEPT,
+                "{} categories after event {i}",
+                f.category_affinity.len()
+            );
+            assert!(f.category_affinity.contains_key(&format!("c{i:03}")), "the event's own category, event {i}");
+        }
+        let f = s.get("u").expect("known");
+        assert_eq!(f.category_affinity.len(), CATEGORIES_KEPT);
+        assert_eq!(f.preferred_category.as_deref(), Some("favourite"));
+        // A category engaged with again climbs among those kept.
+        let at = t + Duration::seconds(600);
+        for i in 0..3 {
+            let mut e = event(&format!("d{i}"), EventType::ProductView, None, at);
+            e.product = Some(in_category("D", "newcomer".into()));
+            s.apply(&e, at).expect("new");
+        }
+        let f = s.get("u").expect("known");
+        let newcomer = f.category_affinity["newcomer"];
+        assert!(newcomer > 2.9, "{newcomer}");
+        assert_eq!(f.category_affinity.len(), CATEGORIES_KEPT);
+        // An order in more categories than are kept keeps every one of them.
+        let at = t + Duration::seconds(700);
+        let mut e = event("o", EventType::Purchase, None, at);
+        e.order = Some(ProcessedOrder {
+            order_id: "o".into(),
+            amount: 60.0,
+            currency: "EUR".into(),
+            items: (0..CATEGORIES_KEPT + 10)
+                .map(|i| ProcessedItem {
+                    product: in_category(&format!("O{i}"), format!("o{i:03}")),
+                    quantity: 1,
+                    unit_price: 1.0,
+                })
+                .collect(),
+            offer_decision_id: None,
+        });
+        let f = s.apply(&e, at).expect("new");
+        assert_eq!(f.category_affinity.len(), CATEGORIES_KEPT + 10);
+        assert!((0..CATEGORIES_KEPT + 10).all(|i| f.category_affinity.contains_key(&format!("o{i:03}"))));
     }
 
     #[test]
