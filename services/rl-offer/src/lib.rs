@@ -31,7 +31,9 @@
 //! **Rewards**: an order within `OFFER_REWARD_WINDOW_MINUTES` after a decision is attributed to
 //! it (to the decision the order names in `offerDecisionId`, else to the user's latest open
 //! decision): the reward is the order amount net of the action's cost. A window that closes
-//! without an order is a reward of minus the fixed cost (0 for most actions).
+//! without an order is a reward of minus the fixed cost (0 for most actions). Open decisions
+//! are bounded: [`OPEN_PER_USER`] per user, for at most `MAX_USERS` users (see
+//! `Policy::record`).
 //!
 //! **State across restarts**: at start the instance reads back its partitions of
 //! `offers-topic` (its decisions, with contexts) and of `processed-events-topic` (the orders),
@@ -45,7 +47,7 @@
 
 pub mod bandit;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use axum::Json;
 use axum::extract::State;
@@ -76,6 +78,8 @@ pub const FREE_SHIPPING_COST: f64 = 4.90;
 pub const DISCOUNT_RATE: f64 = 0.10;
 /// Products whose views are counted per user for the repeated-views trigger.
 const VIEWED_PER_USER: usize = 20;
+/// Open decisions kept per user (see `Policy::record`).
+pub const OPEN_PER_USER: usize = 10;
 
 /// What `action` costs when it is followed by an order of `amount` (or by none).
 pub fn cost(action: OfferAction, order_amount: Option<f64>) -> f64 {
@@ -423,7 +427,9 @@ pub struct Policy {
     rng: StdRng,
     pub current: UserMap<OfferDecision>,
     pub features: UserMap<OfferFeatures>,
-    open: HashMap<String, VecDeque<Open>>,
+    /// User -> decisions awaiting their reward, oldest first: at most [`OPEN_PER_USER`] per
+    /// user, for the users decided for most recently.
+    open: UserMap<VecDeque<Open>>,
     /// user -> (product, views) for the repeated-views trigger.
     views: UserMap<VecDeque<(String, u32)>>,
     orders_seen: SeenSet,
@@ -438,13 +444,19 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(config: Config, rng: StdRng) -> Self {
+        Self::with_open_users(config, rng, kit::state::max_users())
+    }
+
+    /// A policy that keeps open decisions for at most `users` users (`MAX_USERS` in
+    /// [`Policy::new`]).
+    pub fn with_open_users(config: Config, rng: StdRng, users: std::num::NonZeroUsize) -> Self {
         Self {
             bandit: Bandit::new(dimensions(), config.bandit),
             config,
             rng,
             current: user_map(),
             features: user_map(),
-            open: HashMap::new(),
+            open: lru::LruCache::with_hasher(users, Default::default()),
             views: user_map(),
             orders_seen: SeenSet::new(100_000),
             closed: SeenSet::new(100_000),
@@ -481,7 +493,7 @@ impl Policy {
     pub fn stats(&self) -> PolicyStats {
         PolicyStats {
             policy: POLICY,
-            open_decisions: self.open.values().map(VecDeque::len).sum(),
+            open_decisions: self.open.iter().map(|(_, list)| list.len()).sum(),
             learned: self.learned,
             converted: self.converted,
             arms: self.bandit.stats(),
@@ -515,18 +527,36 @@ impl Policy {
     }
 
     /// Remembers a decision (made now, or read back from the log) as current and open.
+    ///
+    /// What a client can make it hold is bounded: a user keeps the latest [`OPEN_PER_USER`]
+    /// decisions open, and open decisions are kept for the users decided for most recently
+    /// (`MAX_USERS`). A decision pushed out is closed at once without a reward, as its window
+    /// would most likely have closed it: an order is attributed to the latest open decision
+    /// in its window unless it names another.
     fn record(&mut self, d: &OfferDecision) {
-        if self.closed.contains(&d.decision_id) {
+        if self.closed.contains(&d.decision_id)
+            || self.open.peek(&d.user_id).is_some_and(|open| open.iter().any(|o| o.decision_id == d.decision_id))
+        {
             return;
+        }
+        let mut pushed_out = Vec::new();
+        if !self.open.contains(&d.user_id)
+            && self.open.len() == self.open.cap().get()
+            && let Some((_, list)) = self.open.pop_lru()
+        {
+            pushed_out.extend(list);
         }
         let x = OfferContext::from_map(&d.context).vector();
-        let open = self.open.entry(d.user_id.clone()).or_default();
-        if open.iter().any(|o| o.decision_id == d.decision_id) {
-            return;
-        }
+        let open = self.open.get_or_insert_mut(d.user_id.clone(), VecDeque::new);
         open.push_back(Open { decision_id: d.decision_id.clone(), action: d.action, x, decided_at: d.decided_at });
+        while open.len() > OPEN_PER_USER {
+            pushed_out.extend(open.pop_front());
+        }
         if self.current.peek(&d.user_id).is_none_or(|c| c.decided_at <= d.decided_at) {
             self.current.put(d.user_id.clone(), d.clone());
+        }
+        for o in pushed_out {
+            self.learn(&o, None);
         }
     }
 
@@ -552,7 +582,7 @@ impl Policy {
         let i = named.or_else(|| open.iter().rposition(in_window))?;
         let o = open.remove(i)?;
         if open.is_empty() {
-            self.open.remove(&e.user_id);
+            self.open.pop(&e.user_id);
         }
         self.learn(&o, Some(order.amount));
         Some(net_reward(o.action, Some(order.amount)))
@@ -561,13 +591,18 @@ impl Policy {
     /// Closes the decisions whose window ended before `now` without an order.
     fn expire(&mut self, now: DateTime<Utc>) {
         let window = self.config.reward_window;
-        let mut closed = Vec::new();
-        self.open.retain(|_, list| {
+        let (mut closed, mut emptied) = (Vec::new(), Vec::new());
+        for (user, list) in self.open.iter_mut() {
             while list.front().is_some_and(|o| now - o.decided_at > window) {
                 closed.extend(list.pop_front());
             }
-            !list.is_empty()
-        });
+            if list.is_empty() {
+                emptied.push(user.clone());
+            }
+        }
+        for user in emptied {
+            self.open.pop(&user);
+        }
         // In decision order, so that the same history always gives the same model.
         closed.sort_by(|a, b| a.decided_at.cmp(&b.decided_at).then_with(|| a.decision_id.cmp(&b.decision_id)));
         for o in closed {
@@ -1007,6 +1042,47 @@ mod tests {
         assert_eq!((stats.open_decisions, stats.learned, stats.converted), (0, 2, 1));
         // Too late for b.
         assert!(p.on_order(&order("o3", "b", 10.0, t0 + Duration::hours(26), Some(&b.decision_id))).is_none());
+    }
+
+    /// A client may ask `POST /offer/select` for any number of decisions: a user keeps the
+    /// latest [`OPEN_PER_USER`] open, the older ones closed unrewarded at once (an order goes to
+    /// the latest open decision in its window unless it names another).
+    #[test]
+    fn a_users_open_decisions_are_bounded() {
+        let mut p = policy();
+        let t0 = Utc::now() - Duration::hours(1);
+        let made: Vec<OfferDecision> = (0..OPEN_PER_USER as i64 + 15)
+            .map(|i| p.decide("u", &OfferContext::default(), "api", t0 + Duration::seconds(i)))
+            .collect();
+        let stats = p.stats();
+        assert_eq!((stats.open_decisions, stats.learned, stats.converted), (OPEN_PER_USER, 15, 0));
+        assert!(made[..15].iter().all(|d| p.closed.contains(&d.decision_id)), "the oldest are closed");
+        assert!(made[15..].iter().all(|d| !p.closed.contains(&d.decision_id)), "the latest are open");
+        let last = made.last().expect("made");
+        let reward = p.on_order(&order("o1", "u", 20.0, t0 + Duration::minutes(5), None)).expect("attributed");
+        assert!((reward - net_reward(last.action, Some(20.0))).abs() < 1e-9);
+        assert!(p.closed.contains(&last.decision_id));
+        assert_eq!(p.stats().open_decisions, OPEN_PER_USER - 1);
+    }
+
+    /// Open decisions are kept for a bounded number of users: the least recently decided for
+    /// gives way, its decisions closed unrewarded.
+    #[test]
+    fn open_decisions_are_kept_for_a_bounded_number_of_users() {
+        let users = std::num::NonZeroUsize::new(3).expect("non-zero");
+        let mut p = Policy::with_open_users(Config::default(), StdRng::seed_from_u64(9), users);
+        let t0 = Utc::now() - Duration::hours(1);
+        for (i, u) in ["a", "b", "c", "a", "d", "e"].into_iter().enumerate() {
+            p.decide(u, &OfferContext::default(), "api", t0 + Duration::seconds(i as i64));
+        }
+        let stats = p.stats();
+        assert_eq!((stats.open_decisions, stats.learned), (4, 2), "a twice, d and e open; b and c closed");
+        let at = t0 + Duration::minutes(5);
+        assert!(p.on_order(&order("o1", "b", 10.0, at, None)).is_none(), "b gave way");
+        assert!(p.on_order(&order("o2", "c", 10.0, at, None)).is_none(), "c gave way");
+        for u in ["a", "d", "e"] {
+            assert!(p.on_order(&order(&format!("o-{u}"), u, 10.0, at, None)).is_some(), "{u} is open");
+        }
     }
 
     /// Orders are read in full, every other processed event only for its time.
