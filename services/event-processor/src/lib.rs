@@ -200,12 +200,14 @@ impl Processor {
         HandlerError::invalid(e)
     }
 
-    /// Counts a message refused for `field` (`$`: the payload as a whole, not JSON at all).
+    /// Counts a message refused for `field` (`$`: the payload as a whole, not JSON at all), by
+    /// [`field_kind`].
     fn count_rejection(&self, field: &str) {
-        metrics::counter!("processor_rejected_total", "field" => field.to_owned()).increment(1);
+        let field = field_kind(field);
+        metrics::counter!("processor_rejected_total", "field" => field.clone()).increment(1);
         let mut s = self.stats();
         s.rejected += 1;
-        *s.rejected_by_field.entry(field.to_owned()).or_default() += 1;
+        *s.rejected_by_field.entry(field).or_default() += 1;
     }
 
     /// A message that is not one at all (not JSON, or from a topic the processor does not
@@ -451,10 +453,32 @@ async fn get_letters(State(s): State<AppState>, Query(q): Query<LetterQuery>) ->
     Json(s.letters.read().iter().take(limit).cloned().collect())
 }
 
+/// A refused field with its array indexes left out (`items[3].quantity` -> `items[].quantity`):
+/// what refusals are counted by.
+fn field_kind(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(open) = rest.find('[') {
+        let (before, from) = rest.split_at(open);
+        out.push_str(before);
+        let digits = from[1..].bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && from[1 + digits..].starts_with(']') {
+            out.push_str("[]");
+            rest = &from[digits + 2..];
+        } else {
+            out.push('[');
+            rest = &from[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use events::generate::Generator;
     use events::{DeadLetterKind, Message};
+    use serde_json::json;
 
     use super::*;
 
@@ -575,6 +599,33 @@ mod tests {
         assert_eq!(order.items.len(), o.items.len());
         assert!(order.items.iter().all(|i| !i.product.category.is_empty()));
         assert_eq!(out[0].key(), o.user_id);
+    }
+
+    /// Refusals are counted by field whatever the order line: `items[].quantity`, not one
+    /// counter (and one metric series) per line number. The dead letter names the line.
+    #[test]
+    fn refusals_are_counted_by_field_not_by_line() {
+        let mut p = processor();
+        for bad in [3, 7, 3] {
+            let mut o = serde_json::to_value(Generator::seeded(3).order(Utc::now())).expect("json");
+            let items = o["items"].as_array_mut().expect("items");
+            while items.len() <= bad {
+                items.push(items[0].clone());
+            }
+            items[bad]["quantity"] = json!(0);
+            match run(&mut p, Topic::Order, &serde_json::to_vec(&o).expect("json")) {
+                Err(HandlerError::Reject { field, .. }) => {
+                    assert_eq!(field.as_deref(), Some(format!("items[{bad}].quantity").as_str()));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let stats = p.stats().clone();
+        assert_eq!(stats.rejected_by_field.len(), 1, "{stats:?}");
+        assert_eq!(stats.rejected_by_field.get("items[].quantity"), Some(&3), "{stats:?}");
+        assert_eq!(field_kind("[12].items[3].productId"), "[].items[].productId");
+        assert_eq!(field_kind("eventId"), "eventId");
+        assert_eq!(field_kind("a[b]"), "a[b]");
     }
 
     /// Any producer may write the topics: a message with a key given twice is malformed, not
