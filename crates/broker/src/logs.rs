@@ -44,6 +44,7 @@ use tansu_sans_io::describe_topic_partitions_response::DescribeTopicPartitionsRe
 use tansu_sans_io::incremental_alter_configs_request::AlterConfigsResource;
 use tansu_sans_io::incremental_alter_configs_response::AlterConfigsResourceResponse;
 use tansu_sans_io::list_groups_response::ListedGroup;
+use tansu_sans_io::metadata_response::MetadataResponseTopic;
 use tansu_sans_io::record::deflated::Batch;
 use tansu_sans_io::txn_offset_commit_response::TxnOffsetCommitResponseTopic;
 use tansu_sans_io::{
@@ -555,8 +556,18 @@ impl<S: Storage> Storage for Logs<S> {
         self.inner.register_broker(registration).await
     }
 
+    /// A topic that exists is answered `TOPIC_ALREADY_EXISTS` here: Tansu's SQLite engine
+    /// finds out by its insert failing and logs that as an error, so every start of a stack on
+    /// its existing data (whose clients create the topics they need) printed one per topic.
     async fn create_topic(&self, topic: CreatableTopic, validate_only: bool) -> Result<Uuid> {
         let name = topic.name.clone();
+        let metadata = self.inner.metadata(Some(&[TopicId::Name(name.clone())])).await?;
+        let known = |t: &MetadataResponseTopic| {
+            t.name.as_deref() == Some(name.as_str()) && t.error_code == i16::from(ErrorCode::None)
+        };
+        if metadata.topics().iter().any(known) {
+            return Err(Error::Api(ErrorCode::TopicAlreadyExists));
+        }
         let id = self.inner.create_topic(topic, validate_only).await?;
         if let Some(dir) = self.dir.as_ref().filter(|_| !validate_only) {
             // A new topic starts empty, whatever an interrupted deletion left behind.
@@ -1137,6 +1148,42 @@ mod tests {
             }
         }
         remove_sqlite_files(&db);
+        Ok(())
+    }
+
+    /// Creating a topic that exists is answered `TOPIC_ALREADY_EXISTS` with nothing logged as
+    /// an error, on both engines (Tansu's SQLite engine logged one for every such request, so
+    /// every restart of a stack printed an error per topic).
+    #[tokio::test]
+    async fn creating_a_topic_that_exists_logs_no_error() -> anyhow::Result<()> {
+        use std::sync::Mutex;
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().expect("capture").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_max_level(tracing::Level::ERROR).with_writer(move || sink.clone()).finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let db = format!("{}.exists.logs-test.db", std::process::id());
+        let (dir, scratch) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        for logs in both_engines(&db, dir.path(), scratch.path()).await? {
+            let topic = || CreatableTopic::default().name("again".into()).num_partitions(2).replication_factor(1);
+            logs.create_topic(topic(), false).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let again = logs.create_topic(topic(), false).await;
+            assert!(matches!(again, Err(Error::Api(ErrorCode::TopicAlreadyExists))), "{again:?}");
+        }
+        remove_sqlite_files(&db);
+        let logged = String::from_utf8_lossy(&captured.0.lock().expect("capture")).into_owned();
+        assert!(logged.is_empty(), "errors logged: {logged}");
         Ok(())
     }
 
