@@ -12,6 +12,22 @@ use crate::{Options, Storage};
 /// Exit code of a broker process that stopped because a task inside it panicked.
 pub const PANIC_EXIT: i32 = 70;
 
+/// Exit code of a broker process that cannot run as configured — another broker holds its
+/// data directory ([`crate::StorageInUse`]): starting it again changes nothing. The same code
+/// as a service's configuration error (`kit::service::CONFIGURATION_ERROR_EXIT`), so that
+/// `retargetiq up` stops instead of restarting it.
+pub const CONFIGURATION_ERROR_EXIT: u8 = 2;
+
+/// The exit code for a broker that stopped with `error`: [`CONFIGURATION_ERROR_EXIT`] when
+/// it could not run as configured, 1 otherwise.
+pub fn exit_code(error: &anyhow::Error) -> std::process::ExitCode {
+    if error.is::<crate::StorageInUse>() {
+        std::process::ExitCode::from(CONFIGURATION_ERROR_EXIT)
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
 /// The broker's command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {

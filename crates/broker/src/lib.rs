@@ -75,6 +75,64 @@ fn logs_beside(file: &str) -> std::path::PathBuf {
     std::path::Path::new(file).with_extension("logs")
 }
 
+/// The lock file of the SQLite file `file`: `tansu.db` → `tansu.lock`.
+fn lock_beside(file: &std::path::Path) -> std::path::PathBuf {
+    file.with_extension("lock")
+}
+
+/// Another broker holds the durable storage this one was asked to open.
+#[derive(Debug)]
+pub struct StorageInUse {
+    /// The storage's directory.
+    pub dir: std::path::PathBuf,
+    /// The holder's process id, as it wrote it in the lock file.
+    pub holder: Option<u32>,
+}
+
+impl std::fmt::Display for StorageInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the broker's data in {} is in use by another broker", self.dir.display())?;
+        if let Some(pid) = self.holder {
+            write!(f, " (process {pid})")?;
+        }
+        f.write_str(": stop that one, or give this one another data directory (--data-dir)")
+    }
+}
+
+impl std::error::Error for StorageInUse {}
+
+/// Takes the exclusive lock on the durable storage whose SQLite file is `file` (a lock file
+/// beside it, [`lock_beside`]), held until the returned file is dropped; fails with
+/// [`StorageInUse`] when another broker holds it. The operating system releases the lock when
+/// its holder ends, even by `kill -9`, so a crash leaves nothing to clean up.
+fn lock_storage(file: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write as _;
+    let path = lock_beside(file);
+    let mut lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {
+            // Who holds it, for the message another broker gives.
+            lock.set_len(0)?;
+            write!(lock, "{}", std::process::id())?;
+            Ok(lock)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
+            let dir = std::path::absolute(&path).ok().and_then(|p| p.parent().map(std::path::Path::to_path_buf));
+            Err(StorageInUse { dir: dir.unwrap_or_default(), holder }.into())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+        }
+    }
+}
+
 /// A topic to create: name, partitions, configuration (key, value).
 pub type TopicSpec = (String, i32, Vec<(String, String)>);
 
@@ -108,6 +166,12 @@ pub async fn run_with(
     options: Options,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before anything opens the storage: a second broker on the same files would hand out
+    // the same offsets twice and cut off what the first is writing as a torn tail.
+    let _lock = match &storage {
+        Storage::Sqlite(file) => Some(lock_storage(std::path::Path::new(file))?),
+        Storage::Memory => None,
+    };
     let advertised = options.advertised.clone().unwrap_or_else(|| addr.to_string());
     let listener_url =
         Url::parse(&format!("tcp://{advertised}")).with_context(|| format!("bad advertised address {advertised:?}"))?;
@@ -403,6 +467,24 @@ mod tests {
         anyhow::ensure!(int16(4) == 0, "ApiVersions answered error code {}", int16(4));
         let count = i32::from_be_bytes([answer[6], answer[7], answer[8], answer[9]]);
         Ok((0..usize::try_from(count)?).map(|i| int16(10 + 6 * i)).collect())
+    }
+
+    /// The durable storage is held by one broker at a time: a second is refused, naming the
+    /// holder, until the first lets go.
+    #[test]
+    fn a_second_broker_cannot_take_the_same_storage() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("tansu.db");
+        let first = lock_storage(&file)?;
+        let refused = lock_storage(&file).expect_err("the storage is held");
+        let in_use = refused.downcast_ref::<StorageInUse>().expect("StorageInUse");
+        assert_eq!(in_use.holder, Some(std::process::id()));
+        assert_eq!(in_use.dir, dir.path());
+        assert!(refused.to_string().contains("in use by another broker"), "{refused}");
+        assert_eq!(cli::exit_code(&refused), std::process::ExitCode::from(cli::CONFIGURATION_ERROR_EXIT));
+        drop(first);
+        lock_storage(&file)?;
+        Ok(())
     }
 
     /// CreateAcls is not offered (Tansu's answer made librdkafka abort its client's process);

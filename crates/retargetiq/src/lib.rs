@@ -350,11 +350,14 @@ fn block_on(f: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             if e.is::<up::Misconfigured>() {
                 ExitCode::from(kit::service::CONFIGURATION_ERROR_EXIT)
             } else {
-                ExitCode::FAILURE
+                broker::cli::exit_code(&e)
             }
         }
     }
 }
+
+// `up` tells a configuration error by this code, from a service or from the broker.
+const _: () = assert!(broker::cli::CONFIGURATION_ERROR_EXIT == kit::service::CONFIGURATION_ERROR_EXIT);
 
 /// Runs the named service as this process.
 pub fn run_service(name: &str) -> ExitCode {

@@ -372,7 +372,9 @@ pub struct Misconfigured;
 
 impl std::fmt::Display for Misconfigured {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("stopped: a process could not read a setting (its message above names it); fix it and start again")
+        f.write_str(
+            "stopped: a process cannot run with its configuration (its message above says why); fix it and start again",
+        )
     }
 }
 

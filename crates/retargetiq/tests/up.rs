@@ -286,3 +286,44 @@ async fn a_setting_a_service_cannot_read_stops_up() -> anyhow::Result<()> {
     assert!(stderr.contains("fix it and start again"), "{stderr}");
     Ok(())
 }
+
+/// A second stack started on the data directory of a running one (say with only its ports
+/// moved) is refused: two brokers on the same files would hand out the same offsets twice.
+/// `up` stops with the configuration-error code, naming the broker that holds the data, and
+/// the first broker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stack_on_the_same_data_is_refused() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let first = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let mut holder = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
+        .args(["broker", "--listen", &first.to_string(), "--data-dir"])
+        .arg(data.path().join("broker"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    broker::wait_for_port(first, Duration::from_secs(30)).await?;
+
+    let second = format!("127.0.0.1:{}", free_port()?);
+    let offset = testkit::stack_port_offset(0)?.to_string();
+    let run = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
+        .args(["up", "--broker-listen", &second, "--port-offset", &offset, "--data-dir"])
+        .arg(data.path())
+        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .map_err(|_| anyhow::anyhow!("a second stack ran on the data of the first"))??;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(i32::from(kit::service::CONFIGURATION_ERROR_EXIT)), "{stdout}\n{stderr}");
+    let pid = holder.id().ok_or_else(|| anyhow::anyhow!("the first broker is gone"))?;
+    assert!(stdout.contains(&format!("in use by another broker (process {pid})")), "{stdout}");
+    assert!(stdout.contains("not restarting it"), "{stdout}");
+    assert!(stderr.contains("fix it and start again"), "{stderr}");
+    assert!(holder.try_wait()?.is_none(), "the first broker still runs");
+    assert!(tokio::net::TcpStream::connect(first).await.is_ok(), "the first broker still serves");
+    Ok(())
+}

@@ -109,7 +109,8 @@ fn check(read: &Read, n: usize) {
 async fn every_message_is_read_as_produced_from_the_tail_or_the_storage() -> anyhow::Result<()> {
     kit::telemetry::init(kit::telemetry::LogFormat::Text);
     // The broker takes its SQLite file relative to the current directory (the crate's, in a
-    // test): the files are removed at the end, and ignored by git (`*.tail-test.db*`, `*.tail-test.logs`).
+    // test): the files are removed at the end, and ignored by git (`*.tail-test.db*`,
+    // `*.tail-test.logs`, `*.tail-test.lock`).
     let db = format!("{}.tail-test.db", uuid_ish());
     let remove = |db: &str| {
         for suffix in ["", "-wal", "-shm"] {
@@ -118,6 +119,7 @@ async fn every_message_is_read_as_produced_from_the_tail_or_the_storage() -> any
         if let Some(logs) = broker::Storage::Sqlite(db.to_owned()).logs_dir() {
             let _ = std::fs::remove_dir_all(logs);
         }
+        let _ = std::fs::remove_file(std::path::Path::new(db).with_extension("lock"));
     };
     let addr = SocketAddr::from(([127, 0, 0, 1], testkit::free_port()?));
     let shutdown = CancellationToken::new();

@@ -41,7 +41,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("retargetiq-broker: {e:#}");
-            std::process::ExitCode::FAILURE
+            broker::cli::exit_code(&e)
         }
     }
 }
