@@ -39,10 +39,12 @@ pub struct UpArgs {
     /// Keep the broker's data in memory (lost on exit) instead.
     #[arg(long)]
     memory: bool,
-    /// Where the embedded broker listens (ignored with KAFKA_BOOTSTRAP_SERVERS).
-    #[arg(long, default_value = "127.0.0.1:9092")]
-    broker_listen: SocketAddr,
-    /// Added to every service's contract port (to run a second stack beside a first one).
+    /// Where the embedded broker listens (ignored with KAFKA_BOOTSTRAP_SERVERS) [default:
+    /// 127.0.0.1:9092, plus --port-offset].
+    #[arg(long)]
+    broker_listen: Option<SocketAddr>,
+    /// Added to every service's contract port and to the default broker port (to run a second
+    /// stack beside a first one; give it its own --data-dir, or --memory).
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
     /// How long a service may take to drain on shutdown before it is killed.
@@ -246,7 +248,23 @@ fn newer_source(binary: &Path) -> Option<PathBuf> {
         .find(|source| source.metadata().and_then(|m| m.modified()).is_ok_and(|changed| changed > built))
 }
 
+/// The embedded broker's port when `--broker-listen` is not given, before the offset.
+pub const BROKER_PORT: u16 = 9092;
+
+/// The embedded broker's address: `--broker-listen`, or [`BROKER_PORT`] plus the offset on the
+/// loopback interface. Fails when the offset moves a port past 65535.
+fn broker_address(args: &UpArgs) -> anyhow::Result<SocketAddr> {
+    let highest = PORTS.iter().map(|(_, port)| *port).chain([BROKER_PORT]).max().unwrap_or(BROKER_PORT);
+    anyhow::ensure!(
+        highest.checked_add(args.port_offset).is_some(),
+        "--port-offset {} moves port {highest} past 65535",
+        args.port_offset
+    );
+    Ok(args.broker_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], BROKER_PORT + args.port_offset))))
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let broker_listen = broker_address(&args)?;
     let exe = std::env::current_exe().context("locating the retargetiq executable")?;
     if args.service_binaries {
         check_service_binaries(&exe).context("--service-binaries")?;
@@ -264,7 +282,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             (b, None)
         }
         None => {
-            let addr = args.broker_listen;
+            let addr = broker_listen;
             anyhow::ensure!(
                 std::net::TcpListener::bind(addr).is_ok(),
                 "{addr} is in use: stop what listens there, or set KAFKA_BOOTSTRAP_SERVERS to use that broker"
@@ -422,6 +440,29 @@ mod tests {
     use super::*;
 
     use crate::{proc_stat, stat_field};
+
+    /// `up`'s arguments as the command line gives them.
+    fn up_args(args: &[&str]) -> UpArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("up").chain(args.iter().copied())).expect("parses").up
+    }
+
+    /// The broker's port follows the offset unless given; an offset that moves a port past
+    /// 65535 is refused rather than wrapped around.
+    #[test]
+    fn the_broker_port_follows_the_offset() -> anyhow::Result<()> {
+        assert_eq!(broker_address(&up_args(&[]))?, "127.0.0.1:9092".parse()?);
+        assert_eq!(broker_address(&up_args(&["--port-offset", "1000"]))?, "127.0.0.1:10092".parse()?);
+        let given = ["--port-offset", "1000", "--broker-listen", "0.0.0.0:7000"];
+        assert_eq!(broker_address(&up_args(&given))?, "0.0.0.0:7000".parse()?);
+        let refused = broker_address(&up_args(&["--port-offset", "60000"])).expect_err("past 65535");
+        assert_eq!(refused.to_string(), "--port-offset 60000 moves port 9092 past 65535");
+        Ok(())
+    }
 
     /// Ten fake service binaries in `dir` next to a fake `retargetiq`, each with cargo's
     /// dep-info naming `sources`; returns the path of the fake `retargetiq`.

@@ -19,14 +19,16 @@ async fn get_json(http: &reqwest::Client, port: u16, path: &str) -> Option<serde
     http.get(format!("http://127.0.0.1:{port}{path}")).send().await.ok()?.json().await.ok()
 }
 
+/// `up` with only a port offset: the broker's port moves with the services' (9092 + offset).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
-    let broker_port = free_port()?;
-    // Ports are the contract ports plus an offset, so a stack already running is not disturbed.
-    let offset = testkit::stack_port_offset(0)?;
+    // Ports are the contract ports plus an offset, so a stack already running is not disturbed;
+    // the broker's too (9092 + offset), as no --broker-listen is given.
+    let offset = testkit::stack_port_offset(9092 - 8089)?;
+    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 9092 + offset));
     let mut child = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
-        .args(["up", "--broker-listen", &format!("127.0.0.1:{broker_port}"), "--port-offset", &offset.to_string()])
+        .args(["up", "--port-offset", &offset.to_string()])
         .arg("--data-dir")
         .arg(data.path())
         .env_remove("KAFKA_BOOTSTRAP_SERVERS")
@@ -52,6 +54,9 @@ async fn up_runs_the_platform_and_stops_cleanly() -> anyhow::Result<()> {
     };
 
     eventually("all services ready", Duration::from_secs(90), has("all ten services ready")).await?;
+    let starting = format!("starting the embedded broker on {broker}");
+    assert!(lines.lock().expect("lock").iter().any(|l| l.contains(&starting)), "no line {starting:?}");
+    assert!(tokio::net::TcpStream::connect(broker).await.is_ok(), "the broker listens on {broker}");
     let http = reqwest::Client::new();
     let resp = http.post(format!("http://127.0.0.1:{}/api/users/activity", 8081 + offset)).body(VIEW).send().await?;
     assert_eq!(resp.status().as_u16(), 202);
