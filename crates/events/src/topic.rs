@@ -23,6 +23,14 @@ pub enum Topic {
 /// members that die during a rebalance.
 pub const EMBEDDED_BROKER_CLUSTER_ID: &str = "retargetiq";
 
+/// How long `candidates-topic` keeps its records: a day (in milliseconds). The candidate
+/// lists are the largest records of the pipeline (about 40 % of its bytes: each carries the
+/// user's feature snapshot for ranking) and only ranking's group reads them, from its
+/// committed offsets: no service replays them, and a later list of a user supersedes the
+/// earlier ones. A week of them, as other topics are kept, bought nothing but disk; a day
+/// still covers a ranking outage of that long.
+pub const CANDIDATES_RETENTION_MS: &str = "86400000";
+
 /// (topic, name on the broker, default partition count).
 ///
 /// Every topic but the catalog is keyed by user id, and all have the same partition count so
@@ -69,11 +77,13 @@ impl Topic {
     }
 
     /// Topic configuration the platform creates the topic with: the catalog is compacted
-    /// (the latest version of each product is kept for ever); the others use the broker's
-    /// retention.
+    /// (the latest version of each product is kept for ever); the candidate lists are kept a
+    /// day ([`CANDIDATES_RETENTION_MS`]); the others use the broker's retention (7 days by
+    /// default).
     pub fn configs(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Topic::Catalog => &[("cleanup.policy", "compact")],
+            Topic::Candidates => &[("retention.ms", CANDIDATES_RETENTION_MS)],
             _ => &[],
         }
     }
