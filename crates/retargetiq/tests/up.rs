@@ -265,25 +265,32 @@ async fn out_of_date_service_binaries_are_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `up` (its other arguments given) on a broker port and port offset of its own until it
+/// exits, which it must within a minute (else fails saying `ran_on`), with the
+/// configuration-error code; returns its stdout and stderr.
+async fn stopped_on_configuration(mut up: Command, ran_on: &str) -> anyhow::Result<(String, String)> {
+    let broker = format!("127.0.0.1:{}", free_port()?);
+    let offset = testkit::stack_port_offset(0)?.to_string();
+    let run = up
+        .args(["--broker-listen", &broker, "--port-offset", &offset])
+        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await.map_err(|_| anyhow::anyhow!("{ran_on}"))??;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(i32::from(kit::service::CONFIGURATION_ERROR_EXIT)), "{stdout}\n{stderr}");
+    Ok((stdout.into_owned(), stderr.into_owned()))
+}
+
 /// A service that stops on a setting it cannot read is not restarted every 30 s printing the
 /// same error: `up` stops the stack and exits with the service's configuration-error code,
 /// the service's message naming the variable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_setting_a_service_cannot_read_stops_up() -> anyhow::Result<()> {
-    let broker = format!("127.0.0.1:{}", free_port()?);
-    let offset = testkit::stack_port_offset(0)?.to_string();
-    let run = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
-        .args(["up", "--memory", "--broker-listen", &broker, "--port-offset", &offset])
-        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-        .env("OFFER_EPSILON", "lots")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .map_err(|_| anyhow::anyhow!("up ran on with a service that cannot start"))??;
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(i32::from(kit::service::CONFIGURATION_ERROR_EXIT)), "{stdout}\n{stderr}");
+    let mut up = Command::new(env!("CARGO_BIN_EXE_retargetiq"));
+    up.args(["up", "--memory"]).env("OFFER_EPSILON", "lots");
+    let (stdout, stderr) = stopped_on_configuration(up, "up ran on with a service that cannot start").await?;
     assert!(stdout.contains("rl-offer: configuration error") && stdout.contains("OFFER_EPSILON"), "{stdout}");
     assert!(stdout.contains("not restarting it"), "{stdout}");
     assert!(!stdout.contains("restarting in"), "nothing is restarted: {stdout}");
@@ -310,20 +317,9 @@ async fn a_second_stack_on_the_same_data_is_refused() -> anyhow::Result<()> {
         .spawn()?;
     broker::wait_for_port(first, Duration::from_secs(30)).await?;
 
-    let second = format!("127.0.0.1:{}", free_port()?);
-    let offset = testkit::stack_port_offset(0)?.to_string();
-    let run = Command::new(env!("CARGO_BIN_EXE_retargetiq"))
-        .args(["up", "--broker-listen", &second, "--port-offset", &offset, "--data-dir"])
-        .arg(data.path())
-        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .map_err(|_| anyhow::anyhow!("a second stack ran on the data of the first"))??;
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(i32::from(kit::service::CONFIGURATION_ERROR_EXIT)), "{stdout}\n{stderr}");
+    let mut up = Command::new(env!("CARGO_BIN_EXE_retargetiq"));
+    up.args(["up", "--data-dir"]).arg(data.path());
+    let (stdout, stderr) = stopped_on_configuration(up, "a second stack ran on the data of the first").await?;
     let pid = holder.id().ok_or_else(|| anyhow::anyhow!("the first broker is gone"))?;
     assert!(stdout.contains(&format!("in use by another broker (process {pid})")), "{stdout}");
     assert!(stdout.contains("not restarting it"), "{stdout}");
