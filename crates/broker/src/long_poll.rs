@@ -183,10 +183,10 @@ impl LongPollFetch {
                 .collect()
         };
         let fresh = if stale.iter().any(|s| *s) {
-            let sub = only(req, wanted, &stale);
+            let (sub, asked) = only(req, wanted, &stale);
             let fresh = FetchService.serve(ctx.clone(), sub).await?;
             self.learn(&fresh, wanted, generations);
-            Some(fresh)
+            Some((fresh, asked))
         } else {
             None
         };
@@ -233,17 +233,18 @@ impl LongPollFetch {
     }
 
     /// The answer to the whole request: fresh partitions, those from the tails, and remembered
-    /// ones for the rest.
+    /// ones for the rest. `fresh` is the storage's answer to the cut-down request with, for
+    /// each of its topics in order, the index of that topic in `req`.
     fn assemble(
         &self,
         req: &FetchRequest,
         wanted: &[Wanted],
         stale: &[bool],
-        fresh: Option<&FetchResponse>,
+        fresh: Option<&(FetchResponse, Vec<usize>)>,
         mut from_tail: Vec<Option<PartitionData>>,
     ) -> FetchResponse {
         let memory = self.memory();
-        let mut response = fresh.cloned().or_else(|| memory.response.clone()).unwrap_or_else(|| {
+        let mut response = fresh.map(|(f, _)| f.clone()).or_else(|| memory.response.clone()).unwrap_or_else(|| {
             // The top-level fields as Tansu's fetch fills them.
             FetchResponse::default()
                 .throttle_time_ms(Some(0))
@@ -254,8 +255,14 @@ impl LongPollFetch {
         let mut topics = Vec::new();
         for (index, asked) in req.topics.iter().flatten().enumerate() {
             let name = wanted.iter().find(|w| w.topic == index).map(|w| w.name.clone());
-            let fresh_topic = fresh.and_then(|f| {
-                f.responses.iter().flatten().find(|t| name.is_some() && name_of(t, wanted) == name).cloned()
+            // By position, not by name: a request may name a topic more than once, each time
+            // with other partitions (librdkafka does when its partitions of two topics take
+            // turns), and each entry gets the answer for its own partitions. Found by name,
+            // every entry got the first one's: a partition answered twice, which librdkafka
+            // took for a message too large to fetch and stopped reading it.
+            let fresh_topic = fresh.and_then(|(f, asked)| {
+                let at = asked.iter().position(|i| *i == index)?;
+                f.responses.as_ref()?.get(at).cloned()
             });
             let mut topic = match (fresh_topic, &name) {
                 (Some(t), _) => t,
@@ -372,9 +379,11 @@ async fn wanted<G: Storage>(
     Ok(wanted)
 }
 
-/// The request cut down to the partitions marked in `keep`.
-fn only(req: &FetchRequest, wanted: &[Wanted], keep: &[bool]) -> FetchRequest {
+/// The request cut down to the partitions marked in `keep`, with the index in `req` of each
+/// topic it keeps, in order.
+fn only(req: &FetchRequest, wanted: &[Wanted], keep: &[bool]) -> (FetchRequest, Vec<usize>) {
     let mut sub = req.clone();
+    let mut asked = Vec::new();
     sub.topics = Some(
         req.topics
             .iter()
@@ -394,11 +403,14 @@ fn only(req: &FetchRequest, wanted: &[Wanted], keep: &[bool]) -> FetchRequest {
                     })
                     .cloned()
                     .collect();
-                (!partitions.is_empty()).then(|| topic.clone().partitions(Some(partitions)))
+                (!partitions.is_empty()).then(|| {
+                    asked.push(index);
+                    topic.clone().partitions(Some(partitions))
+                })
             })
             .collect(),
     );
-    sub
+    (sub, asked)
 }
 
 /// The name of a topic in an answer (answers to requests by id carry the id only).
@@ -440,6 +452,53 @@ mod tests {
         assert!(!b.has_changed().expect("open"));
         a.borrow_and_update();
         assert!(tokio::time::timeout(Duration::from_millis(20), b.changed()).await.is_err());
+    }
+
+    /// A request that names a topic more than once (librdkafka's fetches do, starting at
+    /// another partition each time) gets, in each entry, the partitions that entry asked for:
+    /// found by name, the third entry got the first one's partition 1 again, not partition 0.
+    #[test]
+    fn each_entry_of_a_topic_named_twice_gets_its_own_partitions() {
+        use tansu_sans_io::fetch_request::{FetchPartition, FetchTopic};
+        let poll = LongPollFetch::new(Arc::default(), Arc::default());
+        let entry = |topic: &str, partition: i32| {
+            let asked = FetchPartition::default().partition(partition).fetch_offset(0).partition_max_bytes(1 << 20);
+            FetchTopic::default().topic(Some(topic.into())).partitions(Some(vec![asked]))
+        };
+        let req = FetchRequest::default().topics(Some(vec![entry("a", 1), entry("b", 0), entry("a", 0)]));
+        let wanted: Vec<Wanted> = [(0, "a", 1), (1, "b", 0), (2, "a", 0)]
+            .into_iter()
+            .map(|(topic, name, partition)| Wanted {
+                topic,
+                id: None,
+                name: name.into(),
+                partition,
+                offset: 0,
+                max_bytes: 1 << 20,
+            })
+            .collect();
+        // b[0] is answered from memory; the storage is asked about both partitions of `a`.
+        let stale = [true, false, true];
+        let (sub, asked) = only(&req, &wanted, &stale);
+        assert_eq!(asked, [0, 2]);
+        assert_eq!(sub.topics.as_ref().map(Vec::len), Some(2));
+        let answer = |topic: &str, partition: i32| {
+            let data =
+                PartitionData::default().partition_index(partition).error_code(0).high_watermark(9).records(None);
+            FetchableTopicResponse::default().topic(Some(topic.into())).partitions(Some(vec![data]))
+        };
+        let fresh = FetchResponse::default().responses(Some(vec![answer("a", 1), answer("a", 0)]));
+        let response = poll.assemble(&req, &wanted, &stale, Some(&(fresh, asked)), vec![None, None, None]);
+        let entries: Vec<(String, Vec<i32>)> = response
+            .responses
+            .iter()
+            .flatten()
+            .map(|t| {
+                let partitions = t.partitions.iter().flatten().map(|p| p.partition_index).collect();
+                (t.topic.clone().unwrap_or_default(), partitions)
+            })
+            .collect();
+        assert_eq!(entries, [("a".into(), vec![1]), ("b".into(), vec![]), ("a".into(), vec![0])]);
     }
 
     /// Only a partition with nothing past the offset asked is remembered as empty: one the
