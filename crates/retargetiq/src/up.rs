@@ -398,38 +398,57 @@ impl std::fmt::Display for Misconfigured {
 
 impl std::error::Error for Misconfigured {}
 
-/// Says once when every service answers `/ready`.
+/// Says once when every service answers `/ready`; if that takes more than two minutes (a
+/// service rebuilding its state from a long history), says which are still starting, and
+/// then still says when they all are ready.
 async fn announce_ready(shutdown: CancellationToken, offset: u16) {
-    let Ok(http) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return };
+    let ports: Vec<(&str, u16)> = PORTS.iter().map(|(name, port)| (*name, port + offset)).collect();
+    let late = |waiting: &[&str]| {
+        say("up", &format!("still not ready after 120s: {} (still waiting)", waiting.join(", ")));
+    };
+    let Some(elapsed) = await_ready(&ports, Duration::from_secs(120), &shutdown, late).await else { return };
+    say(
+        "up",
+        &format!(
+            "all ten services ready after {:.1}s: UI at http://localhost:{}, recommendations at http://localhost:{}/recommend/user-0001",
+            elapsed.as_secs_f64(),
+            3000 + offset,
+            8089 + offset
+        ),
+    );
+}
+
+/// Waits until every service of `ports` (name, port) answers `GET /ready` with a success, and
+/// returns how long that took; `None` if shut down first. Once `patience` has passed, calls
+/// `late` (once) with those not ready yet.
+async fn await_ready(
+    ports: &[(&str, u16)],
+    patience: Duration,
+    shutdown: &CancellationToken,
+    late: impl FnOnce(&[&str]),
+) -> Option<Duration> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().ok()?;
     let started = Instant::now();
+    let mut late = Some(late);
     loop {
         let mut waiting = Vec::new();
-        for (name, port) in PORTS {
-            let port = port + offset;
+        for (name, port) in ports {
             let ok =
                 http.get(format!("http://127.0.0.1:{port}/ready")).send().await.is_ok_and(|r| r.status().is_success());
             if !ok {
-                waiting.push(name);
+                waiting.push(*name);
             }
         }
         if waiting.is_empty() {
-            say(
-                "up",
-                &format!(
-                    "all ten services ready after {:.1}s: UI at http://localhost:{}, recommendations at http://localhost:{}/recommend/user-0001",
-                    started.elapsed().as_secs_f64(),
-                    3000 + offset,
-                    8089 + offset
-                ),
-            );
-            return;
+            return Some(started.elapsed());
         }
-        if started.elapsed() > Duration::from_secs(120) {
-            say("up", &format!("still not ready after 120s: {}", waiting.join(", ")));
-            return;
+        if started.elapsed() > patience
+            && let Some(late) = late.take()
+        {
+            late(&waiting);
         }
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
@@ -440,6 +459,29 @@ mod tests {
     use super::*;
 
     use crate::{proc_stat, stat_field};
+
+    /// A service that becomes ready only after the patience ran out is still waited for: the
+    /// late notice names it once, and the wait ends when it answers (`up` used to give up
+    /// after two minutes and never say that the stack was ready).
+    #[tokio::test]
+    async fn readiness_is_awaited_past_the_patience() -> anyhow::Result<()> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let serve = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            let app = axum::Router::new().route("/ready", axum::routing::get(|| async { "ready" }));
+            axum::serve(tokio::net::TcpListener::bind(("127.0.0.1", port)).await?, app).await?;
+            anyhow::Ok(())
+        });
+        let mut told = Vec::new();
+        let patience = Duration::from_millis(300);
+        let (ports, shutdown) = ([("slow", port)], CancellationToken::new());
+        let waited = await_ready(&ports, patience, &shutdown, |w| told.push(w.join(",")));
+        let elapsed = tokio::time::timeout(Duration::from_secs(20), waited).await?.expect("not shut down");
+        serve.abort();
+        assert_eq!(told, ["slow"]);
+        assert!(elapsed >= Duration::from_millis(1_500), "{elapsed:?}");
+        Ok(())
+    }
 
     /// `up`'s arguments as the command line gives them.
     fn up_args(args: &[&str]) -> UpArgs {
