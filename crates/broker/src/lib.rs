@@ -68,16 +68,20 @@ impl Storage {
             Storage::Sqlite(file) => Some(logs_beside(file)),
         }
     }
+
+    /// The file whose lock says which broker holds the storage: beside the SQLite file, named
+    /// after it with `.lock` (`tansu.db` → `tansu.lock`; see `lock_storage`).
+    pub fn lock_file(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Storage::Memory => None,
+            Storage::Sqlite(file) => Some(std::path::Path::new(file).with_extension("lock")),
+        }
+    }
 }
 
 /// The log directory of the SQLite file `file`: `tansu.db` → `tansu.logs`.
 fn logs_beside(file: &str) -> std::path::PathBuf {
     std::path::Path::new(file).with_extension("logs")
-}
-
-/// The lock file of the SQLite file `file`: `tansu.db` → `tansu.lock`.
-fn lock_beside(file: &std::path::Path) -> std::path::PathBuf {
-    file.with_extension("lock")
 }
 
 /// Another broker holds the durable storage this one was asked to open.
@@ -101,13 +105,12 @@ impl std::fmt::Display for StorageInUse {
 
 impl std::error::Error for StorageInUse {}
 
-/// Takes the exclusive lock on the durable storage whose SQLite file is `file` (a lock file
-/// beside it, [`lock_beside`]), held until the returned file is dropped; fails with
+/// Takes the exclusive lock on the file `path` (a durable storage's
+/// [`Storage::lock_file`]), held until the returned file is dropped; fails with
 /// [`StorageInUse`] when another broker holds it. The operating system releases the lock when
 /// its holder ends, even by `kill -9`, so a crash leaves nothing to clean up.
-fn lock_storage(file: &std::path::Path) -> anyhow::Result<std::fs::File> {
+fn lock_storage(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
     use std::io::Write as _;
-    let path = lock_beside(file);
     let mut lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -123,8 +126,8 @@ fn lock_storage(file: &std::path::Path) -> anyhow::Result<std::fs::File> {
             Ok(lock)
         }
         Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
-            let dir = std::path::absolute(&path).ok().and_then(|p| p.parent().map(std::path::Path::to_path_buf));
+            let holder = std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok());
+            let dir = std::path::absolute(path).ok().and_then(|p| p.parent().map(std::path::Path::to_path_buf));
             Err(StorageInUse { dir: dir.unwrap_or_default(), holder }.into())
         }
         Err(std::fs::TryLockError::Error(e)) => {
@@ -168,10 +171,7 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     // Before anything opens the storage: a second broker on the same files would hand out
     // the same offsets twice and cut off what the first is writing as a torn tail.
-    let _lock = match &storage {
-        Storage::Sqlite(file) => Some(lock_storage(std::path::Path::new(file))?),
-        Storage::Memory => None,
-    };
+    let _lock = storage.lock_file().map(|path| lock_storage(&path)).transpose()?;
     let advertised = options.advertised.clone().unwrap_or_else(|| addr.to_string());
     let listener_url =
         Url::parse(&format!("tcp://{advertised}")).with_context(|| format!("bad advertised address {advertised:?}"))?;
@@ -474,7 +474,8 @@ mod tests {
     #[test]
     fn a_second_broker_cannot_take_the_same_storage() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let file = dir.path().join("tansu.db");
+        assert_eq!(Storage::Sqlite("tansu.db".into()).lock_file(), Some("tansu.lock".into()));
+        let file = dir.path().join("tansu.lock");
         let first = lock_storage(&file)?;
         let refused = lock_storage(&file).expect_err("the storage is held");
         let in_use = refused.downcast_ref::<StorageInUse>().expect("StorageInUse");

@@ -134,12 +134,10 @@ impl<S: Storage> Logs<S> {
 
     /// Where `topic`'s records are kept; `None` for a topic the inner engine does not know.
     async fn route(&self, dir: &LogDir, topic: &str) -> Result<Option<Route>> {
-        let metadata = self.inner.metadata(Some(&[TopicId::Name(topic.to_owned())])).await?;
-        let Some(partitions) = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name.as_deref() == Some(topic) && t.error_code == i16::from(ErrorCode::None))
-            .and_then(|t| t.partitions.as_ref())
+        let Some(partitions) = self
+            .known_topic(topic)
+            .await?
+            .and_then(|t| t.partitions)
             .map(|p| i32::try_from(p.len()).unwrap_or(i32::MAX))
         else {
             return Ok(None);
@@ -168,6 +166,16 @@ impl<S: Storage> Logs<S> {
     async fn topic_config(&self, topic: &str, name: &str) -> Result<Option<String>> {
         let configs = self.inner.describe_config(topic, ConfigResource::Topic, None).await?;
         Ok(configs.configs.into_iter().flatten().find(|c| c.name == name).and_then(|c| c.value))
+    }
+
+    /// `topic` as the inner engine describes it, if it has it.
+    async fn known_topic(&self, topic: &str) -> Result<Option<MetadataResponseTopic>> {
+        let metadata = self.inner.metadata(Some(&[TopicId::Name(topic.to_owned())])).await?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name.as_deref() == Some(topic) && t.error_code == i16::from(ErrorCode::None))
+            .cloned())
     }
 
     /// The name of `topic`, asking the inner engine when it is given by id.
@@ -561,11 +569,7 @@ impl<S: Storage> Storage for Logs<S> {
     /// its existing data (whose clients create the topics they need) printed one per topic.
     async fn create_topic(&self, topic: CreatableTopic, validate_only: bool) -> Result<Uuid> {
         let name = topic.name.clone();
-        let metadata = self.inner.metadata(Some(&[TopicId::Name(name.clone())])).await?;
-        let known = |t: &MetadataResponseTopic| {
-            t.name.as_deref() == Some(name.as_str()) && t.error_code == i16::from(ErrorCode::None)
-        };
-        if metadata.topics().iter().any(known) {
+        if self.known_topic(&name).await?.is_some() {
             return Err(Error::Api(ErrorCode::TopicAlreadyExists));
         }
         let id = self.inner.create_topic(topic, validate_only).await?;

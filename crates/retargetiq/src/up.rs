@@ -398,15 +398,19 @@ impl std::fmt::Display for Misconfigured {
 
 impl std::error::Error for Misconfigured {}
 
-/// Says once when every service answers `/ready`; if that takes more than two minutes (a
-/// service rebuilding its state from a long history), says which are still starting, and
-/// then still says when they all are ready.
+/// How long `up` waits for every service to be ready before it says which are not yet.
+const READY_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Says once when every service answers `/ready`; if that takes longer than
+/// [`READY_PATIENCE`] (a service rebuilding its state from a long history), says which are
+/// still starting, and then still says when they all are ready.
 async fn announce_ready(shutdown: CancellationToken, offset: u16) {
     let ports: Vec<(&str, u16)> = PORTS.iter().map(|(name, port)| (*name, port + offset)).collect();
     let late = |waiting: &[&str]| {
-        say("up", &format!("still not ready after 120s: {} (still waiting)", waiting.join(", ")));
+        let after = READY_PATIENCE.as_secs();
+        say("up", &format!("still not ready after {after}s: {} (still waiting)", waiting.join(", ")));
     };
-    let Some(elapsed) = await_ready(&ports, Duration::from_secs(120), &shutdown, late).await else { return };
+    let Some(elapsed) = await_ready(&ports, READY_PATIENCE, &shutdown, late).await else { return };
     say(
         "up",
         &format!(

@@ -116,10 +116,13 @@ async fn every_message_is_read_as_produced_from_the_tail_or_the_storage() -> any
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{db}{suffix}"));
         }
-        if let Some(logs) = broker::Storage::Sqlite(db.to_owned()).logs_dir() {
+        let storage = broker::Storage::Sqlite(db.to_owned());
+        if let Some(logs) = storage.logs_dir() {
             let _ = std::fs::remove_dir_all(logs);
         }
-        let _ = std::fs::remove_file(std::path::Path::new(db).with_extension("lock"));
+        if let Some(lock) = storage.lock_file() {
+            let _ = std::fs::remove_file(lock);
+        }
     };
     let addr = SocketAddr::from(([127, 0, 0, 1], testkit::free_port()?));
     let shutdown = CancellationToken::new();
