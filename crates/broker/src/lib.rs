@@ -116,7 +116,7 @@ fn lock_storage(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
         .truncate(false)
         .read(true)
         .write(true)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
     match lock.try_lock() {
         Ok(()) => {
