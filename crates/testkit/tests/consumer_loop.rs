@@ -808,3 +808,98 @@ async fn consumers_report_the_age_of_what_they_handle() -> anyhow::Result<()> {
     assert_eq!((bucket("30"), bucket("120")), (Some(0.0), Some(messages as f64)), "{text}");
     Ok(())
 }
+
+/// Collects the topic and payload of everything it reads, and whether it was a replay.
+#[derive(Clone, Default)]
+struct Replays(Arc<Mutex<Vec<(Topic, String, bool)>>>);
+
+impl Handler for Replays {
+    fn handle(&mut self, record: &Record<'_>, out: &mut Outbox) -> Result<(), HandlerError> {
+        let payload = String::from_utf8_lossy(record.payload).into_owned();
+        self.0.lock().expect("lock").push((record.topic, payload, out.is_replay()));
+        Ok(())
+    }
+}
+
+impl Replays {
+    /// The payloads of `topic` read as replays (`true`) or as new messages (`false`), sorted.
+    fn of(&self, topic: Topic, replayed: bool) -> Vec<String> {
+        let all = self.0.lock().expect("lock");
+        let mut out: Vec<String> =
+            all.iter().filter(|(t, _, r)| *t == topic && *r == replayed).map(|(_, p, _)| p.clone()).collect();
+        out.sort();
+        out
+    }
+}
+
+/// A consumer restoring from some of its topics replays those on start, and resumes the
+/// others from their committed offsets with nothing replayed (rl-offer restores its
+/// snapshots, not the processed events it learns rewards from elsewhere); one restoring from
+/// all of them replays every topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_replays_only_the_topics_it_restores_from() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let settings = broker.settings();
+    let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+    let send = |topic: Topic, payload: String| {
+        let raw = raw.clone();
+        async move {
+            raw.send(FutureRecord::to(topic.name()).key(&payload).payload(&payload), Duration::from_secs(5))
+                .await
+                .map_err(|(e, _)| e)?;
+            anyhow::Ok(())
+        }
+    };
+    let topics = [Topic::UserFeatures, Topic::ProcessedEvents];
+    let names = |prefix: &str, n: usize| -> Vec<String> {
+        let mut names: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+        names.sort();
+        names
+    };
+    for i in 0..8 {
+        send(Topic::UserFeatures, format!("snapshot-{i}")).await?;
+        send(Topic::ProcessedEvents, format!("event-{i}")).await?;
+    }
+    let producer = Producer::for_pipeline(&settings)?;
+    // Runs a member of the group until it has read `marker` of both topics as new messages.
+    let run = |spec: ConsumerSpec, marker: &'static str| {
+        let (seen, stop) = (Replays::default(), CancellationToken::new());
+        let running =
+            tokio::spawn(run_consumer(consumer_env(&settings, &producer, &stop, "replays"), spec, seen.clone()));
+        async move {
+            for topic in topics {
+                send(topic, marker.to_owned()).await?;
+            }
+            let waited = eventually("the messages sent after the start", Duration::from_secs(60), || {
+                let got = topics.iter().all(|t| seen.of(*t, false).contains(&marker.to_owned()));
+                async move { got.then_some(()) }
+            })
+            .await;
+            stop.cancel();
+            running.await??;
+            waited?;
+            anyhow::Ok(seen)
+        }
+    };
+    let group = |name| ConsumerSpec::group("replays", topics, name);
+
+    let first = run(group("test-replays").restoring_from([Topic::UserFeatures]), "first").await?;
+    assert!(first.of(Topic::UserFeatures, true).is_empty(), "nothing committed yet: nothing to replay");
+    let second = run(group("test-replays").restoring_from([Topic::UserFeatures]), "second").await?;
+    let mut snapshots = names("snapshot", 8);
+    snapshots.push("first".to_owned());
+    snapshots.sort();
+    assert_eq!(second.of(Topic::UserFeatures, true), snapshots, "the restored topic replayed up to the commit");
+    assert_eq!(second.of(Topic::ProcessedEvents, true), Vec::<String>::new(), "the other one not replayed");
+    assert_eq!(second.of(Topic::ProcessedEvents, false), ["second"], "and resumed from its commit");
+
+    let third = run(group("test-replays").restoring(), "third").await?;
+    snapshots.push("second".to_owned());
+    snapshots.sort();
+    let mut events = names("event", 8);
+    events.extend(["first".to_owned(), "second".to_owned()]);
+    events.sort();
+    assert_eq!(third.of(Topic::UserFeatures, true), snapshots);
+    assert_eq!(third.of(Topic::ProcessedEvents, true), events, "restoring from every topic replays each");
+    Ok(())
+}

@@ -4,11 +4,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
 
-/// The librdkafka consumer for `spec`, and whether it reads a partitioned share (a group) rather
-/// than every partition (a replica or live reader).
-/// How long a consumer with a full local queue waits before fetching again (see `create`).
+/// How long a consumer with a full local queue waits before fetching again (see
+/// [`reader_config`]).
 const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
+/// What every consumer of a service is configured with, whatever it reads: where the broker
+/// is, how far it reads ahead (`queue_kb` of local queue) and how soon it fetches again once
+/// that queue has room. Offsets are stored by the loop, not on receipt.
+pub(super) fn reader_config(settings: &KafkaSettings, queue_kb: u32) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.bootstrap_servers)
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", settings.fetch_wait.as_millis().clamp(1, 500).to_string())
+        .set("queued.max.messages.kbytes", queue_kb.to_string())
+        // A consumer whose local queue is full (it fell a little behind: a few hundred large
+        // messages fill it) fetches again only after this. librdkafka's default, 1 s, made a
+        // consumer that fell behind under load fetch once a second and never catch up, and a
+        // consumer replaying a log at start (always "behind") read ~2 MB a second.
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
+        .set("socket.keepalive.enable", "true");
+    if let Some(debug) = &settings.debug {
+        config.set("debug", debug);
+    }
+    config
+}
+
+/// The librdkafka consumer for `spec`, and whether it reads a partitioned share (a group) rather
+/// than every partition (a replica or live reader).
 pub(super) fn create(
     env: &ConsumerEnv,
     spec: &ConsumerSpec,
@@ -19,22 +43,8 @@ pub(super) fn create(
     } else {
         env.settings.coalesce_queue_kb.max(env.settings.consumer_queue_kb)
     };
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &env.settings.bootstrap_servers)
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", env.settings.fetch_wait.as_millis().clamp(1, 500).to_string())
-        .set("queued.max.messages.kbytes", queue_kb.to_string())
-        // A consumer whose local queue is full (it fell a little behind: a few hundred large
-        // messages fill it) fetches again only after this. librdkafka's default, 1 s, made a
-        // consumer that fell behind under load fetch once a second and never catch up.
-        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
-        .set("statistics.interval.ms", env.settings.statistics_interval.as_millis().to_string())
-        .set("socket.keepalive.enable", "true");
-    if let Some(debug) = &env.settings.debug {
-        config.set("debug", debug);
-    }
+    let mut config = reader_config(&env.settings, queue_kb);
+    config.set("statistics.interval.ms", env.settings.statistics_interval.as_millis().to_string());
     let is_group = match &spec.subscription {
         Subscription::Group { group_id } => {
             config.set("group.id", group_id).set("enable.auto.commit", "true").set("auto.commit.interval.ms", "1000");

@@ -47,7 +47,7 @@ mod outputs;
 pub mod record;
 mod restore;
 
-use assign::{GroupContext, assignment, check_co_partitioned, create, end_offsets};
+use assign::{GroupContext, assignment, check_co_partitioned, create, end_offsets, reader_config};
 use outputs::{MessageMetrics, Pending, complete, process, skip};
 use record::MAX_WAITS;
 pub use record::{Handler, HandlerError, Outbox, Record, Wait};
@@ -84,12 +84,14 @@ pub struct ConsumerSpec {
     pub name: &'static str,
     pub topics: Vec<Topic>,
     pub subscription: Subscription,
-    /// Rebuild the handler's state on start: replay this instance's partitions from the
-    /// beginning up to the committed offsets, outputs discarded, before consuming for real.
-    /// For handlers whose state is a function of their input. Under the group protocol the
-    /// state is rebuilt the same way whenever the group moves partitions (see
-    /// [`Handler::reset`]).
-    pub restore: bool,
+    /// The topics to rebuild the handler's state from on start (none: nothing is rebuilt):
+    /// this instance's partitions of them are replayed from the beginning up to the committed
+    /// offsets, outputs discarded, before consuming for real. For handlers whose state is a
+    /// function of their input. A topic of [`ConsumerSpec::topics`] left out here resumes from
+    /// its committed offsets with nothing replayed (for a topic whose replay would change
+    /// nothing). Under the group protocol the state is rebuilt the same way whenever the
+    /// group moves partitions (see [`Handler::reset`]).
+    pub restore: Vec<Topic>,
     /// Topics whose messages each carry the whole latest state of their key (a user's feature
     /// snapshot, a user's candidates): of the messages of such a topic already received and not
     /// yet handled, only the last per key is handled; the earlier ones are skipped (their
@@ -106,24 +108,43 @@ impl ConsumerSpec {
             name,
             topics: topics.into(),
             subscription: Subscription::Group { group_id: group_id.to_owned() },
-            restore: false,
+            restore: Vec::new(),
             coalesce: Vec::new(),
         }
     }
 
     /// A replica of `topics` (every partition, from the beginning).
     pub fn replica(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
-        Self { name, topics: topics.into(), subscription: Subscription::Replica, restore: false, coalesce: Vec::new() }
+        Self {
+            name,
+            topics: topics.into(),
+            subscription: Subscription::Replica,
+            restore: Vec::new(),
+            coalesce: Vec::new(),
+        }
     }
 
     /// Every partition of `topics` from the end (see [`Subscription::Live`]).
     pub fn live(name: &'static str, topics: impl Into<Vec<Topic>>) -> Self {
-        Self { name, topics: topics.into(), subscription: Subscription::Live, restore: false, coalesce: Vec::new() }
+        Self {
+            name,
+            topics: topics.into(),
+            subscription: Subscription::Live,
+            restore: Vec::new(),
+            coalesce: Vec::new(),
+        }
     }
 
-    /// The same consumer, restoring its state on start (see [`ConsumerSpec::restore`]).
+    /// The same consumer, restoring its state on start from all its topics (see
+    /// [`ConsumerSpec::restore`]).
     pub fn restoring(self) -> Self {
-        Self { restore: true, ..self }
+        Self { restore: self.topics.clone(), ..self }
+    }
+
+    /// The same consumer, restoring its state on start from `topics` only (see
+    /// [`ConsumerSpec::restore`]).
+    pub fn restoring_from(self, topics: impl Into<Vec<Topic>>) -> Self {
+        Self { restore: topics.into(), ..self }
     }
 
     /// The same consumer, handling only the latest message per key of `topics` among those
@@ -179,7 +200,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     } else if is_group {
         let mine = |p: i32| env.settings.owns(p);
         let tpl = assignment(Arc::clone(&consumer), &spec.topics, mine, Offset::Stored, env.shutdown.clone()).await?;
-        if spec.restore {
+        if !spec.restore.is_empty() {
             restore(env, spec, handler, Arc::clone(&consumer), &tpl).await?;
         }
         consumer.assign(&tpl).context("assigning partitions")?;
@@ -211,7 +232,7 @@ async fn run_once<H: Handler>(env: &ConsumerEnv, spec: &ConsumerSpec, handler: &
     // Under the group protocol a restoring consumer rebuilds its state whenever the group
     // changes its partitions (see `rebuild`); `restored` holds, per partition, the offset below
     // which messages are already in that state.
-    let rebuilds = is_group && env.settings.uses_group_protocol() && spec.restore;
+    let rebuilds = is_group && env.settings.uses_group_protocol() && !spec.restore.is_empty();
     let (mut generation, mut restored) = (0_u64, HashMap::new());
     let metrics = MessageMetrics::new(spec.name);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
