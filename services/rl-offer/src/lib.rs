@@ -184,7 +184,7 @@ impl Service for RlOffer {
         ctx.spawn_consumer(
             &pipeline,
             ConsumerSpec::group("features-and-orders", [Topic::UserFeatures, Topic::ProcessedEvents], "rl-offer")
-                .restoring(),
+                .restoring_from([Topic::UserFeatures]),
             Decider { policy: Shared::clone(&state), learns_orders: !shared },
         );
         let (sweeper, producer, shutdown) = (Shared::clone(&state), requests.clone(), ctx.shutdown.clone());
@@ -218,20 +218,40 @@ impl Service for RlOffer {
 }
 
 /// The logged decisions and orders of this instance's partitions (of all of them when the
-/// bandit is `shared` among instances), for [`Policy::restore`].
+/// bandit is `shared` among instances), for [`Policy::restore`]. The processed events are read
+/// as they come and only the orders kept (a glance at the others, as live): what is held is
+/// the decisions and the orders, not the log.
 async fn read_history(ctx: &Context, shared: bool) -> anyhow::Result<(Vec<OfferDecision>, Vec<ProcessedEvent>)> {
-    use kit::kafka::admin::read_partitions;
+    use kit::kafka::admin::for_each_in_partitions;
     let servers = &ctx.kafka.bootstrap_servers;
     let (a, b) = (ctx.kafka.clone(), ctx.kafka.clone());
-    let decisions = read_partitions(servers, Topic::Offers, move |p| shared || a.owns(p)).await?;
-    let events = read_partitions(servers, Topic::ProcessedEvents, move |p| shared || b.owns(p)).await?;
-    let decisions = decisions.iter().filter_map(|raw| kit::json::from_bytes(raw).ok()).collect();
-    let orders = events
-        .iter()
-        .filter_map(|raw| kit::json::from_bytes::<ProcessedEvent>(raw).ok())
-        .filter(|e| e.order.is_some())
-        .collect();
+    let (mut decisions, mut orders) = (Vec::new(), Vec::new());
+    for_each_in_partitions(
+        servers,
+        Topic::Offers,
+        move |p| shared || a.owns(p),
+        |raw| {
+            decisions.extend(kit::json::from_bytes::<OfferDecision>(raw).ok());
+        },
+    )
+    .await?;
+    for_each_in_partitions(
+        servers,
+        Topic::ProcessedEvents,
+        move |p| shared || b.owns(p),
+        |raw| {
+            orders.extend(order_of(raw));
+        },
+    )
+    .await?;
     Ok((decisions, orders))
+}
+
+/// The processed event `raw` when it is a readable order; `None` for any other event (read no
+/// further than [`Glance`]) and for what cannot be read.
+fn order_of(raw: &[u8]) -> Option<ProcessedEvent> {
+    let glance: Glance = kit::json::from_bytes(raw).ok()?;
+    glance.order.and_then(|_| kit::json::from_bytes(raw).ok())
 }
 
 /// Indicators the context's category is hashed into. Categories are open-ended (each shop
@@ -767,8 +787,9 @@ impl Handler for Decider {
                 }
             }
             Topic::ProcessedEvents => {
-                // Rewards are relearned from the logs at start, not during the replay (whose
-                // snapshots set the clock).
+                // Rewards are relearned from the logs at start (`read_history`): processed
+                // events are not replayed into this consumer (`restoring_from`), and were one,
+                // it would not be learned twice.
                 if self.learns_orders && !out.is_replay() {
                     let (at, order) = glance(rec)?;
                     self.policy.write().on_processed(at, order);

@@ -116,32 +116,42 @@ pub async fn message_count(bootstrap_servers: &str, topic: events::Topic) -> any
 /// Every message of `topic` as it is now (all partitions, from the beginning up to the end
 /// offsets read at the start), in partition order: for tools and tests.
 pub async fn read_to_end(bootstrap_servers: &str, topic: events::Topic) -> anyhow::Result<Vec<Vec<u8>>> {
-    read_range(bootstrap_servers, topic, |_| true, |low, _| low).await
+    let mut out = Vec::new();
+    read_range(bootstrap_servers, topic, |_| true, |low, _| low, |m| out.push(m.to_vec())).await?;
+    Ok(out)
 }
 
-/// Every message of the partitions of `topic` that `partitions` selects, as [`read_to_end`].
-pub async fn read_partitions(
+/// Hands every message of the partitions of `topic` that `partitions` selects to `each`, as
+/// they arrive (from the beginning up to the end offsets read at the start, in partition
+/// order): for a service that rebuilds its state from a whole log, which holds only what
+/// `each` keeps rather than the log.
+pub async fn for_each_in_partitions(
     bootstrap_servers: &str,
     topic: events::Topic,
     partitions: impl Fn(i32) -> bool + Send + 'static,
-) -> anyhow::Result<Vec<Vec<u8>>> {
-    read_range(bootstrap_servers, topic, partitions, |low, _| low).await
+    each: impl FnMut(&[u8]),
+) -> anyhow::Result<()> {
+    read_range(bootstrap_servers, topic, partitions, |low, _| low, each).await
 }
 
 /// The last `n` messages of each partition of `topic` (fewer where a partition holds fewer):
 /// for a service that resumes from the newest state it published.
 pub async fn read_tail(bootstrap_servers: &str, topic: events::Topic, n: i64) -> anyhow::Result<Vec<Vec<u8>>> {
-    read_range(bootstrap_servers, topic, |_| true, move |low, high| (high - n).max(low)).await
+    let mut out = Vec::new();
+    read_range(bootstrap_servers, topic, |_| true, move |low, high| (high - n).max(low), |m| out.push(m.to_vec()))
+        .await?;
+    Ok(out)
 }
 
-/// The messages of the selected partitions from `start(low, high)` up to the end offset read
-/// at the start, in partition order.
+/// Hands `each` the messages of the selected partitions from `start(low, high)` up to the end
+/// offset read at the start, in partition order.
 async fn read_range(
     bootstrap_servers: &str,
     topic: events::Topic,
     partitions: impl Fn(i32) -> bool + Send + 'static,
     start: impl Fn(i64, i64) -> i64 + Send + 'static,
-) -> anyhow::Result<Vec<Vec<u8>>> {
+    mut each: impl FnMut(&[u8]),
+) -> anyhow::Result<()> {
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
     use rdkafka::message::Message as _;
     use rdkafka::{Offset, TopicPartitionList};
@@ -173,20 +183,19 @@ async fn read_range(
     }
     consumer.assign(&tpl)?;
     let mut remaining: std::collections::HashMap<i32, i64> = ranges.into_iter().map(|(p, _, end)| (p, end)).collect();
-    let mut out = Vec::new();
     while !remaining.is_empty() {
         let msg = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
             .await
             .context("the broker stopped sending before the end of the topic")??;
         let Some(&end) = remaining.get(&msg.partition()) else { continue };
         if msg.offset() < end {
-            out.push(msg.payload().unwrap_or_default().to_vec());
+            each(msg.payload().unwrap_or_default());
         }
         if msg.offset() + 1 >= end {
             remaining.remove(&msg.partition());
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The broker's cluster id, asked until it answers (a warning every 30 s while it does not);
