@@ -511,6 +511,15 @@ async fn auto_assignment_is_static_on_the_embedded_broker() -> anyhow::Result<()
     Ok(())
 }
 
+/// Sends `payload` keyed `key` to `topic` as another client would, and waits for the broker
+/// to take it.
+async fn send_raw(raw: FutureProducer, topic: Topic, key: String, payload: String) -> anyhow::Result<()> {
+    raw.send(FutureRecord::to(topic.name()).key(&key).payload(&payload), Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
 /// Collects the topic and payload of everything it reads.
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<Vec<(Topic, String)>>>);
@@ -538,15 +547,7 @@ async fn a_coalescing_consumer_handles_the_latest_snapshot_per_key() -> anyhow::
     let broker = TestBroker::start().await?;
     let settings = broker.settings();
     let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
-    let send = |topic: Topic, key: String, payload: String| {
-        let raw = raw.clone();
-        async move {
-            raw.send(FutureRecord::to(topic.name()).key(&key).payload(&payload), Duration::from_secs(5))
-                .await
-                .map_err(|(e, _)| e)?;
-            anyhow::Ok(())
-        }
-    };
+    let send = |topic: Topic, key: String, payload: String| send_raw(raw.clone(), topic, key, payload);
     let (users, versions) = (6, 8);
     for v in 0..versions {
         for u in 0..users {
@@ -841,15 +842,7 @@ async fn a_consumer_replays_only_the_topics_it_restores_from() -> anyhow::Result
     let broker = TestBroker::start().await?;
     let settings = broker.settings();
     let raw: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
-    let send = |topic: Topic, payload: String| {
-        let raw = raw.clone();
-        async move {
-            raw.send(FutureRecord::to(topic.name()).key(&payload).payload(&payload), Duration::from_secs(5))
-                .await
-                .map_err(|(e, _)| e)?;
-            anyhow::Ok(())
-        }
-    };
+    let send = |topic: Topic, payload: String| send_raw(raw.clone(), topic, payload.clone(), payload);
     let topics = [Topic::UserFeatures, Topic::ProcessedEvents];
     let names = |prefix: &str, n: usize| -> Vec<String> {
         let mut names: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
