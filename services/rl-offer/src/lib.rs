@@ -247,11 +247,10 @@ async fn read_history(ctx: &Context, shared: bool) -> anyhow::Result<(Vec<OfferD
     Ok((decisions, orders))
 }
 
-/// The processed event `raw` when it is a readable order; `None` for any other event (read no
-/// further than [`Glance`]) and for what cannot be read.
+/// The processed event `raw` when it is a readable order, read as the live consumer reads it
+/// ([`glance`]); `None` for any other event and for what cannot be read.
 fn order_of(raw: &[u8]) -> Option<ProcessedEvent> {
-    let glance: Glance = kit::json::from_bytes(raw).ok()?;
-    glance.order.and_then(|_| kit::json::from_bytes(raw).ok())
+    glance(&Record::bare(Topic::ProcessedEvents, raw)).ok()?.1
 }
 
 /// Indicators the context's category is hashed into. Categories are open-ended (each shop
