@@ -114,7 +114,7 @@ impl Platform {
         let mut latest = std::mem::replace(&mut *ranker.latest.write(), kit::state::user_map());
         let mut ranked = kit::state::user_map();
         while let Some((user, kept)) = latest.pop_lru() {
-            ranked.put(user, kept.into_ranked());
+            ranked.put(user, kept.into_ranked().into());
         }
         let views = recommendation_api::ViewState { ranked, offers: kit::state::user_map(), catalog };
         let model_updates = ranker.model.read().updates;

@@ -587,39 +587,25 @@ impl Message for Candidates {
 /// only five), a JSON array on the wire.
 pub type Sources = smallvec::SmallVec<[CandidateSource; CandidateSource::ALL.len()]>;
 
-/// One ranked item, with the contribution of each feature to its score.
+/// One item of a ranked list as published: what the recommendation API serves from (it adds
+/// the live catalog's name, category and price). Ranking's `GET /rank/{userId}` shows the
+/// list with its own, wider item (described and explained), which the topic never carries:
+/// each list keeps 50 of these per user in ranking and in every recommendation API instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RankedItem {
     /// Inline up to 24 bytes, as [`Candidate::product_id`]: ranking builds 50 per list and
     /// the recommendation API decodes them; on the wire a JSON string like any other.
     pub item_id: compact_str::CompactString,
-    /// The catalog's name, category and price: shown by ranking's `GET /rank/{userId}`
-    /// (from the catalog as it is when asked), left out of the topic's messages (the
-    /// recommendation API answers with the live catalog's too).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub name: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub category: String,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub price: f64,
     pub score: f64,
     pub sources: Sources,
-    /// Each feature's contribution to the item's logit. Shown by ranking's `GET /rank/{userId}`
-    /// and left out of the messages on `ranked-recommendations-topic` (most of their bytes),
-    /// where nothing reads it.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub contributions: BTreeMap<String, f64>,
 }
 
-fn is_zero(x: &f64) -> bool {
-    *x == 0.0
-}
-
-/// The ranked list for one user on `ranked-recommendations-topic`.
+/// The ranked list for one user on `ranked-recommendations-topic` (its items [`RankedItem`]s;
+/// ranking's `GET /rank/{userId}` shows the same list with wider items).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RankedRecommendations {
+pub struct RankedRecommendations<Item = RankedItem> {
     #[serde(default = "schema_version")]
     pub schema_version: u32,
     pub user_id: String,
@@ -634,7 +620,7 @@ pub struct RankedRecommendations {
     /// The ranking instance that published the list: its peers fold its weights into theirs.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model_instance: String,
-    pub items: Vec<RankedItem>,
+    pub items: Vec<Item>,
 }
 
 impl Message for RankedRecommendations {
@@ -808,12 +794,8 @@ mod tests {
             model_instance: String::new(),
             items: vec![RankedItem {
                 item_id: "P00001".into(),
-                name: "Thing".into(),
-                category: "books".into(),
-                price: 9.5,
                 score: 0.7,
                 sources: std::iter::once(CandidateSource::Retargeting).collect(),
-                contributions: BTreeMap::from([("retargeting".to_owned(), 0.7)]),
             }],
         };
         round_trip(&ranked);

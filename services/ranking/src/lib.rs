@@ -356,9 +356,6 @@ pub fn rank_with_features(
         let (_, product, sources, f) = &scored[i as usize];
         items.push(RankedItem {
             item_id: CompactString::from(product.id.as_str()),
-            name: String::new(),
-            category: String::new(),
-            price: 0.0,
             score,
             sources: CandidateSource::ALL
                 .into_iter()
@@ -366,7 +363,6 @@ pub fn rank_with_features(
                 .filter(|(_, s)| s.is_some())
                 .map(|(s, _)| s)
                 .collect(),
-            contributions: BTreeMap::new(),
         });
         features.push(*f);
     }
@@ -393,13 +389,65 @@ fn contributions(weight: impl Fn(&str) -> Option<f64>, features: &Features) -> B
         .collect()
 }
 
-/// Fills in each item's contributions (`features` are the items', in order), by the weights
-/// the list was ranked with (its `model_weights`): what [`LinearModel::score`] gave when it
-/// was ranked.
-pub fn explain(ranked: &mut RankedRecommendations, features: &[Features]) {
+/// A ranked list as `GET /rank/{userId}` shows it.
+pub type Explained = RankedRecommendations<ExplainedItem>;
+
+/// One item of a list as `GET /rank/{userId}` shows it: the published item with the
+/// catalog's name, category and price (as the catalog has them when asked) and each
+/// feature's contribution to its logit (by the weights the list was ranked with).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExplainedItem {
+    pub item_id: CompactString,
+    /// Empty (and left out) for a product the catalog no longer has.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub category: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub price: f64,
+    pub score: f64,
+    pub sources: events::Sources,
+    /// Features contributing nothing are left out (and the map, if none contributes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub contributions: BTreeMap<String, f64>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// The list described from `catalog` and explained (`features` are the items', in order) by
+/// the weights it was ranked with (its `model_weights`): what [`LinearModel::score`] gave
+/// when it was ranked.
+pub fn explain(ranked: &RankedRecommendations, features: &[Features], catalog: &Catalog) -> Explained {
     let weights = &ranked.model_weights;
-    for (item, f) in ranked.items.iter_mut().zip(features) {
-        item.contributions = contributions(|name| weights.get(name).copied(), f);
+    let items = ranked
+        .items
+        .iter()
+        .zip(features)
+        .map(|(item, f)| {
+            let product = catalog.get(&item.item_id);
+            ExplainedItem {
+                item_id: item.item_id.clone(),
+                name: product.map(|p| p.name.clone()).unwrap_or_default(),
+                category: product.map(|p| p.category.clone()).unwrap_or_default(),
+                price: product.map_or(0.0, |p| p.price),
+                score: item.score,
+                sources: item.sources.clone(),
+                contributions: contributions(|name| weights.get(name).copied(), f),
+            }
+        })
+        .collect();
+    RankedRecommendations {
+        schema_version: ranked.schema_version,
+        user_id: ranked.user_id.clone(),
+        ranked_at: ranked.ranked_at,
+        model_version: ranked.model_version.clone(),
+        model_updates: ranked.model_updates,
+        model_weights: ranked.model_weights.clone(),
+        model_instance: ranked.model_instance.clone(),
+        items,
     }
 }
 
@@ -411,24 +459,10 @@ fn price_fit(price: f64, mean_log_price: Option<f64>) -> f64 {
     }
 }
 
-/// Fills in each item's name, category and price from `catalog` (items it no longer has keep
-/// them empty).
-pub fn describe(ranked: &mut RankedRecommendations, catalog: &Catalog) {
-    for item in &mut ranked.items {
-        if let Some(p) = catalog.get(&item.item_id) {
-            item.name.clone_from(&p.name);
-            item.category.clone_from(&p.category);
-            item.price = p.price;
-        }
-    }
-}
-
 /// Ranks one user's candidates, described and explained.
-pub fn rank(model: &LinearModel, catalog: &Catalog, c: &Candidates) -> RankedRecommendations {
-    let (mut ranked, features) = rank_with_features(model, catalog, c);
-    describe(&mut ranked, catalog);
-    explain(&mut ranked, &features);
-    ranked
+pub fn rank(model: &LinearModel, catalog: &Catalog, c: &Candidates) -> Explained {
+    let (ranked, features) = rank_with_features(model, catalog, c);
+    explain(&ranked, &features, catalog)
 }
 
 /// A user's latest list as published, with its items' features: described and explained
@@ -452,11 +486,8 @@ impl Kept {
 
     /// The list with each item's name, category and price as `catalog` has them now, and the
     /// contributions of its features when it was ranked.
-    pub fn explained(&self, catalog: &Catalog) -> RankedRecommendations {
-        let mut ranked = RankedRecommendations::clone(&self.ranked);
-        describe(&mut ranked, catalog);
-        explain(&mut ranked, &self.features);
-        ranked
+    pub fn explained(&self, catalog: &Catalog) -> Explained {
+        explain(&self.ranked, &self.features, catalog)
     }
 }
 
@@ -642,10 +673,7 @@ impl Handler for PeerModels {
 /// Most peer instances remembered by [`PeerModels`].
 const MAX_PEERS: usize = 1_000;
 
-async fn get_ranked(
-    State(state): State<RankState>,
-    UserId(user_id): UserId,
-) -> Result<Json<RankedRecommendations>, ApiError> {
+async fn get_ranked(State(state): State<RankState>, UserId(user_id): UserId) -> Result<Json<Explained>, ApiError> {
     let latest = state.latest.read();
     let catalog = state.catalog.read();
     found(latest.peek(&user_id).map(|kept| kept.explained(&catalog)), || {
@@ -740,8 +768,7 @@ mod tests {
         alone.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         let kept: Vec<(f64, CompactString)> = ranked.items.iter().map(|i| (i.score, i.item_id.clone())).collect();
         assert_eq!(kept, alone[..MAX_RANKED]);
-        let mut ranked = ranked;
-        explain(&mut ranked, &features);
+        let ranked = explain(&ranked, &features, catalog);
         for (item, f) in ranked.items.iter().zip(&features) {
             assert_eq!(model.score(f), (item.score, item.contributions.clone()), "{}", item.item_id);
         }
@@ -768,9 +795,8 @@ mod tests {
         let published: Vec<RankedRecommendations> = out.decoded();
         assert_eq!(published.len(), 1);
         assert_eq!(published[0].items[0].item_id, book);
-        assert!(published[0].items[0].contributions.is_empty(), "{:?}", published[0]);
         let bytes = String::from_utf8(out.messages()[0].payload.to_vec()).expect("utf-8");
-        assert!(!bytes.contains("\"name\"") && !bytes.contains("\"price\""), "{bytes}");
+        assert!(!bytes.contains("\"name\"") && !bytes.contains("\"contributions\""), "{bytes}");
         let kept = ranker.latest.read().peek("u").map(|k| k.explained(&ranker.catalog.read())).expect("kept");
         assert_eq!((kept.items[0].name.as_str(), kept.items[0].category.as_str()), ("Complete Cookbook Pro", "books"));
         assert_eq!(kept.items[0].contributions["popularity"], 0.8, "{kept:?}");
@@ -787,7 +813,7 @@ mod tests {
         let model = Shared::new(mine);
         let mut peers = PeerModels::new(Shared::clone(&model));
         let list = |instance: &str, seconds: i64, trending: f64, updates: u64| {
-            let r = RankedRecommendations {
+            let r: RankedRecommendations = RankedRecommendations {
                 schema_version: 1,
                 user_id: "u".into(),
                 ranked_at: DateTime::UNIX_EPOCH + chrono::TimeDelta::seconds(seconds),

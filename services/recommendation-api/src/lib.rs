@@ -18,7 +18,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
-use events::{CandidateSource, OfferDecision, RankedRecommendations, Topic};
+use events::{CandidateSource, OfferDecision, RankedItem, RankedRecommendations, Topic};
 use kit::catalog::LiveCatalog;
 use kit::config::{ConfigError, Env};
 use kit::http::{ApiError, Query, UserId};
@@ -67,7 +67,7 @@ impl Service for RecommendationApi {
 
 /// The materialized views, of the [`kit::state::max_users`] most recently updated users.
 pub struct ViewState {
-    pub ranked: UserMap<RankedRecommendations>,
+    pub ranked: UserMap<List>,
     pub offers: UserMap<OfferDecision>,
     /// Products are shown as the catalog has them now: a price changed since the list was
     /// ranked shows the new price, and a withdrawn product is left out.
@@ -77,6 +77,22 @@ pub struct ViewState {
 impl Default for ViewState {
     fn default() -> Self {
         Self { ranked: user_map(), offers: user_map(), catalog: LiveCatalog::default() }
+    }
+}
+
+/// A user's latest ranked list as the view keeps it: what an answer uses of it. The model's
+/// weights and the list's spare capacity are left behind (each instance keeps a list for
+/// every user it serves, up to `MAX_USERS`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct List {
+    pub ranked_at: DateTime<Utc>,
+    pub model_version: String,
+    pub items: Box<[RankedItem]>,
+}
+
+impl From<RankedRecommendations> for List {
+    fn from(r: RankedRecommendations) -> Self {
+        Self { ranked_at: r.ranked_at, model_version: r.model_version, items: r.items.into_boxed_slice() }
     }
 }
 
@@ -92,10 +108,11 @@ impl Handler for ViewUpdater {
         let mut v = self.0.write();
         match rec.topic {
             Topic::RankedRecommendations => {
-                let r: RankedRecommendations = rec.json()?;
+                let mut r: RankedRecommendations = rec.json()?;
                 // Keep the newest list even if an older one is redelivered later.
                 if v.ranked.peek(&r.user_id).is_none_or(|old| old.ranked_at <= r.ranked_at) {
-                    v.ranked.put(r.user_id.clone(), r);
+                    let user = std::mem::take(&mut r.user_id);
+                    v.ranked.put(user, List::from(r));
                 }
             }
             Topic::Offers => {
@@ -242,10 +259,7 @@ async fn recommend(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use catalog::Catalog;
-    use events::RankedItem;
 
     use super::*;
 
@@ -258,29 +272,13 @@ mod tests {
                 let p = catalog.get(id).expect("known");
                 RankedItem {
                     item_id: p.id.as_str().into(),
-                    name: p.name.clone(),
-                    category: p.category.to_owned(),
-                    price: p.price,
                     score: 0.9 - i as f64 / 10.0,
                     sources: std::iter::once(CandidateSource::Retargeting).collect(),
-                    contributions: BTreeMap::new(),
                 }
             })
             .collect();
         let mut v = ViewState { catalog: kit::catalog::demo(), ..ViewState::default() };
-        v.ranked.put(
-            "u".into(),
-            RankedRecommendations {
-                schema_version: 1,
-                user_id: "u".into(),
-                ranked_at: Utc::now(),
-                model_version: "linear-v1".into(),
-                model_updates: 0,
-                model_weights: BTreeMap::new(),
-                model_instance: String::new(),
-                items,
-            },
-        );
+        v.ranked.put("u".into(), List { ranked_at: Utc::now(), model_version: "linear-v1".into(), items });
         v
     }
 
