@@ -726,7 +726,7 @@ impl Handler for Retriever {
             generate(&state.model, &state.catalog.read(), &features, as_of)
         };
         metrics::histogram!("retrieval_candidates").record(candidates.len() as f64);
-        let msg = Candidates {
+        let mut msg = Candidates {
             schema_version: events::SCHEMA_VERSION,
             user_id: features.user_id.clone(),
             generated_at: now,
@@ -734,6 +734,11 @@ impl Handler for Retriever {
             candidates,
         };
         out.send(&msg);
+        // Kept for `GET /retrieve` for up to `MAX_USERS` users: without the spare room the
+        // list was built with (room for every source's most) or the features were decoded into.
+        msg.candidates.shrink_to_fit();
+        msg.features.recently_viewed.shrink_to_fit();
+        msg.features.cart.shrink_to_fit();
         self.0.write().latest.put(msg.user_id.clone(), msg);
         Ok(())
     }
