@@ -116,9 +116,7 @@ pub async fn message_count(bootstrap_servers: &str, topic: events::Topic) -> any
 /// Every message of `topic` as it is now (all partitions, from the beginning up to the end
 /// offsets read at the start), in partition order: for tools and tests.
 pub async fn read_to_end(bootstrap_servers: &str, topic: events::Topic) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    read_range(bootstrap_servers, topic, |_| true, |low, _| low, |m| out.push(m.to_vec())).await?;
-    Ok(out)
+    collect_range(bootstrap_servers, topic, |low, _| low).await
 }
 
 /// Hands every message of the partitions of `topic` that `partitions` selects to `each`, as
@@ -137,9 +135,18 @@ pub async fn for_each_in_partitions(
 /// The last `n` messages of each partition of `topic` (fewer where a partition holds fewer):
 /// for a service that resumes from the newest state it published.
 pub async fn read_tail(bootstrap_servers: &str, topic: events::Topic, n: i64) -> anyhow::Result<Vec<Vec<u8>>> {
+    collect_range(bootstrap_servers, topic, move |low, high| (high - n).max(low)).await
+}
+
+/// The messages of every partition of `topic` from `start(low, high)`, as [`read_range`]
+/// hands them, collected.
+async fn collect_range(
+    bootstrap_servers: &str,
+    topic: events::Topic,
+    start: impl Fn(i64, i64) -> i64 + Send + 'static,
+) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
-    read_range(bootstrap_servers, topic, |_| true, move |low, high| (high - n).max(low), |m| out.push(m.to_vec()))
-        .await?;
+    read_range(bootstrap_servers, topic, |_| true, start, |m| out.push(m.to_vec())).await?;
     Ok(out)
 }
 
