@@ -157,52 +157,102 @@ async fn read_range(
     topic: events::Topic,
     partitions: impl Fn(i32) -> bool + Send + 'static,
     start: impl Fn(i64, i64) -> i64 + Send + 'static,
-    mut each: impl FnMut(&[u8]),
+    each: impl FnMut(&[u8]),
 ) -> anyhow::Result<()> {
-    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    let consumer = std::sync::Arc::new(reader(bootstrap_servers)?);
+    read_from(&consumer, topic, partitions, move |_, low, high| start(low, high), each).await.map(|_| ())
+}
+
+/// A consumer outside any group (nothing committed), for the readers of this module.
+fn reader(bootstrap_servers: &str) -> anyhow::Result<rdkafka::consumer::StreamConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("group.id", format!("retargetiq-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .context("creating a reader")
+}
+
+/// Hands `each` the messages of the selected partitions from `start(partition, low, high)` up
+/// to the end offset read at the start, in partition order, and returns each selected
+/// partition's end offset. The consumer is left assigned to nothing (an assigned partition
+/// is fetched in the background whether or not anyone reads it).
+async fn read_from(
+    consumer: &std::sync::Arc<rdkafka::consumer::StreamConsumer>,
+    topic: events::Topic,
+    partitions: impl Fn(i32) -> bool + Send + 'static,
+    start: impl Fn(i32, i64, i64) -> i64 + Send + 'static,
+    mut each: impl FnMut(&[u8]),
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    use rdkafka::consumer::Consumer as _;
     use rdkafka::message::Message as _;
     use rdkafka::{Offset, TopicPartitionList};
 
-    let consumer: std::sync::Arc<StreamConsumer> = std::sync::Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
-            .set("group.id", format!("retargetiq-reader-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .context("creating a reader")?,
-    );
-    let c = std::sync::Arc::clone(&consumer);
+    let c = std::sync::Arc::clone(consumer);
     let ranges = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64, i64)>> {
-        let mut ranges = Vec::new();
-        for (p, low, high) in watermarks(&*c, topic, partitions, Duration::from_secs(10))? {
-            let from = start(low, high).clamp(low, high);
-            if high > from {
-                ranges.push((p, from, high));
-            }
-        }
-        Ok(ranges)
+        let ranges = watermarks(&*c, topic, partitions, Duration::from_secs(10))?;
+        Ok(ranges.into_iter().map(|(p, low, high)| (p, start(p, low, high).clamp(low, high), high)).collect())
     })
     .await??;
+    let ends: Vec<(i32, i64)> = ranges.iter().map(|(p, _, high)| (*p, *high)).collect();
     let mut tpl = TopicPartitionList::new();
-    for (p, from, _) in &ranges {
+    for (p, from, _) in ranges.iter().filter(|(_, from, high)| high > from) {
         tpl.add_partition_offset(topic.name(), *p, Offset::Offset(*from))?;
     }
-    consumer.assign(&tpl)?;
-    let mut remaining: std::collections::HashMap<i32, i64> = ranges.into_iter().map(|(p, _, end)| (p, end)).collect();
-    while !remaining.is_empty() {
-        let msg = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
-            .await
-            .context("the broker stopped sending before the end of the topic")??;
-        let Some(&end) = remaining.get(&msg.partition()) else { continue };
-        if msg.offset() < end {
-            each(msg.payload().unwrap_or_default());
-        }
-        if msg.offset() + 1 >= end {
-            remaining.remove(&msg.partition());
-        }
+    if tpl.count() == 0 {
+        return Ok(ends);
     }
-    Ok(())
+    consumer.assign(&tpl)?;
+    let mut remaining: std::collections::HashMap<i32, i64> =
+        ranges.into_iter().filter(|(_, from, high)| high > from).map(|(p, _, end)| (p, end)).collect();
+    let read = async {
+        while !remaining.is_empty() {
+            let msg = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+                .await
+                .context("the broker stopped sending before the end of the topic")??;
+            let Some(&end) = remaining.get(&msg.partition()) else { continue };
+            if msg.offset() < end {
+                each(msg.payload().unwrap_or_default());
+            }
+            if msg.offset() + 1 >= end {
+                remaining.remove(&msg.partition());
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    consumer.unassign()?;
+    read.map(|()| ends)
+}
+
+/// The newest messages of a topic as it grows: each [`TailReader::read_new`] returns what the
+/// topic's partitions gained since the previous call, at most the last `n` of each partition
+/// (the first call: the last `n` of each). For a view of the latest few messages, such as the
+/// UI's live feed: it reads only when asked, so a busy topic costs it nothing per message
+/// written — where a consumer following the topic fetches and hands over every one.
+pub struct TailReader {
+    consumer: std::sync::Arc<rdkafka::consumer::StreamConsumer>,
+    topic: events::Topic,
+    /// Per partition, the offset after the last one read (or skipped).
+    next: std::collections::HashMap<i32, i64>,
+}
+
+impl TailReader {
+    pub fn new(bootstrap_servers: &str, topic: events::Topic) -> anyhow::Result<Self> {
+        Ok(Self { consumer: std::sync::Arc::new(reader(bootstrap_servers)?), topic, next: Default::default() })
+    }
+
+    /// What each partition gained since the last call, at most its newest `n`, in partition
+    /// order (offset order within a partition).
+    pub async fn read_new(&mut self, n: i64) -> anyhow::Result<Vec<Vec<u8>>> {
+        let next = self.next.clone();
+        let from = move |p: i32, low: i64, high: i64| next.get(&p).copied().unwrap_or(low).max(high - n.max(0));
+        let mut out = Vec::new();
+        let ends = read_from(&self.consumer, self.topic, |_| true, from, |m| out.push(m.to_vec())).await?;
+        self.next.extend(ends);
+        Ok(out)
+    }
 }
 
 /// The broker's cluster id, asked until it answers (a warning every 30 s while it does not);
