@@ -7,12 +7,41 @@ use rand::{Rng, SeedableRng};
 
 use catalog::{Catalog, Product};
 
-use crate::messages::{ActivityEvent, EventType, OrderEvent, OrderItem};
+use crate::messages::{ActivityEvent, EventType, OrderEvent, OrderItem, ProcessedEvent, SourceRef};
 
 /// Size of the generated shopper population (`user-0001` ..).
 pub const USER_COUNT: u32 = 500;
 /// Generated sessions last this long.
 pub const SESSION_SECONDS: i64 = 30 * 60;
+
+/// A processed event made by hand, with only its identity, kind and time: processed when it
+/// occurred, its correlation id its event id, no product, order, campaign, query or
+/// recommendation, read from the start of `processed-events-topic`. For tests, which set what
+/// else they need on the value.
+pub fn processed(
+    event_id: &str,
+    user_id: &str,
+    session_id: &str,
+    event_type: EventType,
+    at: DateTime<Utc>,
+) -> ProcessedEvent {
+    ProcessedEvent {
+        schema_version: crate::SCHEMA_VERSION,
+        event_id: event_id.to_owned(),
+        user_id: user_id.to_owned(),
+        session_id: session_id.to_owned(),
+        event_type,
+        occurred_at: at,
+        processed_at: at,
+        correlation_id: event_id.to_owned(),
+        product: None,
+        campaign_id: None,
+        query: None,
+        recommendation_id: None,
+        order: None,
+        source: SourceRef { topic: crate::Topic::ProcessedEvents.name().to_owned(), partition: 0, offset: 0 },
+    }
+}
 
 /// The id of generated shopper `n`.
 pub fn user_id(n: u32) -> String {

@@ -598,24 +598,12 @@ async fn user(State(k): State<Shared<Kpis>>, UserId(user_id): UserId) -> Result<
 
 #[cfg(test)]
 mod tests {
-    use events::{ProcessedOrder, SourceRef};
+    use events::ProcessedOrder;
 
     use super::*;
 
     fn event(id: &str, user: &str, session: &str, t: EventType) -> ProcessedEvent {
         ProcessedEvent {
-            schema_version: 1,
-            event_id: id.into(),
-            user_id: user.into(),
-            session_id: session.into(),
-            event_type: t,
-            occurred_at: Utc::now(),
-            processed_at: Utc::now(),
-            correlation_id: "c".into(),
-            product: None,
-            campaign_id: None,
-            query: None,
-            recommendation_id: None,
             order: (t == EventType::Purchase).then(|| ProcessedOrder {
                 order_id: "o".into(),
                 amount: 25.5,
@@ -623,7 +611,7 @@ mod tests {
                 items: vec![],
                 offer_decision_id: None,
             }),
-            source: SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+            ..events::generate::processed(id, user, session, t, Utc::now())
         }
     }
 

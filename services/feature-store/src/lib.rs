@@ -393,7 +393,7 @@ async fn reset_features(
 #[cfg(test)]
 mod tests {
     use chrono::Duration;
-    use events::{ProcessedItem, ProcessedOrder, ProductInfo, SourceRef};
+    use events::{ProcessedItem, ProcessedOrder, ProductInfo};
 
     use super::*;
 
@@ -402,22 +402,7 @@ mod tests {
     }
 
     fn event(id: &str, t: EventType, product_id: Option<&str>, at: DateTime<Utc>) -> ProcessedEvent {
-        ProcessedEvent {
-            schema_version: 1,
-            event_id: id.into(),
-            user_id: "u".into(),
-            session_id: "s1".into(),
-            event_type: t,
-            occurred_at: at,
-            processed_at: at,
-            correlation_id: "c".into(),
-            product: product_id.map(product),
-            campaign_id: None,
-            query: None,
-            recommendation_id: None,
-            order: None,
-            source: SourceRef { topic: "processed-events-topic".into(), partition: 0, offset: 0 },
-        }
+        ProcessedEvent { product: product_id.map(product), ..events::generate::processed(id, "u", "s1", t, at) }
     }
 
     fn store() -> Store {

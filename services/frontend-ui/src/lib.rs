@@ -925,22 +925,8 @@ mod tests {
 
     fn viewed(n: i64) -> Vec<u8> {
         let at = chrono::DateTime::from_timestamp(1_700_000_000 + n, 0).expect("time");
-        let e = ProcessedEvent {
-            schema_version: 1,
-            event_id: format!("e{n}"),
-            user_id: format!("user-{n}"),
-            session_id: "s".into(),
-            event_type: events::EventType::PageView,
-            occurred_at: at,
-            processed_at: at,
-            correlation_id: "c".into(),
-            product: None,
-            campaign_id: None,
-            query: None,
-            recommendation_id: None,
-            order: None,
-            source: events::SourceRef { topic: "processed-events-topic".into(), partition: 0, offset: n },
-        };
+        let e =
+            events::generate::processed(&format!("e{n}"), &format!("user-{n}"), "s", events::EventType::PageView, at);
         serde_json::to_vec(&e).expect("json")
     }
 

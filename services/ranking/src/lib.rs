@@ -845,20 +845,9 @@ mod tests {
     fn click(id: &str, user: &str, product: &str) -> ProcessedEvent {
         let p = Catalog::demo().get(product).expect("in catalog");
         ProcessedEvent {
-            schema_version: 1,
-            event_id: id.into(),
-            user_id: user.into(),
-            session_id: "s".into(),
-            event_type: EventType::Click,
-            occurred_at: Utc::now(),
-            processed_at: Utc::now(),
-            correlation_id: "c".into(),
             product: Some(events::ProductInfo::from_catalog(catalog::Catalog::demo(), &p.id)),
-            campaign_id: None,
-            query: None,
             recommendation_id: Some("r".into()),
-            order: None,
-            source: events::SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+            ..events::generate::processed(id, user, "s", EventType::Click, Utc::now())
         }
     }
 

@@ -755,27 +755,15 @@ async fn get_candidates(
 mod tests {
     use std::collections::BTreeMap;
 
-    use events::{ProductInfo, SourceRef};
+    use events::ProductInfo;
 
     use super::*;
 
     fn view(id: &str, session: &str, product: &str) -> ProcessedEvent {
         let p = Catalog::demo().get(product).expect("in catalog");
         ProcessedEvent {
-            schema_version: 1,
-            event_id: id.into(),
-            user_id: "someone".into(),
-            session_id: session.into(),
-            event_type: EventType::ProductView,
-            occurred_at: Utc::now(),
-            processed_at: Utc::now(),
-            correlation_id: "c".into(),
             product: Some(ProductInfo::from_catalog(catalog::Catalog::demo(), &p.id)),
-            campaign_id: None,
-            query: None,
-            recommendation_id: None,
-            order: None,
-            source: SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+            ..events::generate::processed(id, "someone", session, EventType::ProductView, Utc::now())
         }
     }
 

@@ -893,7 +893,7 @@ async fn select(
 
 #[cfg(test)]
 mod tests {
-    use events::{ProcessedItem, ProcessedOrder, SourceRef, UserFeatures};
+    use events::{ProcessedItem, ProcessedOrder, UserFeatures};
     use serde_json::json;
 
     use super::*;
@@ -920,18 +920,6 @@ mod tests {
     fn order(id: &str, user: &str, amount: f64, at: DateTime<Utc>, decision: Option<&str>) -> ProcessedEvent {
         let p = catalog::Catalog::demo().products()[0].clone();
         ProcessedEvent {
-            schema_version: 1,
-            event_id: id.into(),
-            user_id: user.into(),
-            session_id: "s".into(),
-            event_type: EventType::Purchase,
-            occurred_at: at,
-            processed_at: at,
-            correlation_id: "c".into(),
-            product: None,
-            campaign_id: None,
-            query: None,
-            recommendation_id: None,
             order: Some(ProcessedOrder {
                 order_id: format!("o-{id}"),
                 amount,
@@ -943,7 +931,7 @@ mod tests {
                 }],
                 offer_decision_id: decision.map(str::to_owned),
             }),
-            source: SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+            ..events::generate::processed(id, user, "s", EventType::Purchase, at)
         }
     }
 
