@@ -196,16 +196,16 @@ async fn read_from(
     })
     .await??;
     let ends: Vec<(i32, i64)> = ranges.iter().map(|(p, _, high)| (*p, *high)).collect();
-    let mut tpl = TopicPartitionList::new();
-    for (p, from, _) in ranges.iter().filter(|(_, from, high)| high > from) {
-        tpl.add_partition_offset(topic.name(), *p, Offset::Offset(*from))?;
-    }
-    if tpl.count() == 0 {
+    let to_read: Vec<(i32, i64, i64)> = ranges.into_iter().filter(|(_, from, high)| high > from).collect();
+    if to_read.is_empty() {
         return Ok(ends);
     }
+    let mut tpl = TopicPartitionList::new();
+    for (p, from, _) in &to_read {
+        tpl.add_partition_offset(topic.name(), *p, Offset::Offset(*from))?;
+    }
     consumer.assign(&tpl)?;
-    let mut remaining: std::collections::HashMap<i32, i64> =
-        ranges.into_iter().filter(|(_, from, high)| high > from).map(|(p, _, end)| (p, end)).collect();
+    let mut remaining: std::collections::HashMap<i32, i64> = to_read.into_iter().map(|(p, _, end)| (p, end)).collect();
     let read = async {
         while !remaining.is_empty() {
             let msg = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
